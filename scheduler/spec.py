@@ -1,0 +1,233 @@
+"""What a job asks for: A1111 defaults, the limits checked at submit, and the
+A1111 infotext written into every PNG.
+
+Pure code. The scheduler resolves a `SpecRequest` (fields the caller may have
+left unset) into a `JobSpec` (every field set, the seed fixed) before anything
+is queued; agents receive that resolved spec and write its infotext.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from scheduler.errors import InvalidArgument
+from scheduler.samplers import find_sampler, sampler_names
+
+TINY_MODEL = "tiny"
+
+
+class MemoryMode(StrEnum):
+    AUTO = "auto"
+    FULL = "full"
+    MODEL_OFFLOAD = "model_offload"
+    SEQUENTIAL_OFFLOAD = "sequential_offload"
+
+
+DEFAULT_WIDTH = 512
+DEFAULT_HEIGHT = 512
+DEFAULT_STEPS = 20
+DEFAULT_CFG_SCALE = 7.0
+DEFAULT_SAMPLER = "Euler a"
+DEFAULT_BATCH_SIZE = 1
+RANDOM_SEED = -1
+
+# A1111's own bounds where it has them (steps, size, batch, cfg); prompt
+# lengths are ours: CLIP reads 77 tokens per chunk, so anything near the
+# limit is a mistake rather than a prompt.
+MIN_SIZE, MAX_SIZE = 64, 2048
+MAX_STEPS = 150
+MAX_BATCH_SIZE = 8
+MIN_CFG_SCALE, MAX_CFG_SCALE = 1.0, 30.0
+MAX_SEED = 2**32 - 1
+MAX_PROMPT_CHARS = 4000
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
+MAX_REQUEST_ID_CHARS = 128
+MAX_MODEL_NAME_CHARS = 128
+MAX_LABELS = 32
+LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-/]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9_.\-]{0,61}[A-Za-z0-9])?)?$")
+
+
+@dataclass(frozen=True)
+class SpecRequest:
+    """A spec as submitted: None means "use the default"."""
+
+    prompt: str
+    negative_prompt: str = ""
+    model: str | None = None
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    cfg_scale: float | None = None
+    seed: int | None = None
+    sampler_name: str | None = None
+    batch_size: int | None = None
+    priority: int = 0
+    memory_mode: MemoryMode = MemoryMode.AUTO
+    request_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A resolved spec: every field set and checked, the seed fixed."""
+
+    prompt: str
+    negative_prompt: str
+    model: str
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    seed: int
+    sampler_name: str
+    batch_size: int
+    priority: int = 0
+    memory_mode: MemoryMode = MemoryMode.AUTO
+    request_id: str = ""
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def seeds(self) -> list[int]:
+        """Image i of the batch gets seed + i, as in A1111."""
+        return [self.seed + i for i in range(self.batch_size)]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["memory_mode"] = self.memory_mode.value
+        data["labels"] = dict(self.labels)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
+        return cls(**{**data, "memory_mode": MemoryMode(data["memory_mode"])})
+
+
+def _check_range(name: str, value: int | float, low: int | float, high: int | float) -> None:
+    if not low <= value <= high:
+        raise InvalidArgument(name, f"must be between {low:g} and {high:g}, got {value:g}")
+
+
+def _check_size(name: str, value: int) -> None:
+    _check_range(name, value, MIN_SIZE, MAX_SIZE)
+    if value % 8:
+        raise InvalidArgument(name, f"must be a multiple of 8, got {value}")
+
+
+def _check_prompt(name: str, text: str, *, required: bool) -> None:
+    if required and not text.strip():
+        raise InvalidArgument(name, "must not be empty")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise InvalidArgument(
+            name, f"must be at most {MAX_PROMPT_CHARS} characters, got {len(text)}"
+        )
+    if "\x00" in text:
+        raise InvalidArgument(name, "must not contain NUL characters")
+
+
+def _check_labels(labels: Mapping[str, str]) -> None:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument("labels", f"at most {MAX_LABELS} labels, got {len(labels)}")
+    for key, value in labels.items():
+        if not LABEL_KEY.match(key):
+            raise InvalidArgument(
+                "labels",
+                f"key {key!r} must be 1-63 letters, digits, '-', '_', '.' or '/', "
+                "starting and ending with a letter or digit",
+            )
+        if not LABEL_VALUE.match(value):
+            raise InvalidArgument(
+                f"labels[{key}]",
+                f"value {value!r} must be at most 63 letters, digits, '-', '_' or '.', "
+                "starting and ending with a letter or digit",
+            )
+
+
+def resolve(
+    request: SpecRequest,
+    *,
+    known_models: Collection[str],
+    random_seed: Callable[[], int],
+) -> JobSpec:
+    """Applies the defaults and checks every field, raising InvalidArgument
+    for the first field that is out of range."""
+    _check_prompt("prompt", request.prompt, required=True)
+    _check_prompt("negative_prompt", request.negative_prompt, required=False)
+
+    model = TINY_MODEL if request.model is None else request.model.strip()
+    if not model or len(model) > MAX_MODEL_NAME_CHARS:
+        raise InvalidArgument("model", f"must be 1-{MAX_MODEL_NAME_CHARS} characters")
+    if model != TINY_MODEL and model not in known_models:
+        known = ", ".join(sorted({TINY_MODEL, *known_models}))
+        raise InvalidArgument(
+            "model", f"unknown model {model!r}; models seen on nodes recently: {known}"
+        )
+
+    width = DEFAULT_WIDTH if request.width is None else request.width
+    height = DEFAULT_HEIGHT if request.height is None else request.height
+    _check_size("width", width)
+    _check_size("height", height)
+
+    steps = DEFAULT_STEPS if request.steps is None else request.steps
+    _check_range("steps", steps, 1, MAX_STEPS)
+
+    cfg_scale = DEFAULT_CFG_SCALE if request.cfg_scale is None else request.cfg_scale
+    if cfg_scale != cfg_scale:  # NaN compares unequal to itself
+        raise InvalidArgument("cfg_scale", "must be a number")
+    _check_range("cfg_scale", cfg_scale, MIN_CFG_SCALE, MAX_CFG_SCALE)
+
+    batch_size = DEFAULT_BATCH_SIZE if request.batch_size is None else request.batch_size
+    _check_range("batch_size", batch_size, 1, MAX_BATCH_SIZE)
+
+    seed = RANDOM_SEED if request.seed is None else request.seed
+    if seed != RANDOM_SEED:
+        _check_range("seed", seed, 0, MAX_SEED)
+    else:
+        seed = random_seed()
+
+    sampler = find_sampler(request.sampler_name or DEFAULT_SAMPLER)
+    if sampler is None:
+        raise InvalidArgument(
+            "sampler_name",
+            f"unknown sampler {request.sampler_name!r}; allowed: {', '.join(sampler_names())}",
+        )
+
+    _check_range("priority", request.priority, MIN_PRIORITY, MAX_PRIORITY)
+    if len(request.request_id) > MAX_REQUEST_ID_CHARS or not request.request_id.isprintable():
+        raise InvalidArgument(
+            "request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters"
+        )
+    _check_labels(request.labels)
+
+    return JobSpec(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        model=model,
+        width=width,
+        height=height,
+        steps=steps,
+        cfg_scale=float(cfg_scale),
+        seed=seed,
+        sampler_name=sampler.name,
+        batch_size=batch_size,
+        priority=request.priority,
+        memory_mode=request.memory_mode,
+        request_id=request.request_id,
+        labels=dict(request.labels),
+    )
+
+
+def infotext(spec: JobSpec, seed: int) -> str:
+    """The A1111 "parameters" text for one image of the job."""
+    lines = [spec.prompt]
+    if spec.negative_prompt:
+        lines.append(f"Negative prompt: {spec.negative_prompt}")
+    lines.append(
+        f"Steps: {spec.steps}, Sampler: {spec.sampler_name}, CFG scale: {spec.cfg_scale:g}, "
+        f"Seed: {seed}, Size: {spec.width}x{spec.height}, Model: {spec.model}"
+    )
+    return "\n".join(lines)

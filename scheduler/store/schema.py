@@ -1,0 +1,104 @@
+"""Table definitions the store queries with. Alembic migrations own the
+schema in the database; a test checks that these match the migrated schema."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+jobs = sa.Table(
+    "jobs",
+    metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("owner", sa.String(64), nullable=False),
+    sa.Column("state", sa.String(16), nullable=False),
+    sa.Column("priority", sa.Integer, nullable=False),
+    sa.Column("model", sa.String(128), nullable=False),
+    sa.Column("spec", sa.JSON, nullable=False),
+    sa.Column("request_id", sa.String(128), nullable=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("max_attempts", sa.Integer, nullable=False),
+    sa.Column("node_id", sa.String(64), nullable=True),
+    sa.Column("node_name", sa.String(128), nullable=True),
+    sa.Column("gpu_index", sa.Integer, nullable=True),
+    sa.Column("memory_mode", sa.String(32), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("last_seq", sa.Integer, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=True),
+    sa.Column("finished_at", sa.Float, nullable=True),
+    sa.UniqueConstraint("owner", "request_id", name="uq_jobs_owner_request_id"),
+    sa.Index("ix_jobs_state_priority_created", "state", "priority", "created_at"),
+    sa.Index("ix_jobs_created_at", "created_at"),
+)
+
+attempts = sa.Table(
+    "attempts",
+    metadata,
+    sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), primary_key=True),
+    sa.Column("attempt", sa.Integer, primary_key=True),
+    sa.Column("node_id", sa.String(64), nullable=False),
+    sa.Column("gpu_index", sa.Integer, nullable=False),
+    sa.Column("memory_mode", sa.String(32), nullable=False),
+    sa.Column("outcome", sa.String(16), nullable=True),  # None while it runs
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("counted_failure", sa.Boolean, nullable=False),
+    sa.Column("assigned_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float, nullable=True),
+    sa.Column("ended_at", sa.Float, nullable=True),
+    sa.Column("load_seconds", sa.Float, nullable=True),
+    sa.Column("mean_step_seconds", sa.Float, nullable=True),
+    sa.Column("peak_vram_bytes", sa.BigInteger, nullable=True),
+)
+
+job_events = sa.Table(
+    "job_events",
+    metadata,
+    sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("kind", sa.String(16), nullable=False),
+    sa.Column("payload", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+images = sa.Table(
+    "images",
+    metadata,
+    sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), primary_key=True),
+    sa.Column("idx", sa.Integer, primary_key=True),
+    sa.Column("attempt", sa.Integer, nullable=False),
+    sa.Column("seed", sa.BigInteger, nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("width", sa.Integer, nullable=False),
+    sa.Column("height", sa.Integer, nullable=False),
+    sa.Column("path", sa.Text, nullable=False),  # relative to the image root
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+nodes = sa.Table(
+    "nodes",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("hostname", sa.String(255), nullable=False),
+    sa.Column("agent_version", sa.String(64), nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("devices", sa.JSON, nullable=False),
+    sa.Column("first_seen", sa.Float, nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+)
+
+models = sa.Table(
+    "models",
+    metadata,
+    sa.Column("node_id", sa.String(64), sa.ForeignKey("nodes.id"), primary_key=True),
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("weight_bytes", sa.BigInteger, nullable=False),
+    sa.Column("dtype", sa.String(32), nullable=False),
+    sa.Column("last_seen", sa.Float, nullable=False),
+)

@@ -1,0 +1,43 @@
+"""Plain factory functions for test inputs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from scheduler.domain import DeviceInfo, ModelInfo, NodeInfo
+from scheduler.spec import JobSpec, MemoryMode
+
+
+def make_spec(**overrides: Any) -> JobSpec:
+    values: dict[str, Any] = {
+        "prompt": "a lighthouse at dusk",
+        "negative_prompt": "",
+        "model": "tiny",
+        "width": 64,
+        "height": 64,
+        "steps": 4,
+        "cfg_scale": 7.0,
+        "seed": 1234,
+        "sampler_name": "Euler a",
+        "batch_size": 1,
+        "priority": 0,
+        "memory_mode": MemoryMode.AUTO,
+        "request_id": "",
+        "labels": {},
+    }
+    values.update(overrides)
+    return JobSpec(**values)
+
+
+def make_node(node_id: str = "n1", *, models: tuple[str, ...] = ("tiny",), **overrides: Any) -> NodeInfo:
+    values: dict[str, Any] = {
+        "node_id": node_id,
+        "name": f"host-{node_id}",
+        "hostname": "host",
+        "agent_version": "test",
+        "devices": (DeviceInfo(0, "Test GPU", "GPU-0", "cuda", 24 * 2**30),),
+        "models": tuple(ModelInfo(name, 2 * 2**30, "float16") for name in models),
+        "labels": {},
+    }
+    values.update(overrides)
+    return NodeInfo(**values)
