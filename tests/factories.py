@@ -29,7 +29,9 @@ def make_spec(**overrides: Any) -> JobSpec:
     return JobSpec(**values)
 
 
-def make_node(node_id: str = "n1", *, models: tuple[str, ...] = ("tiny",), **overrides: Any) -> NodeInfo:
+def make_node(
+    node_id: str = "n1", *, models: tuple[str, ...] = ("tiny",), **overrides: Any
+) -> NodeInfo:
     values: dict[str, Any] = {
         "node_id": node_id,
         "name": f"host-{node_id}",

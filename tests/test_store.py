@@ -81,7 +81,12 @@ def test_the_happy_path_writes_consecutive_events(store: Store) -> None:
     events = store.succeed("job1", 1, [(IMAGE, "job1/0.png")], AttemptProfile(0.5, 0.1, 123))
     assert events is not None
     assert [e.seq for e in store.events_after("job1", 0)] == [1, 2, 3, 4, 5]
-    assert states(store) == [JobState.QUEUED, JobState.ASSIGNED, JobState.RUNNING, JobState.SUCCEEDED]
+    assert states(store) == [
+        JobState.QUEUED,
+        JobState.ASSIGNED,
+        JobState.RUNNING,
+        JobState.SUCCEEDED,
+    ]
     assert store.events_after("job1", 3)[0].body == IMAGE
     job = store.get_job("job1")
     assert job is not None
@@ -96,7 +101,11 @@ def test_a_job_is_assigned_once_per_read(store: Store) -> None:
     assign(store)
     # A second dispatcher that read the job at attempt 0 loses.
     again = store.assign(
-        "job1", expected_attempt=0, node_id="n2", node_name="x", gpu_index=0,
+        "job1",
+        expected_attempt=0,
+        node_id="n2",
+        node_name="x",
+        gpu_index=0,
         memory_mode=MemoryMode.FULL,
     )
     assert again is None

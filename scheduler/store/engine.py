@@ -13,7 +13,9 @@ def create_engine(url: str) -> sa.Engine:
         return _sqlite_engine(url)
     if url.startswith("postgresql"):
         return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=4)
-    raise ValueError(f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql+psycopg://")
+    raise ValueError(
+        f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql+psycopg://"
+    )
 
 
 def _sqlite_engine(url: str) -> sa.Engine:

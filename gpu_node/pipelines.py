@@ -1,0 +1,97 @@
+"""Loads diffusers pipelines onto a device and keeps the last one resident.
+
+One cache per device worker. Loading is offline: from local folders only.
+Samplers are applied per job from the model's own scheduler config, so one
+job's choice never leaks into the next.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+from typing import Any
+
+from gpu_node.catalog import Catalog
+from scheduler.samplers import find_sampler
+
+log = logging.getLogger(__name__)
+
+
+class ModelUnavailable(Exception):
+    pass
+
+
+def _load_dtype(device: str, weights_dtype: str) -> Any:
+    import torch
+
+    if device == "cpu":
+        return torch.float32  # half precision is slow or missing on CPUs
+    return torch.bfloat16 if weights_dtype == "bfloat16" else torch.float16
+
+
+class PipelineCache:
+    def __init__(self, device: str, catalog: Catalog) -> None:
+        self.device = device
+        self.catalog = catalog
+        self.model_name: str | None = None
+        self.pipeline: Any = None
+        self._scheduler_config: Any = None
+
+    def unload(self) -> None:
+        self.pipeline = None
+        self.model_name = None
+        gc.collect()
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+    def get(self, model_name: str, sampler_name: str) -> tuple[Any, float]:
+        """The pipeline for the model with the sampler applied, and the
+        seconds spent loading (0 when it was resident)."""
+        load_seconds = 0.0
+        if self.model_name != model_name:
+            model = self.catalog.get(model_name)
+            if model is None:
+                raise ModelUnavailable(f"model {model_name!r} is not on this node")
+            self.unload()
+            started = time.monotonic()
+            self.pipeline = self._load(model.path, _load_dtype(self.device, model.dtype))
+            self._scheduler_config = self.pipeline.scheduler.config
+            self.model_name = model_name
+            load_seconds = time.monotonic() - started
+            log.info("loaded %s on %s in %.2fs", model_name, self.device, load_seconds)
+        self._apply_sampler(sampler_name)
+        return self.pipeline, load_seconds
+
+    def _load(self, path: Any, dtype: Any) -> Any:
+        from diffusers import AutoPipelineForText2Image
+
+        pipeline = AutoPipelineForText2Image.from_pretrained(
+            path, dtype=dtype, local_files_only=True
+        )
+        pipeline.set_progress_bar_config(disable=True)
+        return pipeline.to(self.device)
+
+    def _apply_sampler(self, sampler_name: str) -> None:
+        import diffusers
+
+        sampler = find_sampler(sampler_name)
+        if sampler is None:
+            raise ValueError(f"unknown sampler {sampler_name!r}")
+        scheduler_class = getattr(diffusers, sampler.scheduler_class)
+        compatible = {cls.__name__ for cls in self.pipeline.scheduler.compatibles}
+        compatible.add(type(self.pipeline.scheduler).__name__)
+        if scheduler_class.__name__ not in compatible:
+            # FLUX-class models need their own flow-matching scheduler.
+            log.warning(
+                "sampler %s does not fit %s; keeping %s",
+                sampler_name,
+                self.model_name,
+                type(self.pipeline.scheduler).__name__,
+            )
+            return
+        self.pipeline.scheduler = scheduler_class.from_config(
+            self._scheduler_config, **sampler.options
+        )

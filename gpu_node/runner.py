@@ -1,0 +1,244 @@
+"""Runs jobs on one device, in one worker thread, one job at a time.
+
+The thread is the only place that calls the diffusers pipeline for its
+device. Everything it learns goes out through `emit` as a `WorkerEvent`; the
+connection turns those into protobuf on the asyncio side. The step callback
+only checks for a stop, reports the step and hands latents to the previewer.
+"""
+
+from __future__ import annotations
+
+import gc
+import io
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from gpu_node.catalog import Catalog
+from gpu_node.pipelines import ModelUnavailable, PipelineCache
+from gpu_node.preview import Previewer
+from scheduler.domain import AttemptOutcome, AttemptProfile, DeviceInfo, Preview
+from scheduler.spec import JobSpec, MemoryMode, infotext
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Started:
+    pass
+
+
+@dataclass(frozen=True)
+class StepDone:
+    step: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class ImageReady:
+    index: int
+    seed: int
+    width: int
+    height: int
+    png: bytes
+
+
+@dataclass(frozen=True)
+class Ended:
+    outcome: AttemptOutcome
+    reason: str = ""
+    error_kind: str = ""
+    profile: AttemptProfile = field(default_factory=AttemptProfile)
+
+
+@dataclass(frozen=True)
+class WorkerEvent:
+    job_id: str
+    attempt: int
+    body: Started | StepDone | Preview | ImageReady | Ended
+
+
+@dataclass
+class Task:
+    job_id: str
+    attempt: int
+    spec: JobSpec
+    memory_mode: MemoryMode
+    stop_requested: threading.Event = field(default_factory=threading.Event)
+    stop_outcome: AttemptOutcome = AttemptOutcome.STOPPED
+    stop_reason: str = ""
+
+    def stop(self, outcome: AttemptOutcome, reason: str) -> None:
+        if not self.stop_requested.is_set():
+            self.stop_outcome, self.stop_reason = outcome, reason
+            self.stop_requested.set()
+
+
+class AttemptStopped(Exception):
+    """Raised from the step callback to leave the pipeline at once, skipping
+    the remaining steps and the final VAE decode that `_interrupt` would
+    still run."""
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "no message"
+    return f"{type(exc).__name__}: {text}"[:500]
+
+
+def encode_png(image: Any, parameters: str) -> bytes:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+class DeviceWorker:
+    def __init__(
+        self,
+        device: DeviceInfo,
+        torch_device: str,
+        catalog: Catalog,
+        emit: Callable[[WorkerEvent], None],
+    ) -> None:
+        self.device = device
+        self.torch_device = torch_device
+        self.pipelines = PipelineCache(torch_device, catalog)
+        self._emit = emit
+        self._queue: queue.Queue[Task | None] = queue.Queue()
+        self._tasks: dict[tuple[str, int], Task] = {}
+        self._lock = threading.Lock()
+        self._previews = ThreadPoolExecutor(1, thread_name_prefix=f"preview-{device.index}")
+        self._thread = threading.Thread(
+            target=self._loop, name=f"worker-{device.index}", daemon=True
+        )
+        self._thread.start()
+
+    def submit(self, task: Task) -> None:
+        with self._lock:
+            self._tasks[(task.job_id, task.attempt)] = task
+        self._queue.put(task)
+
+    def tasks(self) -> list[Task]:
+        with self._lock:
+            return list(self._tasks.values())
+
+    def find(self, job_id: str, attempt: int) -> Task | None:
+        with self._lock:
+            return self._tasks.get((job_id, attempt))
+
+    def close(self, timeout: float | None = None) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+        self._previews.shutdown(wait=True)
+
+    def _loop(self) -> None:
+        while (task := self._queue.get()) is not None:
+            try:
+                self._run(task)
+            except Exception as exc:  # a bug here must not kill the device's thread
+                log.exception("job %s attempt %d crashed the worker", task.job_id, task.attempt)
+                self._send(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
+            finally:
+                with self._lock:
+                    self._tasks.pop((task.job_id, task.attempt), None)
+
+    def _send(self, task: Task, body: Started | StepDone | Preview | ImageReady | Ended) -> None:
+        self._emit(WorkerEvent(task.job_id, task.attempt, body))
+
+    def _stopped(self, task: Task) -> Ended:
+        return Ended(task.stop_outcome, task.stop_reason)
+
+    def _run(self, task: Task) -> None:
+        if task.stop_requested.is_set():
+            self._send(task, self._stopped(task))
+            return
+        self._send(task, Started())
+        spec = task.spec
+        try:
+            pipeline, load_seconds = self.pipelines.get(spec.model, spec.sampler_name)
+        except ModelUnavailable as exc:
+            self._send(task, Ended(AttemptOutcome.FAILED, str(exc), "model"))
+            return
+        except Exception as exc:
+            self._send(task, Ended(AttemptOutcome.FAILED, one_line(exc), "model"))
+            return
+        if task.stop_requested.is_set():
+            self._send(task, self._stopped(task))
+            return
+
+        import torch
+
+        previewer = Previewer(self._previews, lambda p: self._send(task, p))
+        step_times: list[float] = []
+        started = time.monotonic()
+
+        def on_step_end(pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> Any:
+            step_times.append(time.monotonic())
+            if task.stop_requested.is_set():
+                raise AttemptStopped
+            total = int(getattr(pipe, "num_timesteps", 0) or spec.steps)
+            self._send(task, StepDone(index + 1, total))
+            previewer.offer(index + 1, total, tensors.get("latents"))
+            return tensors
+
+        cuda = self.torch_device.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.torch_device)
+        try:
+            result = pipeline(
+                prompt=spec.prompt,
+                negative_prompt=spec.negative_prompt or None,
+                width=spec.width,
+                height=spec.height,
+                num_inference_steps=spec.steps,
+                guidance_scale=spec.cfg_scale,
+                num_images_per_prompt=spec.batch_size,
+                # Noise from a CPU generator per image: the same seed gives
+                # the same picture on any card, and image i uses seed + i.
+                generator=[torch.Generator("cpu").manual_seed(s) for s in spec.seeds],
+                callback_on_step_end=on_step_end,
+                callback_on_step_end_tensor_inputs=["latents"],
+            )
+        except AttemptStopped:
+            previewer.flush()
+            self._send(task, self._stopped(task))
+            return
+        except torch.OutOfMemoryError as exc:
+            del exc  # drop the traceback's references to the tensors
+            self._free_memory()
+            self._send(task, Ended(AttemptOutcome.FAILED, "CUDA out of memory", "oom"))
+            return
+        except Exception as exc:
+            self._send(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
+            return
+        previewer.flush()
+        # Between the first and last callbacks, so that prompt encoding and
+        # the first step's warm-up do not count.
+        if len(step_times) >= 2:
+            mean_step = (step_times[-1] - step_times[0]) / (len(step_times) - 1)
+        else:
+            mean_step = step_times[0] - started if step_times else 0.0
+        profile = AttemptProfile(
+            load_seconds=load_seconds,
+            mean_step_seconds=mean_step,
+            peak_vram_bytes=int(torch.cuda.max_memory_allocated(self.torch_device)) if cuda else 0,
+        )
+        for index, (image, seed) in enumerate(zip(result.images, spec.seeds, strict=True)):
+            png = encode_png(image, infotext(spec, seed))
+            self._send(task, ImageReady(index, seed, image.width, image.height, png))
+        self._send(task, Ended(AttemptOutcome.SUCCEEDED, profile=profile))
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.torch_device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()

@@ -1,0 +1,305 @@
+"""The agent-facing service: one bidirectional stream per connected agent.
+
+Up come hello, stats and job updates; down go assignments and stops. Every
+job update is checked against the attempt this node holds: one from a stale
+attempt changes nothing, and the agent is told to stop that attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from grpc import aio
+
+from protos import agent_pb2, agent_pb2_grpc
+from scheduler.cluster import ActiveAttempt, Cluster, NodeSession, StopCommand
+from scheduler.convert import (
+    command_to_proto,
+    device_stats_from_proto,
+    hello_from_proto,
+    profile_from_proto,
+)
+from scheduler.dispatcher import Dispatcher
+from scheduler.domain import (
+    AttemptOutcome,
+    AttemptProfile,
+    JobEvent,
+    NodeInfo,
+    Preview,
+    Progress,
+)
+from scheduler.errors import AlreadyExists, InvalidArgument
+from scheduler.events import EventHub
+from scheduler.images import ImageStore
+from scheduler.store import Database
+from scheduler.uploads import UploadError
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_SECONDS = 30.0
+NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_OUTCOMES = {
+    agent_pb2.ATTEMPT_OUTCOME_SUCCEEDED: AttemptOutcome.SUCCEEDED,
+    agent_pb2.ATTEMPT_OUTCOME_FAILED: AttemptOutcome.FAILED,
+    agent_pb2.ATTEMPT_OUTCOME_STOPPED: AttemptOutcome.STOPPED,
+    agent_pb2.ATTEMPT_OUTCOME_RELEASED: AttemptOutcome.RELEASED,
+}
+
+
+def check_hello(node: NodeInfo) -> None:
+    if not NODE_ID.match(node.node_id):
+        raise InvalidArgument("hello.node_id", "must be 1-64 letters, digits, '.', '_' or '-'")
+    if not node.name or len(node.name) > 128:
+        raise InvalidArgument("hello.name", "must be 1-128 characters")
+    if not node.devices:
+        raise InvalidArgument("hello.devices", "must list at least one device")
+    if len({device.index for device in node.devices}) != len(node.devices):
+        raise InvalidArgument("hello.devices", "device indexes must be unique")
+    for model in node.models:
+        if not model.name or len(model.name) > 128:
+            raise InvalidArgument("hello.models", "model names must be 1-128 characters")
+
+
+class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
+    def __init__(
+        self,
+        db: Database,
+        cluster: Cluster,
+        hub: EventHub,
+        dispatcher: Dispatcher,
+        images: ImageStore,
+        *,
+        clock: Callable[[], float],
+        heartbeat_seconds: float,
+    ) -> None:
+        self.db = db
+        self.cluster = cluster
+        self.hub = hub
+        self.dispatcher = dispatcher
+        self.images = images
+        self.clock = clock
+        self.heartbeat_seconds = heartbeat_seconds
+        self._background: set[asyncio.Task[None]] = set()
+        # Set while the scheduler shuts down: attempts stay as they are in
+        # the store, and the next start re-queues them without a failure.
+        self.closing = False
+
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[agent_pb2.AgentMessage],
+        context: aio.ServicerContext[Any, Any],
+    ) -> AsyncIterator[agent_pb2.SchedulerMessage]:
+        try:
+            first = await asyncio.wait_for(anext(request_iterator), HELLO_TIMEOUT_SECONDS)
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("body") != "hello":
+            raise InvalidArgument("hello", "the first message on the stream must be a hello")
+        info = hello_from_proto(first.hello)
+        check_hello(info)
+        existing = self.cluster.sessions.get(info.node_id)
+        if existing is not None:
+            raise AlreadyExists(
+                f"node id {info.node_id} is already connected as {existing.info.name!r}; "
+                "every agent needs its own --data-dir"
+            )
+        session = self.cluster.connect(info, self.clock())
+        try:
+            await self.db.run(self.db.store.nodes.upsert, info)
+        except BaseException:
+            self.cluster.disconnect(session)
+            raise
+        log.info(
+            "node %s (%s) connected from %s with %d device(s), models: %s",
+            info.name,
+            info.node_id,
+            context.peer(),
+            len(info.devices),
+            ", ".join(model.name for model in info.models) or "none",
+        )
+        self.dispatcher.wake()
+        yield agent_pb2.SchedulerMessage(
+            welcome=agent_pb2.Welcome(heartbeat_seconds=self.heartbeat_seconds)
+        )
+        reader = asyncio.create_task(self._read(session, request_iterator))
+        try:
+            while (command := await session.outbox.get()) is not None:
+                yield command_to_proto(command)
+        finally:
+            reader.cancel()
+            # Runs on its own: this generator may be closed by a cancellation.
+            self._spawn(self._disconnected(session))
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def drain_background(self) -> None:
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)
+
+    async def _read(
+        self, session: NodeSession, requests: AsyncIterator[agent_pb2.AgentMessage]
+    ) -> None:
+        try:
+            async for message in requests:
+                kind = message.WhichOneof("body")
+                if kind == "stats":
+                    stats = [device_stats_from_proto(d) for d in message.stats.devices]
+                    self.cluster.report_stats(session.node_id, stats, self.clock())
+                elif kind == "job":
+                    await self._job_update(session, message.job)
+                else:
+                    log.warning("node %s sent an unexpected %s", session.info.name, kind)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.info("stream from node %s ended: %s", session.info.name, exc)
+        finally:
+            session.close()
+
+    def _stop_stale(self, session: NodeSession, job_id: str, attempt: int) -> None:
+        if (job_id, attempt) in session.stale_stopped:
+            return
+        session.stale_stopped.add((job_id, attempt))
+        log.info(
+            "node %s reported stale attempt %s/%d; stopping it", session.info.name, job_id, attempt
+        )
+        session.send(StopCommand(job_id, attempt, "stale attempt: the job has moved on"))
+
+    async def _job_update(self, session: NodeSession, update: agent_pb2.JobUpdate) -> None:
+        job_id, attempt = update.job_id, update.attempt
+        kind = update.WhichOneof("body")
+        active = session.current(job_id, attempt)
+        if kind == "ended":
+            await self._ended(session, job_id, attempt, update.ended)
+            return
+        if active is None:
+            self._stop_stale(session, job_id, attempt)
+            return
+        now = self.clock()
+        if kind == "progress":
+            if not active.stopping:
+                body = Progress(update.progress.step, update.progress.total_steps)
+                self.hub.publish([JobEvent(job_id, 0, attempt, now, body)])
+        elif kind == "preview":
+            if not active.stopping:
+                p = update.preview
+                preview = Preview(p.step, p.total_steps, p.width, p.height, p.png)
+                self.hub.publish([JobEvent(job_id, 0, attempt, now, preview)])
+        elif kind == "started":
+            active.started_at = now
+            events = await self.db.run(self.db.store.start, job_id, attempt)
+            if events is not None:
+                self.hub.publish(events)
+        elif kind == "image":
+            self._receive_chunk(session, active, update.image)
+
+    def _receive_chunk(
+        self, session: NodeSession, active: ActiveAttempt, chunk: agent_pb2.ImageUpload
+    ) -> None:
+        try:
+            active.uploads.add(
+                chunk.index,
+                chunk.offset,
+                chunk.data,
+                seed=chunk.seed,
+                width=chunk.width,
+                height=chunk.height,
+                last=chunk.last,
+                sha256=chunk.sha256,
+                size_bytes=chunk.size_bytes,
+            )
+        except UploadError as exc:
+            # The buffer remembers the error; the attempt fails when it ends.
+            log.warning("node %s: bad upload for %s: %s", session.info.name, active.job_id, exc)
+
+    async def _ended(
+        self, session: NodeSession, job_id: str, attempt: int, ended: agent_pb2.AttemptEnded
+    ) -> None:
+        active = session.current(job_id, attempt)
+        if active is None:
+            return  # stale, or already handled: its slot is free either way
+        del session.attempts[job_id]
+        self.dispatcher.wake()
+        outcome = _OUTCOMES.get(ended.outcome, AttemptOutcome.FAILED)
+        profile = profile_from_proto(ended.profile)
+        reason = ended.reason or outcome.value
+        if outcome is AttemptOutcome.SUCCEEDED:
+            events = await self._store_result(session, active, profile)
+        elif outcome is AttemptOutcome.FAILED:
+            reason = f"{session.info.name}: {reason}"
+            events = await self.db.run(
+                self.db.store.requeue,
+                job_id,
+                attempt,
+                outcome,
+                reason,
+                count_failure=True,
+                profile=profile,
+            )
+        else:
+            events = await self.db.run(
+                self.db.store.requeue,
+                job_id,
+                attempt,
+                AttemptOutcome.RELEASED,
+                reason,
+                count_failure=False,
+                profile=profile,
+            )
+        if events:
+            self.hub.publish(events)
+
+    async def _store_result(
+        self, session: NodeSession, active: ActiveAttempt, profile: AttemptProfile
+    ) -> list[JobEvent] | None:
+        job_id, attempt = active.job_id, active.attempt
+        try:
+            images = active.uploads.complete(active.expected_images)
+        except UploadError as exc:
+            return await self.db.run(
+                self.db.store.requeue,
+                job_id,
+                attempt,
+                AttemptOutcome.FAILED,
+                f"{session.info.name}: {exc}",
+                count_failure=True,
+                profile=profile,
+            )
+        loop = asyncio.get_running_loop()
+        stored = []
+        for meta, data in images:
+            path = await loop.run_in_executor(
+                None, self.images.write, job_id, attempt, meta.index, data
+            )
+            stored.append((meta, path))
+        events = await self.db.run(self.db.store.succeed, job_id, attempt, stored, profile)
+        if events is None:  # cancelled meanwhile: the first terminal state won
+            await loop.run_in_executor(None, self.images.remove, [path for _, path in stored])
+        return events
+
+    async def _disconnected(self, session: NodeSession) -> None:
+        held = self.cluster.disconnect(session)
+        if self.closing:
+            return
+        name = session.info.name
+        log.info("node %s disconnected holding %d attempt(s)", name, len(held))
+        for active in held:
+            events = await self.db.run(
+                self.db.store.requeue,
+                active.job_id,
+                active.attempt,
+                AttemptOutcome.LOST,
+                f"node {name} disconnected",
+                count_failure=True,
+            )
+            if events:
+                self.hub.publish(events)
+        await self.db.run(self.db.store.nodes.touch, [session.node_id])
+        self.dispatcher.wake()

@@ -1,0 +1,145 @@
+"""The scheduler's in-memory picture of the connected agents: their GPUs'
+latest stats, their models, and the attempts each one holds. It turns that
+picture into the `GpuView` snapshots placement works on.
+
+No I/O and no clock: callers pass `now`. Commands for an agent are queued on
+its session as domain objects; the gateway turns them into protobuf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from scheduler.domain import DeviceStats, NodeInfo
+from scheduler.placement import GpuView
+from scheduler.spec import JobSpec, MemoryMode
+from scheduler.uploads import UploadBuffer
+
+
+@dataclass(frozen=True)
+class AssignCommand:
+    job_id: str
+    attempt: int
+    spec: JobSpec
+    gpu_index: int
+    memory_mode: MemoryMode
+
+
+@dataclass(frozen=True)
+class StopCommand:
+    job_id: str
+    attempt: int
+    reason: str
+
+
+Command = AssignCommand | StopCommand
+
+
+@dataclass
+class ActiveAttempt:
+    job_id: str
+    attempt: int
+    gpu_index: int
+    vram_bytes: int  # the estimate placement charged
+    assigned_at: float
+    expected_images: int
+    started_at: float | None = None
+    stopping: bool = False  # a stop was sent; its progress is no longer news
+    uploads: UploadBuffer = field(default_factory=UploadBuffer)
+
+
+@dataclass
+class NodeSession:
+    info: NodeInfo
+    connected_at: float
+    stats: dict[int, DeviceStats] = field(default_factory=dict)
+    stats_at: float = 0.0
+    attempts: dict[str, ActiveAttempt] = field(default_factory=dict)
+    stale_stopped: set[tuple[str, int]] = field(default_factory=set)
+    outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
+
+    @property
+    def node_id(self) -> str:
+        return self.info.node_id
+
+    def send(self, command: Command) -> None:
+        self.outbox.put_nowait(command)
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
+
+    def current(self, job_id: str, attempt: int) -> ActiveAttempt | None:
+        active = self.attempts.get(job_id)
+        return active if active is not None and active.attempt == attempt else None
+
+    def gpu_views(self) -> list[GpuView]:
+        models = frozenset(model.name for model in self.info.models)
+        views = []
+        for device in self.info.devices:
+            stats = self.stats.get(device.index)
+            free = device.total_bytes if stats is None else stats.free_bytes
+            on_gpu = [a for a in self.attempts.values() if a.gpu_index == device.index]
+            # A job that had not started by the last report is not in its
+            # numbers yet, whether it waits on the agent or was just assigned.
+            pending = sum(
+                a.vram_bytes
+                for a in on_gpu
+                if a.started_at is None or a.started_at >= self.stats_at
+            )
+            views.append(
+                GpuView(
+                    node_id=self.node_id,
+                    node_name=self.info.name,
+                    index=device.index,
+                    total_bytes=device.total_bytes,
+                    free_bytes=free - pending,
+                    active_jobs=len(on_gpu),
+                    models=models,
+                )
+            )
+        return views
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.sessions: dict[str, NodeSession] = {}
+
+    def connect(self, info: NodeInfo, now: float) -> NodeSession:
+        if info.node_id in self.sessions:
+            raise KeyError(info.node_id)
+        session = NodeSession(info=info, connected_at=now)
+        self.sessions[info.node_id] = session
+        return session
+
+    def disconnect(self, session: NodeSession) -> list[ActiveAttempt]:
+        """Forgets the session and returns the attempts it still held."""
+        if self.sessions.get(session.node_id) is session:
+            del self.sessions[session.node_id]
+        held = list(session.attempts.values())
+        session.attempts.clear()
+        session.close()
+        return held
+
+    def report_stats(self, node_id: str, stats: list[DeviceStats], now: float) -> None:
+        session = self.sessions.get(node_id)
+        if session is not None:
+            session.stats = {device.index: device for device in stats}
+            session.stats_at = now
+
+    def gpu_views(self) -> list[GpuView]:
+        return [view for session in self.sessions.values() for view in session.gpu_views()]
+
+    def holder(self, job_id: str, attempt: int) -> NodeSession | None:
+        for session in self.sessions.values():
+            if session.current(job_id, attempt) is not None:
+                return session
+        return None
+
+    def models(self) -> dict[str, int]:
+        """Model name -> the largest weight size a connected node reports."""
+        sizes: dict[str, int] = {}
+        for session in self.sessions.values():
+            for model in session.info.models:
+                sizes[model.name] = max(sizes.get(model.name, 0), model.weight_bytes)
+        return sizes

@@ -1,0 +1,110 @@
+"""In-memory fan-out of job events to WatchJob streams.
+
+Durable events come from the store after their commit; progress and previews
+come straight from agents and live only here. Each job keeps its latest
+progress and preview, also for a while after it ends, so that a watcher who
+attaches late sees the picture at once. A slow watcher never holds memory
+without bound: its pending progress and previews collapse to the newest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from scheduler.domain import JobEvent, Preview, Progress
+
+
+@dataclass
+class _Latest:
+    progress: JobEvent | None = None
+    preview: JobEvent | None = None
+
+
+class Subscription:
+    def __init__(self, hub: EventHub, job_id: str) -> None:
+        self._hub = hub
+        self.job_id = job_id
+        self._queue: deque[JobEvent] = deque()
+        self._ready = asyncio.Event()
+
+    def push(self, event: JobEvent) -> None:
+        if not event.durable:
+            # Drop an undelivered event of the same kind queued after the
+            # last durable one: the newer progress or preview replaces it.
+            for position in range(len(self._queue) - 1, -1, -1):
+                queued = self._queue[position]
+                if queued.durable:
+                    break
+                if type(queued.body) is type(event.body):
+                    del self._queue[position]
+                    break
+        self._queue.append(event)
+        self._ready.set()
+
+    async def get(self) -> JobEvent:
+        while not self._queue:
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue.popleft()
+
+    def close(self) -> None:
+        self._hub._unsubscribe(self)
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+
+class EventHub:
+    def __init__(self, retain_finished: int = 1024) -> None:
+        self._subscriptions: dict[str, set[Subscription]] = {}
+        self._live: dict[str, _Latest] = {}
+        self._finished: OrderedDict[str, _Latest] = OrderedDict()
+        self._retain_finished = retain_finished
+
+    def subscribe(self, job_id: str) -> Subscription:
+        subscription = Subscription(self, job_id)
+        self._subscriptions.setdefault(job_id, set()).add(subscription)
+        return subscription
+
+    def _unsubscribe(self, subscription: Subscription) -> None:
+        subscribers = self._subscriptions.get(subscription.job_id)
+        if subscribers is not None:
+            subscribers.discard(subscription)
+            if not subscribers:
+                del self._subscriptions[subscription.job_id]
+
+    def publish(self, events: Iterable[JobEvent]) -> None:
+        for event in events:
+            self._remember(event)
+            for subscription in self._subscriptions.get(event.job_id, ()):
+                subscription.push(event)
+
+    def _remember(self, event: JobEvent) -> None:
+        if isinstance(event.body, Progress):
+            self._live.setdefault(event.job_id, _Latest()).progress = event
+        elif isinstance(event.body, Preview):
+            self._live.setdefault(event.job_id, _Latest()).preview = event
+        elif event.terminal:
+            latest = self._live.pop(event.job_id, None)
+            if latest is not None:
+                self._finished[event.job_id] = latest
+                while len(self._finished) > self._retain_finished:
+                    self._finished.popitem(last=False)
+
+    def _latest(self, job_id: str) -> _Latest:
+        return self._live.get(job_id) or self._finished.get(job_id) or _Latest()
+
+    def latest_progress(self, job_id: str) -> JobEvent | None:
+        return self._latest(job_id).progress
+
+    def latest_preview(self, job_id: str) -> JobEvent | None:
+        return self._latest(job_id).preview
+
+    def watcher_count(self, job_id: str) -> int:
+        return len(self._subscriptions.get(job_id, ()))

@@ -1,0 +1,41 @@
+"""Finished PNGs on disk under the scheduler's data dir.
+
+A file is written under a temporary name, flushed and renamed before the
+database commit that references it, and removed again if that commit loses
+(a cancelled job, a stale attempt). Paths carry the attempt, so two attempts
+of one job never write the same file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CHUNK_BYTES = 256 * 1024  # well under gRPC's 4 MiB message limit
+
+
+class ImageStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def write(self, job_id: str, attempt: int, index: int, data: bytes) -> str:
+        """Stores one PNG and returns its path relative to the root."""
+        relative = f"{job_id[:2]}/{job_id}/a{attempt}-{index}.png"
+        final = self.root / relative
+        final.parent.mkdir(parents=True, exist_ok=True)
+        partial = final.with_suffix(".part")
+        with open(partial, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        partial.replace(final)
+        return relative
+
+    def remove(self, relative_paths: list[str]) -> None:
+        for relative in relative_paths:
+            (self.root / relative).unlink(missing_ok=True)
+
+    def chunks(self, relative: str) -> list[bytes]:
+        data = (self.root / relative).read_bytes()
+        return [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]

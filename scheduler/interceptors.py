@@ -1,0 +1,126 @@
+"""Server interceptors: one turns exceptions into gRPC statuses and logs the
+unexpected ones once; one sets the calling Principal from request metadata.
+
+Both wrap the method handler's behaviour in an async context manager, which
+works the same for unary and for streaming responses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, suppress
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+from grpc import aio
+
+from scheduler.errors import SchedulerError
+from scheduler.principal import _current, principal_from_metadata
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
+    Guard = Callable[[aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
+
+
+def _wrap(handler: Handler, guard: Guard) -> Handler:
+    if handler.response_streaming:
+        streaming = cast(
+            Callable[..., AsyncIterator[Any]],
+            handler.stream_stream if handler.request_streaming else handler.unary_stream,
+        )
+
+        async def stream_behaviour(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            async with guard(context):
+                async for response in streaming(request, context):
+                    yield response
+
+        factory = (
+            grpc.stream_stream_rpc_method_handler
+            if handler.request_streaming
+            else grpc.unary_stream_rpc_method_handler
+        )
+        return factory(
+            stream_behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    unary = cast(
+        Callable[..., Awaitable[Any]],
+        handler.stream_unary if handler.request_streaming else handler.unary_unary,
+    )
+
+    async def unary_behaviour(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        async with guard(context):
+            return await unary(request, context)
+
+    unary_factory = (
+        grpc.stream_unary_rpc_method_handler
+        if handler.request_streaming
+        else grpc.unary_unary_rpc_method_handler
+    )
+    return unary_factory(
+        unary_behaviour,
+        request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer,
+    )
+
+
+class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
+    """SchedulerError -> its status with its message; anything else ->
+    INTERNAL, logged with its traceback."""
+
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+
+        @asynccontextmanager
+        async def guard(context: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+            try:
+                yield
+            except aio.AbortError:
+                raise
+            except SchedulerError as exc:
+                log.debug("%s: %s", method, exc)
+                await context.abort(exc.code, str(exc))
+            except Exception as exc:
+                log.exception("%s failed", method)
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+                )
+
+        return _wrap(handler, guard)
+
+
+class PrincipalInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
+    async def intercept_service(
+        self,
+        continuation: Continuation,
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        metadata = tuple(handler_call_details.invocation_metadata or ())
+
+        @asynccontextmanager
+        async def guard(_: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+            token = _current.set(principal_from_metadata(metadata))
+            try:
+                yield
+            finally:
+                # A streaming response may be closed from another context.
+                with suppress(ValueError):
+                    _current.reset(token)
+
+        return _wrap(handler, guard)

@@ -1,0 +1,97 @@
+"""Reassembles the PNGs an agent uploads in chunks, and checks each one's
+size and sha256 before anything is stored."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from scheduler.domain import ImageMeta
+
+MAX_IMAGE_BYTES = 64 * 2**20
+
+
+class UploadError(Exception):
+    pass
+
+
+@dataclass
+class _Image:
+    seed: int
+    width: int
+    height: int
+    data: bytearray = field(default_factory=bytearray)
+    meta: ImageMeta | None = None  # set by the last chunk, once verified
+
+
+class UploadBuffer:
+    """The images of one attempt, as their chunks arrive in order."""
+
+    def __init__(self) -> None:
+        self._images: dict[int, _Image] = {}
+        self.error: str | None = None  # the first problem; the upload is void after it
+
+    def add(
+        self,
+        index: int,
+        offset: int,
+        data: bytes,
+        *,
+        seed: int,
+        width: int,
+        height: int,
+        last: bool,
+        sha256: str,
+        size_bytes: int,
+    ) -> None:
+        if self.error is not None:
+            raise UploadError(self.error)
+        try:
+            self._add(index, offset, data, seed, width, height, last, sha256, size_bytes)
+        except UploadError as exc:
+            self.error = str(exc)
+            raise
+
+    def _add(
+        self,
+        index: int,
+        offset: int,
+        data: bytes,
+        seed: int,
+        width: int,
+        height: int,
+        last: bool,
+        sha256: str,
+        size_bytes: int,
+    ) -> None:
+        image = self._images.setdefault(index, _Image(seed, width, height))
+        if image.meta is not None:
+            raise UploadError(f"image {index} was already complete")
+        if offset != len(image.data):
+            raise UploadError(
+                f"image {index}: chunk at offset {offset}, expected {len(image.data)}"
+            )
+        if offset + len(data) > MAX_IMAGE_BYTES:
+            raise UploadError(f"image {index} is larger than {MAX_IMAGE_BYTES} bytes")
+        image.data += data
+        if not last:
+            return
+        if len(image.data) != size_bytes:
+            raise UploadError(f"image {index}: got {len(image.data)} bytes, expected {size_bytes}")
+        digest = hashlib.sha256(image.data).hexdigest()
+        if digest != sha256:
+            raise UploadError(f"image {index}: sha256 {digest} does not match {sha256}")
+        image.meta = ImageMeta(index, image.seed, digest, size_bytes, image.width, image.height)
+
+    def complete(self, expected: int) -> list[tuple[ImageMeta, bytes]]:
+        """All `expected` images, verified, by index; raises UploadError if
+        any is missing or unfinished."""
+        if self.error is not None:
+            raise UploadError(self.error)
+        done = []
+        for index in range(expected):
+            image = self._images.get(index)
+            if image is None or image.meta is None:
+                raise UploadError(f"image {index} of {expected} was not uploaded completely")
+            done.append((image.meta, bytes(image.data)))
+        return done
