@@ -26,6 +26,7 @@ from grpc import aio
 
 from gpu_node.catalog import Catalog
 from gpu_node.identity import DataDirLock, Identity, load_identity
+from gpu_node.pipelines import quiet_libraries
 from gpu_node.probe import Probe, detect_probe
 from gpu_node.runner import (
     DeviceWorker,
@@ -150,6 +151,7 @@ class Agent:
         probe = self.probe = self.probe or detect_probe()
         devices = probe.devices()
         self.identity = load_identity(self.config.data_dir, self.config.name, devices)
+        quiet_libraries()  # imports torch and diffusers now, not in the first job
         models = self.catalog.scan()
         for device in devices:
             self.workers[device.index] = DeviceWorker(

@@ -22,6 +22,17 @@ class ModelUnavailable(Exception):
     pass
 
 
+def quiet_libraries() -> None:
+    """No download or loading progress bars in the agent's log, and no
+    transformers notices about optional backends."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def _load_dtype(device: str, weights_dtype: str) -> Any:
     import torch
 
@@ -68,6 +79,7 @@ class PipelineCache:
     def _load(self, path: Any, dtype: Any) -> Any:
         from diffusers import AutoPipelineForText2Image
 
+        quiet_libraries()
         pipeline = AutoPipelineForText2Image.from_pretrained(
             path, dtype=dtype, local_files_only=True
         )

@@ -43,6 +43,10 @@ def build_tiny(destination: Path) -> None:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from gpu_node.pipelines import quiet_libraries
+
+    quiet_libraries()
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
         unet = UNet2DConditionModel(

@@ -126,7 +126,15 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
             self.db.store.submit, new_job_id(), user, spec, self.max_attempts
         )
         if created:
-            log.info("job %s submitted by %s: %s", job.id, user, spec.model)
+            log.info(
+                "job %s submitted by %s: %s %dx%d, %d steps",
+                job.id,
+                user,
+                spec.model,
+                spec.width,
+                spec.height,
+                spec.steps,
+            )
             self.dispatcher.wake()
         return scheduler_pb2.SubmitJobResponse(job=self._job_message(job), created=created)
 

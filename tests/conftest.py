@@ -15,3 +15,11 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh, empty database: once on SQLite, once on PostgreSQL."""
     with database(request.param, tmp_path) as url:
         yield url
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
+    """Lets fixtures see whether the test failed (to print process logs)."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

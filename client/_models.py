@@ -1,0 +1,297 @@
+"""What the SDK returns: plain dataclasses, converted from protobuf here and
+nowhere else in the client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from protos import common_pb2, scheduler_pb2
+
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+
+
+def state_name(value: int) -> str:
+    return common_pb2.JobState.Name(value).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+
+
+def memory_mode_name(value: int) -> str:
+    return common_pb2.MemoryMode.Name(value).removeprefix("MEMORY_MODE_").lower()  # type: ignore[arg-type]
+
+
+def _time(stamp: Timestamp) -> datetime:
+    return stamp.ToDatetime(tzinfo=UTC)
+
+
+def _optional_time(message: Any, name: str) -> datetime | None:
+    return _time(getattr(message, name)) if message.HasField(name) else None
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    prompt: str
+    negative_prompt: str
+    model: str
+    width: int
+    height: int
+    steps: int
+    cfg_scale: float
+    seed: int
+    sampler_name: str
+    batch_size: int
+    priority: int
+    memory_mode: str
+    request_id: str
+    labels: dict[str, str]
+
+    @classmethod
+    def from_proto(cls, spec: common_pb2.JobSpec) -> JobSpec:
+        return cls(
+            prompt=spec.prompt,
+            negative_prompt=spec.negative_prompt,
+            model=spec.model,
+            width=spec.width,
+            height=spec.height,
+            steps=spec.steps,
+            cfg_scale=spec.cfg_scale,
+            seed=spec.seed,
+            sampler_name=spec.sampler_name,
+            batch_size=spec.batch_size,
+            priority=spec.priority,
+            memory_mode=memory_mode_name(spec.memory_mode),
+            request_id=spec.request_id,
+            labels=dict(spec.labels),
+        )
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.batch_size)]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    index: int
+    seed: int
+    sha256: str
+    size_bytes: int
+    width: int
+    height: int
+
+    @classmethod
+    def from_proto(cls, image: common_pb2.ImageInfo) -> ImageInfo:
+        return cls(
+            image.index, image.seed, image.sha256, image.size_bytes, image.width, image.height
+        )
+
+
+@dataclass(frozen=True)
+class Image:
+    info: ImageInfo
+    data: bytes  # the PNG file
+
+    def save(self, path: str | Path) -> Path:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(self.data)
+        return target.resolve()
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class Job:
+    id: str
+    state: str  # QUEUED, ASSIGNED, RUNNING, SUCCEEDED, FAILED, CANCELLED
+    owner: str
+    spec: JobSpec
+    attempt: int
+    failures: int
+    max_attempts: int
+    node_id: str
+    node_name: str
+    gpu_index: int
+    memory_mode: str
+    reason: str
+    images: list[ImageInfo]
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    progress: Progress | None
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "SUCCEEDED"
+
+    @classmethod
+    def from_proto(cls, job: scheduler_pb2.Job) -> Job:
+        return cls(
+            id=job.id,
+            state=state_name(job.state),
+            owner=job.owner,
+            spec=JobSpec.from_proto(job.spec),
+            attempt=job.attempt,
+            failures=job.failures,
+            max_attempts=job.max_attempts,
+            node_id=job.node_id,
+            node_name=job.node_name,
+            gpu_index=job.gpu_index,
+            memory_mode=memory_mode_name(job.memory_mode),
+            reason=job.reason,
+            images=[ImageInfo.from_proto(image) for image in job.images],
+            created_at=_time(job.created_at),
+            updated_at=_time(job.updated_at),
+            started_at=_optional_time(job, "started_at"),
+            finished_at=_optional_time(job, "finished_at"),
+            progress=(
+                Progress(job.progress.step, job.progress.total_steps)
+                if job.HasField("progress")
+                else None
+            ),
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One entry of a job's history. `seq` > 0 for durable events (state
+    changes, stored images); progress and previews have seq 0. `attempt`
+    tells a retry from a step going backwards."""
+
+    job_id: str
+    seq: int
+    attempt: int
+    time: datetime
+
+
+@dataclass(frozen=True)
+class StateEvent(Event):
+    state: str
+    reason: str
+    node_id: str
+    node_name: str
+    gpu_index: int
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class ImageEvent(Event):
+    image: ImageInfo
+
+
+@dataclass(frozen=True)
+class ProgressEvent(Event):
+    step: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class PreviewEvent(Event):
+    step: int
+    total_steps: int
+    width: int
+    height: int
+    png: bytes = field(repr=False)
+
+
+def event_from_proto(event: common_pb2.JobEvent) -> Event:
+    base = (event.job_id, event.seq, event.attempt, _time(event.time))
+    kind = event.WhichOneof("body")
+    if kind == "state":
+        s = event.state
+        return StateEvent(*base, state_name(s.state), s.reason, s.node_id, s.node_name, s.gpu_index)
+    if kind == "image":
+        return ImageEvent(*base, ImageInfo.from_proto(event.image))
+    if kind == "progress":
+        return ProgressEvent(*base, event.progress.step, event.progress.total_steps)
+    p = event.preview
+    return PreviewEvent(*base, p.step, p.total_steps, p.width, p.height, p.png)
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    name: str
+    uuid: str
+    kind: str
+    total_bytes: int
+    free_bytes: int | None  # None when the node is not connected
+    used_bytes: int | None
+    utilization_percent: float | None
+    active_jobs: int
+
+
+@dataclass(frozen=True)
+class Node:
+    id: str
+    name: str
+    hostname: str
+    connected: bool
+    devices: list[Device]
+    models: list[str]
+    labels: dict[str, str]
+    agent_version: str
+    last_seen: datetime
+
+    @classmethod
+    def from_proto(cls, node: scheduler_pb2.Node) -> Node:
+        devices = []
+        for device in node.devices:
+            stats = device.stats if device.HasField("stats") else None
+            devices.append(
+                Device(
+                    index=device.info.index,
+                    name=device.info.name,
+                    uuid=device.info.uuid,
+                    kind=device.info.kind,
+                    total_bytes=device.info.total_bytes,
+                    free_bytes=stats.free_bytes if stats else None,
+                    used_bytes=stats.used_bytes if stats else None,
+                    utilization_percent=stats.utilization_percent if stats else None,
+                    active_jobs=device.active_jobs,
+                )
+            )
+        return cls(
+            id=node.id,
+            name=node.name,
+            hostname=node.hostname,
+            connected=node.connected,
+            devices=devices,
+            models=list(node.models),
+            labels=dict(node.labels),
+            agent_version=node.agent_version,
+            last_seen=_time(node.last_seen),
+        )
+
+
+@dataclass(frozen=True)
+class Model:
+    name: str
+    weight_bytes: int
+    dtype: str
+    node_ids: list[str]  # connected nodes that hold it
+    last_seen: datetime
+
+    @classmethod
+    def from_proto(cls, model: scheduler_pb2.Model) -> Model:
+        return cls(
+            model.name,
+            model.weight_bytes,
+            model.dtype,
+            list(model.node_ids),
+            _time(model.last_seen),
+        )

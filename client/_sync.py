@@ -1,0 +1,143 @@
+"""The blocking SDK: a thin wrapper that runs `AsyncClient` on a private
+event loop in a background thread. Every method forwards to the async core."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar, Unpack
+
+from client._async import AsyncClient, AsyncJobHandle, SubmitOptions
+from client._models import Event, Image, Job, Model, Node
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="sdmesh-client", daemon=True
+        )
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def iterate(self, iterator: AsyncIterator[T]) -> Iterator[T]:
+        async def step() -> T:
+            return await anext(iterator)
+
+        try:
+            while True:
+                try:
+                    yield self.run(step())
+                except StopAsyncIteration:
+                    return
+        finally:
+            aclose = getattr(iterator, "aclose", None)
+            if aclose is not None:
+                self.run(aclose())
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
+
+
+class Client:
+    """Blocking twin of `AsyncClient`; use as `with Client() as client:`."""
+
+    def __init__(
+        self, address: str | None = None, *, user: str | None = None, timeout: float = 30.0
+    ) -> None:
+        self._runner = _LoopThread()
+
+        async def make() -> AsyncClient:  # the channel must belong to that loop
+            return AsyncClient(address, user=user, timeout=timeout)
+
+        self._async = self._runner.run(make())
+        self.address = self._async.address
+        self.user = self._async.user
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._runner.run(self._async.close())
+        self._runner.close()
+
+    def submit(self, prompt: str, **options: Unpack[SubmitOptions]) -> JobHandle:
+        """Queues a job; see `SubmitOptions` for what it can ask for."""
+        return JobHandle(self, self._runner.run(self._async.submit(prompt, **options)))
+
+    def job(self, job_id: str) -> JobHandle:
+        return JobHandle(self, self._async.job(job_id))
+
+    def get_job(self, job_id: str) -> Job:
+        return self._runner.run(self._async.get_job(job_id))
+
+    def list_jobs(
+        self, *, states: Iterable[str] = (), owner: str = "", limit: int = 50
+    ) -> list[Job]:
+        return self._runner.run(self._async.list_jobs(states=states, owner=owner, limit=limit))
+
+    def cancel(self, job_id: str) -> Job:
+        return self._runner.run(self._async.cancel(job_id))
+
+    def watch(self, job_id: str, after_seq: int = 0) -> Iterator[Event]:
+        return self._runner.iterate(self._async.watch(job_id, after_seq))
+
+    def download_image(self, job_id: str, index: int) -> Image:
+        return self._runner.run(self._async.download_image(job_id, index))
+
+    def list_nodes(self) -> list[Node]:
+        return self._runner.run(self._async.list_nodes())
+
+    def list_models(self) -> list[Model]:
+        return self._runner.run(self._async.list_models())
+
+
+class JobHandle:
+    """A handle on one job: its events, its end, its images."""
+
+    def __init__(self, client: Client, handle: AsyncJobHandle) -> None:
+        self._client = client
+        self._handle = handle
+        self.id = handle.id
+
+    def __repr__(self) -> str:
+        return repr(self._handle).replace("AsyncJobHandle", "JobHandle")
+
+    @property
+    def last_known(self) -> Job | None:
+        return self._handle.last_known
+
+    def refresh(self) -> Job:
+        return self._client._runner.run(self._handle.refresh())
+
+    def events(self, after_seq: int = 0) -> Iterator[Event]:
+        return self._client._runner.iterate(self._handle.events(after_seq))
+
+    def wait(self) -> Job:
+        return self._client._runner.run(self._handle.wait())
+
+    def images(self) -> list[Image]:
+        return self._client._runner.run(self._handle.images())
+
+    def save_images(self, directory: str | Path) -> list[Path]:
+        return self._client._runner.run(self._handle.save_images(directory))
+
+    def cancel(self) -> Job:
+        return self._client._runner.run(self._handle.cancel())

@@ -1,0 +1,193 @@
+"""The user-facing sdctl commands. Each takes the parsed arguments and a
+Client and returns the exit code: 0 ok, 1 job failed or cancelled or not
+found, 2 invalid input, 3 scheduler unreachable (raised as SdmeshError and
+mapped in main)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from client._async import SubmitOptions
+from client._errors import InvalidArgumentError
+from client._models import Job
+from client._sync import Client
+from client.cli import render
+from client.cli.follow import Follower
+
+
+def parse_labels(pairs: list[str], flag: str = "--label") -> dict[str, str]:
+    labels: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidArgumentError(f"{flag}: expected KEY=VALUE, got {pair!r}")
+        labels[key] = value
+    return labels
+
+
+def submit_options(args: argparse.Namespace) -> SubmitOptions:
+    options: SubmitOptions = {
+        "negative_prompt": args.negative,
+        "priority": args.priority,
+        "memory_mode": args.memory_mode,
+        "labels": parse_labels(args.label),
+    }
+    for option, value in (
+        ("model", args.model),
+        ("width", args.width),
+        ("height", args.height),
+        ("steps", args.steps),
+        ("cfg_scale", args.cfg_scale),
+        ("seed", args.seed),
+        ("sampler_name", args.sampler),
+        ("batch_size", args.batch_size),
+        ("request_id", args.request_id),
+    ):
+        if value is not None:
+            options[option] = value  # type: ignore[literal-required]
+    return options
+
+
+def exit_code(job: Job) -> int:
+    return 0 if job.succeeded else 1
+
+
+def _save(client: Client, job: Job, directory: Path) -> list[Path]:
+    """Downloads the job's images as DIRECTORY/<job id>-<index>.png."""
+    return [
+        client.download_image(job.id, info.index).save(directory / f"{job.id}-{info.index}.png")
+        for info in job.images
+    ]
+
+
+def submit(args: argparse.Namespace, client: Client) -> int:
+    handle = client.submit(args.prompt, **submit_options(args))
+    if args.no_wait:
+        job = handle.last_known
+        assert job is not None
+        if args.output == "json":
+            render.print_json({"job_id": job.id, "state": job.state})
+        else:
+            print(f"job {job.id} {job.state}")
+        return 0
+    follower = Follower(handle.id)
+    try:
+        followed = follower.follow(handle.events())
+    except KeyboardInterrupt:
+        follower.console.print(
+            f"stopped watching; job {handle.id} continues. "
+            f"Follow it with `sdctl watch {handle.id}`, stop it with `sdctl cancel {handle.id}`"
+        )
+        return 130
+    job = handle.refresh()
+    paths = _save(client, job, Path(args.output_dir)) if job.succeeded else []
+    if args.output == "json":
+        render.print_json(
+            {
+                "job_id": job.id,
+                "state": job.state,
+                "images": [str(path) for path in paths],
+                "seeds": [image.seed for image in job.images] or job.spec.seeds,
+                "previews": followed.previews,
+                "node": job.node_name or None,
+                "attempts": job.attempt,
+                "reason": job.reason,
+            }
+        )
+    elif job.succeeded:
+        for path in paths:
+            print(path)
+    else:
+        print(f"job {job.id} {job.state}: {job.reason}")
+    return exit_code(job)
+
+
+def watch(args: argparse.Namespace, client: Client) -> int:
+    events = client.watch(args.job_id, args.after_seq)
+    if args.output == "json":
+        for event in events:
+            render.print_json_line(render.event_json(event))
+    else:
+        Follower(args.job_id).follow(events)
+    return exit_code(client.get_job(args.job_id))
+
+
+def jobs(args: argparse.Namespace, client: Client) -> int:
+    found = client.list_jobs(states=args.state, owner=args.owner or "", limit=args.limit)
+    if args.output == "json":
+        render.print_json([render.job_json(job) for job in found])
+    else:
+        render.jobs_table(found)
+    return 0
+
+
+def job(args: argparse.Namespace, client: Client) -> int:
+    found = client.get_job(args.job_id)
+    if args.output == "json":
+        render.print_json(render.job_json(found))
+    else:
+        render.job_detail(found)
+    return 0
+
+
+def images(args: argparse.Namespace, client: Client) -> int:
+    found = client.get_job(args.job_id)
+    if not found.images:
+        print(f"job {found.id} is {found.state} and has no images")
+        return exit_code(found) if found.done else 1
+    paths = _save(client, found, Path(args.output_dir))
+    if args.output == "json":
+        render.print_json(
+            [
+                {**render.image_json(info), "path": str(path)}
+                for info, path in zip(found.images, paths, strict=True)
+            ]
+        )
+    else:
+        for path in paths:
+            print(path)
+    return 0
+
+
+def cancel(args: argparse.Namespace, client: Client) -> int:
+    before = client.get_job(args.job_id)
+    after = client.cancel(args.job_id)
+    if args.output == "json":
+        render.print_json(render.job_json(after))
+    elif before.done:
+        print(f"job {after.id} had already ended: {after.state}")
+    else:
+        print(f"job {after.id} {after.state}")
+    return 0
+
+
+def nodes(args: argparse.Namespace, client: Client) -> int:
+    found = client.list_nodes()
+    if args.output == "json":
+        render.print_json([render.node_json(node) for node in found])
+    else:
+        render.nodes_table(found)
+    return 0
+
+
+def models(args: argparse.Namespace, client: Client) -> int:
+    found = client.list_models()
+    if args.output == "json":
+        render.print_json([render.model_json(model) for model in found])
+    else:
+        render.models_table(found)
+    return 0
+
+
+COMMANDS: dict[str, Any] = {
+    "submit": submit,
+    "watch": watch,
+    "jobs": jobs,
+    "job": job,
+    "images": images,
+    "cancel": cancel,
+    "nodes": nodes,
+    "models": models,
+}

@@ -1,0 +1,151 @@
+"""sdctl: submit and watch Stable Diffusion jobs, inspect the cluster, and
+run its servers.
+
+Errors print as one line on stderr. Exit codes: 0 ok; 1 job failed or
+cancelled, or not found; 2 invalid or rejected input; 3 scheduler
+unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from client._config import DEFAULT_ADDRESS
+from client._errors import SdmeshError
+from client.cli.servers import parse_duration
+
+EXIT_INTERRUPTED = 130
+
+
+def _output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="output format"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sdctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--scheduler",
+        metavar="HOST:PORT",
+        help=f"scheduler address (default: $SDMESH_SCHEDULER or {DEFAULT_ADDRESS})",
+    )
+    parser.add_argument("--user", help="who you are (default: $SDMESH_USER or your login)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    submit = commands.add_parser("submit", help="submit a job and wait for its images")
+    submit.add_argument("prompt")
+    submit.add_argument("--model", help="model name (default tiny)")
+    submit.add_argument("--negative", default="", help="negative prompt")
+    submit.add_argument("--steps", type=int, help="denoising steps (default 20)")
+    submit.add_argument("--width", type=int, help="pixels, a multiple of 8 (default 512)")
+    submit.add_argument("--height", type=int, help="pixels, a multiple of 8 (default 512)")
+    submit.add_argument("--seed", type=int, help="-1 for random (default)")
+    submit.add_argument("--cfg-scale", type=float, help="guidance scale (default 7)")
+    submit.add_argument("--sampler", help='A1111 sampler name (default "Euler a")')
+    submit.add_argument("--batch-size", type=int, help="images per job (default 1)")
+    submit.add_argument("--priority", type=int, default=0, help="-100..100, higher first")
+    submit.add_argument(
+        "--memory-mode",
+        default="auto",
+        choices=("auto", "full", "model_offload", "sequential_offload"),
+    )
+    submit.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--request-id", help="makes a retried submit return the same job")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    submit.add_argument("--output-dir", default="outputs", help="where to save the PNGs")
+    _output(submit)
+
+    watch = commands.add_parser("watch", help="follow a job until it ends")
+    watch.add_argument("job_id", metavar="JOB")
+    watch.add_argument("--after-seq", type=int, default=0, help="resume after this event")
+    _output(watch)
+
+    jobs = commands.add_parser("jobs", help="list jobs, newest first")
+    jobs.add_argument("--state", action="append", default=[], help="filter; repeatable")
+    jobs.add_argument("--owner", help="only this user's jobs")
+    jobs.add_argument("--limit", type=int, default=50)
+    _output(jobs)
+
+    job = commands.add_parser("job", help="show one job")
+    job.add_argument("job_id", metavar="JOB")
+    _output(job)
+
+    images = commands.add_parser("images", help="download a job's images")
+    images.add_argument("job_id", metavar="JOB")
+    images.add_argument("--output-dir", default="outputs")
+    _output(images)
+
+    cancel = commands.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id", metavar="JOB")
+    _output(cancel)
+
+    _output(commands.add_parser("nodes", help="list GPU nodes and their devices"))
+    _output(commands.add_parser("models", help="list the models nodes have reported"))
+
+    scheduler = commands.add_parser("scheduler", help="run the scheduler")
+    scheduler.add_argument("--host", default="127.0.0.1", help="0.0.0.0 for other machines")
+    scheduler.add_argument("--port", type=int, default=50051)
+    scheduler.add_argument("--data-dir", help="default ~/.local/share/sdmesh/scheduler")
+    scheduler.add_argument(
+        "--db", metavar="URL", help="postgresql+psycopg://... (default SQLite in the data dir)"
+    )
+    scheduler.add_argument("--heartbeat", type=float, default=2.0, help="agent stats seconds")
+    scheduler.add_argument("--max-attempts", type=int, default=3)
+    scheduler.add_argument(
+        "--node-window",
+        type=parse_duration,
+        default="24h",
+        help="how long a node's models count as known after it leaves (default 24h)",
+    )
+
+    node = commands.add_parser("node", help="run a GPU node agent")
+    node.add_argument("--name", help="display name (default hostname-gpuN)")
+    node.add_argument("--data-dir", help="default ~/.local/share/sdmesh/node")
+    node.add_argument("--models-dir", help="folder of diffusers model folders")
+
+    up = commands.add_parser("up", help="run a scheduler and one local agent")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051)
+    up.add_argument("--data-dir", help="default ~/.local/share/sdmesh/up")
+    up.add_argument("--models-dir")
+    return parser
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "scheduler":
+            from client.cli.servers import run_scheduler
+
+            return run_scheduler(args)
+        if args.command == "node":
+            from client._config import resolve_address
+            from client.cli.servers import run_node
+
+            return run_node(args, resolve_address(args.scheduler))
+        if args.command == "up":
+            from client.cli.servers import run_up
+
+            return run_up(args)
+        from client._sync import Client
+        from client.cli.commands import COMMANDS
+
+        with Client(args.scheduler, user=args.user) as client:
+            code: int = COMMANDS[args.command](args, client)
+            return code
+    except SdmeshError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def main() -> None:
+    sys.exit(run())

@@ -1,0 +1,274 @@
+"""How sdctl prints things: plain kubectl-style tables for people, and JSON
+objects for scripts. The README documents every JSON shape made here."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from client._models import (
+    Event,
+    ImageEvent,
+    ImageInfo,
+    Job,
+    Model,
+    Node,
+    PreviewEvent,
+    ProgressEvent,
+    StateEvent,
+)
+
+GIB = 2**30
+
+
+def print_json(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+
+
+def print_json_line(value: Any) -> None:
+    sys.stdout.write(json.dumps(value, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def age(since: datetime, now: datetime | None = None) -> str:
+    seconds = max(0, int(((now or datetime.now(UTC)) - since).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def gib(count: int | None) -> str:
+    return "-" if count is None else f"{count / GIB:.1f}"
+
+
+def image_json(image: ImageInfo) -> dict[str, Any]:
+    return {
+        "index": image.index,
+        "seed": image.seed,
+        "sha256": image.sha256,
+        "size_bytes": image.size_bytes,
+        "width": image.width,
+        "height": image.height,
+    }
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    spec = job.spec
+    return {
+        "job_id": job.id,
+        "state": job.state,
+        "owner": job.owner,
+        "node": job.node_name or None,
+        "node_id": job.node_id or None,
+        "gpu": job.gpu_index if job.gpu_index >= 0 else None,
+        "attempt": job.attempt,
+        "failures": job.failures,
+        "max_attempts": job.max_attempts,
+        "reason": job.reason,
+        "memory_mode": job.memory_mode,
+        "progress": (
+            {"step": job.progress.step, "total_steps": job.progress.total_steps}
+            if job.progress
+            else None
+        ),
+        "images": [image_json(image) for image in job.images],
+        "created_at": _iso(job.created_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+        "spec": {
+            "prompt": spec.prompt,
+            "negative_prompt": spec.negative_prompt,
+            "model": spec.model,
+            "width": spec.width,
+            "height": spec.height,
+            "steps": spec.steps,
+            "cfg_scale": spec.cfg_scale,
+            "seed": spec.seed,
+            "seeds": spec.seeds,
+            "sampler_name": spec.sampler_name,
+            "batch_size": spec.batch_size,
+            "priority": spec.priority,
+            "memory_mode": spec.memory_mode,
+            "labels": spec.labels,
+        },
+    }
+
+
+def event_json(event: Event) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "job_id": event.job_id,
+        "seq": event.seq,
+        "attempt": event.attempt,
+        "time": _iso(event.time),
+    }
+    if isinstance(event, StateEvent):
+        base.update(
+            type="state",
+            state=event.state,
+            reason=event.reason,
+            node=event.node_name or None,
+            gpu=event.gpu_index if event.gpu_index >= 0 else None,
+        )
+    elif isinstance(event, ImageEvent):
+        base.update(type="image", image=image_json(event.image))
+    elif isinstance(event, ProgressEvent):
+        base.update(type="progress", step=event.step, total_steps=event.total_steps)
+    elif isinstance(event, PreviewEvent):
+        base.update(
+            type="preview",
+            step=event.step,
+            total_steps=event.total_steps,
+            width=event.width,
+            height=event.height,
+            png_bytes=len(event.png),
+        )
+    return base
+
+
+def node_json(node: Node) -> dict[str, Any]:
+    return {
+        "id": node.id,
+        "name": node.name,
+        "hostname": node.hostname,
+        "connected": node.connected,
+        "agent_version": node.agent_version,
+        "labels": node.labels,
+        "models": node.models,
+        "last_seen": _iso(node.last_seen),
+        "devices": [
+            {
+                "index": d.index,
+                "name": d.name,
+                "uuid": d.uuid,
+                "kind": d.kind,
+                "total_bytes": d.total_bytes,
+                "free_bytes": d.free_bytes,
+                "used_bytes": d.used_bytes,
+                "utilization_percent": d.utilization_percent,
+                "active_jobs": d.active_jobs,
+            }
+            for d in node.devices
+        ],
+    }
+
+
+def model_json(model: Model) -> dict[str, Any]:
+    return {
+        "name": model.name,
+        "weight_bytes": model.weight_bytes,
+        "dtype": model.dtype,
+        "nodes": model.node_ids,
+        "last_seen": _iso(model.last_seen),
+    }
+
+
+def print_table(headers: list[str], rows: list[list[str]]) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
+    for header in headers:
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        table.add_row(*row)
+    console = Console()
+    if not console.is_terminal:  # piped: never fold cells to 80 columns
+        console = Console(width=10_000)
+    console.print(table)
+
+
+def jobs_table(jobs: list[Job]) -> None:
+    rows = [
+        [
+            job.id,
+            job.state,
+            job.owner,
+            job.spec.model,
+            f"{job.spec.width}x{job.spec.height}",
+            str(job.spec.steps),
+            job.node_name or "-",
+            age(job.created_at),
+            (job.reason[:60] + "…") if len(job.reason) > 60 else job.reason,
+        ]
+        for job in jobs
+    ]
+    print_table(["ID", "STATE", "OWNER", "MODEL", "SIZE", "STEPS", "NODE", "AGE", "REASON"], rows)
+
+
+def job_detail(job: Job) -> None:
+    spec = job.spec
+    from rich.console import Console
+
+    lines = [
+        ("Job", job.id),
+        ("State", job.state + (f" ({job.reason})" if job.reason else "")),
+        ("Owner", job.owner),
+        ("Prompt", spec.prompt),
+        ("Negative prompt", spec.negative_prompt or "-"),
+        ("Model", spec.model),
+        ("Size", f"{spec.width}x{spec.height}, batch {spec.batch_size}"),
+        ("Sampler", f"{spec.sampler_name}, {spec.steps} steps, CFG {spec.cfg_scale:g}"),
+        ("Seed", str(spec.seed) + (f" (images: {spec.seeds})" if spec.batch_size > 1 else "")),
+        ("Priority", str(spec.priority)),
+        (
+            "Node",
+            f"{job.node_name} (id {job.node_id}, gpu {job.gpu_index}, {job.memory_mode})"
+            if job.node_id
+            else "-",
+        ),
+        ("Attempts", f"{job.attempt} (failures {job.failures} of {job.max_attempts})"),
+        (
+            "Progress",
+            f"step {job.progress.step}/{job.progress.total_steps}" if job.progress else "-",
+        ),
+        ("Created", _iso(job.created_at) or "-"),
+        ("Started", _iso(job.started_at) or "-"),
+        ("Finished", _iso(job.finished_at) or "-"),
+        (
+            "Images",
+            ", ".join(f"#{i.index} seed {i.seed} {i.sha256[:12]}" for i in job.images) or "-",
+        ),
+    ]
+    console = Console(soft_wrap=True, highlight=False)
+    for label, value in lines:
+        console.print(f"[bold]{label + ':':<17}[/bold]{value}", markup=True)
+
+
+def nodes_table(nodes: list[Node]) -> None:
+    rows = []
+    for node in nodes:
+        status = "Ready" if node.connected else f"Gone ({age(node.last_seen)})"
+        for device in node.devices or []:
+            rows.append(
+                [
+                    node.name,
+                    node.id,
+                    status,
+                    f"{device.index}: {device.name}",
+                    f"{gib(device.free_bytes)}/{gib(device.total_bytes)}",
+                    "-"
+                    if device.utilization_percent is None
+                    else f"{device.utilization_percent:.0f}%",
+                    str(device.active_jobs),
+                    ",".join(node.models),
+                ]
+            )
+    print_table(
+        ["NAME", "ID", "STATUS", "DEVICE", "FREE/TOTAL GiB", "UTIL", "JOBS", "MODELS"], rows
+    )
+
+
+def models_table(models: list[Model]) -> None:
+    rows = [
+        [m.name, f"{m.weight_bytes / GIB:.2f} GiB", m.dtype, ",".join(m.node_ids) or "-"]
+        for m in models
+    ]
+    print_table(["NAME", "WEIGHTS", "DTYPE", "CONNECTED NODES"], rows)

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATABASES
+from tests.databases import database
+from tests.processes import LocalCluster
+
+
+@pytest.fixture(params=DATABASES)
+def cluster(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalCluster]:
+    """A scheduler on SQLite or PostgreSQL, with no agents yet."""
+    with database(request.param, tmp_path) as url:
+        local = LocalCluster(tmp_path, db_url=url)
+        local.start_scheduler()
+        try:
+            yield local
+        finally:
+            local.stop()
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:
+            print(local.logs())
