@@ -48,6 +48,7 @@ def _slug(text: str) -> str:
 def load_identity(data_dir: Path, name: str | None, devices: list[DeviceInfo]) -> Identity:
     """Reads the node id from the data dir, making one on first start. A
     --name given now replaces the remembered name."""
+    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "node.json"
     stored: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
     chosen = name or stored.get("name") or default_name(devices)

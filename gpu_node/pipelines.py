@@ -48,6 +48,8 @@ class PipelineCache:
         self.model_name: str | None = None
         self.pipeline: Any = None
         self._scheduler_config: Any = None
+        self._own_scheduler: Any = None
+        self._classic = True  # a noise-prediction model that A1111 samplers fit
 
     def unload(self) -> None:
         self.pipeline = None
@@ -70,6 +72,11 @@ class PipelineCache:
             started = time.monotonic()
             self.pipeline = self._load(model.path, _load_dtype(self.device, model.dtype))
             self._scheduler_config = self.pipeline.scheduler.config
+            self._own_scheduler = type(self.pipeline.scheduler)
+            # Every A1111 sampler is a classic noise-prediction scheduler;
+            # models trained for flow matching (FLUX-class, SD3) keep theirs.
+            compatible = {cls.__name__ for cls in self.pipeline.scheduler.compatibles}
+            self._classic = "EulerDiscreteScheduler" in compatible | {self._own_scheduler.__name__}
             self.model_name = model_name
             load_seconds = time.monotonic() - started
             log.info("loaded %s on %s in %.2fs", model_name, self.device, load_seconds)
@@ -92,18 +99,15 @@ class PipelineCache:
         sampler = find_sampler(sampler_name)
         if sampler is None:
             raise ValueError(f"unknown sampler {sampler_name!r}")
-        scheduler_class = getattr(diffusers, sampler.scheduler_class)
-        compatible = {cls.__name__ for cls in self.pipeline.scheduler.compatibles}
-        compatible.add(type(self.pipeline.scheduler).__name__)
-        if scheduler_class.__name__ not in compatible:
-            # FLUX-class models need their own flow-matching scheduler.
-            log.warning(
-                "sampler %s does not fit %s; keeping %s",
-                sampler_name,
+        if self._classic:
+            scheduler_class = getattr(diffusers, sampler.scheduler_class)
+            options = sampler.options
+        else:
+            log.info(
+                "%s uses %s; sampler %s does not apply",
                 self.model_name,
-                type(self.pipeline.scheduler).__name__,
+                self._own_scheduler.__name__,
+                sampler_name,
             )
-            return
-        self.pipeline.scheduler = scheduler_class.from_config(
-            self._scheduler_config, **sampler.options
-        )
+            scheduler_class, options = self._own_scheduler, {}
+        self.pipeline.scheduler = scheduler_class.from_config(self._scheduler_config, **options)

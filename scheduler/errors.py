@@ -31,3 +31,9 @@ class AlreadyExists(SchedulerError):
 
 class FailedPrecondition(SchedulerError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(SchedulerError):
+    """The scheduler is shutting down; the client should retry."""
+
+    code = grpc.StatusCode.UNAVAILABLE

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from scheduler.domain import JobEvent, Preview, Progress
+from scheduler.errors import Unavailable
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Subscription:
         self.job_id = job_id
         self._queue: deque[JobEvent] = deque()
         self._ready = asyncio.Event()
+        self._closed = False
 
     def push(self, event: JobEvent) -> None:
         if not event.durable:
@@ -46,9 +48,15 @@ class Subscription:
 
     async def get(self) -> JobEvent:
         while not self._queue:
+            if self._closed:
+                raise Unavailable("the scheduler is shutting down; watch again to resume")
             self._ready.clear()
             await self._ready.wait()
         return self._queue.popleft()
+
+    def shut(self) -> None:
+        self._closed = True
+        self._ready.set()
 
     def close(self) -> None:
         self._hub._unsubscribe(self)
@@ -105,6 +113,12 @@ class EventHub:
 
     def latest_preview(self, job_id: str) -> JobEvent | None:
         return self._latest(job_id).preview
+
+    def close(self) -> None:
+        """Ends every watch stream: the scheduler is stopping."""
+        for subscriptions in self._subscriptions.values():
+            for subscription in subscriptions:
+                subscription.shut()
 
     def watcher_count(self, job_id: str) -> int:
         return len(self._subscriptions.get(job_id, ()))

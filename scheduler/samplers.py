@@ -48,7 +48,8 @@ SAMPLERS: tuple[Sampler, ...] = (
     ),
     Sampler("DPM++ 2S a Karras", "DPMSolverSinglestepScheduler", _KARRAS),
     Sampler("DDIM", "DDIMScheduler", aliases=("ddim",)),
-    Sampler("PLMS", "PNDMScheduler", aliases=("plms",)),
+    # As in SD1.5's own scheduler config: plain PLMS, no Runge-Kutta warm-up.
+    Sampler("PLMS", "PNDMScheduler", {"skip_prk_steps": True}, aliases=("plms",)),
     Sampler("UniPC", "UniPCMultistepScheduler", aliases=("unipc",)),
     Sampler("DEIS", "DEISMultistepScheduler", aliases=("deis",)),
     Sampler("LCM", "LCMScheduler", aliases=("lcm",)),

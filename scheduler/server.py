@@ -138,7 +138,12 @@ class SchedulerServer:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        # End the long streams ourselves, so that none is still open when the
+        # grace period runs out: agents reconnect, watchers resume.
         self.gateway.closing = True
+        for session in list(self.cluster.sessions.values()):
+            session.close()
+        self.hub.close()
         await self.server.stop(grace)
         await self.gateway.drain_background()
         self.db.close()

@@ -110,7 +110,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 progress = latest.body
         message = job_to_proto(job, progress)
         if job.state is JobState.QUEUED and job.id in self.dispatcher.waiting:
-            message.reason = f"waiting: {self.dispatcher.waiting[job.id]}"
+            # Keep why it came back to the queue, if it did, and say why it waits.
+            waiting = f"waiting: {self.dispatcher.waiting[job.id]}"
+            message.reason = f"{job.reason}; {waiting}" if job.reason else waiting
         return message
 
     async def SubmitJob(
@@ -206,11 +208,17 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
                 for event in await self.db.run(self.db.store.events_after, job.id, last):
                     yield event_to_proto(event)
                 return
-            for live in (self.hub.latest_progress(job.id), self.hub.latest_preview(job.id)):
-                if live is not None:
-                    yield event_to_proto(live)
+            sent_live = [
+                live
+                for live in (self.hub.latest_progress(job.id), self.hub.latest_preview(job.id))
+                if live is not None
+            ]
+            for live in sent_live:
+                yield event_to_proto(live)
             while True:
                 event = await subscription.get()
+                if any(event is sent for sent in sent_live):
+                    continue  # already sent as the latest one
                 if event.durable:
                     if event.seq <= last:
                         continue  # already replayed from the store

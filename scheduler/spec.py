@@ -107,9 +107,17 @@ class JobSpec:
         return cls(**{**data, "memory_mode": MemoryMode(data["memory_mode"])})
 
 
-def _check_range(name: str, value: int | float, low: int | float, high: int | float) -> None:
+def _number(value: int | float) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _check_range(
+    name: str, value: int | float, low: int | float, high: int | float, *, also: str = ""
+) -> None:
     if not low <= value <= high:
-        raise InvalidArgument(name, f"must be between {low:g} and {high:g}, got {value:g}")
+        raise InvalidArgument(
+            name, f"must be {also}between {_number(low)} and {_number(high)}, got {_number(value)}"
+        )
 
 
 def _check_size(name: str, value: int) -> None:
@@ -185,7 +193,7 @@ def resolve(
 
     seed = RANDOM_SEED if request.seed is None else request.seed
     if seed != RANDOM_SEED:
-        _check_range("seed", seed, 0, MAX_SEED)
+        _check_range("seed", seed, 0, MAX_SEED, also="-1 (random) or ")
     else:
         seed = random_seed()
 

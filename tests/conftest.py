@@ -23,3 +23,13 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, f"rep_{report.when}", report)
     return report
+
+
+@pytest.fixture(scope="session")
+def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An agent data dir with the tiny model built once for the session."""
+    from gpu_node.tiny import ensure_tiny
+
+    data_dir = tmp_path_factory.mktemp("agent")
+    ensure_tiny(data_dir / "models")
+    return data_dir

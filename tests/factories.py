@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from scheduler.domain import DeviceInfo, ModelInfo, NodeInfo
+from scheduler.placement import Demand, GpuView
 from scheduler.spec import JobSpec, MemoryMode
 
 
@@ -43,3 +44,26 @@ def make_node(
     }
     values.update(overrides)
     return NodeInfo(**values)
+
+
+GIB = 2**30
+
+
+def make_gpu(
+    node_id: str = "n1", index: int = 0, *, free_gib: float = 24, total_gib: float = 24,
+    active: int = 0, models: tuple[str, ...] = ("tiny",), **overrides: Any,
+) -> GpuView:  # fmt: skip
+    return GpuView(
+        node_id=node_id,
+        node_name=f"host-{node_id}",
+        index=index,
+        total_bytes=int(total_gib * GIB),
+        free_bytes=int(free_gib * GIB),
+        active_jobs=active,
+        models=frozenset(models),
+        **overrides,
+    )
+
+
+def make_demand(job_id: str = "j1", *, vram_gib: float = 1.0, model: str = "tiny") -> Demand:
+    return Demand(job_id, model, int(vram_gib * GIB))

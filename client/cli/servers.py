@@ -73,8 +73,6 @@ def run_scheduler(args: argparse.Namespace) -> int:
 
 def run_node(args: argparse.Namespace, scheduler: str) -> int:
     configure_logging(args.verbose)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import asyncio
 
     from gpu_node.agent import AgentConfig, run_agent

@@ -2,6 +2,6 @@
 
 from scheduler.store.database import Database
 from scheduler.store.nodes import NodeRegistry
-from scheduler.store.store import Store, migrate
+from scheduler.store.store import Store, downgrade, migrate
 
-__all__ = ["Database", "NodeRegistry", "Store", "migrate"]
+__all__ = ["Database", "NodeRegistry", "Store", "downgrade", "migrate"]

@@ -41,13 +41,21 @@ from scheduler.store.schema import attempts, images, job_events, jobs
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
-def migrate(engine: sa.Engine, revision: str = "head") -> None:
-    """Brings the schema to `revision` with Alembic; there is no create_all."""
+def _alembic(engine: sa.Engine, action: Callable[[Config, str], None], revision: str) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
-        command.upgrade(config, revision)
+        action(config, revision)
+
+
+def migrate(engine: sa.Engine, revision: str = "head") -> None:
+    """Brings the schema up to `revision` with Alembic; there is no create_all."""
+    _alembic(engine, command.upgrade, revision)
+
+
+def downgrade(engine: sa.Engine, revision: str) -> None:
+    _alembic(engine, command.downgrade, revision)
 
 
 def _event_row(job_id: str, seq: int, attempt: int, now: float, body: EventBody) -> dict[str, Any]:

@@ -1,0 +1,54 @@
+"""The scheduler's picture of connected agents, as placement sees it."""
+
+from __future__ import annotations
+
+from scheduler.cluster import ActiveAttempt, Cluster
+from scheduler.domain import DeviceStats
+from tests.factories import GIB, make_node
+
+
+def attempt(
+    job_id: str, *, gib: float, assigned_at: float, started_at: float | None
+) -> ActiveAttempt:
+    return ActiveAttempt(job_id, 1, 0, int(gib * GIB), assigned_at, 1, started_at=started_at)
+
+
+def test_free_memory_is_the_report_less_what_it_cannot_show_yet() -> None:
+    cluster = Cluster()
+    session = cluster.connect(make_node("n1"), now=0.0)
+    # Before any report, the whole card counts as free.
+    assert cluster.gpu_views()[0].free_bytes == 24 * GIB
+    cluster.report_stats("n1", [DeviceStats(0, 24 * GIB, 20 * GIB, 4 * GIB, 50.0)], now=10.0)
+    session.attempts["running"] = attempt("running", gib=3, assigned_at=1.0, started_at=2.0)
+    session.attempts["waiting"] = attempt("waiting", gib=2, assigned_at=3.0, started_at=None)
+    session.attempts["fresh"] = attempt("fresh", gib=1, assigned_at=11.0, started_at=12.0)
+    [view] = cluster.gpu_views()
+    # 20 reported free - 2 (not started) - 1 (started after the report) = 17;
+    # the running job is already inside the report's numbers.
+    assert view.free_bytes == 17 * GIB
+    assert view.active_jobs == 3
+    assert view.models == {"tiny"}
+
+
+def test_connect_refuses_a_second_session_with_the_same_id() -> None:
+    cluster = Cluster()
+    first = cluster.connect(make_node("n1"), now=0.0)
+    try:
+        cluster.connect(make_node("n1"), now=1.0)
+    except KeyError:
+        pass
+    else:
+        raise AssertionError("a second session with the same node id was accepted")
+    first.attempts["j"] = attempt("j", gib=1, assigned_at=0, started_at=None)
+    assert [a.job_id for a in cluster.disconnect(first)] == ["j"]
+    assert cluster.sessions == {}
+    assert first.outbox.get_nowait() is None  # its stream is told to end
+
+
+def test_holder_finds_the_current_attempt_only() -> None:
+    cluster = Cluster()
+    session = cluster.connect(make_node("n1"), now=0.0)
+    session.attempts["j"] = attempt("j", gib=1, assigned_at=0, started_at=None)
+    assert cluster.holder("j", 1) is session
+    assert cluster.holder("j", 2) is None
+    assert cluster.models() == {"tiny": 2 * GIB}

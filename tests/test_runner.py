@@ -1,0 +1,172 @@
+"""The device worker running the real tiny pipeline on the CPU: steps,
+previews, images with infotext, stops, failures."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from gpu_node.catalog import Catalog
+from gpu_node.pipelines import PipelineCache
+from gpu_node.runner import DeviceWorker, Ended, ImageReady, Started, StepDone, Task, WorkerEvent
+from scheduler.domain import AttemptOutcome, DeviceInfo, Preview
+from scheduler.samplers import SAMPLERS
+from scheduler.spec import MemoryMode
+from tests.factories import make_spec
+
+CPU = DeviceInfo(0, "CPU", "cpu-0", "cpu", 1)
+
+
+@pytest.fixture
+def catalog(tiny_data_dir: Path) -> Catalog:
+    catalog = Catalog(tiny_data_dir, None)
+    catalog.scan()
+    return catalog
+
+
+def run(
+    catalog: Catalog,
+    tasks: list[Task],
+    on_event: Callable[[WorkerEvent], None] = lambda _: None,
+) -> list[WorkerEvent]:
+    """Runs the tasks on a fresh worker and returns every event in order."""
+    events: queue.Queue[WorkerEvent] = queue.Queue()
+
+    def emit(event: WorkerEvent) -> None:
+        on_event(event)
+        events.put(event)
+
+    worker = DeviceWorker(CPU, "cpu", catalog, emit)
+    for task in tasks:
+        worker.submit(task)
+    got: list[WorkerEvent] = []
+    ended = 0
+    while ended < len(tasks):
+        event = events.get(timeout=120)
+        got.append(event)
+        ended += isinstance(event.body, Ended)
+    worker.close(timeout=60)
+    return got
+
+
+def task(job_id: str = "j1", **spec: Any) -> Task:
+    return Task(job_id, 1, make_spec(**spec), MemoryMode.AUTO)
+
+
+def bodies(events: list[WorkerEvent], kind: type) -> list[Any]:
+    return [e.body for e in events if isinstance(e.body, kind)]
+
+
+def test_a_job_reports_steps_previews_and_images(catalog: Catalog) -> None:
+    events = run(catalog, [task(steps=6, batch_size=2, seed=1000, prompt="a lighthouse")])
+    assert isinstance(events[0].body, Started)
+    steps = [b.step for b in bodies(events, StepDone)]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    previews = [b.step for b in bodies(events, Preview)]
+    assert previews[0] == 1
+    assert previews[-1] == 6
+    images = bodies(events, ImageReady)
+    assert [(i.index, i.seed) for i in images] == [(0, 1000), (1, 1001)]
+    for image in images:
+        picture = Image.open(BytesIO(image.png))
+        assert picture.size == (64, 64)
+        assert f"Seed: {image.seed}," in picture.info["parameters"]
+    [ended] = bodies(events, Ended)
+    assert ended.outcome is AttemptOutcome.SUCCEEDED
+    assert ended.profile.mean_step_seconds > 0
+    assert isinstance(events[-1].body, Ended)
+    # The last preview is out before the images.
+    order = [type(e.body).__name__ for e in events]
+    assert order.index("ImageReady") > max(i for i, name in enumerate(order) if name == "Preview")
+
+
+def test_the_same_seed_gives_the_same_picture(catalog: Catalog) -> None:
+    first = bodies(run(catalog, [task(seed=77, steps=3)]), ImageReady)
+    # Image 1 of a batch uses seed + 1, so it matches a single job with that seed.
+    batch = bodies(run(catalog, [task(seed=76, steps=3, batch_size=2)]), ImageReady)
+    assert first[0].png == bodies(run(catalog, [task(seed=77, steps=3)]), ImageReady)[0].png
+    assert (
+        Image.open(BytesIO(batch[1].png)).tobytes() == Image.open(BytesIO(first[0].png)).tobytes()
+    )
+
+
+def test_a_stop_between_steps_ends_the_attempt_without_images(catalog: Catalog) -> None:
+    running = task(steps=30, width=128, height=128)
+
+    def stop_at_first_step(event: WorkerEvent) -> None:
+        if isinstance(event.body, StepDone):
+            running.stop(AttemptOutcome.STOPPED, "cancelled by alice")
+
+    events = run(catalog, [running], stop_at_first_step)
+    [ended] = bodies(events, Ended)
+    assert (ended.outcome, ended.reason) == (AttemptOutcome.STOPPED, "cancelled by alice")
+    assert bodies(events, ImageReady) == []
+    assert max(b.step for b in bodies(events, StepDone)) < 30
+
+
+def test_a_task_stopped_while_waiting_never_starts(catalog: Catalog) -> None:
+    waiting = task("j2")
+    waiting.stop(AttemptOutcome.RELEASED, "agent shutting down")
+    events = run(catalog, [waiting])
+    assert [type(e.body) for e in events] == [Ended]
+    assert events[0].body.outcome is AttemptOutcome.RELEASED
+
+
+def test_an_unknown_model_fails_the_attempt(catalog: Catalog) -> None:
+    [ended] = bodies(run(catalog, [task(model="sdxl")]), Ended)
+    assert ended.outcome is AttemptOutcome.FAILED
+    assert ended.error_kind == "model"
+    assert "not on this node" in ended.reason
+
+
+def test_out_of_memory_fails_the_attempt_and_the_worker_goes_on(
+    catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpu_node import pipelines
+
+    real_get = pipelines.PipelineCache.get
+    calls = []
+
+    def get(self: pipelines.PipelineCache, model: str, sampler: str) -> tuple[Any, float]:
+        pipeline, seconds = real_get(self, model, sampler)
+        calls.append(model)
+        if len(calls) == 1:
+
+            def out_of_memory(**_: Any) -> Any:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+            return out_of_memory, seconds
+        return pipeline, seconds
+
+    monkeypatch.setattr(pipelines.PipelineCache, "get", get)
+    events = run(catalog, [task("oom"), task("next")])
+    first, second = bodies(events, Ended)
+    assert (first.outcome, first.error_kind) == (AttemptOutcome.FAILED, "oom")
+    assert second.outcome is AttemptOutcome.SUCCEEDED
+
+
+@pytest.mark.parametrize("sampler", [s.name for s in SAMPLERS])
+def test_every_sampler_runs(catalog: Catalog, sampler: str) -> None:
+    events = run(catalog, [task(sampler_name=sampler, steps=3)])
+    [ended] = bodies(events, Ended)
+    assert ended.outcome is AttemptOutcome.SUCCEEDED, ended.reason
+
+
+def test_the_sampler_picks_the_diffusers_scheduler_and_options(catalog: Catalog) -> None:
+    cache = PipelineCache("cpu", catalog)
+    for sampler in SAMPLERS:
+        pipeline, _ = cache.get("tiny", sampler.name)
+        assert type(pipeline.scheduler).__name__ == sampler.scheduler_class
+        for option, value in sampler.options.items():
+            assert pipeline.scheduler.config[option] == value, (sampler.name, option)
+    # Options do not leak into the next job's sampler.
+    pipeline, load_seconds = cache.get("tiny", "DPM++ 2M")
+    assert not pipeline.scheduler.config.get("use_karras_sigmas")
+    assert load_seconds == 0.0  # still resident

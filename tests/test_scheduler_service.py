@@ -1,0 +1,335 @@
+"""The scheduler over real gRPC, driven by the SDK on one side and a scripted
+agent on the other: assignment, uploads, fencing of stale attempts, cancel,
+retries, watch replay, identity and input checks."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc import aio
+
+from client import (
+    AsyncClient,
+    Event,
+    ImageEvent,
+    InvalidArgumentError,
+    Job,
+    NotFoundError,
+    PreviewEvent,
+    StateEvent,
+)
+from protos import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
+from tests.scripted import ScriptedAgent, hello, running_scheduler
+
+SUCCEEDED = agent_pb2.ATTEMPT_OUTCOME_SUCCEEDED
+FAILED = agent_pb2.ATTEMPT_OUTCOME_FAILED
+PNG = b"\x89PNG fake image bytes" * 20
+
+
+def run(
+    scenario: Callable[[int, AsyncClient], Coroutine[Any, Any, None]],
+    tmp_path: Path,
+    db_url: str = "",
+) -> None:
+    async def main() -> None:
+        async with (
+            running_scheduler(tmp_path / "scheduler", db_url, heartbeat_seconds=0.5) as server,
+            AsyncClient(f"127.0.0.1:{server.port}", user="alice", timeout=5) as client,
+        ):
+            await scenario(server.port, client)
+
+    asyncio.run(main())
+
+
+async def until(check: Callable[[], Awaitable[Job]], done: Callable[[Job], bool], what: str) -> Job:
+    for _ in range(200):
+        job = await check()
+        if done(job):
+            return job
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last: {job}")
+
+
+async def events_of(client: AsyncClient, job_id: str, after_seq: int = 0) -> list[Event]:
+    return [event async for event in client.watch(job_id, after_seq)]
+
+
+def test_a_job_goes_through_an_agent_and_its_image_comes_back(tmp_path: Path, db_url: str) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        agent = ScriptedAgent(port, "n1")
+        welcome = await agent.connect()
+        assert welcome.welcome.heartbeat_seconds == 0.5
+        handle = await client.submit("a lighthouse", width=64, height=64, steps=4, batch_size=2)
+        watching = asyncio.create_task(events_of(client, handle.id))
+        job = await agent.assignment()
+        assert (job.job_id, job.attempt, job.spec.seed) == (
+            handle.id,
+            1,
+            handle.last_known.spec.seed,
+        )  # type: ignore[union-attr]
+        agent.succeed(job, [PNG, PNG[::-1]])
+        events = await asyncio.wait_for(watching, 10)
+        final = await handle.refresh()
+        assert final.state == "SUCCEEDED"
+        assert final.owner == "alice"
+        assert [e.state for e in events if isinstance(e, StateEvent)] == [
+            "QUEUED",
+            "ASSIGNED",
+            "RUNNING",
+            "SUCCEEDED",
+        ]
+        assert [e.image.index for e in events if isinstance(e, ImageEvent)] == [0, 1]
+        assert [e.step for e in events if isinstance(e, PreviewEvent)] == [1]
+        first, second = await handle.images()
+        assert (first.data, second.data) == (PNG, PNG[::-1])
+        assert second.info.seed == final.spec.seed + 1
+        await agent.close()
+
+    run(scenario, tmp_path, db_url)
+
+
+def test_watch_resumes_after_a_sequence_number_and_late_watchers_get_the_preview(
+    tmp_path: Path,
+) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        agent = ScriptedAgent(port, "n1")
+        await agent.connect()
+        handle = await client.submit("p", width=64, height=64, steps=4)
+        agent.succeed(await agent.assignment(), [PNG])
+        await until(handle.refresh, lambda j: j.done, "the job to end")
+        everything = await events_of(client, handle.id)
+        # A late watcher still sees the last picture, just before the end.
+        assert isinstance(everything[-2], PreviewEvent)
+        assert [e.seq for e in everything if e.seq] == [1, 2, 3, 4, 5]
+        resumed = await events_of(client, handle.id, after_seq=3)
+        assert [e.seq for e in resumed if e.seq] == [4, 5]
+        assert isinstance(resumed[-1], StateEvent)
+        assert resumed[-1].state == "SUCCEEDED"
+        assert await events_of(client, handle.id, after_seq=5) == []
+        await agent.close()
+
+    run(scenario, tmp_path)
+
+
+def test_a_stale_attempt_is_stopped_and_changes_nothing(tmp_path: Path, db_url: str) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        first = ScriptedAgent(port, "n1")
+        await first.connect()
+        handle = await client.submit("p", width=64, height=64, steps=4)
+        old = await first.assignment()
+        first.started(old)
+        await until(handle.refresh, lambda j: j.state == "RUNNING", "RUNNING")
+        await first.close()  # the node is lost: the job goes back with a failure
+        requeued = await until(handle.refresh, lambda j: j.state == "QUEUED", "re-queue")
+        assert (requeued.failures, requeued.attempt) == (1, 1)
+        assert "disconnected" in requeued.reason
+
+        second = ScriptedAgent(port, "n2")
+        await second.connect()
+        new = await second.assignment()
+        assert new.attempt == 2
+
+        # The first agent comes back and reports on its old attempt.
+        returning = ScriptedAgent(port, "n1")
+        await returning.connect()
+        returning.step(old, 2)
+        stop = await returning.receive()
+        assert (stop.stop.job_id, stop.stop.attempt) == (old.job_id, 1)
+        assert "stale" in stop.stop.reason
+        returning.upload(old, 0, b"stale image")
+        returning.ended(old, SUCCEEDED)
+
+        second.succeed(new, [PNG])
+        final = await until(handle.refresh, lambda j: j.done, "the end")
+        assert (final.state, final.attempt, final.node_id) == ("SUCCEEDED", 2, "n2")
+        [image] = await handle.images()
+        assert image.data == PNG
+        terminal = [
+            e
+            for e in await events_of(client, handle.id)
+            if isinstance(e, StateEvent) and e.terminal
+        ]
+        assert len(terminal) == 1
+        for agent in (second, returning):
+            await agent.close()
+
+    run(scenario, tmp_path, db_url)
+
+
+def test_cancel_stops_the_agent_and_a_late_result_is_dropped(tmp_path: Path) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        agent = ScriptedAgent(port, "n1")
+        await agent.connect()
+        handle = await client.submit("p", width=64, height=64, steps=4)
+        job = await agent.assignment()
+        agent.started(job)
+        agent.step(job, 1)
+        await until(handle.refresh, lambda j: j.state == "RUNNING", "RUNNING")
+        cancelled = await handle.cancel()
+        assert cancelled.state == "CANCELLED"
+        assert cancelled.reason == "cancelled by alice"
+        stop = await agent.receive()
+        assert (stop.stop.job_id, stop.stop.attempt, stop.stop.reason) == (
+            job.job_id,
+            1,
+            "cancelled by alice",
+        )
+        agent.upload(job, 0, PNG)  # it finished just before the stop arrived
+        agent.ended(job, SUCCEEDED)
+        # The slot frees when the agent reports the end: the next job is sent.
+        nxt = await client.submit("next", width=64, height=64, steps=4)
+        assert (await agent.assignment()).job_id == nxt.id
+        final = await handle.refresh()
+        assert (final.state, final.images) == ("CANCELLED", [])
+        with pytest.raises(NotFoundError):
+            await client.download_image(handle.id, 0)
+        assert not list((tmp_path / "scheduler" / "images").rglob("*.png"))
+        again = await client.cancel(handle.id)  # cancelling an ended job changes nothing
+        assert again.state == "CANCELLED"
+        await agent.close()
+
+    run(scenario, tmp_path)
+
+
+def test_failures_retry_and_then_fail_the_job_with_each_reason(tmp_path: Path) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        agent = ScriptedAgent(port, "n1")
+        await agent.connect()
+        handle = await client.submit("p", width=64, height=64, steps=4)
+        job = await agent.assignment()
+        agent.upload(job, 0, PNG, sha256="0" * 64)  # a damaged upload
+        agent.ended(job, SUCCEEDED)
+        job = await agent.assignment()
+        assert job.attempt == 2
+        agent.ended(job, FAILED, "CUDA out of memory", "oom")
+        job = await agent.assignment()
+        agent.ended(job, FAILED, "RuntimeError: boom", "error")
+        final = await until(handle.refresh, lambda j: j.done, "the end")
+        assert (final.state, final.failures, final.attempt) == ("FAILED", 3, 3)
+        assert final.reason.startswith("failed 3 times; attempt 1: host-n1: image 0: sha256")
+        assert (
+            "attempt 2: host-n1: CUDA out of memory; attempt 3: host-n1: RuntimeError: boom"
+            in final.reason
+        )
+        await agent.close()
+
+    run(scenario, tmp_path)
+
+
+def test_agents_are_checked_at_hello(tmp_path: Path) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        first = ScriptedAgent(port, "n1")
+        await first.connect()
+        duplicate = ScriptedAgent(port, "n1")
+        with pytest.raises(aio.AioRpcError) as refused:
+            await duplicate.connect()
+        assert refused.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "node id n1 is already connected" in (refused.value.details() or "")
+        no_hello = ScriptedAgent(port, "n2")
+        with pytest.raises(aio.AioRpcError) as refused:
+            await no_hello.connect(agent_pb2.AgentMessage(stats=agent_pb2.Stats()))
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        bad_id = ScriptedAgent(port, "n3")
+        with pytest.raises(aio.AioRpcError) as refused:
+            await bad_id.connect(hello("bad id!"))
+        assert (refused.value.details() or "").startswith("hello.node_id:")
+        [node] = await client.list_nodes()
+        assert (node.id, node.connected, node.models) == ("n1", True, ["tiny"])
+        for agent in (first, duplicate, no_hello, bad_id):
+            await agent.close()
+
+    run(scenario, tmp_path)
+
+
+def test_models_are_known_from_nodes_and_remembered(tmp_path: Path) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        with pytest.raises(InvalidArgumentError, match="unknown model 'sdxl'"):
+            await client.submit("p", model="sdxl")
+        agent = ScriptedAgent(port, "n1", models=("tiny", "sdxl"))
+        await agent.connect()
+        await client.submit("p", model="sdxl")
+        await agent.close()
+        for _ in range(200):
+            if not any(node.connected for node in await client.list_nodes()):
+                break
+            await asyncio.sleep(0.05)
+        # Gone, but seen within the memory window: still a known model.
+        await client.submit("p", model="sdxl")
+        models = {m.name: m for m in await client.list_models()}
+        assert models["sdxl"].node_ids == []  # no connected node holds it now
+        assert models["sdxl"].weight_bytes == 2**30
+
+    run(scenario, tmp_path)
+
+
+def test_who_is_asking_comes_from_metadata(tmp_path: Path) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        async with aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = scheduler_pb2_grpc.SchedulerStub(channel)
+            request = scheduler_pb2.SubmitJobRequest(spec={"prompt": "p"})  # type: ignore[arg-type]
+            with pytest.raises(aio.AioRpcError) as refused:
+                await stub.SubmitJob(request, metadata=(("x-sdmesh-user", "no spaces allowed"),))
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (refused.value.details() or "").startswith("x-sdmesh-user:")
+            anonymous = await stub.SubmitJob(request)
+            assert anonymous.job.owner == "anonymous"
+        bob = AsyncClient(f"127.0.0.1:{port}", user="bob")
+        job = await bob.submit("p", request_id="retry-1")
+        again = await bob.submit("p", request_id="retry-1")
+        assert again.id == job.id
+        assert (await client.submit("p", request_id="retry-1")).id != job.id  # alice's own
+        assert [j.owner for j in await client.list_jobs(owner="bob")] == ["bob"]
+        await bob.close()
+
+    run(scenario, tmp_path)
+
+
+def test_a_waiting_job_says_why_and_listing_pages(tmp_path: Path) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        handles = [await client.submit(f"p{i}", width=64, height=64) for i in range(5)]
+        waiting = await until(handles[0].refresh, lambda j: j.reason != "", "a reason")
+        assert waiting.reason == "waiting: no GPUs connected"
+        listed = await client.list_jobs(limit=3)
+        assert [j.id for j in listed] == [h.id for h in reversed(handles)][:3]
+        everything = await client.list_jobs(limit=1000)
+        assert len(everything) == 5
+        with pytest.raises(InvalidArgumentError, match="state: must be one of"):
+            await client.list_jobs(states=["DONE"])
+        with pytest.raises(NotFoundError, match="job nope not found"):
+            await client.get_job("nope")
+
+    run(scenario, tmp_path)
+
+
+def test_a_restart_requeues_what_was_running_without_a_failure(tmp_path: Path) -> None:
+    async def first_life() -> str:
+        async with running_scheduler(tmp_path / "scheduler") as server:
+            agent = ScriptedAgent(server.port, "n1")
+            await agent.connect()
+            async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+                handle = await client.submit("p", width=64, height=64)
+                agent.started(await agent.assignment())
+                await until(handle.refresh, lambda j: j.state == "RUNNING", "RUNNING")
+        await agent.close()  # the scheduler stopped first, with the job running
+        return handle.id
+
+    async def second_life(port: int, client: AsyncClient) -> None:
+        job = await client.get_job(job_id)
+        assert (job.state, job.failures) == ("QUEUED", 0)
+        assert job.reason == "scheduler restarted"
+        agent = ScriptedAgent(port, "n1")
+        await agent.connect()
+        assigned = await agent.assignment()
+        assert assigned.attempt == 2
+        agent.succeed(assigned, [PNG])
+        final = await until(lambda: client.get_job(job_id), lambda j: j.done, "the end")
+        assert final.state == "SUCCEEDED"
+        await agent.close()
+
+    job_id = asyncio.run(first_life())
+    run(second_life, tmp_path)
