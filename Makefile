@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python deploy/demo.py
+	$(PY) examples/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -x -q
