@@ -10,20 +10,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from grpc import aio
 
 from protos import agent_pb2, agent_pb2_grpc
-from scheduler.cluster import ActiveAttempt, Cluster, NodeSession, StopCommand
+from scheduler.cluster import ActiveAttempt, NodeSession, StopCommand
 from scheduler.convert import (
     command_to_proto,
     device_stats_from_proto,
     hello_from_proto,
     profile_from_proto,
 )
-from scheduler.dispatcher import Dispatcher
 from scheduler.domain import (
     AttemptOutcome,
     AttemptProfile,
@@ -33,10 +32,8 @@ from scheduler.domain import (
     Progress,
 )
 from scheduler.errors import AlreadyExists, InvalidArgument
-from scheduler.events import EventHub
-from scheduler.images import ImageStore
-from scheduler.store import Database
-from scheduler.uploads import UploadError
+from scheduler.runtime import Runtime, UsesRuntime
+from scheduler.uploads import Chunk, UploadError
 
 log = logging.getLogger(__name__)
 
@@ -64,24 +61,9 @@ def check_hello(node: NodeInfo) -> None:
             raise InvalidArgument("hello.models", "model names must be 1-128 characters")
 
 
-class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
-    def __init__(
-        self,
-        db: Database,
-        cluster: Cluster,
-        hub: EventHub,
-        dispatcher: Dispatcher,
-        images: ImageStore,
-        *,
-        clock: Callable[[], float],
-        heartbeat_seconds: float,
-    ) -> None:
-        self.db = db
-        self.cluster = cluster
-        self.hub = hub
-        self.dispatcher = dispatcher
-        self.images = images
-        self.clock = clock
+class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
+    def __init__(self, runtime: Runtime, *, heartbeat_seconds: float) -> None:
+        super().__init__(runtime)
         self.heartbeat_seconds = heartbeat_seconds
         self._background: set[asyncio.Task[None]] = set()
         # Set while the scheduler shuts down: attempts stay as they are in
@@ -205,15 +187,17 @@ class AgentGateway(agent_pb2_grpc.AgentGatewayServicer):
     ) -> None:
         try:
             active.uploads.add(
-                chunk.index,
-                chunk.offset,
-                chunk.data,
-                seed=chunk.seed,
-                width=chunk.width,
-                height=chunk.height,
-                last=chunk.last,
-                sha256=chunk.sha256,
-                size_bytes=chunk.size_bytes,
+                Chunk(
+                    chunk.index,
+                    chunk.offset,
+                    chunk.data,
+                    chunk.seed,
+                    chunk.width,
+                    chunk.height,
+                    chunk.last,
+                    chunk.sha256,
+                    chunk.size_bytes,
+                )
             )
         except UploadError as exc:
             # The buffer remembers the error; the attempt fails when it ends.

@@ -4,6 +4,7 @@ dataclasses, for both the scheduler's services and the agent's connection."""
 from __future__ import annotations
 
 from dataclasses import fields
+from typing import Any, TypeVar
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -26,6 +27,8 @@ from scheduler.domain import (
 from scheduler.errors import InvalidArgument
 from scheduler.spec import JobSpec, MemoryMode, SpecRequest
 from scheduler.states import JobState
+
+E = TypeVar("E")
 
 _MEMORY_MODES = {
     MemoryMode.AUTO: common_pb2.MEMORY_MODE_AUTO,
@@ -52,16 +55,20 @@ def timestamp(seconds: float) -> Timestamp:
     return stamp
 
 
+def _from_proto(table: dict[int, E], value: int, field: str, kind: str, names: Any) -> E:
+    found = table.get(value)
+    if found is None:
+        allowed = ", ".join(names.Name(v) for v in table)
+        raise InvalidArgument(field, f"unknown {kind} {value}; allowed: {allowed}")
+    return found
+
+
 def memory_mode_to_proto(mode: MemoryMode) -> common_pb2.MemoryMode.ValueType:
     return _MEMORY_MODES[mode]
 
 
 def memory_mode_from_proto(value: int, field: str = "memory_mode") -> MemoryMode:
-    mode = _MEMORY_MODES_BACK.get(value)
-    if mode is None:
-        allowed = ", ".join(common_pb2.MemoryMode.Name(v) for v in _MEMORY_MODES.values())
-        raise InvalidArgument(field, f"unknown memory mode {value}; allowed: {allowed}")
-    return mode
+    return _from_proto(_MEMORY_MODES_BACK, value, field, "memory mode", common_pb2.MemoryMode)
 
 
 def job_state_to_proto(state: JobState) -> common_pb2.JobState.ValueType:
@@ -69,11 +76,7 @@ def job_state_to_proto(state: JobState) -> common_pb2.JobState.ValueType:
 
 
 def job_state_from_proto(value: int, field: str = "state") -> JobState:
-    state = _JOB_STATES_BACK.get(value)
-    if state is None:
-        allowed = ", ".join(common_pb2.JobState.Name(v) for v in _JOB_STATES.values())
-        raise InvalidArgument(field, f"unknown job state {value}; allowed: {allowed}")
-    return state
+    return _from_proto(_JOB_STATES_BACK, value, field, "job state", common_pb2.JobState)
 
 
 def spec_request_from_proto(spec: common_pb2.JobSpec) -> SpecRequest:

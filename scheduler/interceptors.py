@@ -70,19 +70,27 @@ def _wrap(handler: Handler, guard: Guard) -> Handler:
     )
 
 
-class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
-    """SchedulerError -> its status with its message; anything else ->
-    INTERNAL, logged with its traceback."""
+class _GuardInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Wraps every method's behaviour in the guard `guard_for` returns."""
+
+    def guard_for(self, details: grpc.HandlerCallDetails) -> Guard:
+        raise NotImplementedError
 
     async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
     ) -> Handler:
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
+        return _wrap(handler, self.guard_for(handler_call_details))
+
+
+class ErrorInterceptor(_GuardInterceptor):
+    """SchedulerError -> its status with its message; anything else ->
+    INTERNAL, logged with its traceback."""
+
+    def guard_for(self, details: grpc.HandlerCallDetails) -> Guard:
+        method = details.method
 
         @asynccontextmanager
         async def guard(context: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
@@ -99,19 +107,12 @@ class ErrorInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
                     grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
                 )
 
-        return _wrap(handler, guard)
+        return guard
 
 
-class PrincipalInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
-    async def intercept_service(
-        self,
-        continuation: Continuation,
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        metadata = tuple(handler_call_details.invocation_metadata or ())
+class PrincipalInterceptor(_GuardInterceptor):
+    def guard_for(self, details: grpc.HandlerCallDetails) -> Guard:
+        metadata = tuple(details.invocation_metadata or ())
 
         @asynccontextmanager
         async def guard(_: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
@@ -123,4 +124,4 @@ class PrincipalInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
                 with suppress(ValueError):
                     _current.reset(token)
 
-        return _wrap(handler, guard)
+        return guard

@@ -21,6 +21,7 @@ from scheduler.domain import AttemptOutcome
 from scheduler.events import EventHub
 from scheduler.images import ImageStore
 from scheduler.interceptors import ErrorInterceptor, PrincipalInterceptor
+from scheduler.runtime import Runtime
 from scheduler.service import SchedulerService
 from scheduler.store import Database, Store
 
@@ -65,23 +66,17 @@ class SchedulerServer:
         self.cluster = Cluster()
         self.hub = EventHub()
         self.dispatcher = Dispatcher(self.db, self.cluster, self.hub, self.clock)
-        images = ImageStore(config.data_dir / "images")
-        self.gateway = AgentGateway(
+        runtime = Runtime(
             self.db,
             self.cluster,
             self.hub,
             self.dispatcher,
-            images,
-            clock=self.clock,
-            heartbeat_seconds=config.heartbeat_seconds,
+            ImageStore(config.data_dir / "images"),
+            self.clock,
         )
+        self.gateway = AgentGateway(runtime, heartbeat_seconds=config.heartbeat_seconds)
         self.service = SchedulerService(
-            self.db,
-            self.cluster,
-            self.hub,
-            self.dispatcher,
-            images,
-            clock=self.clock,
+            runtime,
             node_window_seconds=config.node_window_seconds,
             max_attempts=config.max_attempts,
         )

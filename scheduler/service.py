@@ -12,13 +12,13 @@ import base64
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from grpc import aio
 
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from scheduler.cluster import Cluster, StopCommand
+from scheduler.cluster import StopCommand
 from scheduler.convert import (
     event_to_proto,
     image_to_proto,
@@ -28,15 +28,12 @@ from scheduler.convert import (
     node_to_proto,
     spec_request_from_proto,
 )
-from scheduler.dispatcher import Dispatcher
 from scheduler.domain import Job, Progress
 from scheduler.errors import InvalidArgument, NotFound
-from scheduler.events import EventHub
-from scheduler.images import ImageStore
 from scheduler.principal import current_principal
+from scheduler.runtime import Runtime, UsesRuntime
 from scheduler.spec import MAX_SEED, resolve
 from scheduler.states import JobState
-from scheduler.store import Database
 
 log = logging.getLogger(__name__)
 
@@ -68,25 +65,9 @@ def _decode_page_token(token: str) -> tuple[float, str]:
         raise InvalidArgument("page_token", "is not a token from an earlier ListJobs") from exc
 
 
-class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(
-        self,
-        db: Database,
-        cluster: Cluster,
-        hub: EventHub,
-        dispatcher: Dispatcher,
-        images: ImageStore,
-        *,
-        clock: Callable[[], float],
-        node_window_seconds: float,
-        max_attempts: int,
-    ) -> None:
-        self.db = db
-        self.cluster = cluster
-        self.hub = hub
-        self.dispatcher = dispatcher
-        self.images = images
-        self.clock = clock
+class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, runtime: Runtime, *, node_window_seconds: float, max_attempts: int) -> None:
+        super().__init__(runtime)
         self.node_window_seconds = node_window_seconds
         self.max_attempts = max_attempts
 

@@ -15,6 +15,21 @@ class UploadError(Exception):
     pass
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of one PNG; the last piece carries its digest and size."""
+
+    index: int
+    offset: int
+    data: bytes
+    seed: int
+    width: int
+    height: int
+    last: bool = False
+    sha256: str = ""
+    size_bytes: int = 0
+
+
 @dataclass
 class _Image:
     seed: int
@@ -31,57 +46,39 @@ class UploadBuffer:
         self._images: dict[int, _Image] = {}
         self.error: str | None = None  # the first problem; the upload is void after it
 
-    def add(
-        self,
-        index: int,
-        offset: int,
-        data: bytes,
-        *,
-        seed: int,
-        width: int,
-        height: int,
-        last: bool,
-        sha256: str,
-        size_bytes: int,
-    ) -> None:
+    def add(self, chunk: Chunk) -> None:
         if self.error is not None:
             raise UploadError(self.error)
         try:
-            self._add(index, offset, data, seed, width, height, last, sha256, size_bytes)
+            self._add(chunk)
         except UploadError as exc:
             self.error = str(exc)
             raise
 
-    def _add(
-        self,
-        index: int,
-        offset: int,
-        data: bytes,
-        seed: int,
-        width: int,
-        height: int,
-        last: bool,
-        sha256: str,
-        size_bytes: int,
-    ) -> None:
-        image = self._images.setdefault(index, _Image(seed, width, height))
+    def _add(self, chunk: Chunk) -> None:
+        index = chunk.index
+        image = self._images.setdefault(index, _Image(chunk.seed, chunk.width, chunk.height))
         if image.meta is not None:
             raise UploadError(f"image {index} was already complete")
-        if offset != len(image.data):
+        if chunk.offset != len(image.data):
             raise UploadError(
-                f"image {index}: chunk at offset {offset}, expected {len(image.data)}"
+                f"image {index}: chunk at offset {chunk.offset}, expected {len(image.data)}"
             )
-        if offset + len(data) > MAX_IMAGE_BYTES:
+        if chunk.offset + len(chunk.data) > MAX_IMAGE_BYTES:
             raise UploadError(f"image {index} is larger than {MAX_IMAGE_BYTES} bytes")
-        image.data += data
-        if not last:
+        image.data += chunk.data
+        if not chunk.last:
             return
-        if len(image.data) != size_bytes:
-            raise UploadError(f"image {index}: got {len(image.data)} bytes, expected {size_bytes}")
+        if len(image.data) != chunk.size_bytes:
+            raise UploadError(
+                f"image {index}: got {len(image.data)} bytes, expected {chunk.size_bytes}"
+            )
         digest = hashlib.sha256(image.data).hexdigest()
-        if digest != sha256:
-            raise UploadError(f"image {index}: sha256 {digest} does not match {sha256}")
-        image.meta = ImageMeta(index, image.seed, digest, size_bytes, image.width, image.height)
+        if digest != chunk.sha256:
+            raise UploadError(f"image {index}: sha256 {digest} does not match {chunk.sha256}")
+        image.meta = ImageMeta(
+            index, image.seed, digest, chunk.size_bytes, image.width, image.height
+        )
 
     def complete(self, expected: int) -> list[tuple[ImageMeta, bytes]]:
         """All `expected` images, verified, by index; raises UploadError if

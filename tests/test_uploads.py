@@ -7,7 +7,7 @@ import hashlib
 import pytest
 
 from scheduler.domain import ImageMeta
-from scheduler.uploads import UploadBuffer, UploadError
+from scheduler.uploads import Chunk, UploadBuffer, UploadError
 
 DATA = bytes(range(256)) * 40
 
@@ -23,7 +23,7 @@ def send(
             "size_bytes": len(data) if last else 0,
         }  # fmt: skip
         fields.update(overrides)
-        buffer.add(index, offset, data[offset : offset + chunk], **fields)  # type: ignore[arg-type]
+        buffer.add(Chunk(index, offset, data[offset : offset + chunk], **fields))  # type: ignore[arg-type]
 
 
 def test_chunks_come_back_as_whole_verified_images() -> None:
@@ -55,4 +55,4 @@ def test_a_wrong_digest_voids_the_upload() -> None:
 def test_out_of_order_chunks_are_refused() -> None:
     buffer = UploadBuffer()
     with pytest.raises(UploadError, match="chunk at offset 1000, expected 0"):
-        buffer.add(0, 1000, b"x", seed=1, width=1, height=1, last=False, sha256="", size_bytes=0)
+        buffer.add(Chunk(0, 1000, b"x", seed=1, width=1, height=1))

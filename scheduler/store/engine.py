@@ -1,11 +1,18 @@
-"""Creates the SQLAlchemy engine for an SQLite file or a PostgreSQL URL."""
+"""Creates the SQLAlchemy engine for an SQLite file or a PostgreSQL URL, and
+brings its schema to a revision with Alembic. There is no create_all."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
 from sqlalchemy import event
+
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def create_engine(url: str) -> sa.Engine:
@@ -37,3 +44,20 @@ def _sqlite_engine(url: str) -> sa.Engine:
         connection.exec_driver_sql("BEGIN")
 
     return engine
+
+
+def _alembic(engine: sa.Engine, action: Callable[[Config, str], None], revision: str) -> None:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        action(config, revision)
+
+
+def migrate(engine: sa.Engine, revision: str = "head") -> None:
+    """Brings the schema up to `revision`."""
+    _alembic(engine, command.upgrade, revision)
+
+
+def downgrade(engine: sa.Engine, revision: str) -> None:
+    _alembic(engine, command.downgrade, revision)

@@ -14,13 +14,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
 from sqlalchemy.exc import IntegrityError
 
 from scheduler.domain import (
@@ -34,59 +30,10 @@ from scheduler.domain import (
 )
 from scheduler.spec import JobSpec, MemoryMode
 from scheduler.states import ACTIVE, JobState, sources
-from scheduler.store.engine import create_engine
+from scheduler.store.engine import create_engine, migrate
 from scheduler.store.nodes import NodeRegistry
+from scheduler.store.rows import event_from_row, event_row, image_from_row, job_from_row
 from scheduler.store.schema import attempts, images, job_events, jobs
-
-MIGRATIONS = Path(__file__).resolve().parent / "migrations"
-
-
-def _alembic(engine: sa.Engine, action: Callable[[Config, str], None], revision: str) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        action(config, revision)
-
-
-def migrate(engine: sa.Engine, revision: str = "head") -> None:
-    """Brings the schema up to `revision` with Alembic; there is no create_all."""
-    _alembic(engine, command.upgrade, revision)
-
-
-def downgrade(engine: sa.Engine, revision: str) -> None:
-    _alembic(engine, command.downgrade, revision)
-
-
-def _event_row(job_id: str, seq: int, attempt: int, now: float, body: EventBody) -> dict[str, Any]:
-    if isinstance(body, StateChange):
-        kind, payload = "state", {**asdict(body), "state": body.state.value}
-    elif isinstance(body, ImageMeta):
-        kind, payload = "image", asdict(body)
-    else:
-        raise TypeError(f"{type(body).__name__} events are not durable")
-    return {
-        "job_id": job_id,
-        "seq": seq,
-        "attempt": attempt,
-        "kind": kind,
-        "payload": payload,
-        "created_at": now,
-    }
-
-
-def _event(row: sa.Row[Any]) -> JobEvent:
-    payload = dict(row.payload)
-    body: EventBody
-    if row.kind == "state":
-        body = StateChange(**{**payload, "state": JobState(payload["state"])})
-    else:
-        body = ImageMeta(**payload)
-    return JobEvent(row.job_id, row.seq, row.attempt, row.created_at, body)
-
-
-def _image(row: sa.Row[Any]) -> ImageMeta:
-    return ImageMeta(row.idx, row.seed, row.sha256, row.size_bytes, row.width, row.height)
 
 
 class Store:
@@ -111,29 +58,8 @@ class Store:
             for image in conn.execute(
                 sa.select(images).where(images.c.job_id.in_(ids)).order_by(images.c.idx)
             ):
-                by_job[image.job_id].append(_image(image))
-        return [
-            Job(
-                id=row.id,
-                owner=row.owner,
-                spec=JobSpec.from_dict(row.spec),
-                state=JobState(row.state),
-                attempt=row.attempt,
-                failures=row.failures,
-                max_attempts=row.max_attempts,
-                created_at=row.created_at,
-                updated_at=row.updated_at,
-                node_id=row.node_id or "",
-                node_name=row.node_name or "",
-                gpu_index=-1 if row.gpu_index is None else row.gpu_index,
-                memory_mode=MemoryMode(row.memory_mode),
-                reason=row.reason,
-                started_at=row.started_at,
-                finished_at=row.finished_at,
-                images=tuple(by_job[row.id]),
-            )
-            for row in rows
-        ]
+                by_job[image.job_id].append(image_from_row(image))
+        return [job_from_row(row, by_job[row.id]) for row in rows]
 
     def get_job(self, job_id: str) -> Job | None:
         with self.engine.connect() as conn:
@@ -192,13 +118,13 @@ class Store:
             .order_by(job_events.c.seq)
         )
         with self.engine.connect() as conn:
-            return [_event(row) for row in conn.execute(query)]
+            return [event_from_row(row) for row in conn.execute(query)]
 
     def image(self, job_id: str, index: int) -> tuple[ImageMeta, str] | None:
         query = sa.select(images).where(images.c.job_id == job_id, images.c.idx == index)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
-        return None if row is None else (_image(row), row.path)
+        return None if row is None else (image_from_row(row), row.path)
 
     def attempt_reasons(self, job_id: str) -> list[tuple[int, str, str]]:
         """(attempt, outcome, reason) of every attempt that has ended."""
@@ -243,7 +169,7 @@ class Store:
                 )
                 conn.execute(
                     sa.insert(job_events).values(
-                        _event_row(job_id, 1, 0, now, StateChange(JobState.QUEUED))
+                        event_row(job_id, 1, 0, now, StateChange(JobState.QUEUED))
                     )
                 )
         except IntegrityError:
@@ -319,7 +245,7 @@ class Store:
         ]
         conn.execute(
             sa.insert(job_events),
-            [_event_row(e.job_id, e.seq, e.attempt, e.time, e.body) for e in events],
+            [event_row(e.job_id, e.seq, e.attempt, e.time, e.body) for e in events],
         )
         return events
 

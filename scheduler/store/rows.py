@@ -1,0 +1,66 @@
+"""Conversions between database rows and domain dataclasses."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+import sqlalchemy as sa
+
+from scheduler.domain import EventBody, ImageMeta, Job, JobEvent, StateChange
+from scheduler.spec import JobSpec, MemoryMode
+from scheduler.states import JobState
+
+
+def event_row(job_id: str, seq: int, attempt: int, now: float, body: EventBody) -> dict[str, Any]:
+    if isinstance(body, StateChange):
+        kind, payload = "state", {**asdict(body), "state": body.state.value}
+    elif isinstance(body, ImageMeta):
+        kind, payload = "image", asdict(body)
+    else:
+        raise TypeError(f"{type(body).__name__} events are not durable")
+    return {
+        "job_id": job_id,
+        "seq": seq,
+        "attempt": attempt,
+        "kind": kind,
+        "payload": payload,
+        "created_at": now,
+    }
+
+
+def event_from_row(row: sa.Row[Any]) -> JobEvent:
+    payload = dict(row.payload)
+    body: EventBody
+    if row.kind == "state":
+        body = StateChange(**{**payload, "state": JobState(payload["state"])})
+    else:
+        body = ImageMeta(**payload)
+    return JobEvent(row.job_id, row.seq, row.attempt, row.created_at, body)
+
+
+def image_from_row(row: sa.Row[Any]) -> ImageMeta:
+    return ImageMeta(row.idx, row.seed, row.sha256, row.size_bytes, row.width, row.height)
+
+
+def job_from_row(row: sa.Row[Any], images: Sequence[ImageMeta]) -> Job:
+    return Job(
+        id=row.id,
+        owner=row.owner,
+        spec=JobSpec.from_dict(row.spec),
+        state=JobState(row.state),
+        attempt=row.attempt,
+        failures=row.failures,
+        max_attempts=row.max_attempts,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        node_id=row.node_id or "",
+        node_name=row.node_name or "",
+        gpu_index=-1 if row.gpu_index is None else row.gpu_index,
+        memory_mode=MemoryMode(row.memory_mode),
+        reason=row.reason,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+        images=tuple(images),
+    )
