@@ -237,22 +237,12 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
     async def ListNodes(
         self, request: scheduler_pb2.ListNodesRequest, context: Context
     ) -> scheduler_pb2.ListNodesResponse:
+        """Connected nodes with their live stats, then the ones seen within
+        the memory window that are gone."""
         since = self.clock() - self.node_window_seconds
         records = await self.db.run(self.db.store.nodes.seen_since, since)
         response = scheduler_pb2.ListNodesResponse()
-        for record in records:
-            session = self.cluster.sessions.get(record.info.node_id)
-            if session is None:
-                response.nodes.append(
-                    node_to_proto(
-                        record.info,
-                        connected=False,
-                        last_seen=record.last_seen,
-                        stats={},
-                        active_jobs={},
-                    )
-                )
-                continue
+        for session in sorted(self.cluster.sessions.values(), key=lambda s: s.info.name):
             active: dict[int, int] = {}
             for attempt in session.attempts.values():
                 active[attempt.gpu_index] = active.get(attempt.gpu_index, 0) + 1
@@ -265,6 +255,17 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
                     active_jobs=active,
                 )
             )
+        for record in records:
+            if record.info.node_id not in self.cluster.sessions:
+                response.nodes.append(
+                    node_to_proto(
+                        record.info,
+                        connected=False,
+                        last_seen=record.last_seen,
+                        stats={},
+                        active_jobs={},
+                    )
+                )
         return response
 
     async def ListModels(

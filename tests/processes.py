@@ -77,12 +77,12 @@ class LocalCluster:
         self.processes.append(process)
         return process
 
-    def start_scheduler(self, *extra: str) -> Process:
+    def start_scheduler(self, *extra: str, name: str = "scheduler") -> Process:
         args = ["-v", "scheduler", "--port", str(self.port), "--heartbeat", "0.5"]
         args += ["--data-dir", str(self.root / "scheduler"), *extra]
         if self.db_url:
             args += ["--db", self.db_url]
-        return self._spawn("scheduler", args)
+        return self._spawn(name, args)
 
     def start_agent(self, name: str, *extra: str) -> Process:
         args = ["--scheduler", self.address, "node", "--name", name]

@@ -6,6 +6,7 @@ mapped in main)."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +101,7 @@ def submit(args: argparse.Namespace, client: Client) -> int:
         for path in paths:
             print(path)
     else:
-        print(f"job {job.id} {job.state}: {job.reason}")
+        print(f"job {job.id} {job.state}: {job.reason}", file=sys.stderr)
     return exit_code(job)
 
 
