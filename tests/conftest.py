@@ -20,7 +20,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> object:
     """Lets fixtures see whether the test failed (to print process logs)."""
-    report = yield
+    report: pytest.TestReport = yield
     setattr(item, f"rep_{report.when}", report)
     return report
 

@@ -76,7 +76,7 @@ class ScriptedAgent:
     async def receive(self, within: float = 10.0) -> agent_pb2.SchedulerMessage:
         assert self.call is not None
         message = await asyncio.wait_for(self.call.read(), within)
-        assert message is not aio.EOF, "the scheduler closed the stream"
+        assert message is not aio.EOF, "the scheduler closed the stream"  # type: ignore[attr-defined]
         return message  # type: ignore[return-value]
 
     async def assignment(self) -> agent_pb2.AssignedJob:
@@ -135,7 +135,7 @@ class ScriptedAgent:
     def ended(
         self,
         job: agent_pb2.AssignedJob | tuple[str, int],
-        outcome: int,
+        outcome: agent_pb2.AttemptOutcome.ValueType,
         reason: str = "",
         error_kind: str = "",
     ) -> None:

@@ -67,11 +67,12 @@ def test_a_job_goes_through_an_agent_and_its_image_comes_back(tmp_path: Path, db
         handle = await client.submit("a lighthouse", width=64, height=64, steps=4, batch_size=2)
         watching = asyncio.create_task(events_of(client, handle.id))
         job = await agent.assignment()
+        assert handle.last_known is not None
         assert (job.job_id, job.attempt, job.spec.seed) == (
             handle.id,
             1,
             handle.last_known.spec.seed,
-        )  # type: ignore[union-attr]
+        )
         agent.succeed(job, [PNG, PNG[::-1]])
         events = await asyncio.wait_for(watching, 10)
         final = await handle.refresh()

@@ -54,7 +54,16 @@ def test_jobs_run_end_to_end_on_two_agents(cluster: LocalCluster, tmp_path: Path
             {"width": 64 + 8 * (i % 4), "height": 64, "steps": 6, "batch_size": 2 if i == 3 else 1}
             for i in range(8)
         ]
-        handles = [client.submit(f"a lighthouse, take {i}", **spec) for i, spec in enumerate(specs)]
+        handles = [
+            client.submit(
+                f"a lighthouse, take {i}",
+                width=spec["width"],
+                height=spec["height"],
+                steps=spec["steps"],
+                batch_size=spec["batch_size"],
+            )
+            for i, spec in enumerate(specs)
+        ]
         with ThreadPoolExecutor(len(handles)) as pool:
             streams = list(pool.map(collect, handles))
 
@@ -117,7 +126,7 @@ def test_cancel_stops_a_running_job_and_stores_nothing(cluster: LocalCluster) ->
     cluster.wait_for_nodes(1)
     with cluster.client() as client:
         handle = client.submit("a slow lighthouse", width=512, height=512, steps=50)
-        steps = []
+        steps: list[int] = []
         final = None
         for event in handle.events():
             if isinstance(event, ProgressEvent):
