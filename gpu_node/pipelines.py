@@ -1,19 +1,24 @@
 """Loads diffusers pipelines onto a device and keeps the last one resident.
 
 One cache per device worker. Loading is offline: from local folders only.
-Samplers are applied per job from the model's own scheduler config, so one
-job's choice never leaks into the next.
+A pipeline is placed in the job's memory mode (the Forge "VRAM states"):
+all on the card, or offloaded with accelerate's model or sequential CPU
+offload. On a CPU device every mode is the same, since the weights already
+live in host memory. Samplers are applied per job from the model's own
+scheduler config, so one job's choice never leaks into the next.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from typing import Any
 
 from gpu_node.catalog import Catalog
 from scheduler.samplers import find_sampler
+from scheduler.spec import MemoryMode
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +30,8 @@ class ModelUnavailable(Exception):
 def quiet_libraries() -> None:
     """No download or loading progress bars in the agent's log, and no
     transformers notices about optional backends."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
     import diffusers
     import transformers
 
@@ -41,11 +48,25 @@ def _load_dtype(device: str, weights_dtype: str) -> Any:
     return torch.bfloat16 if weights_dtype == "bfloat16" else torch.float16
 
 
+def place(pipeline: Any, device: str, mode: MemoryMode) -> Any:
+    """Puts a freshly loaded pipeline on its device in the memory mode."""
+    if mode is MemoryMode.MODEL_OFFLOAD:
+        # Whole components move to the card when used: slower, far less VRAM.
+        pipeline.enable_model_cpu_offload(device=device)
+    elif mode is MemoryMode.SEQUENTIAL_OFFLOAD:
+        # Layer by layer: the least VRAM and the slowest.
+        pipeline.enable_sequential_cpu_offload(device=device)
+    else:
+        pipeline = pipeline.to(device)
+    return pipeline
+
+
 class PipelineCache:
     def __init__(self, device: str, catalog: Catalog) -> None:
         self.device = device
         self.catalog = catalog
         self.model_name: str | None = None
+        self.memory_mode: MemoryMode | None = None
         self.pipeline: Any = None
         self._scheduler_config: Any = None
         self._own_scheduler: Any = None
@@ -54,36 +75,47 @@ class PipelineCache:
     def unload(self) -> None:
         self.pipeline = None
         self.model_name = None
+        self.memory_mode = None
         gc.collect()
         if self.device.startswith("cuda"):
             import torch
 
             torch.cuda.empty_cache()
 
-    def get(self, model_name: str, sampler_name: str) -> tuple[Any, float]:
-        """The pipeline for the model with the sampler applied, and the
-        seconds spent loading (0 when it was resident)."""
+    def mode_on_device(self, requested: MemoryMode) -> MemoryMode:
+        if self.device == "cpu" or requested is MemoryMode.AUTO:
+            return MemoryMode.FULL
+        return requested
+
+    def get(
+        self, model_name: str, sampler_name: str, memory_mode: MemoryMode = MemoryMode.FULL
+    ) -> tuple[Any, float]:
+        """The pipeline for the model in that memory mode with the sampler
+        applied, and the seconds spent loading (0 when it was resident)."""
         load_seconds = 0.0
-        if self.model_name != model_name:
+        mode = self.mode_on_device(memory_mode)
+        if (self.model_name, self.memory_mode) != (model_name, mode):
             model = self.catalog.get(model_name)
             if model is None:
                 raise ModelUnavailable(f"model {model_name!r} is not on this node")
             self.unload()
             started = time.monotonic()
-            self.pipeline = self._load(model.path, _load_dtype(self.device, model.dtype))
+            self.pipeline = self._load(model.path, _load_dtype(self.device, model.dtype), mode)
             self._scheduler_config = self.pipeline.scheduler.config
             self._own_scheduler = type(self.pipeline.scheduler)
             # Every A1111 sampler is a classic noise-prediction scheduler;
             # models trained for flow matching (FLUX-class, SD3) keep theirs.
             compatible = {cls.__name__ for cls in self.pipeline.scheduler.compatibles}
             self._classic = "EulerDiscreteScheduler" in compatible | {self._own_scheduler.__name__}
-            self.model_name = model_name
+            self.model_name, self.memory_mode = model_name, mode
             load_seconds = time.monotonic() - started
-            log.info("loaded %s on %s in %.2fs", model_name, self.device, load_seconds)
+            log.info(
+                "loaded %s on %s (%s) in %.2fs", model_name, self.device, mode.value, load_seconds
+            )
         self._apply_sampler(sampler_name)
         return self.pipeline, load_seconds
 
-    def _load(self, path: Any, dtype: Any) -> Any:
+    def _load(self, path: Any, dtype: Any, mode: MemoryMode) -> Any:
         from diffusers import AutoPipelineForText2Image
 
         quiet_libraries()
@@ -91,7 +123,7 @@ class PipelineCache:
             path, dtype=dtype, local_files_only=True
         )
         pipeline.set_progress_bar_config(disable=True)
-        return pipeline.to(self.device)
+        return place(pipeline, self.device, mode)
 
     def _apply_sampler(self, sampler_name: str) -> None:
         import diffusers

@@ -163,7 +163,9 @@ class DeviceWorker:
         self._send(task, Started())
         spec = task.spec
         try:
-            pipeline, load_seconds = self.pipelines.get(spec.model, spec.sampler_name)
+            pipeline, load_seconds = self.pipelines.get(
+                spec.model, spec.sampler_name, task.memory_mode
+            )
         except ModelUnavailable as exc:
             self._send(task, Ended(AttemptOutcome.FAILED, str(exc), "model"))
             return

@@ -81,7 +81,10 @@ class Dispatcher:
             session = self.cluster.sessions.get(gpu.node_id)
             if session is None:  # it left while we were planning
                 continue
-            memory_mode = MemoryMode.FULL
+            # A pinned mode is honoured; choosing one for AUTO jobs is the
+            # placement's job once it knows each mode's needs.
+            pinned = job.spec.memory_mode
+            memory_mode = MemoryMode.FULL if pinned is MemoryMode.AUTO else pinned
             events = await self.db.run(
                 self.db.store.assign,
                 job.id,

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from gpu_node.catalog import Catalog
-from gpu_node.pipelines import PipelineCache
+from gpu_node.pipelines import PipelineCache, place
 from gpu_node.runner import DeviceWorker, Ended, ImageReady, Started, StepDone, Task, WorkerEvent
 from scheduler.domain import AttemptOutcome, DeviceInfo, Preview
 from scheduler.samplers import SAMPLERS
@@ -135,8 +135,10 @@ def test_out_of_memory_fails_the_attempt_and_the_worker_goes_on(
     real_get = pipelines.PipelineCache.get
     calls = []
 
-    def get(self: pipelines.PipelineCache, model: str, sampler: str) -> tuple[Any, float]:
-        pipeline, seconds = real_get(self, model, sampler)
+    def get(
+        self: pipelines.PipelineCache, model: str, sampler: str, mode: MemoryMode
+    ) -> tuple[Any, float]:
+        pipeline, seconds = real_get(self, model, sampler, mode)
         calls.append(model)
         if len(calls) == 1:
 
@@ -171,3 +173,43 @@ def test_the_sampler_picks_the_diffusers_scheduler_and_options(catalog: Catalog)
     pipeline, load_seconds = cache.get("tiny", "DPM++ 2M")
     assert not pipeline.scheduler.config.get("use_karras_sigmas")
     assert load_seconds == 0.0  # still resident
+
+
+class RecordingPipeline:
+    """Stands in for a diffusers pipeline on a card we do not have."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+
+    def to(self, device: str) -> RecordingPipeline:
+        self.calls.append(("to", device))
+        return self
+
+    def enable_model_cpu_offload(self, device: str) -> None:
+        self.calls.append(("model_offload", device))
+
+    def enable_sequential_cpu_offload(self, device: str) -> None:
+        self.calls.append(("sequential_offload", device))
+
+
+@pytest.mark.parametrize(
+    ("mode", "call"),
+    [
+        (MemoryMode.FULL, ("to", "cuda:1")),
+        (MemoryMode.MODEL_OFFLOAD, ("model_offload", "cuda:1")),
+        (MemoryMode.SEQUENTIAL_OFFLOAD, ("sequential_offload", "cuda:1")),
+    ],
+)
+def test_memory_modes_place_the_pipeline(mode: MemoryMode, call: tuple[str, str]) -> None:
+    pipeline = RecordingPipeline()
+    place(pipeline, "cuda:1", mode)
+    assert pipeline.calls == [call]
+
+
+def test_on_the_cpu_every_mode_runs_in_full(catalog: Catalog) -> None:
+    cache = PipelineCache("cpu", catalog)
+    assert cache.mode_on_device(MemoryMode.SEQUENTIAL_OFFLOAD) is MemoryMode.FULL
+    assert PipelineCache("cuda:0", catalog).mode_on_device(MemoryMode.AUTO) is MemoryMode.FULL
+    offloaded = Task("j", 1, make_spec(steps=2), MemoryMode.MODEL_OFFLOAD)
+    [ended] = bodies(run(catalog, [offloaded]), Ended)
+    assert ended.outcome is AttemptOutcome.SUCCEEDED
