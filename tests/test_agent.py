@@ -1,0 +1,86 @@
+"""The agent's side of the stream without a network: assignments become
+tasks on the device worker, worker events become protobuf updates, and a
+drain hands back what has not started."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from pathlib import Path
+
+from gpu_node.agent import UPLOAD_CHUNK_BYTES, Agent, AgentConfig, job_updates
+from gpu_node.probe import CpuProbe
+from gpu_node.runner import ImageReady, WorkerEvent
+from protos import agent_pb2
+from scheduler.convert import spec_to_proto
+from tests.factories import make_spec
+
+
+def test_an_image_is_uploaded_in_chunks_with_its_digest() -> None:
+    png = bytes(range(256)) * (UPLOAD_CHUNK_BYTES // 256 * 2 + 3)
+    updates = job_updates(WorkerEvent("j", 2, ImageReady(1, 42, 64, 64, png)))
+    assert len(updates) == 3
+    assert [u.image.offset for u in updates] == [0, UPLOAD_CHUNK_BYTES, 2 * UPLOAD_CHUNK_BYTES]
+    assert b"".join(u.image.data for u in updates) == png
+    assert [u.image.last for u in updates] == [False, False, True]
+    assert updates[-1].image.sha256 == hashlib.sha256(png).hexdigest()
+    assert updates[-1].image.size_bytes == len(png)
+    assert {(u.job_id, u.attempt, u.image.index, u.image.seed) for u in updates} == {
+        ("j", 2, 1, 42)
+    }
+
+
+def test_assignments_run_and_a_drain_hands_back_what_waits(
+    tiny_data_dir: Path, tmp_path: Path
+) -> None:
+    async def scenario() -> list[agent_pb2.JobUpdate]:
+        data_dir = tmp_path / "agent"
+        (data_dir / "models").mkdir(parents=True)
+        (data_dir / "models" / "tiny").symlink_to(tiny_data_dir / "models" / "tiny")
+        agent = Agent(AgentConfig(scheduler="unused:1", data_dir=data_dir), probe=CpuProbe())
+        agent.prepare()
+        outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
+        agent._outbox = outbox
+        spec = spec_to_proto(make_spec(steps=3))
+        agent._assign(
+            agent_pb2.Assignment(
+                gpu_index=0,
+                jobs=[
+                    agent_pb2.AssignedJob(job_id=job_id, attempt=1, spec=spec)
+                    for job_id in ("first", "second")
+                ],
+            )
+        )
+        agent._drain()
+        agent._assign(
+            agent_pb2.Assignment(
+                gpu_index=0, jobs=[agent_pb2.AssignedJob(job_id="late", attempt=1, spec=spec)]
+            )
+        )
+        agent._assign(
+            agent_pb2.Assignment(
+                gpu_index=7, jobs=[agent_pb2.AssignedJob(job_id="nowhere", attempt=1, spec=spec)]
+            )
+        )
+        await asyncio.wait_for(agent._idle.wait(), 60)
+        await asyncio.sleep(0)  # let the last call_soon_threadsafe land
+        agent.close()
+        updates = []
+        while not outbox.empty():
+            message = outbox.get_nowait()
+            assert message is not None
+            updates.append(message.job)
+        return updates
+
+    updates = asyncio.run(scenario())
+    ended = {u.job_id: u.ended for u in updates if u.WhichOneof("body") == "ended"}
+    assert ended["first"].outcome == agent_pb2.ATTEMPT_OUTCOME_SUCCEEDED
+    assert ended["second"].outcome == agent_pb2.ATTEMPT_OUTCOME_RELEASED
+    assert ended["late"].outcome == agent_pb2.ATTEMPT_OUTCOME_RELEASED
+    assert ended["nowhere"].outcome == agent_pb2.ATTEMPT_OUTCOME_FAILED
+    assert ended["nowhere"].reason == "this node has no device 7"
+    kinds = [u.WhichOneof("body") for u in updates if u.job_id == "first"]
+    assert kinds[0] == "started"
+    assert kinds[-1] == "ended"
+    assert {"progress", "preview", "image"} <= set(kinds)
+    assert not [u for u in updates if u.job_id == "second" and u.WhichOneof("body") == "started"]
