@@ -233,6 +233,7 @@ class Device:
     used_bytes: int | None
     utilization_percent: float | None
     active_jobs: int
+    resident_models: list[str]  # loaded on the device now
 
 
 @dataclass(frozen=True)
@@ -263,6 +264,7 @@ class Node:
                     used_bytes=stats.used_bytes if stats else None,
                     utilization_percent=stats.utilization_percent if stats else None,
                     active_jobs=device.active_jobs,
+                    resident_models=[m.name for m in stats.resident_models] if stats else [],
                 )
             )
         return cls(

@@ -4,8 +4,10 @@ event loop in a background thread. Every method forwards to the async core."""
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
@@ -28,19 +30,40 @@ class _LoopThread:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def iterate(self, iterator: AsyncIterator[T]) -> Iterator[T]:
-        async def step() -> T:
-            return await anext(iterator)
+        """Yields what the async iterator yields. A task on the loop pumps it
+        into a queue, so that leaving early (an exception, Ctrl-C) can cancel
+        the task and wait for it, and the stream is always closed."""
+        items: queue.Queue[tuple[bool, Any]] = queue.Queue()
 
+        async def pump() -> None:
+            try:
+                async for item in iterator:
+                    items.put((True, item))
+            except BaseException as exc:  # ends the sync side, cancellation too
+                items.put((False, exc))
+                raise
+            items.put((False, None))
+
+        async def start() -> asyncio.Task[None]:
+            return asyncio.ensure_future(pump())
+
+        async def stop(task: asyncio.Task[None]) -> None:
+            task.cancel()
+            with suppress(BaseException):
+                await task
+
+        task = self.run(start())
         try:
             while True:
-                try:
-                    yield self.run(step())
-                except StopAsyncIteration:
+                more, value = items.get()
+                if more:
+                    yield value
+                elif value is None:
                     return
+                else:
+                    raise value
         finally:
-            aclose = getattr(iterator, "aclose", None)
-            if aclose is not None:
-                self.run(aclose())
+            self.run(stop(task))
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -17,7 +17,7 @@ import random
 import signal
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -46,7 +46,7 @@ from scheduler.convert import (
     profile_to_proto,
     spec_from_proto,
 )
-from scheduler.domain import AttemptOutcome, NodeInfo, Preview
+from scheduler.domain import AttemptOutcome, DeviceStats, NodeInfo, Preview
 
 log = logging.getLogger(__name__)
 
@@ -330,10 +330,22 @@ class Agent:
         assert self.probe is not None
         loop = asyncio.get_running_loop()
         while True:
-            stats = await loop.run_in_executor(None, self.probe.stats)
-            message = agent_pb2.Stats(devices=[device_stats_to_proto(s) for s in stats])
-            outbox.put_nowait(agent_pb2.AgentMessage(stats=message))
+            try:
+                stats = await loop.run_in_executor(None, self.probe.stats)
+            except Exception as exc:  # an NVML error after a GPU fault, say
+                log.warning("reading device stats failed: %s: %s", type(exc).__name__, exc)
+            else:
+                message = agent_pb2.Stats(
+                    devices=[device_stats_to_proto(self._with_resident(s)) for s in stats]
+                )
+                outbox.put_nowait(agent_pb2.AgentMessage(stats=message))
             await asyncio.sleep(heartbeat)
+
+    def _with_resident(self, stats: DeviceStats) -> DeviceStats:
+        worker = self.workers.get(stats.index)
+        if worker is None:
+            return stats
+        return replace(stats, resident_models=worker.pipelines.resident())
 
     async def _leave_when(
         self,

@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from gpu_node.catalog import Catalog
+from scheduler.domain import ModelInfo
 from scheduler.samplers import find_sampler
 from scheduler.spec import MemoryMode
 
@@ -81,6 +82,12 @@ class PipelineCache:
             import torch
 
             torch.cuda.empty_cache()
+
+    def resident(self) -> tuple[ModelInfo, ...]:
+        """The model loaded on the device, if any. Read from other threads."""
+        name = self.model_name
+        model = self.catalog.get(name) if name is not None else None
+        return (model.info,) if model is not None else ()
 
     def mode_on_device(self, requested: MemoryMode) -> MemoryMode:
         if self.device == "cpu" or requested is MemoryMode.AUTO:

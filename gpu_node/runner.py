@@ -149,6 +149,9 @@ class DeviceWorker:
             finally:
                 with self._lock:
                     self._tasks.pop((task.job_id, task.attempt), None)
+                # Hand the allocator's cache back, so that the free memory
+                # NVML reports (and placement uses) is what is really free.
+                self._free_memory()
 
     def _send(self, task: Task, body: Started | StepDone | Preview | ImageReady | Ended) -> None:
         self._emit(WorkerEvent(task.job_id, task.attempt, body))

@@ -431,11 +431,18 @@ class DeviceStats(_message.Message):
     FREE_BYTES_FIELD_NUMBER: _builtins.int
     USED_BYTES_FIELD_NUMBER: _builtins.int
     UTILIZATION_PERCENT_FIELD_NUMBER: _builtins.int
+    RESIDENT_MODELS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     total_bytes: _builtins.int
     free_bytes: _builtins.int
     used_bytes: _builtins.int
     utilization_percent: _builtins.float
+    @_builtins.property
+    def resident_models(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelInfo]:
+        """Models loaded on the device. Their memory is inside used_bytes, and the
+        agent evicts them when it needs the room.
+        """
+
     def __init__(
         self,
         *,
@@ -444,10 +451,11 @@ class DeviceStats(_message.Message):
         free_bytes: _builtins.int = ...,
         used_bytes: _builtins.int = ...,
         utilization_percent: _builtins.float = ...,
+        resident_models: _abc.Iterable[Global___ModelInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_bytes", b"free_bytes", "index", b"index", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes", "utilization_percent", b"utilization_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_bytes", b"free_bytes", "index", b"index", "resident_models", b"resident_models", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes", "utilization_percent", b"utilization_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

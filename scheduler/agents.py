@@ -26,6 +26,7 @@ from scheduler.convert import (
 from scheduler.domain import (
     AttemptOutcome,
     AttemptProfile,
+    ImageMeta,
     JobEvent,
     NodeInfo,
     Preview,
@@ -90,29 +91,27 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
                 "every agent needs its own --data-dir"
             )
         session = self.cluster.connect(info, self.clock())
+        reader: asyncio.Task[None] | None = None
         try:
             await self.db.run(self.db.store.nodes.upsert, info)
-        except BaseException:
-            self.cluster.disconnect(session)
-            raise
-        log.info(
-            "node %s (%s) connected from %s with %d device(s), models: %s",
-            info.name,
-            info.node_id,
-            context.peer(),
-            len(info.devices),
-            ", ".join(model.name for model in info.models) or "none",
-        )
-        self.dispatcher.wake()
-        yield agent_pb2.SchedulerMessage(
-            welcome=agent_pb2.Welcome(heartbeat_seconds=self.heartbeat_seconds)
-        )
-        reader = asyncio.create_task(self._read(session, request_iterator))
-        try:
+            log.info(
+                "node %s (%s) connected from %s with %d device(s), models: %s",
+                info.name,
+                info.node_id,
+                context.peer(),
+                len(info.devices),
+                ", ".join(model.name for model in info.models) or "none",
+            )
+            self.dispatcher.wake()
+            yield agent_pb2.SchedulerMessage(
+                welcome=agent_pb2.Welcome(heartbeat_seconds=self.heartbeat_seconds)
+            )
+            reader = asyncio.create_task(self._read(session, request_iterator))
             while (command := await session.outbox.get()) is not None:
                 yield command_to_proto(command)
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             # Runs on its own: this generator may be closed by a cancellation.
             self._spawn(self._disconnected(session))
 
@@ -120,6 +119,7 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         task = asyncio.get_running_loop().create_task(coroutine)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        task.add_done_callback(_log_failure)
 
     async def drain_background(self) -> None:
         while self._background:
@@ -135,7 +135,14 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
                     stats = [device_stats_from_proto(d) for d in message.stats.devices]
                     self.cluster.report_stats(session.node_id, stats, self.clock())
                 elif kind == "job":
-                    await self._job_update(session, message.job)
+                    try:
+                        await self._job_update(session, message.job)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception:
+                        # One update that cannot be handled (the database is
+                        # down, say) must not cut the node off.
+                        log.exception("node %s: handling a job update failed", session.info.name)
                 else:
                     log.warning("node %s sent an unexpected %s", session.info.name, kind)
         except asyncio.CancelledError:
@@ -159,7 +166,13 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         kind = update.WhichOneof("body")
         active = session.current(job_id, attempt)
         if kind == "ended":
-            await self._ended(session, job_id, attempt, update.ended)
+            # Ending an attempt writes files and commits; a closing stream
+            # must not cut that short. It runs as its own task, and the
+            # disconnect handler waits for it.
+            ending = asyncio.ensure_future(self._ended(session, job_id, attempt, update.ended))
+            session.ending.add(ending)
+            ending.add_done_callback(session.ending.discard)
+            await asyncio.shield(ending)
             return
         if active is None:
             self._stop_stale(session, job_id, attempt)
@@ -209,36 +222,36 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         active = session.current(job_id, attempt)
         if active is None:
             return  # stale, or already handled: its slot is free either way
-        del session.attempts[job_id]
-        self.dispatcher.wake()
+        try:
+            events = await self._close_attempt(session, active, ended)
+            if events:
+                self.hub.publish(events)
+        finally:
+            # The slot frees once the outcome is written (or could not be).
+            if session.attempts.get(job_id) is active:
+                del session.attempts[job_id]
+            self.dispatcher.wake()
+
+    async def _close_attempt(
+        self, session: NodeSession, active: ActiveAttempt, ended: agent_pb2.AttemptEnded
+    ) -> list[JobEvent] | None:
         outcome = _OUTCOMES.get(ended.outcome, AttemptOutcome.FAILED)
         profile = profile_from_proto(ended.profile)
         reason = ended.reason or outcome.value
         if outcome is AttemptOutcome.SUCCEEDED:
-            events = await self._store_result(session, active, profile)
-        elif outcome is AttemptOutcome.FAILED:
-            reason = f"{session.info.name}: {reason}"
-            events = await self.db.run(
-                self.db.store.requeue,
-                job_id,
-                attempt,
-                outcome,
-                reason,
-                count_failure=True,
-                profile=profile,
-            )
-        else:
-            events = await self.db.run(
-                self.db.store.requeue,
-                job_id,
-                attempt,
-                AttemptOutcome.RELEASED,
-                reason,
-                count_failure=False,
-                profile=profile,
-            )
-        if events:
-            self.hub.publish(events)
+            if active.stopping:
+                return None  # cancelled before it finished: the result is not wanted
+            return await self._store_result(session, active, profile)
+        failed = outcome is AttemptOutcome.FAILED
+        return await self.db.run(
+            self.db.store.requeue,
+            active.job_id,
+            active.attempt,
+            outcome if failed else AttemptOutcome.RELEASED,
+            f"{session.info.name}: {reason}" if failed else reason,
+            count_failure=failed,
+            profile=profile,
+        )
 
     async def _store_result(
         self, session: NodeSession, active: ActiveAttempt, profile: AttemptProfile
@@ -257,19 +270,35 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
                 profile=profile,
             )
         loop = asyncio.get_running_loop()
-        stored = []
-        for meta, data in images:
-            path = await loop.run_in_executor(
-                None, self.images.write, job_id, attempt, meta.index, data
+        stored: list[tuple[ImageMeta, str]] = []
+        try:
+            for meta, data in images:
+                path = await loop.run_in_executor(
+                    None, self.images.write, job_id, attempt, meta.index, data
+                )
+                stored.append((meta, path))
+            events = await self.db.run(self.db.store.succeed, job_id, attempt, stored, profile)
+        except Exception as exc:  # a full disk, a lost database connection
+            log.exception("storing the result of %s attempt %d failed", job_id, attempt)
+            await loop.run_in_executor(None, self.images.remove, [path for _, path in stored])
+            return await self.db.run(
+                self.db.store.requeue,
+                job_id,
+                attempt,
+                AttemptOutcome.FAILED,
+                f"the scheduler could not store the result: {type(exc).__name__}: {exc}",
+                count_failure=True,
+                profile=profile,
             )
-            stored.append((meta, path))
-        events = await self.db.run(self.db.store.succeed, job_id, attempt, stored, profile)
         if events is None:  # cancelled meanwhile: the first terminal state won
             await loop.run_in_executor(None, self.images.remove, [path for _, path in stored])
         return events
 
     async def _disconnected(self, session: NodeSession) -> None:
-        held = self.cluster.disconnect(session)
+        self.cluster.disconnect(session)  # no new work goes to it from now on
+        if session.ending:
+            await asyncio.gather(*session.ending, return_exceptions=True)
+        held = session.take_attempts()
         if self.closing:
             return
         name = session.info.name
@@ -287,3 +316,8 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
                 self.hub.publish(events)
         await self.db.run(self.db.store.nodes.touch, [session.node_id])
         self.dispatcher.wake()
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", exc_info=task.exception())

@@ -57,6 +57,7 @@ class NodeSession:
     stats_at: float = 0.0
     attempts: dict[str, ActiveAttempt] = field(default_factory=dict)
     stale_stopped: set[tuple[str, int]] = field(default_factory=set)
+    ending: set[asyncio.Task[None]] = field(default_factory=set)  # attempts being closed
     outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
 
     @property
@@ -69,6 +70,12 @@ class NodeSession:
     def close(self) -> None:
         self.outbox.put_nowait(None)
 
+    def take_attempts(self) -> list[ActiveAttempt]:
+        """The attempts it still holds, which it holds no longer."""
+        held = list(self.attempts.values())
+        self.attempts.clear()
+        return held
+
     def current(self, job_id: str, attempt: int) -> ActiveAttempt | None:
         active = self.attempts.get(job_id)
         return active if active is not None and active.attempt == attempt else None
@@ -78,7 +85,9 @@ class NodeSession:
         views = []
         for device in self.info.devices:
             stats = self.stats.get(device.index)
-            free = device.total_bytes if stats is None else stats.free_bytes
+            # Resident models count as free: the worker reuses the one a job
+            # needs, and evicts the others before it loads another.
+            free = device.total_bytes if stats is None else stats.free_bytes + stats.resident_bytes
             on_gpu = [a for a in self.attempts.values() if a.gpu_index == device.index]
             # A job that had not started by the last report is not in its
             # numbers yet, whether it waits on the agent or was just assigned.
@@ -112,14 +121,12 @@ class Cluster:
         self.sessions[info.node_id] = session
         return session
 
-    def disconnect(self, session: NodeSession) -> list[ActiveAttempt]:
-        """Forgets the session and returns the attempts it still held."""
+    def disconnect(self, session: NodeSession) -> None:
+        """Forgets the session and ends its stream; its attempts stay on it
+        until the caller takes them."""
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
-        held = list(session.attempts.values())
-        session.attempts.clear()
         session.close()
-        return held
 
     def report_stats(self, node_id: str, stats: list[DeviceStats], now: float) -> None:
         session = self.sessions.get(node_id)

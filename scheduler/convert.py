@@ -224,6 +224,7 @@ def device_stats_to_proto(stats: DeviceStats) -> common_pb2.DeviceStats:
         free_bytes=stats.free_bytes,
         used_bytes=stats.used_bytes,
         utilization_percent=stats.utilization_percent,
+        resident_models=[model_to_proto(model) for model in stats.resident_models],
     )
 
 
@@ -234,11 +235,16 @@ def device_stats_from_proto(stats: common_pb2.DeviceStats) -> DeviceStats:
         stats.free_bytes,
         stats.used_bytes,
         stats.utilization_percent,
+        tuple(model_from_proto(model) for model in stats.resident_models),
     )
 
 
 def model_to_proto(model: ModelInfo) -> common_pb2.ModelInfo:
     return common_pb2.ModelInfo(name=model.name, weight_bytes=model.weight_bytes, dtype=model.dtype)
+
+
+def model_from_proto(model: common_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(model.name, model.weight_bytes, model.dtype)
 
 
 def hello_to_proto(node: NodeInfo) -> agent_pb2.Hello:
@@ -260,9 +266,7 @@ def hello_from_proto(hello: agent_pb2.Hello) -> NodeInfo:
         hostname=hello.hostname,
         agent_version=hello.agent_version,
         devices=tuple(device_info_from_proto(device) for device in hello.devices),
-        models=tuple(
-            ModelInfo(model.name, model.weight_bytes, model.dtype) for model in hello.models
-        ),
+        models=tuple(model_from_proto(model) for model in hello.models),
         labels=dict(hello.labels),
     )
 

@@ -119,19 +119,24 @@ class DeviceInfo:
 
 
 @dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    weight_bytes: int
+    dtype: str
+
+
+@dataclass(frozen=True)
 class DeviceStats:
     index: int
     total_bytes: int
     free_bytes: int
     used_bytes: int
     utilization_percent: float
+    resident_models: tuple[ModelInfo, ...] = ()
 
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    weight_bytes: int
-    dtype: str
+    @property
+    def resident_bytes(self) -> int:
+        return sum(model.weight_bytes for model in self.resident_models)
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,15 @@ class ImageStore:
         final = self.root / relative
         final.parent.mkdir(parents=True, exist_ok=True)
         partial = final.with_suffix(".part")
-        with open(partial, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        partial.replace(final)
+        try:
+            with open(partial, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            partial.replace(final)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
         return relative
 
     def remove(self, relative_paths: list[str]) -> None:

@@ -202,6 +202,8 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
                     continue  # already sent as the latest one
                 if event.durable:
                     if event.seq <= last:
+                        if event.terminal:
+                            return  # the caller asked to resume past the end
                         continue  # already replayed from the store
                     if event.seq > last + 1:
                         # Commits can be published out of order; fill the gap.

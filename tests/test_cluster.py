@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from scheduler.cluster import ActiveAttempt, Cluster
-from scheduler.domain import DeviceStats
+from scheduler.domain import DeviceStats, ModelInfo
 from tests.factories import GIB, make_node
 
 
@@ -40,8 +40,10 @@ def test_connect_refuses_a_second_session_with_the_same_id() -> None:
     else:
         raise AssertionError("a second session with the same node id was accepted")
     first.attempts["j"] = attempt("j", gib=1, assigned_at=0, started_at=None)
-    assert [a.job_id for a in cluster.disconnect(first)] == ["j"]
+    cluster.disconnect(first)
     assert cluster.sessions == {}
+    assert [a.job_id for a in first.take_attempts()] == ["j"]
+    assert first.attempts == {}
     assert first.outbox.get_nowait() is None  # its stream is told to end
 
 
@@ -52,3 +54,15 @@ def test_holder_finds_the_current_attempt_only() -> None:
     assert cluster.holder("j", 1) is session
     assert cluster.holder("j", 2) is None
     assert cluster.models() == {"tiny": 2 * GIB}
+
+
+def test_a_resident_model_counts_as_free_memory() -> None:
+    cluster = Cluster()
+    cluster.connect(make_node("n1"), now=0.0)
+    sdxl = ModelInfo("sdxl", 7 * GIB, "float16")
+    # 24 GiB card: SDXL resident (7 GiB) and 3 GiB of other use -> 14 GiB free.
+    cluster.report_stats(
+        "n1", [DeviceStats(0, 24 * GIB, 14 * GIB, 10 * GIB, 0.0, (sdxl,))], now=1.0
+    )
+    # The worker reuses or evicts it, so placement may count on 14 + 7 = 21 GiB.
+    assert cluster.gpu_views()[0].free_bytes == 21 * GIB

@@ -334,3 +334,51 @@ def test_a_restart_requeues_what_was_running_without_a_failure(tmp_path: Path) -
 
     job_id = asyncio.run(first_life())
     run(second_life, tmp_path)
+
+
+def test_watching_past_the_end_still_ends(tmp_path: Path) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        agent = ScriptedAgent(port, "n1")
+        await agent.connect()
+        handle = await client.submit("p", width=64, height=64, steps=4)
+        job = await agent.assignment()
+        agent.started(job)
+        await until(handle.refresh, lambda j: j.state == "RUNNING", "RUNNING")
+        watching = asyncio.create_task(events_of(client, handle.id, after_seq=50))
+        agent.succeed(job, [PNG])
+        assert [e for e in await asyncio.wait_for(watching, 10) if e.seq] == []
+        await agent.close()
+
+    run(scenario, tmp_path)
+
+
+def test_a_result_that_cannot_be_stored_is_retried(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with running_scheduler(tmp_path / "scheduler") as server:
+            written: list[str] = []
+            real_write = server.gateway.images.write
+
+            def full_disk(job_id: str, attempt: int, index: int, data: bytes) -> str:
+                if attempt == 1 and index == 1:  # the disk fills up after the first image
+                    raise OSError(28, "No space left on device")
+                written.append(real_write(job_id, attempt, index, data))
+                return written[-1]
+
+            server.gateway.images.write = full_disk  # type: ignore[method-assign]
+            agent = ScriptedAgent(server.port, "n1")
+            await agent.connect()
+            async with AsyncClient(f"127.0.0.1:{server.port}") as client:
+                handle = await client.submit("p", width=64, height=64, batch_size=2)
+                agent.succeed(await agent.assignment(), [PNG, PNG])
+                retry = await agent.assignment()  # the node is still served
+                assert retry.attempt == 2
+                assert (await handle.refresh()).failures == 1
+                [(attempt, outcome, reason)] = server.db.store.attempt_reasons(handle.id)
+                assert (attempt, outcome) == (1, "failed")
+                assert "could not store the result: OSError: [Errno 28]" in reason
+                assert not (server.gateway.images.root / written[0]).exists()
+                agent.succeed(retry, [PNG, PNG])
+                assert (await handle.wait()).succeeded
+            await agent.close()
+
+    asyncio.run(main())

@@ -79,7 +79,8 @@ def submit(args: argparse.Namespace, client: Client) -> int:
     except KeyboardInterrupt:
         follower.console.print(
             f"stopped watching; job {handle.id} continues. "
-            f"Follow it with `sdctl watch {handle.id}`, stop it with `sdctl cancel {handle.id}`"
+            f"Follow it with `sdctl watch {handle.id}`, stop it with `sdctl cancel {handle.id}`",
+            markup=False,
         )
         return 130
     job = handle.refresh()
@@ -136,8 +137,10 @@ def job(args: argparse.Namespace, client: Client) -> int:
 def images(args: argparse.Namespace, client: Client) -> int:
     found = client.get_job(args.job_id)
     if not found.images:
-        print(f"job {found.id} is {found.state} and has no images")
-        return exit_code(found) if found.done else 1
+        if args.output == "json":
+            render.print_json([])
+        print(f"job {found.id} is {found.state} and has no images", file=sys.stderr)
+        return 1
     paths = _save(client, found, Path(args.output_dir))
     if args.output == "json":
         render.print_json(

@@ -37,7 +37,7 @@ class Follower:
         self.console = console or Console(stderr=True, highlight=False)
         self.result = Followed(steps_seen=[])
         self._progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),
             BarColumn(),
             MofNCompleteColumn(),
             TextColumn("steps"),
@@ -68,7 +68,7 @@ class Follower:
             message += f" on {event.node_name} gpu {event.gpu_index} (attempt {event.attempt})"
         if event.reason:
             message += f": {event.reason}"
-        self.console.print(message)
+        self.console.print(message, markup=False)
 
     def follow(self, events: Iterator[Event]) -> Followed:
         with self._progress:
@@ -85,7 +85,8 @@ class Follower:
                     self.result.previews += 1
                 elif isinstance(event, ImageEvent):
                     self.console.print(
-                        f"{self.job_id} image {event.image.index} stored (seed {event.image.seed})"
+                        f"{self.job_id} image {event.image.index} stored (seed {event.image.seed})",
+                        markup=False,
                     )
                 self._progress.update(self._task, description=self._describe())
                 if isinstance(event, StateEvent) and event.terminal:

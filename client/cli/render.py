@@ -153,6 +153,7 @@ def node_json(node: Node) -> dict[str, Any]:
                 "used_bytes": d.used_bytes,
                 "utilization_percent": d.utilization_percent,
                 "active_jobs": d.active_jobs,
+                "resident_models": d.resident_models,
             }
             for d in node.devices
         ],
@@ -173,12 +174,13 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     from rich import box
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, header_style="bold")
     for header in headers:
         table.add_column(header, overflow="fold")
     for row in rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # prompts may contain [brackets]
     console = Console()
     if not console.is_terminal:  # piped: never fold cells to 80 columns
         console = Console(width=10_000)
@@ -204,8 +206,10 @@ def jobs_table(jobs: list[Job]) -> None:
 
 
 def job_detail(job: Job) -> None:
-    spec = job.spec
     from rich.console import Console
+    from rich.text import Text
+
+    spec = job.spec
 
     lines = [
         ("Job", job.id),
@@ -239,7 +243,8 @@ def job_detail(job: Job) -> None:
     ]
     console = Console(soft_wrap=True, highlight=False)
     for label, value in lines:
-        console.print(f"[bold]{label + ':':<17}[/bold]{value}", markup=True)
+        # Text, not markup: A1111 prompts use [brackets] of their own.
+        console.print(Text.assemble((f"{label + ':':<17}", "bold"), value))
 
 
 def nodes_table(nodes: list[Node]) -> None:
