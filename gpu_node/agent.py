@@ -208,19 +208,18 @@ class Agent:
         for job in assignment.jobs:
             self._live.add((job.job_id, job.attempt))
             self._idle.clear()
-            task = Task(
-                job.job_id,
-                job.attempt,
-                spec_from_proto(job.spec),
-                memory_mode_from_proto(job.memory_mode),
-            )
-            if worker is None:
-                reason = f"this node has no device {assignment.gpu_index}"
-                self._emit(
-                    WorkerEvent(
-                        job.job_id, job.attempt, Ended(AttemptOutcome.FAILED, reason, "error")
-                    )
+            try:
+                if worker is None:
+                    raise ValueError(f"this node has no device {assignment.gpu_index}")
+                task = Task(
+                    job.job_id,
+                    job.attempt,
+                    spec_from_proto(job.spec),
+                    memory_mode_from_proto(job.memory_mode),
                 )
+            except ValueError as exc:  # InvalidArgument is one too
+                failed = Ended(AttemptOutcome.FAILED, f"bad assignment: {exc}", "error")
+                self._emit(WorkerEvent(job.job_id, job.attempt, failed))
                 continue
             if self.draining:
                 task.stop(AttemptOutcome.RELEASED, "node is draining")

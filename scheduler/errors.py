@@ -10,7 +10,7 @@ class SchedulerError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
 
-class InvalidArgument(SchedulerError):
+class InvalidArgument(SchedulerError, ValueError):
     """A request field is out of range. The message names the field and what
     is allowed."""
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from gpu_node.agent import UPLOAD_CHUNK_BYTES, Agent, AgentConfig, job_updates
 from gpu_node.probe import CpuProbe
 from gpu_node.runner import ImageReady, WorkerEvent
-from protos import agent_pb2
+from protos import agent_pb2, common_pb2
 from scheduler.convert import spec_to_proto
 from tests.factories import make_spec
 
@@ -62,6 +62,13 @@ def test_assignments_run_and_a_drain_hands_back_what_waits(
                 gpu_index=7, jobs=[agent_pb2.AssignedJob(job_id="nowhere", attempt=1, spec=spec)]
             )
         )
+        unresolved = common_pb2.JobSpec(prompt="p")  # defaults not applied: not from a scheduler
+        agent._assign(
+            agent_pb2.Assignment(
+                gpu_index=0,
+                jobs=[agent_pb2.AssignedJob(job_id="unresolved", attempt=1, spec=unresolved)],
+            )
+        )
         await asyncio.wait_for(agent._idle.wait(), 60)
         await asyncio.sleep(0)  # let the last call_soon_threadsafe land
         agent.close()
@@ -78,7 +85,8 @@ def test_assignments_run_and_a_drain_hands_back_what_waits(
     assert ended["second"].outcome == agent_pb2.ATTEMPT_OUTCOME_RELEASED
     assert ended["late"].outcome == agent_pb2.ATTEMPT_OUTCOME_RELEASED
     assert ended["nowhere"].outcome == agent_pb2.ATTEMPT_OUTCOME_FAILED
-    assert ended["nowhere"].reason == "this node has no device 7"
+    assert ended["nowhere"].reason == "bad assignment: this node has no device 7"
+    assert ended["unresolved"].reason.startswith("bad assignment: batch_size: must be set")
     kinds = [u.WhichOneof("body") for u in updates if u.job_id == "first"]
     assert kinds[0] == "started"
     assert kinds[-1] == "ended"
