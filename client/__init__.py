@@ -21,6 +21,7 @@ from client._errors import (
     UnavailableError,
 )
 from client._models import (
+    Attempt,
     Device,
     Event,
     Image,
@@ -40,6 +41,7 @@ from client._sync import Client, JobHandle
 __all__ = [
     "AsyncClient",
     "AsyncJobHandle",
+    "Attempt",
     "Client",
     "Device",
     "Event",

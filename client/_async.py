@@ -57,6 +57,7 @@ class SubmitOptions(TypedDict, total=False):
     priority: int  # -100..100, higher first
     memory_mode: str  # auto, full, model_offload, sequential_offload
     labels: Mapping[str, str]
+    selector: Mapping[str, str]  # only nodes with all these labels take the job
     request_id: str
 
 
@@ -133,6 +134,7 @@ class AsyncClient:
             memory_mode=MEMORY_MODES[memory_mode],
             request_id=options.get("request_id") or uuid.uuid4().hex,
             labels=dict(options.get("labels") or {}),
+            selector=dict(options.get("selector") or {}),
         )
         for name in OPTIONAL_SPEC_FIELDS:
             value = options.get(name)

@@ -47,6 +47,7 @@ class JobSpec:
     memory_mode: str
     request_id: str
     labels: dict[str, str]
+    selector: dict[str, str]
 
     @classmethod
     def from_proto(cls, spec: common_pb2.JobSpec) -> JobSpec:
@@ -65,6 +66,7 @@ class JobSpec:
             memory_mode=memory_mode_name(spec.memory_mode),
             request_id=spec.request_id,
             labels=dict(spec.labels),
+            selector=dict(spec.selector),
         )
 
     @property
@@ -107,6 +109,50 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Attempt:
+    """One dispatch of a job: where, why, and its profile (as Forge's
+    --profile reports it)."""
+
+    attempt: int
+    node_id: str
+    node_name: str
+    gpu_index: int
+    memory_mode: str
+    outcome: str  # "" while it runs
+    reason: str
+    placement: str  # why this GPU
+    vram_estimate_bytes: int
+    queued_seconds: float
+    load_seconds: float
+    mean_step_seconds: float
+    peak_vram_bytes: int
+    assigned_at: datetime
+    started_at: datetime | None
+    ended_at: datetime | None
+
+    @classmethod
+    def from_proto(cls, attempt: scheduler_pb2.AttemptInfo) -> Attempt:
+        return cls(
+            attempt=attempt.attempt,
+            node_id=attempt.node_id,
+            node_name=attempt.node_name,
+            gpu_index=attempt.gpu_index,
+            memory_mode=memory_mode_name(attempt.memory_mode),
+            outcome=attempt.outcome,
+            reason=attempt.reason,
+            placement=attempt.placement,
+            vram_estimate_bytes=attempt.vram_estimate_bytes,
+            queued_seconds=attempt.queued_seconds,
+            load_seconds=attempt.load_seconds,
+            mean_step_seconds=attempt.mean_step_seconds,
+            peak_vram_bytes=attempt.peak_vram_bytes,
+            assigned_at=_time(attempt.assigned_at),
+            started_at=_optional_time(attempt, "started_at"),
+            ended_at=_optional_time(attempt, "ended_at"),
+        )
+
+
+@dataclass(frozen=True)
 class Job:
     id: str
     state: str  # QUEUED, ASSIGNED, RUNNING, SUCCEEDED, FAILED, CANCELLED
@@ -126,6 +172,7 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     progress: Progress | None
+    attempts: list[Attempt]  # filled in by get_job, empty in listings
 
     @property
     def done(self) -> bool:
@@ -160,6 +207,7 @@ class Job:
                 if job.HasField("progress")
                 else None
             ),
+            attempts=[Attempt.from_proto(attempt) for attempt in job.attempts],
         )
 
 
@@ -234,6 +282,7 @@ class Device:
     utilization_percent: float | None
     active_jobs: int
     resident_models: list[str]  # loaded on the device now
+    speeds: dict[str, float]  # measured megapixel-steps per second, per model
 
 
 @dataclass(frozen=True)
@@ -265,6 +314,11 @@ class Node:
                     utilization_percent=stats.utilization_percent if stats else None,
                     active_jobs=device.active_jobs,
                     resident_models=[m.name for m in stats.resident_models] if stats else [],
+                    speeds=(
+                        {s.model: s.megapixel_steps_per_second for s in stats.model_speeds}
+                        if stats
+                        else {}
+                    ),
                 )
             )
         return cls(

@@ -27,7 +27,7 @@ from grpc import aio
 from gpu_node.catalog import Catalog
 from gpu_node.identity import DataDirLock, Identity, load_identity
 from gpu_node.pipelines import quiet_libraries
-from gpu_node.probe import Probe, detect_probe
+from gpu_node.probe import Probe, detect_probe, host_memory
 from gpu_node.runner import (
     DeviceWorker,
     Ended,
@@ -46,7 +46,7 @@ from scheduler.convert import (
     profile_to_proto,
     spec_from_proto,
 )
-from scheduler.domain import AttemptOutcome, DeviceStats, NodeInfo, Preview
+from scheduler.domain import AttemptOutcome, DeviceInfo, DeviceStats, NodeInfo, Preview
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ class AgentConfig:
     models_dir: Path | None = None
     name: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    gpus: tuple[int, ...] | None = None  # device indexes to use; None: all
+    synthetic_models: dict[str, int] = field(default_factory=dict)  # simulated GPUs only
 
 
 def job_updates(event: WorkerEvent) -> list[agent_pb2.JobUpdate]:
@@ -129,12 +131,27 @@ def _image_updates(job_id: str, attempt: int, image: ImageReady) -> list[agent_p
     return updates
 
 
+def select_devices(devices: list[DeviceInfo], wanted: tuple[int, ...] | None) -> list[DeviceInfo]:
+    """The devices `--gpus` names (all when it is not given)."""
+    if wanted is None:
+        return devices
+    by_index = {device.index: device for device in devices}
+    missing = [index for index in wanted if index not in by_index]
+    if missing:
+        have = ", ".join(str(index) for index in sorted(by_index)) or "none"
+        raise ValueError(
+            f"--gpus {','.join(map(str, wanted))}: no device {missing[0]}; this host has {have}"
+        )
+    return [by_index[index] for index in sorted(set(wanted))]
+
+
 class Agent:
     def __init__(self, config: AgentConfig, probe: Probe | None = None) -> None:
         self.config = config
         self.probe = probe
         self.lock = DataDirLock(config.data_dir)
-        self.catalog = Catalog(config.data_dir, config.models_dir)
+        self.catalog = Catalog(config.data_dir, config.models_dir, config.synthetic_models)
+        self.devices: list[DeviceInfo] = []
         self.identity: Identity | None = None
         self.workers: dict[int, DeviceWorker] = {}
         self.draining = False
@@ -149,14 +166,13 @@ class Agent:
         self.lock.acquire()
         self._loop = asyncio.get_running_loop()
         probe = self.probe = self.probe or detect_probe()
-        devices = probe.devices()
+        devices = self.devices = select_devices(probe.devices(), self.config.gpus)
         self.identity = load_identity(self.config.data_dir, self.config.name, devices)
         quiet_libraries()  # imports torch and diffusers now, not in the first job
         models = self.catalog.scan()
         for device in devices:
-            self.workers[device.index] = DeviceWorker(
-                device, probe.torch_device(device.index), self.catalog, self._emit
-            )
+            backend = probe.backend(device.index, self.catalog)
+            self.workers[device.index] = DeviceWorker(device, backend, self._emit)
         log.info(
             "agent %s (%s): %s; models: %s",
             self.identity.name,
@@ -172,7 +188,7 @@ class Agent:
             name=self.identity.name,
             hostname=socket.gethostname(),
             agent_version=agent_version(),
-            devices=tuple(self.probe.devices()),
+            devices=tuple(self.devices),
             models=tuple(model.info for model in self.catalog.models.values()),
             labels=dict(self.config.labels),
         )
@@ -331,20 +347,29 @@ class Agent:
         while True:
             try:
                 stats = await loop.run_in_executor(None, self.probe.stats)
+                host_total, host_free = host_memory()
             except Exception as exc:  # an NVML error after a GPU fault, say
                 log.warning("reading device stats failed: %s: %s", type(exc).__name__, exc)
             else:
                 message = agent_pb2.Stats(
-                    devices=[device_stats_to_proto(self._with_resident(s)) for s in stats]
+                    devices=[
+                        device_stats_to_proto(self._with_worker(s))
+                        for s in stats
+                        if s.index in self.workers
+                    ],
+                    host_total_bytes=host_total,
+                    host_free_bytes=host_free,
                 )
                 outbox.put_nowait(agent_pb2.AgentMessage(stats=message))
             await asyncio.sleep(heartbeat)
 
-    def _with_resident(self, stats: DeviceStats) -> DeviceStats:
-        worker = self.workers.get(stats.index)
-        if worker is None:
-            return stats
-        return replace(stats, resident_models=worker.pipelines.resident())
+    def _with_worker(self, stats: DeviceStats) -> DeviceStats:
+        """Adds what only the device's worker knows: the resident model and
+        the speeds it measured."""
+        worker = self.workers[stats.index]
+        return replace(
+            stats, resident_models=worker.backend.resident(), speeds=dict(worker.speeds.speeds)
+        )
 
     async def _leave_when(
         self,

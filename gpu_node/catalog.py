@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,9 +36,13 @@ SAFETENSORS_DTYPES = {
 @dataclass(frozen=True)
 class LocalModel:
     name: str
-    path: Path
+    path: Path | None  # None for a synthetic model that only simulated GPUs run
     weight_bytes: int
     dtype: str
+
+    @property
+    def synthetic(self) -> bool:
+        return self.path is None
 
     @property
     def info(self) -> ModelInfo:
@@ -83,9 +88,12 @@ def describe(name: str, folder: Path) -> LocalModel:
 
 
 class Catalog:
-    def __init__(self, data_dir: Path, models_dir: Path | None) -> None:
+    def __init__(
+        self, data_dir: Path, models_dir: Path | None, synthetic: Mapping[str, int] | None = None
+    ) -> None:
         self.data_dir = data_dir
         self.models_dir = models_dir
+        self.synthetic = dict(synthetic or {})  # name -> weight bytes, for simulated GPUs
         self.models: dict[str, LocalModel] = {}
 
     def scan(self) -> list[LocalModel]:
@@ -111,6 +119,8 @@ class Catalog:
                         "use a diffusers folder",
                         entry.name,
                     )
+        for name, weight_bytes in self.synthetic.items():
+            found[name] = LocalModel(name, None, weight_bytes, "float16")
         self.models = found
         return list(found.values())
 

@@ -103,7 +103,7 @@ class PipelineCache:
         mode = self.mode_on_device(memory_mode)
         if (self.model_name, self.memory_mode) != (model_name, mode):
             model = self.catalog.get(model_name)
-            if model is None:
+            if model is None or model.path is None:
                 raise ModelUnavailable(f"model {model_name!r} is not on this node")
             self.unload()
             started = time.monotonic()

@@ -16,19 +16,23 @@ import os
 import platform
 from typing import Any, Protocol
 
+from gpu_node.backends import Backend, TorchBackend
+from gpu_node.catalog import Catalog
 from scheduler.domain import DeviceInfo, DeviceStats
 
 log = logging.getLogger(__name__)
 
 
 class Probe(Protocol):
-    kind: str  # "nvml", "torch", "cpu"
+    kind: str  # "nvml", "torch", "cpu", "simulated"
 
     def devices(self) -> list[DeviceInfo]: ...
 
     def stats(self) -> list[DeviceStats]: ...
 
-    def torch_device(self, index: int) -> str: ...
+    def backend(self, index: int, catalog: Catalog) -> Backend:
+        """What the worker for device `index` runs jobs through."""
+        ...
 
 
 def visible_cuda_devices(environ: dict[str, str] | None = None) -> list[str] | None:
@@ -92,8 +96,8 @@ class NvmlProbe:
             )
         return stats
 
-    def torch_device(self, index: int) -> str:
-        return f"cuda:{index}"
+    def backend(self, index: int, catalog: Catalog) -> Backend:
+        return TorchBackend(f"cuda:{index}", catalog)
 
 
 class TorchCudaProbe:
@@ -123,8 +127,15 @@ class TorchCudaProbe:
             stats.append(DeviceStats(index, total, free, total - free, 0.0))
         return stats
 
-    def torch_device(self, index: int) -> str:
-        return f"cuda:{index}"
+    def backend(self, index: int, catalog: Catalog) -> Backend:
+        return TorchBackend(f"cuda:{index}", catalog)
+
+
+def host_memory() -> tuple[int, int]:
+    """(total, available) bytes of host RAM."""
+    memory = _meminfo()
+    total = memory.get("MemTotal", 0)
+    return total, memory.get("MemAvailable", memory.get("MemFree", 0))
 
 
 def _meminfo() -> dict[str, int]:
@@ -152,14 +163,12 @@ class CpuProbe:
         return [DeviceInfo(0, f"CPU ({name}, {os.cpu_count()} cores)", "cpu-0", "cpu", total)]
 
     def stats(self) -> list[DeviceStats]:
-        memory = _meminfo()
-        total = memory.get("MemTotal", 0)
-        free = memory.get("MemAvailable", memory.get("MemFree", 0))
+        total, free = host_memory()
         load = os.getloadavg()[0] / (os.cpu_count() or 1)
         return [DeviceStats(0, total, free, total - free, min(100.0, 100.0 * load))]
 
-    def torch_device(self, index: int) -> str:
-        return "cpu"
+    def backend(self, index: int, catalog: Catalog) -> Backend:
+        return TorchBackend("cpu", catalog)
 
 
 def detect_probe() -> Probe:

@@ -8,7 +8,6 @@ only checks for a stop, reports the step and hands latents to the previewer.
 
 from __future__ import annotations
 
-import gc
 import io
 import logging
 import queue
@@ -19,11 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from gpu_node.catalog import Catalog
-from gpu_node.pipelines import ModelUnavailable, PipelineCache
+from gpu_node.backends import Backend
+from gpu_node.pipelines import ModelUnavailable
 from gpu_node.preview import Previewer
 from scheduler.domain import AttemptOutcome, AttemptProfile, DeviceInfo, Preview
 from scheduler.spec import JobSpec, MemoryMode, infotext
+from scheduler.speeds import SpeedTable
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +102,11 @@ def encode_png(image: Any, parameters: str) -> bytes:
 
 class DeviceWorker:
     def __init__(
-        self,
-        device: DeviceInfo,
-        torch_device: str,
-        catalog: Catalog,
-        emit: Callable[[WorkerEvent], None],
+        self, device: DeviceInfo, backend: Backend, emit: Callable[[WorkerEvent], None]
     ) -> None:
         self.device = device
-        self.torch_device = torch_device
-        self.pipelines = PipelineCache(torch_device, catalog)
+        self.backend = backend
+        self.speeds = SpeedTable()  # measured here, reported in every stats message
         self._emit = emit
         self._queue: queue.Queue[Task | None] = queue.Queue()
         self._tasks: dict[tuple[str, int], Task] = {}
@@ -151,7 +147,7 @@ class DeviceWorker:
                     self._tasks.pop((task.job_id, task.attempt), None)
                 # Hand the allocator's cache back, so that the free memory
                 # NVML reports (and placement uses) is what is really free.
-                self._free_memory()
+                self.backend.release()
 
     def _send(self, task: Task, body: Started | StepDone | Preview | ImageReady | Ended) -> None:
         self._emit(WorkerEvent(task.job_id, task.attempt, body))
@@ -166,7 +162,7 @@ class DeviceWorker:
         self._send(task, Started())
         spec = task.spec
         try:
-            pipeline, load_seconds = self.pipelines.get(
+            pipeline, load_seconds = self.backend.pipeline(
                 spec.model, spec.sampler_name, task.memory_mode
             )
         except ModelUnavailable as exc:
@@ -194,9 +190,7 @@ class DeviceWorker:
             previewer.offer(index + 1, total, tensors.get("latents"))
             return tensors
 
-        cuda = self.torch_device.startswith("cuda")
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.torch_device)
+        self.backend.begin_job()
         try:
             result = pipeline(
                 prompt=spec.prompt,
@@ -217,9 +211,11 @@ class DeviceWorker:
             self._send(task, self._stopped(task))
             return
         except torch.OutOfMemoryError as exc:
+            message = one_line(exc)
             del exc  # drop the traceback's references to the tensors
-            self._free_memory()
-            self._send(task, Ended(AttemptOutcome.FAILED, "CUDA out of memory", "oom"))
+            self.backend.release()
+            profile = AttemptProfile(load_seconds, 0.0, self.backend.peak_bytes())
+            self._send(task, Ended(AttemptOutcome.FAILED, message, "oom", profile))
             return
         except Exception as exc:
             self._send(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
@@ -231,19 +227,12 @@ class DeviceWorker:
             mean_step = (step_times[-1] - step_times[0]) / (len(step_times) - 1)
         else:
             mean_step = step_times[0] - started if step_times else 0.0
-        profile = AttemptProfile(
-            load_seconds=load_seconds,
-            mean_step_seconds=mean_step,
-            peak_vram_bytes=int(torch.cuda.max_memory_allocated(self.torch_device)) if cuda else 0,
-        )
+        profile = AttemptProfile(load_seconds, mean_step, self.backend.peak_bytes())
+        if task.memory_mode in (MemoryMode.AUTO, MemoryMode.FULL):
+            self.speeds.record(
+                spec.model, spec.width, spec.height, spec.batch_size, mean_step, load_seconds
+            )
         for index, (image, seed) in enumerate(zip(result.images, spec.seeds, strict=True)):
             png = encode_png(image, infotext(spec, seed))
             self._send(task, ImageReady(index, seed, image.width, image.height, png))
         self._send(task, Ended(AttemptOutcome.SUCCEEDED, profile=profile))
-
-    def _free_memory(self) -> None:
-        gc.collect()
-        if self.torch_device.startswith("cuda"):
-            import torch
-
-            torch.cuda.empty_cache()

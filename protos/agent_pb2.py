@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/agent.proto\x12\tsdmesh.v1\x1a\x13protos/common.proto\"\x81\x01\n\x0c\x41gentMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.sdmesh.v1.HelloH\x00\x12!\n\x05stats\x18\x02 \x01(\x0b\x32\x10.sdmesh.v1.StatsH\x00\x12#\n\x03job\x18\x03 \x01(\x0b\x32\x14.sdmesh.v1.JobUpdateH\x00\x42\x06\n\x04\x62ody\"\xfa\x01\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12&\n\x07\x64\x65vices\x18\x05 \x03(\x0b\x32\x15.sdmesh.v1.DeviceInfo\x12$\n\x06models\x18\x06 \x03(\x0b\x32\x14.sdmesh.v1.ModelInfo\x12,\n\x06labels\x18\x07 \x03(\x0b\x32\x1c.sdmesh.v1.Hello.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"0\n\x05Stats\x12\'\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x16.sdmesh.v1.DeviceStats\"\x85\x02\n\tJobUpdate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12,\n\x07started\x18\n \x01(\x0b\x32\x19.sdmesh.v1.AttemptStartedH\x00\x12\'\n\x08progress\x18\x0b \x01(\x0b\x32\x13.sdmesh.v1.ProgressH\x00\x12%\n\x07preview\x18\x0c \x01(\x0b\x32\x12.sdmesh.v1.PreviewH\x00\x12\'\n\x05image\x18\r \x01(\x0b\x32\x16.sdmesh.v1.ImageUploadH\x00\x12(\n\x05\x65nded\x18\x0e \x01(\x0b\x32\x17.sdmesh.v1.AttemptEndedH\x00\x42\x06\n\x04\x62ody\"\x10\n\x0e\x41ttemptStarted\"\x99\x01\n\x0bImageUpload\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x03\"Z\n\x0e\x41ttemptProfile\x12\x14\n\x0cload_seconds\x18\x01 \x01(\x01\x12\x19\n\x11mean_step_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fpeak_vram_bytes\x18\x03 \x01(\x03\"\x8a\x01\n\x0c\x41ttemptEnded\x12*\n\x07outcome\x18\x01 \x01(\x0e\x32\x19.sdmesh.v1.AttemptOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nerror_kind\x18\x03 \x01(\t\x12*\n\x07profile\x18\x04 \x01(\x0b\x32\x19.sdmesh.v1.AttemptProfile\"\xb5\x01\n\x10SchedulerMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.sdmesh.v1.WelcomeH\x00\x12\'\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x15.sdmesh.v1.AssignmentH\x00\x12&\n\x04stop\x18\x03 \x01(\x0b\x32\x16.sdmesh.v1.StopAttemptH\x00\x12!\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x10.sdmesh.v1.DrainH\x00\x42\x06\n\x04\x62ody\"$\n\x07Welcome\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x01\"E\n\nAssignment\x12\x11\n\tgpu_index\x18\x01 \x01(\x05\x12$\n\x04jobs\x18\x02 \x03(\x0b\x32\x16.sdmesh.v1.AssignedJob\"|\n\x0b\x41ssignedJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.sdmesh.v1.JobSpec\x12*\n\x0bmemory_mode\x18\x04 \x01(\x0e\x32\x15.sdmesh.v1.MemoryMode\">\n\x0bStopAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x07\n\x05\x44rain*\xa7\x01\n\x0e\x41ttemptOutcome\x12\x1f\n\x1b\x41TTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41TTEMPT_OUTCOME_SUCCEEDED\x10\x01\x12\x1a\n\x16\x41TTEMPT_OUTCOME_FAILED\x10\x02\x12\x1b\n\x17\x41TTEMPT_OUTCOME_STOPPED\x10\x03\x12\x1c\n\x18\x41TTEMPT_OUTCOME_RELEASED\x10\x04\x32S\n\x0c\x41gentGateway\x12\x43\n\x07\x43onnect\x12\x17.sdmesh.v1.AgentMessage\x1a\x1b.sdmesh.v1.SchedulerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12protos/agent.proto\x12\tsdmesh.v1\x1a\x13protos/common.proto\"\x81\x01\n\x0c\x41gentMessage\x12!\n\x05hello\x18\x01 \x01(\x0b\x32\x10.sdmesh.v1.HelloH\x00\x12!\n\x05stats\x18\x02 \x01(\x0b\x32\x10.sdmesh.v1.StatsH\x00\x12#\n\x03job\x18\x03 \x01(\x0b\x32\x14.sdmesh.v1.JobUpdateH\x00\x42\x06\n\x04\x62ody\"\xfa\x01\n\x05Hello\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12&\n\x07\x64\x65vices\x18\x05 \x03(\x0b\x32\x15.sdmesh.v1.DeviceInfo\x12$\n\x06models\x18\x06 \x03(\x0b\x32\x14.sdmesh.v1.ModelInfo\x12,\n\x06labels\x18\x07 \x03(\x0b\x32\x1c.sdmesh.v1.Hello.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x05Stats\x12\'\n\x07\x64\x65vices\x18\x01 \x03(\x0b\x32\x16.sdmesh.v1.DeviceStats\x12\x18\n\x10host_total_bytes\x18\x02 \x01(\x03\x12\x17\n\x0fhost_free_bytes\x18\x03 \x01(\x03\"\x85\x02\n\tJobUpdate\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12,\n\x07started\x18\n \x01(\x0b\x32\x19.sdmesh.v1.AttemptStartedH\x00\x12\'\n\x08progress\x18\x0b \x01(\x0b\x32\x13.sdmesh.v1.ProgressH\x00\x12%\n\x07preview\x18\x0c \x01(\x0b\x32\x12.sdmesh.v1.PreviewH\x00\x12\'\n\x05image\x18\r \x01(\x0b\x32\x16.sdmesh.v1.ImageUploadH\x00\x12(\n\x05\x65nded\x18\x0e \x01(\x0b\x32\x17.sdmesh.v1.AttemptEndedH\x00\x42\x06\n\x04\x62ody\"\x10\n\x0e\x41ttemptStarted\"\x99\x01\n\x0bImageUpload\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x0c\n\x04last\x18\x07 \x01(\x08\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x12\n\nsize_bytes\x18\t \x01(\x03\"Z\n\x0e\x41ttemptProfile\x12\x14\n\x0cload_seconds\x18\x01 \x01(\x01\x12\x19\n\x11mean_step_seconds\x18\x02 \x01(\x01\x12\x17\n\x0fpeak_vram_bytes\x18\x03 \x01(\x03\"\x8a\x01\n\x0c\x41ttemptEnded\x12*\n\x07outcome\x18\x01 \x01(\x0e\x32\x19.sdmesh.v1.AttemptOutcome\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x12\n\nerror_kind\x18\x03 \x01(\t\x12*\n\x07profile\x18\x04 \x01(\x0b\x32\x19.sdmesh.v1.AttemptProfile\"\xb5\x01\n\x10SchedulerMessage\x12%\n\x07welcome\x18\x01 \x01(\x0b\x32\x12.sdmesh.v1.WelcomeH\x00\x12\'\n\x06\x61ssign\x18\x02 \x01(\x0b\x32\x15.sdmesh.v1.AssignmentH\x00\x12&\n\x04stop\x18\x03 \x01(\x0b\x32\x16.sdmesh.v1.StopAttemptH\x00\x12!\n\x05\x64rain\x18\x04 \x01(\x0b\x32\x10.sdmesh.v1.DrainH\x00\x42\x06\n\x04\x62ody\"$\n\x07Welcome\x12\x19\n\x11heartbeat_seconds\x18\x01 \x01(\x01\"E\n\nAssignment\x12\x11\n\tgpu_index\x18\x01 \x01(\x05\x12$\n\x04jobs\x18\x02 \x03(\x0b\x32\x16.sdmesh.v1.AssignedJob\"|\n\x0b\x41ssignedJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12 \n\x04spec\x18\x03 \x01(\x0b\x32\x12.sdmesh.v1.JobSpec\x12*\n\x0bmemory_mode\x18\x04 \x01(\x0e\x32\x15.sdmesh.v1.MemoryMode\">\n\x0bStopAttempt\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x07\n\x05\x44rain*\xa7\x01\n\x0e\x41ttemptOutcome\x12\x1f\n\x1b\x41TTEMPT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41TTEMPT_OUTCOME_SUCCEEDED\x10\x01\x12\x1a\n\x16\x41TTEMPT_OUTCOME_FAILED\x10\x02\x12\x1b\n\x17\x41TTEMPT_OUTCOME_STOPPED\x10\x03\x12\x1c\n\x18\x41TTEMPT_OUTCOME_RELEASED\x10\x04\x32S\n\x0c\x41gentGateway\x12\x43\n\x07\x43onnect\x12\x17.sdmesh.v1.AgentMessage\x1a\x1b.sdmesh.v1.SchedulerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._loaded_options = None
   _globals['_HELLO_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ATTEMPTOUTCOME']._serialized_start=1653
-  _globals['_ATTEMPTOUTCOME']._serialized_end=1820
+  _globals['_ATTEMPTOUTCOME']._serialized_start=1704
+  _globals['_ATTEMPTOUTCOME']._serialized_end=1871
   _globals['_AGENTMESSAGE']._serialized_start=55
   _globals['_AGENTMESSAGE']._serialized_end=184
   _globals['_HELLO']._serialized_start=187
@@ -43,29 +43,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLO_LABELSENTRY']._serialized_start=392
   _globals['_HELLO_LABELSENTRY']._serialized_end=437
   _globals['_STATS']._serialized_start=439
-  _globals['_STATS']._serialized_end=487
-  _globals['_JOBUPDATE']._serialized_start=490
-  _globals['_JOBUPDATE']._serialized_end=751
-  _globals['_ATTEMPTSTARTED']._serialized_start=753
-  _globals['_ATTEMPTSTARTED']._serialized_end=769
-  _globals['_IMAGEUPLOAD']._serialized_start=772
-  _globals['_IMAGEUPLOAD']._serialized_end=925
-  _globals['_ATTEMPTPROFILE']._serialized_start=927
-  _globals['_ATTEMPTPROFILE']._serialized_end=1017
-  _globals['_ATTEMPTENDED']._serialized_start=1020
-  _globals['_ATTEMPTENDED']._serialized_end=1158
-  _globals['_SCHEDULERMESSAGE']._serialized_start=1161
-  _globals['_SCHEDULERMESSAGE']._serialized_end=1342
-  _globals['_WELCOME']._serialized_start=1344
-  _globals['_WELCOME']._serialized_end=1380
-  _globals['_ASSIGNMENT']._serialized_start=1382
-  _globals['_ASSIGNMENT']._serialized_end=1451
-  _globals['_ASSIGNEDJOB']._serialized_start=1453
-  _globals['_ASSIGNEDJOB']._serialized_end=1577
-  _globals['_STOPATTEMPT']._serialized_start=1579
-  _globals['_STOPATTEMPT']._serialized_end=1641
-  _globals['_DRAIN']._serialized_start=1643
-  _globals['_DRAIN']._serialized_end=1650
-  _globals['_AGENTGATEWAY']._serialized_start=1822
-  _globals['_AGENTGATEWAY']._serialized_end=1905
+  _globals['_STATS']._serialized_end=538
+  _globals['_JOBUPDATE']._serialized_start=541
+  _globals['_JOBUPDATE']._serialized_end=802
+  _globals['_ATTEMPTSTARTED']._serialized_start=804
+  _globals['_ATTEMPTSTARTED']._serialized_end=820
+  _globals['_IMAGEUPLOAD']._serialized_start=823
+  _globals['_IMAGEUPLOAD']._serialized_end=976
+  _globals['_ATTEMPTPROFILE']._serialized_start=978
+  _globals['_ATTEMPTPROFILE']._serialized_end=1068
+  _globals['_ATTEMPTENDED']._serialized_start=1071
+  _globals['_ATTEMPTENDED']._serialized_end=1209
+  _globals['_SCHEDULERMESSAGE']._serialized_start=1212
+  _globals['_SCHEDULERMESSAGE']._serialized_end=1393
+  _globals['_WELCOME']._serialized_start=1395
+  _globals['_WELCOME']._serialized_end=1431
+  _globals['_ASSIGNMENT']._serialized_start=1433
+  _globals['_ASSIGNMENT']._serialized_end=1502
+  _globals['_ASSIGNEDJOB']._serialized_start=1504
+  _globals['_ASSIGNEDJOB']._serialized_end=1628
+  _globals['_STOPATTEMPT']._serialized_start=1630
+  _globals['_STOPATTEMPT']._serialized_end=1692
+  _globals['_DRAIN']._serialized_start=1694
+  _globals['_DRAIN']._serialized_end=1701
+  _globals['_AGENTGATEWAY']._serialized_start=1873
+  _globals['_AGENTGATEWAY']._serialized_end=1956
 # @@protoc_insertion_point(module_scope)

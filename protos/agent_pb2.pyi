@@ -151,16 +151,23 @@ class Stats(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     DEVICES_FIELD_NUMBER: _builtins.int
+    HOST_TOTAL_BYTES_FIELD_NUMBER: _builtins.int
+    HOST_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    host_total_bytes: _builtins.int
+    """Host memory, which the offloaded memory modes use."""
+    host_free_bytes: _builtins.int
     @_builtins.property
     def devices(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.DeviceStats]: ...
     def __init__(
         self,
         *,
         devices: _abc.Iterable[_common_pb2.DeviceStats] | None = ...,
+        host_total_bytes: _builtins.int = ...,
+        host_free_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["devices", b"devices", "host_free_bytes", b"host_free_bytes", "host_total_bytes", b"host_total_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\tsdmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf3\x03\n\x07JobSpec\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\x05model\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05width\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tcfg_scale\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x19\n\x0csampler_name\x18\t \x01(\tH\x06\x88\x01\x01\x12\x17\n\nbatch_size\x18\n \x01(\x05H\x07\x88\x01\x01\x12\x10\n\x08priority\x18\x0b \x01(\x05\x12*\n\x0bmemory_mode\x18\x0c \x01(\x0e\x32\x15.sdmesh.v1.MemoryMode\x12\x12\n\nrequest_id\x18\r \x01(\t\x12.\n\x06labels\x18\x0e \x03(\x0b\x32\x1e.sdmesh.v1.JobSpec.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_modelB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x0c\n\n_cfg_scaleB\x07\n\x05_seedB\x0f\n\r_sampler_nameB\r\n\x0b_batch_size\"k\n\tImageInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"X\n\x07Preview\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0b\n\x03png\x18\x05 \x01(\x0c\"x\n\x0bStateChange\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.sdmesh.v1.JobState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x11\n\tnode_name\x18\x04 \x01(\t\x12\x11\n\tgpu_index\x18\x05 \x01(\x05\"\x8a\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05state\x18\n \x01(\x0b\x32\x16.sdmesh.v1.StateChangeH\x00\x12%\n\x05image\x18\x0b \x01(\x0b\x32\x14.sdmesh.v1.ImageInfoH\x00\x12\'\n\x08progress\x18\x0c \x01(\x0b\x32\x13.sdmesh.v1.ProgressH\x00\x12%\n\x07preview\x18\r \x01(\x0b\x32\x12.sdmesh.v1.PreviewH\x00\x42\x06\n\x04\x62ody\">\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"Z\n\nDeviceInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\"\xa5\x01\n\x0b\x44\x65viceStats\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x12\n\nfree_bytes\x18\x03 \x01(\x03\x12\x12\n\nused_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13utilization_percent\x18\x05 \x01(\x02\x12-\n\x0fresident_models\x18\x06 \x03(\x0b\x32\x14.sdmesh.v1.ModelInfo*\xb2\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x16\n\x12JOB_STATE_ASSIGNED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*{\n\nMemoryMode\x12\x14\n\x10MEMORY_MODE_AUTO\x10\x00\x12\x14\n\x10MEMORY_MODE_FULL\x10\x01\x12\x1d\n\x19MEMORY_MODE_MODEL_OFFLOAD\x10\x02\x12\"\n\x1eMEMORY_MODE_SEQUENTIAL_OFFLOAD\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13protos/common.proto\x12\tsdmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xd8\x04\n\x07JobSpec\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x12\n\x05model\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\x12\n\x05width\x18\x04 \x01(\x05H\x01\x88\x01\x01\x12\x13\n\x06height\x18\x05 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05steps\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12\x16\n\tcfg_scale\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x05\x88\x01\x01\x12\x19\n\x0csampler_name\x18\t \x01(\tH\x06\x88\x01\x01\x12\x17\n\nbatch_size\x18\n \x01(\x05H\x07\x88\x01\x01\x12\x10\n\x08priority\x18\x0b \x01(\x05\x12*\n\x0bmemory_mode\x18\x0c \x01(\x0e\x32\x15.sdmesh.v1.MemoryMode\x12\x12\n\nrequest_id\x18\r \x01(\t\x12.\n\x06labels\x18\x0e \x03(\x0b\x32\x1e.sdmesh.v1.JobSpec.LabelsEntry\x12\x32\n\x08selector\x18\x0f \x03(\x0b\x32 .sdmesh.v1.JobSpec.SelectorEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a/\n\rSelectorEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06_modelB\x08\n\x06_widthB\t\n\x07_heightB\x08\n\x06_stepsB\x0c\n\n_cfg_scaleB\x07\n\x05_seedB\x0f\n\r_sampler_nameB\r\n\x0b_batch_size\"k\n\tImageInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04seed\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x12\n\nsize_bytes\x18\x04 \x01(\x03\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\"-\n\x08Progress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"X\n\x07Preview\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\x12\x0b\n\x03png\x18\x05 \x01(\x0c\"x\n\x0bStateChange\x12\"\n\x05state\x18\x01 \x01(\x0e\x32\x13.sdmesh.v1.JobState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x11\n\tnode_name\x18\x04 \x01(\t\x12\x11\n\tgpu_index\x18\x05 \x01(\x05\"\x8a\x02\n\x08JobEvent\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0b\n\x03seq\x18\x02 \x01(\x03\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05state\x18\n \x01(\x0b\x32\x16.sdmesh.v1.StateChangeH\x00\x12%\n\x05image\x18\x0b \x01(\x0b\x32\x14.sdmesh.v1.ImageInfoH\x00\x12\'\n\x08progress\x18\x0c \x01(\x0b\x32\x13.sdmesh.v1.ProgressH\x00\x12%\n\x07preview\x18\r \x01(\x0b\x32\x12.sdmesh.v1.PreviewH\x00\x42\x06\n\x04\x62ody\">\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\"Z\n\nDeviceInfo\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0c\n\x04uuid\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x05 \x01(\x03\"\xd2\x01\n\x0b\x44\x65viceStats\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x03\x12\x12\n\nfree_bytes\x18\x03 \x01(\x03\x12\x12\n\nused_bytes\x18\x04 \x01(\x03\x12\x1b\n\x13utilization_percent\x18\x05 \x01(\x02\x12-\n\x0fresident_models\x18\x06 \x03(\x0b\x32\x14.sdmesh.v1.ModelInfo\x12+\n\x0cmodel_speeds\x18\x07 \x03(\x0b\x32\x15.sdmesh.v1.ModelSpeed\"f\n\nModelSpeed\x12\r\n\x05model\x18\x01 \x01(\t\x12\"\n\x1amegapixel_steps_per_second\x18\x02 \x01(\x01\x12\x14\n\x0cload_seconds\x18\x03 \x01(\x01\x12\x0f\n\x07samples\x18\x04 \x01(\x05*\xb2\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x14\n\x10JOB_STATE_QUEUED\x10\x01\x12\x16\n\x12JOB_STATE_ASSIGNED\x10\x02\x12\x15\n\x11JOB_STATE_RUNNING\x10\x03\x12\x17\n\x13JOB_STATE_SUCCEEDED\x10\x04\x12\x14\n\x10JOB_STATE_FAILED\x10\x05\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x06*{\n\nMemoryMode\x12\x14\n\x10MEMORY_MODE_AUTO\x10\x00\x12\x14\n\x10MEMORY_MODE_FULL\x10\x01\x12\x1d\n\x19MEMORY_MODE_MODEL_OFFLOAD\x10\x02\x12\"\n\x1eMEMORY_MODE_SEQUENTIAL_OFFLOAD\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,28 +34,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_JOBSPEC_LABELSENTRY']._loaded_options = None
   _globals['_JOBSPEC_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=1531
-  _globals['_JOBSTATE']._serialized_end=1709
-  _globals['_MEMORYMODE']._serialized_start=1711
-  _globals['_MEMORYMODE']._serialized_end=1834
+  _globals['_JOBSPEC_SELECTORENTRY']._loaded_options = None
+  _globals['_JOBSPEC_SELECTORENTRY']._serialized_options = b'8\001'
+  _globals['_JOBSTATE']._serialized_start=1781
+  _globals['_JOBSTATE']._serialized_end=1959
+  _globals['_MEMORYMODE']._serialized_start=1961
+  _globals['_MEMORYMODE']._serialized_end=2084
   _globals['_JOBSPEC']._serialized_start=68
-  _globals['_JOBSPEC']._serialized_end=567
-  _globals['_JOBSPEC_LABELSENTRY']._serialized_start=426
-  _globals['_JOBSPEC_LABELSENTRY']._serialized_end=471
-  _globals['_IMAGEINFO']._serialized_start=569
-  _globals['_IMAGEINFO']._serialized_end=676
-  _globals['_PROGRESS']._serialized_start=678
-  _globals['_PROGRESS']._serialized_end=723
-  _globals['_PREVIEW']._serialized_start=725
-  _globals['_PREVIEW']._serialized_end=813
-  _globals['_STATECHANGE']._serialized_start=815
-  _globals['_STATECHANGE']._serialized_end=935
-  _globals['_JOBEVENT']._serialized_start=938
-  _globals['_JOBEVENT']._serialized_end=1204
-  _globals['_MODELINFO']._serialized_start=1206
-  _globals['_MODELINFO']._serialized_end=1268
-  _globals['_DEVICEINFO']._serialized_start=1270
-  _globals['_DEVICEINFO']._serialized_end=1360
-  _globals['_DEVICESTATS']._serialized_start=1363
-  _globals['_DEVICESTATS']._serialized_end=1528
+  _globals['_JOBSPEC']._serialized_end=668
+  _globals['_JOBSPEC_LABELSENTRY']._serialized_start=478
+  _globals['_JOBSPEC_LABELSENTRY']._serialized_end=523
+  _globals['_JOBSPEC_SELECTORENTRY']._serialized_start=525
+  _globals['_JOBSPEC_SELECTORENTRY']._serialized_end=572
+  _globals['_IMAGEINFO']._serialized_start=670
+  _globals['_IMAGEINFO']._serialized_end=777
+  _globals['_PROGRESS']._serialized_start=779
+  _globals['_PROGRESS']._serialized_end=824
+  _globals['_PREVIEW']._serialized_start=826
+  _globals['_PREVIEW']._serialized_end=914
+  _globals['_STATECHANGE']._serialized_start=916
+  _globals['_STATECHANGE']._serialized_end=1036
+  _globals['_JOBEVENT']._serialized_start=1039
+  _globals['_JOBEVENT']._serialized_end=1305
+  _globals['_MODELINFO']._serialized_start=1307
+  _globals['_MODELINFO']._serialized_end=1369
+  _globals['_DEVICEINFO']._serialized_start=1371
+  _globals['_DEVICEINFO']._serialized_end=1461
+  _globals['_DEVICESTATS']._serialized_start=1464
+  _globals['_DEVICESTATS']._serialized_end=1674
+  _globals['_MODELSPEED']._serialized_start=1676
+  _globals['_MODELSPEED']._serialized_end=1778
 # @@protoc_insertion_point(module_scope)

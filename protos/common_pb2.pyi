@@ -96,6 +96,26 @@ class JobSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class SelectorEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PROMPT_FIELD_NUMBER: _builtins.int
     NEGATIVE_PROMPT_FIELD_NUMBER: _builtins.int
     MODEL_FIELD_NUMBER: _builtins.int
@@ -110,6 +130,7 @@ class JobSpec(_message.Message):
     MEMORY_MODE_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    SELECTOR_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     negative_prompt: _builtins.str
     model: _builtins.str
@@ -136,6 +157,10 @@ class JobSpec(_message.Message):
     """a retried submit with the same id returns the same job"""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Only nodes whose labels include all of these take the job."""
+
     def __init__(
         self,
         *,
@@ -153,10 +178,11 @@ class JobSpec(_message.Message):
         memory_mode: Global___MemoryMode.ValueType = ...,
         request_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_cfg_scale", b"_cfg_scale", "_height", b"_height", "_model", b"_model", "_sampler_name", b"_sampler_name", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "batch_size", b"batch_size", "cfg_scale", b"cfg_scale", "height", b"height", "model", b"model", "sampler_name", b"sampler_name", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_cfg_scale", b"_cfg_scale", "_height", b"_height", "_model", b"_model", "_sampler_name", b"_sampler_name", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "batch_size", b"batch_size", "cfg_scale", b"cfg_scale", "height", b"height", "labels", b"labels", "memory_mode", b"memory_mode", "model", b"model", "negative_prompt", b"negative_prompt", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler_name", b"sampler_name", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_cfg_scale", b"_cfg_scale", "_height", b"_height", "_model", b"_model", "_sampler_name", b"_sampler_name", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "batch_size", b"batch_size", "cfg_scale", b"cfg_scale", "height", b"height", "labels", b"labels", "memory_mode", b"memory_mode", "model", b"model", "negative_prompt", b"negative_prompt", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler_name", b"sampler_name", "seed", b"seed", "selector", b"selector", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
@@ -432,6 +458,7 @@ class DeviceStats(_message.Message):
     USED_BYTES_FIELD_NUMBER: _builtins.int
     UTILIZATION_PERCENT_FIELD_NUMBER: _builtins.int
     RESIDENT_MODELS_FIELD_NUMBER: _builtins.int
+    MODEL_SPEEDS_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     total_bytes: _builtins.int
     free_bytes: _builtins.int
@@ -443,6 +470,10 @@ class DeviceStats(_message.Message):
         agent evicts them when it needs the room.
         """
 
+    @_builtins.property
+    def model_speeds(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelSpeed]:
+        """Measured after every job on this device."""
+
     def __init__(
         self,
         *,
@@ -452,11 +483,45 @@ class DeviceStats(_message.Message):
         used_bytes: _builtins.int = ...,
         utilization_percent: _builtins.float = ...,
         resident_models: _abc.Iterable[Global___ModelInfo] | None = ...,
+        model_speeds: _abc.Iterable[Global___ModelSpeed] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_bytes", b"free_bytes", "index", b"index", "resident_models", b"resident_models", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes", "utilization_percent", b"utilization_percent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["free_bytes", b"free_bytes", "index", b"index", "model_speeds", b"model_speeds", "resident_models", b"resident_models", "total_bytes", b"total_bytes", "used_bytes", b"used_bytes", "utilization_percent", b"utilization_percent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeviceStats: _TypeAlias = DeviceStats  # noqa: Y015
+
+@_typing.final
+class ModelSpeed(_message.Message):
+    """How fast a model runs on one device: megapixels x steps per second
+    (a 512x512 image is 0.26 megapixels), in full memory mode.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    MEGAPIXEL_STEPS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    SAMPLES_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    megapixel_steps_per_second: _builtins.float
+    load_seconds: _builtins.float
+    """the last cold load; 0 when not measured"""
+    samples: _builtins.int
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        megapixel_steps_per_second: _builtins.float = ...,
+        load_seconds: _builtins.float = ...,
+        samples: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_seconds", b"load_seconds", "megapixel_steps_per_second", b"megapixel_steps_per_second", "model", b"model", "samples", b"samples"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelSpeed: _TypeAlias = ModelSpeed  # noqa: Y015

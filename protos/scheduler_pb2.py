@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\tsdmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13protos/common.proto\"\xa0\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.sdmesh.v1.JobSpec\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.sdmesh.v1.JobState\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x10\n\x08\x66\x61ilures\x18\x06 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x0f\n\x07node_id\x18\x08 \x01(\t\x12\x11\n\tnode_name\x18\t \x01(\t\x12\x11\n\tgpu_index\x18\n \x01(\x05\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12$\n\x06images\x18\x0c \x03(\x0b\x32\x14.sdmesh.v1.ImageInfo\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x08progress\x18\x11 \x01(\x0b\x32\x13.sdmesh.v1.Progress\x12*\n\x0bmemory_mode\x18\x12 \x01(\x0e\x32\x15.sdmesh.v1.MemoryMode\"4\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.sdmesh.v1.JobSpec\"A\n\x11SubmitJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.sdmesh.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"h\n\x0fListJobsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.sdmesh.v1.JobState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.sdmesh.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"0\n\x0fGetImageRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\"N\n\nImageChunk\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.sdmesh.v1.ImageInfo\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x12\n\x10ListNodesRequest\"\x9b\x02\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\"\n\x07\x64\x65vices\x18\x05 \x03(\x0b\x32\x11.sdmesh.v1.Device\x12\x0e\n\x06models\x18\x06 \x03(\t\x12+\n\x06labels\x18\x07 \x03(\x0b\x32\x1b.sdmesh.v1.Node.LabelsEntry\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12-\n\tlast_seen\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x06\x44\x65vice\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.sdmesh.v1.DeviceInfo\x12%\n\x05stats\x18\x02 \x01(\x0b\x32\x16.sdmesh.v1.DeviceStats\x12\x13\n\x0b\x61\x63tive_jobs\x18\x03 \x01(\x05\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.sdmesh.v1.Node\"\x13\n\x11ListModelsRequest\"{\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08node_ids\x18\x04 \x03(\t\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.sdmesh.v1.Model2\x99\x04\n\tScheduler\x12\x46\n\tSubmitJob\x12\x1b.sdmesh.v1.SubmitJobRequest\x1a\x1c.sdmesh.v1.SubmitJobResponse\x12\x32\n\x06GetJob\x12\x18.sdmesh.v1.GetJobRequest\x1a\x0e.sdmesh.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.sdmesh.v1.ListJobsRequest\x1a\x1b.sdmesh.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.sdmesh.v1.CancelJobRequest\x1a\x0e.sdmesh.v1.Job\x12=\n\x08WatchJob\x12\x1a.sdmesh.v1.WatchJobRequest\x1a\x13.sdmesh.v1.JobEvent0\x01\x12?\n\x08GetImage\x12\x1a.sdmesh.v1.GetImageRequest\x1a\x15.sdmesh.v1.ImageChunk0\x01\x12\x46\n\tListNodes\x12\x1b.sdmesh.v1.ListNodesRequest\x1a\x1c.sdmesh.v1.ListNodesResponse\x12I\n\nListModels\x12\x1c.sdmesh.v1.ListModelsRequest\x1a\x1d.sdmesh.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\tsdmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13protos/common.proto\"\xca\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.sdmesh.v1.JobSpec\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.sdmesh.v1.JobState\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x10\n\x08\x66\x61ilures\x18\x06 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x0f\n\x07node_id\x18\x08 \x01(\t\x12\x11\n\tnode_name\x18\t \x01(\t\x12\x11\n\tgpu_index\x18\n \x01(\x05\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12$\n\x06images\x18\x0c \x03(\x0b\x32\x14.sdmesh.v1.ImageInfo\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x08progress\x18\x11 \x01(\x0b\x32\x13.sdmesh.v1.Progress\x12*\n\x0bmemory_mode\x18\x12 \x01(\x0e\x32\x15.sdmesh.v1.MemoryMode\x12(\n\x08\x61ttempts\x18\x13 \x03(\x0b\x32\x16.sdmesh.v1.AttemptInfo\"\xc3\x03\n\x0b\x41ttemptInfo\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x11\n\tgpu_index\x18\x04 \x01(\x05\x12*\n\x0bmemory_mode\x18\x05 \x01(\x0e\x32\x15.sdmesh.v1.MemoryMode\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x11\n\tplacement\x18\x08 \x01(\t\x12\x1b\n\x13vram_estimate_bytes\x18\t \x01(\x03\x12\x16\n\x0equeued_seconds\x18\n \x01(\x01\x12\x14\n\x0cload_seconds\x18\x0b \x01(\x01\x12\x19\n\x11mean_step_seconds\x18\x0c \x01(\x01\x12\x17\n\x0fpeak_vram_bytes\x18\r \x01(\x03\x12/\n\x0b\x61ssigned_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"4\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.sdmesh.v1.JobSpec\"A\n\x11SubmitJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.sdmesh.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"h\n\x0fListJobsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.sdmesh.v1.JobState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.sdmesh.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"0\n\x0fGetImageRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\"N\n\nImageChunk\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.sdmesh.v1.ImageInfo\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x12\n\x10ListNodesRequest\"\x9b\x02\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\"\n\x07\x64\x65vices\x18\x05 \x03(\x0b\x32\x11.sdmesh.v1.Device\x12\x0e\n\x06models\x18\x06 \x03(\t\x12+\n\x06labels\x18\x07 \x03(\x0b\x32\x1b.sdmesh.v1.Node.LabelsEntry\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12-\n\tlast_seen\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"i\n\x06\x44\x65vice\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.sdmesh.v1.DeviceInfo\x12%\n\x05stats\x18\x02 \x01(\x0b\x32\x16.sdmesh.v1.DeviceStats\x12\x13\n\x0b\x61\x63tive_jobs\x18\x03 \x01(\x05\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.sdmesh.v1.Node\"\x13\n\x11ListModelsRequest\"{\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08node_ids\x18\x04 \x03(\t\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.sdmesh.v1.Model2\x99\x04\n\tScheduler\x12\x46\n\tSubmitJob\x12\x1b.sdmesh.v1.SubmitJobRequest\x1a\x1c.sdmesh.v1.SubmitJobResponse\x12\x32\n\x06GetJob\x12\x18.sdmesh.v1.GetJobRequest\x1a\x0e.sdmesh.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.sdmesh.v1.ListJobsRequest\x1a\x1b.sdmesh.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.sdmesh.v1.CancelJobRequest\x1a\x0e.sdmesh.v1.Job\x12=\n\x08WatchJob\x12\x1a.sdmesh.v1.WatchJobRequest\x1a\x13.sdmesh.v1.JobEvent0\x01\x12?\n\x08GetImage\x12\x1a.sdmesh.v1.GetImageRequest\x1a\x15.sdmesh.v1.ImageChunk0\x01\x12\x46\n\tListNodes\x12\x1b.sdmesh.v1.ListNodesRequest\x1a\x1c.sdmesh.v1.ListNodesResponse\x12I\n\nListModels\x12\x1c.sdmesh.v1.ListModelsRequest\x1a\x1d.sdmesh.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,41 +36,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODE_LABELSENTRY']._loaded_options = None
   _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_JOB']._serialized_start=92
-  _globals['_JOB']._serialized_end=636
-  _globals['_SUBMITJOBREQUEST']._serialized_start=638
-  _globals['_SUBMITJOBREQUEST']._serialized_end=690
-  _globals['_SUBMITJOBRESPONSE']._serialized_start=692
-  _globals['_SUBMITJOBRESPONSE']._serialized_end=757
-  _globals['_GETJOBREQUEST']._serialized_start=759
-  _globals['_GETJOBREQUEST']._serialized_end=790
-  _globals['_LISTJOBSREQUEST']._serialized_start=792
-  _globals['_LISTJOBSREQUEST']._serialized_end=896
-  _globals['_LISTJOBSRESPONSE']._serialized_start=898
-  _globals['_LISTJOBSRESPONSE']._serialized_end=971
-  _globals['_CANCELJOBREQUEST']._serialized_start=973
-  _globals['_CANCELJOBREQUEST']._serialized_end=1007
-  _globals['_WATCHJOBREQUEST']._serialized_start=1009
-  _globals['_WATCHJOBREQUEST']._serialized_end=1061
-  _globals['_GETIMAGEREQUEST']._serialized_start=1063
-  _globals['_GETIMAGEREQUEST']._serialized_end=1111
-  _globals['_IMAGECHUNK']._serialized_start=1113
-  _globals['_IMAGECHUNK']._serialized_end=1191
-  _globals['_LISTNODESREQUEST']._serialized_start=1193
-  _globals['_LISTNODESREQUEST']._serialized_end=1211
-  _globals['_NODE']._serialized_start=1214
-  _globals['_NODE']._serialized_end=1497
-  _globals['_NODE_LABELSENTRY']._serialized_start=1452
-  _globals['_NODE_LABELSENTRY']._serialized_end=1497
-  _globals['_DEVICE']._serialized_start=1499
-  _globals['_DEVICE']._serialized_end=1604
-  _globals['_LISTNODESRESPONSE']._serialized_start=1606
-  _globals['_LISTNODESRESPONSE']._serialized_end=1657
-  _globals['_LISTMODELSREQUEST']._serialized_start=1659
-  _globals['_LISTMODELSREQUEST']._serialized_end=1678
-  _globals['_MODEL']._serialized_start=1680
-  _globals['_MODEL']._serialized_end=1803
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1805
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1859
-  _globals['_SCHEDULER']._serialized_start=1862
-  _globals['_SCHEDULER']._serialized_end=2399
+  _globals['_JOB']._serialized_end=678
+  _globals['_ATTEMPTINFO']._serialized_start=681
+  _globals['_ATTEMPTINFO']._serialized_end=1132
+  _globals['_SUBMITJOBREQUEST']._serialized_start=1134
+  _globals['_SUBMITJOBREQUEST']._serialized_end=1186
+  _globals['_SUBMITJOBRESPONSE']._serialized_start=1188
+  _globals['_SUBMITJOBRESPONSE']._serialized_end=1253
+  _globals['_GETJOBREQUEST']._serialized_start=1255
+  _globals['_GETJOBREQUEST']._serialized_end=1286
+  _globals['_LISTJOBSREQUEST']._serialized_start=1288
+  _globals['_LISTJOBSREQUEST']._serialized_end=1392
+  _globals['_LISTJOBSRESPONSE']._serialized_start=1394
+  _globals['_LISTJOBSRESPONSE']._serialized_end=1467
+  _globals['_CANCELJOBREQUEST']._serialized_start=1469
+  _globals['_CANCELJOBREQUEST']._serialized_end=1503
+  _globals['_WATCHJOBREQUEST']._serialized_start=1505
+  _globals['_WATCHJOBREQUEST']._serialized_end=1557
+  _globals['_GETIMAGEREQUEST']._serialized_start=1559
+  _globals['_GETIMAGEREQUEST']._serialized_end=1607
+  _globals['_IMAGECHUNK']._serialized_start=1609
+  _globals['_IMAGECHUNK']._serialized_end=1687
+  _globals['_LISTNODESREQUEST']._serialized_start=1689
+  _globals['_LISTNODESREQUEST']._serialized_end=1707
+  _globals['_NODE']._serialized_start=1710
+  _globals['_NODE']._serialized_end=1993
+  _globals['_NODE_LABELSENTRY']._serialized_start=1948
+  _globals['_NODE_LABELSENTRY']._serialized_end=1993
+  _globals['_DEVICE']._serialized_start=1995
+  _globals['_DEVICE']._serialized_end=2100
+  _globals['_LISTNODESRESPONSE']._serialized_start=2102
+  _globals['_LISTNODESRESPONSE']._serialized_end=2153
+  _globals['_LISTMODELSREQUEST']._serialized_start=2155
+  _globals['_LISTMODELSREQUEST']._serialized_end=2174
+  _globals['_MODEL']._serialized_start=2176
+  _globals['_MODEL']._serialized_end=2299
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2301
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2355
+  _globals['_SCHEDULER']._serialized_start=2358
+  _globals['_SCHEDULER']._serialized_end=2895
 # @@protoc_insertion_point(module_scope)

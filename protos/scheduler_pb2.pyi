@@ -42,6 +42,7 @@ class Job(_message.Message):
     FINISHED_AT_FIELD_NUMBER: _builtins.int
     PROGRESS_FIELD_NUMBER: _builtins.int
     MEMORY_MODE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: _common_pb2.JobState.ValueType
     owner: _builtins.str
@@ -76,6 +77,10 @@ class Job(_message.Message):
     def progress(self) -> _common_pb2.Progress:
         """of the running attempt"""
 
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptInfo]:
+        """oldest first; GetJob fills it in"""
+
     def __init__(
         self,
         *,
@@ -97,14 +102,88 @@ class Job(_message.Message):
         finished_at: _timestamp_pb2.Timestamp | None = ...,
         progress: _common_pb2.Progress | None = ...,
         memory_mode: _common_pb2.MemoryMode.ValueType = ...,
+        attempts: _abc.Iterable[Global___AttemptInfo] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "finished_at", b"finished_at", "progress", b"progress", "spec", b"spec", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "created_at", b"created_at", "failures", b"failures", "finished_at", b"finished_at", "gpu_index", b"gpu_index", "id", b"id", "images", b"images", "max_attempts", b"max_attempts", "memory_mode", b"memory_mode", "node_id", b"node_id", "node_name", b"node_name", "owner", b"owner", "progress", b"progress", "reason", b"reason", "spec", b"spec", "started_at", b"started_at", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "attempts", b"attempts", "created_at", b"created_at", "failures", b"failures", "finished_at", b"finished_at", "gpu_index", b"gpu_index", "id", b"id", "images", b"images", "max_attempts", b"max_attempts", "memory_mode", b"memory_mode", "node_id", b"node_id", "node_name", b"node_name", "owner", b"owner", "progress", b"progress", "reason", b"reason", "spec", b"spec", "started_at", b"started_at", "state", b"state", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Job: _TypeAlias = Job  # noqa: Y015
+
+@_typing.final
+class AttemptInfo(_message.Message):
+    """One dispatch of a job, with why it went where it went and what it cost."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    NODE_NAME_FIELD_NUMBER: _builtins.int
+    GPU_INDEX_FIELD_NUMBER: _builtins.int
+    MEMORY_MODE_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    PLACEMENT_FIELD_NUMBER: _builtins.int
+    VRAM_ESTIMATE_BYTES_FIELD_NUMBER: _builtins.int
+    QUEUED_SECONDS_FIELD_NUMBER: _builtins.int
+    LOAD_SECONDS_FIELD_NUMBER: _builtins.int
+    MEAN_STEP_SECONDS_FIELD_NUMBER: _builtins.int
+    PEAK_VRAM_BYTES_FIELD_NUMBER: _builtins.int
+    ASSIGNED_AT_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    attempt: _builtins.int
+    node_id: _builtins.str
+    node_name: _builtins.str
+    gpu_index: _builtins.int
+    memory_mode: _common_pb2.MemoryMode.ValueType
+    outcome: _builtins.str
+    """"" while it runs; succeeded, failed, stopped, released, lost"""
+    reason: _builtins.str
+    placement: _builtins.str
+    """why this GPU, in words and scores"""
+    vram_estimate_bytes: _builtins.int
+    """what placement expected it to need"""
+    queued_seconds: _builtins.float
+    """from queued to assigned"""
+    load_seconds: _builtins.float
+    mean_step_seconds: _builtins.float
+    peak_vram_bytes: _builtins.int
+    @_builtins.property
+    def assigned_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def started_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ended_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        attempt: _builtins.int = ...,
+        node_id: _builtins.str = ...,
+        node_name: _builtins.str = ...,
+        gpu_index: _builtins.int = ...,
+        memory_mode: _common_pb2.MemoryMode.ValueType = ...,
+        outcome: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        placement: _builtins.str = ...,
+        vram_estimate_bytes: _builtins.int = ...,
+        queued_seconds: _builtins.float = ...,
+        load_seconds: _builtins.float = ...,
+        mean_step_seconds: _builtins.float = ...,
+        peak_vram_bytes: _builtins.int = ...,
+        assigned_at: _timestamp_pb2.Timestamp | None = ...,
+        started_at: _timestamp_pb2.Timestamp | None = ...,
+        ended_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["assigned_at", b"assigned_at", "ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assigned_at", b"assigned_at", "attempt", b"attempt", "ended_at", b"ended_at", "gpu_index", b"gpu_index", "load_seconds", b"load_seconds", "mean_step_seconds", b"mean_step_seconds", "memory_mode", b"memory_mode", "node_id", b"node_id", "node_name", b"node_name", "outcome", b"outcome", "peak_vram_bytes", b"peak_vram_bytes", "placement", b"placement", "queued_seconds", b"queued_seconds", "reason", b"reason", "started_at", b"started_at", "vram_estimate_bytes", b"vram_estimate_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttemptInfo: _TypeAlias = AttemptInfo  # noqa: Y015
 
 @_typing.final
 class SubmitJobRequest(_message.Message):

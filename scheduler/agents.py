@@ -33,7 +33,10 @@ from scheduler.domain import (
     Progress,
 )
 from scheduler.errors import AlreadyExists, InvalidArgument
+from scheduler.estimator import format_bytes
+from scheduler.placement import shape_of
 from scheduler.runtime import Runtime, UsesRuntime
+from scheduler.spec import check_labels
 from scheduler.uploads import Chunk, UploadError
 
 log = logging.getLogger(__name__)
@@ -60,6 +63,7 @@ def check_hello(node: NodeInfo) -> None:
     for model in node.models:
         if not model.name or len(model.name) > 128:
             raise InvalidArgument("hello.models", "model names must be 1-128 characters")
+    check_labels(node.labels, "hello.labels")
 
 
 class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
@@ -133,7 +137,9 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
                 kind = message.WhichOneof("body")
                 if kind == "stats":
                     stats = [device_stats_from_proto(d) for d in message.stats.devices]
-                    self.cluster.report_stats(session.node_id, stats, self.clock())
+                    self.cluster.report_stats(
+                        session.node_id, stats, self.clock(), message.stats.host_free_bytes
+                    )
                 elif kind == "job":
                     try:
                         await self._job_update(session, message.job)
@@ -238,6 +244,7 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         outcome = _OUTCOMES.get(ended.outcome, AttemptOutcome.FAILED)
         profile = profile_from_proto(ended.profile)
         reason = ended.reason or outcome.value
+        await self._learn(active, outcome, ended.error_kind, profile)
         if outcome is AttemptOutcome.SUCCEEDED:
             if active.stopping:
                 return None  # cancelled before it finished: the result is not wanted
@@ -252,6 +259,35 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
             count_failure=failed,
             profile=profile,
         )
+
+    async def _learn(
+        self,
+        active: ActiveAttempt,
+        outcome: AttemptOutcome,
+        error_kind: str,
+        profile: AttemptProfile,
+    ) -> None:
+        """Folds the attempt's measured peak into the VRAM estimates. After
+        an out-of-memory the figure rises above what the card had, so the
+        retry needs a card with more room or a lower memory mode."""
+        shape = shape_of(active.spec)
+        if outcome is AttemptOutcome.FAILED and error_kind == "oom":
+            learned: int | None = self.estimates.record_oom(
+                shape, active.memory_mode, profile.peak_vram_bytes, active.vram_bytes
+            )
+        elif outcome is AttemptOutcome.SUCCEEDED:
+            learned = self.estimates.record_peak(shape, active.memory_mode, profile.peak_vram_bytes)
+        else:
+            return
+        if learned is not None:
+            log.info(
+                "learned %s needs %s (%s, %s)",
+                shape,
+                format_bytes(learned),
+                active.memory_mode.value,
+                "out of memory" if outcome is AttemptOutcome.FAILED else "measured peak",
+            )
+            await self.db.run(self.db.store.save_estimate, shape.key(active.memory_mode), learned)
 
     async def _store_result(
         self, session: NodeSession, active: ActiveAttempt, profile: AttemptProfile

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from scheduler.domain import DeviceStats, NodeInfo
 from scheduler.placement import GpuView
 from scheduler.spec import JobSpec, MemoryMode
+from scheduler.speeds import Speed
 from scheduler.uploads import UploadBuffer
 
 
@@ -41,12 +42,24 @@ class ActiveAttempt:
     job_id: str
     attempt: int
     gpu_index: int
+    owner: str
+    spec: JobSpec
+    memory_mode: MemoryMode  # the mode it was placed in
     vram_bytes: int  # the estimate placement charged
+    expected_seconds: float  # placement's guess at its run, cold load included
     assigned_at: float
-    expected_images: int
     started_at: float | None = None
     stopping: bool = False  # a stop was sent; its progress is no longer news
     uploads: UploadBuffer = field(default_factory=UploadBuffer)
+
+    @property
+    def expected_images(self) -> int:
+        return self.spec.batch_size
+
+    def remaining_seconds(self, now: float) -> float:
+        if self.started_at is None:
+            return self.expected_seconds
+        return max(0.0, self.expected_seconds - (now - self.started_at))
 
 
 @dataclass
@@ -55,6 +68,7 @@ class NodeSession:
     connected_at: float
     stats: dict[int, DeviceStats] = field(default_factory=dict)
     stats_at: float = 0.0
+    host_free_bytes: int = 0
     attempts: dict[str, ActiveAttempt] = field(default_factory=dict)
     stale_stopped: set[tuple[str, int]] = field(default_factory=set)
     ending: set[asyncio.Task[None]] = field(default_factory=set)  # attempts being closed
@@ -80,14 +94,11 @@ class NodeSession:
         active = self.attempts.get(job_id)
         return active if active is not None and active.attempt == attempt else None
 
-    def gpu_views(self) -> list[GpuView]:
+    def gpu_views(self, now: float) -> list[GpuView]:
         models = frozenset(model.name for model in self.info.models)
         views = []
         for device in self.info.devices:
             stats = self.stats.get(device.index)
-            # Resident models count as free: the worker reuses the one a job
-            # needs, and evicts the others before it loads another.
-            free = device.total_bytes if stats is None else stats.free_bytes + stats.resident_bytes
             on_gpu = [a for a in self.attempts.values() if a.gpu_index == device.index]
             # A job that had not started by the last report is not in its
             # numbers yet, whether it waits on the agent or was just assigned.
@@ -96,6 +107,16 @@ class NodeSession:
                 for a in on_gpu
                 if a.started_at is None or a.started_at >= self.stats_at
             )
+            resident: tuple[str, ...] = ()
+            speeds: dict[str, Speed] = {}
+            if stats is None:
+                free, utilization = device.total_bytes, 0.0
+            else:
+                # Resident models count as free: the worker reuses the one a
+                # job needs, and evicts the others before it loads another.
+                free = stats.free_bytes + stats.resident_bytes
+                resident = tuple(model.name for model in stats.resident_models)
+                speeds, utilization = dict(stats.speeds), stats.utilization_percent
             views.append(
                 GpuView(
                     node_id=self.node_id,
@@ -104,7 +125,14 @@ class NodeSession:
                     total_bytes=device.total_bytes,
                     free_bytes=free - pending,
                     active_jobs=len(on_gpu),
+                    bound_bytes=sum(a.vram_bytes for a in on_gpu),
+                    busy_seconds=sum(a.remaining_seconds(now) for a in on_gpu),
                     models=models,
+                    resident=frozenset(resident),
+                    speeds=speeds,
+                    utilization_percent=utilization,
+                    host_free_bytes=self.host_free_bytes,
+                    labels=dict(self.info.labels),
                 )
             )
         return views
@@ -128,14 +156,25 @@ class Cluster:
             del self.sessions[session.node_id]
         session.close()
 
-    def report_stats(self, node_id: str, stats: list[DeviceStats], now: float) -> None:
+    def report_stats(
+        self, node_id: str, stats: list[DeviceStats], now: float, host_free_bytes: int = 0
+    ) -> None:
         session = self.sessions.get(node_id)
         if session is not None:
             session.stats = {device.index: device for device in stats}
             session.stats_at = now
+            session.host_free_bytes = host_free_bytes
 
-    def gpu_views(self) -> list[GpuView]:
-        return [view for session in self.sessions.values() for view in session.gpu_views()]
+    def gpu_views(self, now: float) -> list[GpuView]:
+        return [view for session in self.sessions.values() for view in session.gpu_views(now)]
+
+    def active_by_owner(self) -> dict[str, int]:
+        """Assigned and running jobs per user, for fair share."""
+        counts: dict[str, int] = {}
+        for session in self.sessions.values():
+            for active in session.attempts.values():
+                counts[active.owner] = counts.get(active.owner, 0) + 1
+        return counts
 
     def holder(self, job_id: str, attempt: int) -> NodeSession | None:
         for session in self.sessions.values():

@@ -12,6 +12,7 @@ from protos import agent_pb2, common_pb2, scheduler_pb2
 from scheduler.cluster import AssignCommand, Command
 from scheduler.domain import (
     AttemptProfile,
+    AttemptRecord,
     DeviceInfo,
     DeviceStats,
     ImageMeta,
@@ -26,6 +27,7 @@ from scheduler.domain import (
 )
 from scheduler.errors import InvalidArgument
 from scheduler.spec import JobSpec, MemoryMode, SpecRequest
+from scheduler.speeds import Speed
 from scheduler.states import JobState
 
 E = TypeVar("E")
@@ -95,6 +97,7 @@ def spec_request_from_proto(spec: common_pb2.JobSpec) -> SpecRequest:
         memory_mode=memory_mode_from_proto(spec.memory_mode, "memory_mode"),
         request_id=spec.request_id,
         labels=dict(spec.labels),
+        selector=dict(spec.selector),
     )
 
 
@@ -114,6 +117,7 @@ def spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
         memory_mode=memory_mode_to_proto(spec.memory_mode),
         request_id=spec.request_id,
         labels=dict(spec.labels),
+        selector=dict(spec.selector),
     )
 
 
@@ -225,6 +229,15 @@ def device_stats_to_proto(stats: DeviceStats) -> common_pb2.DeviceStats:
         used_bytes=stats.used_bytes,
         utilization_percent=stats.utilization_percent,
         resident_models=[model_to_proto(model) for model in stats.resident_models],
+        model_speeds=[
+            common_pb2.ModelSpeed(
+                model=model,
+                megapixel_steps_per_second=speed.megapixel_steps_per_second,
+                load_seconds=speed.load_seconds,
+                samples=speed.samples,
+            )
+            for model, speed in sorted(stats.speeds.items())
+        ],
     )
 
 
@@ -236,6 +249,10 @@ def device_stats_from_proto(stats: common_pb2.DeviceStats) -> DeviceStats:
         stats.used_bytes,
         stats.utilization_percent,
         tuple(model_from_proto(model) for model in stats.resident_models),
+        {
+            speed.model: Speed(speed.megapixel_steps_per_second, speed.load_seconds, speed.samples)
+            for speed in stats.model_speeds
+        },
     )
 
 
@@ -340,3 +357,27 @@ def model_to_listing(model: KnownModel, connected_holders: list[str]) -> schedul
         node_ids=connected_holders,
         last_seen=timestamp(model.last_seen),
     )
+
+
+def attempt_to_proto(attempt: AttemptRecord) -> scheduler_pb2.AttemptInfo:
+    message = scheduler_pb2.AttemptInfo(
+        attempt=attempt.attempt,
+        node_id=attempt.node_id,
+        node_name=attempt.node_name,
+        gpu_index=attempt.gpu_index,
+        memory_mode=memory_mode_to_proto(attempt.memory_mode),
+        outcome=attempt.outcome,
+        reason=attempt.reason,
+        placement=attempt.placement,
+        vram_estimate_bytes=attempt.vram_estimate_bytes,
+        queued_seconds=attempt.queued_seconds,
+        load_seconds=attempt.profile.load_seconds,
+        mean_step_seconds=attempt.profile.mean_step_seconds,
+        peak_vram_bytes=attempt.profile.peak_vram_bytes,
+        assigned_at=timestamp(attempt.assigned_at),
+    )
+    if attempt.started_at is not None:
+        message.started_at.CopyFrom(timestamp(attempt.started_at))
+    if attempt.ended_at is not None:
+        message.ended_at.CopyFrom(timestamp(attempt.ended_at))
+    return message

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from scheduler.spec import JobSpec, MemoryMode
+from scheduler.speeds import Speed
 from scheduler.states import JobState
 
 
@@ -60,6 +61,26 @@ class AttemptProfile:
     load_seconds: float = 0.0
     mean_step_seconds: float = 0.0
     peak_vram_bytes: int = 0  # 0 when the device cannot tell
+
+
+@dataclass(frozen=True)
+class AttemptRecord:
+    """One dispatch of a job, with why it went where it did and its profile."""
+
+    attempt: int
+    node_id: str
+    node_name: str
+    gpu_index: int
+    memory_mode: MemoryMode
+    assigned_at: float
+    outcome: str = ""  # "" while it runs; an AttemptOutcome value after
+    reason: str = ""
+    placement: str = ""
+    vram_estimate_bytes: int = 0
+    queued_seconds: float = 0.0
+    started_at: float | None = None
+    ended_at: float | None = None
+    profile: AttemptProfile = field(default_factory=AttemptProfile)
 
 
 @dataclass(frozen=True)
@@ -133,6 +154,7 @@ class DeviceStats:
     used_bytes: int
     utilization_percent: float
     resident_models: tuple[ModelInfo, ...] = ()
+    speeds: Mapping[str, Speed] = field(default_factory=dict)  # measured, per model
 
     @property
     def resident_bytes(self) -> int:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from scheduler.cluster import Cluster
 from scheduler.dispatcher import Dispatcher
+from scheduler.estimator import EstimateBook
 from scheduler.events import EventHub
 from scheduler.images import ImageStore
 from scheduler.store import Database
@@ -22,6 +23,7 @@ class Runtime:
     dispatcher: Dispatcher
     images: ImageStore
     clock: Callable[[], float]
+    estimates: EstimateBook
 
 
 class UsesRuntime:
@@ -34,3 +36,4 @@ class UsesRuntime:
         self.dispatcher = runtime.dispatcher
         self.images = runtime.images
         self.clock = runtime.clock
+        self.estimates = runtime.estimates

@@ -18,9 +18,11 @@ from scheduler.agents import AgentGateway
 from scheduler.cluster import Cluster
 from scheduler.dispatcher import Dispatcher
 from scheduler.domain import AttemptOutcome
+from scheduler.estimator import EstimateBook
 from scheduler.events import EventHub
 from scheduler.images import ImageStore
 from scheduler.interceptors import ErrorInterceptor, PrincipalInterceptor
+from scheduler.placement import RESERVE_AFTER_SECONDS
 from scheduler.runtime import Runtime
 from scheduler.service import SchedulerService
 from scheduler.store import Database, Store
@@ -49,6 +51,7 @@ class SchedulerConfig:
     heartbeat_seconds: float = 2.0
     node_window_seconds: float = 24 * 3600.0
     max_attempts: int = 3
+    reserve_after_seconds: float = RESERVE_AFTER_SECONDS
 
     @property
     def database_url(self) -> str:
@@ -65,7 +68,15 @@ class SchedulerServer:
         self.db = Database(store)
         self.cluster = Cluster()
         self.hub = EventHub()
-        self.dispatcher = Dispatcher(self.db, self.cluster, self.hub, self.clock)
+        estimates = EstimateBook(store.load_estimates())
+        self.dispatcher = Dispatcher(
+            self.db,
+            self.cluster,
+            self.hub,
+            self.clock,
+            estimates,
+            reserve_after_seconds=config.reserve_after_seconds,
+        )
         runtime = Runtime(
             self.db,
             self.cluster,
@@ -73,6 +84,7 @@ class SchedulerServer:
             self.dispatcher,
             ImageStore(config.data_dir / "images"),
             self.clock,
+            estimates,
         )
         self.gateway = AgentGateway(runtime, heartbeat_seconds=config.heartbeat_seconds)
         self.service = SchedulerService(

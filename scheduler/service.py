@@ -20,6 +20,7 @@ from grpc import aio
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.cluster import StopCommand
 from scheduler.convert import (
+    attempt_to_proto,
     event_to_proto,
     image_to_proto,
     job_state_from_proto,
@@ -29,10 +30,11 @@ from scheduler.convert import (
     spec_request_from_proto,
 )
 from scheduler.domain import Job, Progress
-from scheduler.errors import InvalidArgument, NotFound
+from scheduler.errors import FailedPrecondition, InvalidArgument, NotFound
+from scheduler.placement import SeenGpu, demand_for, unresolvable
 from scheduler.principal import current_principal
 from scheduler.runtime import Runtime, UsesRuntime
-from scheduler.spec import MAX_SEED, resolve
+from scheduler.spec import MAX_SEED, JobSpec, resolve
 from scheduler.states import JobState
 
 log = logging.getLogger(__name__)
@@ -71,10 +73,26 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         self.node_window_seconds = node_window_seconds
         self.max_attempts = max_attempts
 
-    async def _known_models(self) -> set[str]:
+    async def _known_models(self) -> dict[str, int]:
+        """Models seen within the node memory window, with their weight size."""
         since = self.clock() - self.node_window_seconds
         remembered = await self.db.run(self.db.store.nodes.models_seen_since, since)
-        return {model.name for model in remembered} | set(self.cluster.models())
+        known = {model.name: model.weight_bytes for model in remembered}
+        for name, weight_bytes in self.cluster.models().items():
+            known[name] = max(weight_bytes, known.get(name, 0))
+        return known
+
+    async def _check_resolvable(self, spec: JobSpec, weight_bytes: int) -> None:
+        """Rejects a job that no GPU seen within the window could ever take."""
+        since = self.clock() - self.node_window_seconds
+        seen = [
+            SeenGpu(record.info.name, device.index, device.total_bytes, record.info.labels)
+            for record in await self.db.run(self.db.store.nodes.seen_since, since)
+            for device in record.info.devices
+        ]
+        problem = unresolvable(demand_for("", spec, weight_bytes, self.estimates), seen)
+        if problem is not None:
+            raise FailedPrecondition(problem)
 
     async def _get_job(self, job_id: str) -> Job:
         job = await self.db.run(self.db.store.get_job, _job_id(job_id))
@@ -100,11 +118,13 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.SubmitJobRequest, context: Context
     ) -> scheduler_pb2.SubmitJobResponse:
         user = current_principal().user
+        known = await self._known_models()
         spec = resolve(
             spec_request_from_proto(request.spec),
-            known_models=await self._known_models(),
+            known_models=known,
             random_seed=lambda: secrets.randbelow(MAX_SEED + 1),
         )
+        await self._check_resolvable(spec, known.get(spec.model, 0))
         job, created = await self.db.run(
             self.db.store.submit, new_job_id(), user, spec, self.max_attempts
         )
@@ -124,7 +144,11 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
     async def GetJob(
         self, request: scheduler_pb2.GetJobRequest, context: Context
     ) -> scheduler_pb2.Job:
-        return self._job_message(await self._get_job(request.job_id))
+        job = await self._get_job(request.job_id)
+        message = self._job_message(job)
+        for attempt in await self.db.run(self.db.store.attempts, job.id):
+            message.attempts.append(attempt_to_proto(attempt))
+        return message
 
     async def ListJobs(
         self, request: scheduler_pb2.ListJobsRequest, context: Context

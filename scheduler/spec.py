@@ -70,6 +70,7 @@ class SpecRequest:
     memory_mode: MemoryMode = MemoryMode.AUTO
     request_id: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    selector: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,7 @@ class JobSpec:
     memory_mode: MemoryMode = MemoryMode.AUTO
     request_id: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
+    selector: Mapping[str, str] = field(default_factory=dict)  # node labels it needs
 
     @property
     def seeds(self) -> list[int]:
@@ -100,6 +102,7 @@ class JobSpec:
         data = asdict(self)
         data["memory_mode"] = self.memory_mode.value
         data["labels"] = dict(self.labels)
+        data["selector"] = dict(self.selector)
         return data
 
     @classmethod
@@ -137,19 +140,21 @@ def _check_prompt(name: str, text: str, *, required: bool) -> None:
         raise InvalidArgument(name, "must not contain NUL characters")
 
 
-def _check_labels(labels: Mapping[str, str]) -> None:
+def check_labels(labels: Mapping[str, str], field: str = "labels") -> None:
+    """Kubernetes-style label names and values; used for job labels, job
+    selectors and node labels."""
     if len(labels) > MAX_LABELS:
-        raise InvalidArgument("labels", f"at most {MAX_LABELS} labels, got {len(labels)}")
+        raise InvalidArgument(field, f"at most {MAX_LABELS} labels, got {len(labels)}")
     for key, value in labels.items():
         if not LABEL_KEY.match(key):
             raise InvalidArgument(
-                "labels",
+                field,
                 f"key {key!r} must be 1-63 letters, digits, '-', '_', '.' or '/', "
                 "starting and ending with a letter or digit",
             )
         if not LABEL_VALUE.match(value):
             raise InvalidArgument(
-                f"labels[{key}]",
+                f"{field}[{key}]",
                 f"value {value!r} must be at most 63 letters, digits, '-', '_' or '.', "
                 "starting and ending with a letter or digit",
             )
@@ -209,7 +214,8 @@ def resolve(
         raise InvalidArgument(
             "request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters"
         )
-    _check_labels(request.labels)
+    check_labels(request.labels)
+    check_labels(request.selector, "selector")
 
     return JobSpec(
         prompt=request.prompt,
@@ -226,6 +232,7 @@ def resolve(
         memory_mode=request.memory_mode,
         request_id=request.request_id,
         labels=dict(request.labels),
+        selector=dict(request.selector),
     )
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from scheduler.domain import DeviceInfo, ModelInfo, NodeInfo
+from scheduler.estimator import Need
 from scheduler.placement import Demand, GpuView
 from scheduler.spec import JobSpec, MemoryMode
+from scheduler.speeds import Speed
 
 
 def make_spec(**overrides: Any) -> JobSpec:
@@ -51,7 +53,8 @@ GIB = 2**30
 
 def make_gpu(
     node_id: str = "n1", index: int = 0, *, free_gib: float = 24, total_gib: float = 24,
-    active: int = 0, models: tuple[str, ...] = ("tiny",), **overrides: Any,
+    active: int = 0, models: tuple[str, ...] = ("tiny",), resident: tuple[str, ...] = (),
+    speeds: dict[str, float] | None = None, host_free_gib: float = 64, **overrides: Any,
 ) -> GpuView:  # fmt: skip
     return GpuView(
         node_id=node_id,
@@ -61,9 +64,22 @@ def make_gpu(
         free_bytes=int(free_gib * GIB),
         active_jobs=active,
         models=frozenset(models),
+        resident=frozenset(resident),
+        speeds={model: Speed(value, 0.0, 1) for model, value in (speeds or {}).items()},
+        host_free_bytes=int(host_free_gib * GIB),
         **overrides,
     )
 
 
-def make_demand(job_id: str = "j1", *, vram_gib: float = 1.0, model: str = "tiny") -> Demand:
-    return Demand(job_id, model, int(vram_gib * GIB))
+def make_demand(
+    job_id: str = "j1", *, vram_gib: float = 1.0, model: str = "tiny", work: float = 5.0,
+    needs: tuple[Need, ...] | None = None, **overrides: Any,
+) -> Demand:  # fmt: skip
+    return Demand(
+        job_id=job_id,
+        model=model,
+        weight_bytes=0,
+        work=work,
+        needs=needs or (Need(MemoryMode.FULL, int(vram_gib * GIB), 0),),
+        **overrides,
+    )

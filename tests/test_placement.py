@@ -1,13 +1,32 @@
-"""Placement tables: filters with their reasons, the preference order, and
-planning several jobs against one snapshot."""
+"""Placement tables: filters with their reasons, scores with their
+arithmetic, planning several jobs against one snapshot, reservations for
+jobs that wait too long, and rejection of jobs that can never run."""
 
 from __future__ import annotations
 
 import pytest
 
-from scheduler.estimator import GIB, MIB, estimate_vram_bytes, format_bytes
-from scheduler.placement import Placed, Unplaced, place, plan, rejection
+from scheduler.estimator import GIB, Need
+from scheduler.placement import (
+    GpuView,
+    Placed,
+    Reserved,
+    SeenGpu,
+    Unplaced,
+    place,
+    plan,
+    rejection,
+    unresolvable,
+)
+from scheduler.placement.scores import fit_score, utilization_score
+from scheduler.spec import MemoryMode
 from tests.factories import make_demand, make_gpu
+
+FULL, OFFLOAD, SEQUENTIAL = MemoryMode.FULL, MemoryMode.MODEL_OFFLOAD, MemoryMode.SEQUENTIAL_OFFLOAD
+
+
+def need(mode: MemoryMode, vram_gib: float, host_gib: float = 0) -> Need:
+    return Need(mode, int(vram_gib * GIB), int(host_gib * GIB))
 
 
 @pytest.mark.parametrize(
@@ -15,39 +34,105 @@ from tests.factories import make_demand, make_gpu
     [
         (make_gpu(healthy=False), "unhealthy", ""),
         (make_gpu(draining=True), "draining", ""),
-        (make_gpu(models=("sdxl",)), "model not on node", "tiny"),
-        (make_gpu(active=2), "busy", "2 jobs"),
+        (make_gpu(labels={"pool": "flux"}), "selector mismatch", "pool=sdxl"),
+        (make_gpu(models=("sdxl",), labels={"pool": "sdxl"}), "model not on node", "tiny"),
+        (make_gpu(active=2, labels={"pool": "sdxl"}), "busy", "2 jobs"),
         # needs 9.1 GiB, 7.8 free
-        (make_gpu(free_gib=7.8), "insufficient memory", "needs 9.1 GiB, 7.8 GiB free"),
+        (
+            make_gpu(free_gib=7.8, labels={"pool": "sdxl"}),
+            "insufficient VRAM",
+            "needs 9.1 GiB, 7.8 GiB free",
+        ),
     ],
 )
-def test_each_filter_says_why(gpu: object, kind: str, detail: str) -> None:
-    found = rejection(make_demand(vram_gib=9.1), gpu)  # type: ignore[arg-type]
+def test_each_filter_says_why(gpu: GpuView, kind: str, detail: str) -> None:
+    found = rejection(make_demand(vram_gib=9.1, selector={"pool": "sdxl"}), gpu)
     assert found is not None
     assert (found.kind, found.detail) == (kind, detail)
 
 
-def test_a_gpu_that_fits_passes_every_filter() -> None:
-    assert rejection(make_demand(vram_gib=9.1), make_gpu(free_gib=9.1, active=1)) is None
+def test_offload_is_the_fallback_when_full_does_not_fit() -> None:
+    demand = make_demand(needs=(need(FULL, 27), need(OFFLOAD, 19, 23), need(SEQUENTIAL, 5, 23)))
+    # 24 GiB free: full (27) does not fit, model offload (19) does.
+    placed = place(demand, [make_gpu(free_gib=24)])
+    assert isinstance(placed, Placed)
+    assert placed.need.mode is OFFLOAD
+    # 12 GiB free: only sequential offload (5) fits.
+    placed = place(demand, [make_gpu(free_gib=12, total_gib=12)])
+    assert isinstance(placed, Placed)
+    assert placed.need.mode is SEQUENTIAL
+    # Offloaded weights live in host RAM: 23 GiB needed, 16 free.
+    assert rejection(demand, make_gpu(free_gib=12, total_gib=12, host_free_gib=16)) == rejection(
+        make_demand(needs=(need(SEQUENTIAL, 5, 23),)), make_gpu(free_gib=12, host_free_gib=16)
+    )
+    found = rejection(demand, make_gpu(free_gib=12, total_gib=12, host_free_gib=16))
+    assert found is not None
+    assert found.kind == "insufficient host RAM"
+    # A job pinned to full mode never falls back.
+    pinned = make_demand(needs=(need(FULL, 27),))
+    assert place(pinned, [make_gpu(free_gib=24)]) == Unplaced(
+        "0/1 GPUs: 1 insufficient VRAM (needs 27.0 GiB, 24.0 GiB free)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("gpu", "need_gib", "expected"),
+    [
+        # fit = 100 x (1 - left / total)
+        (make_gpu(free_gib=24, total_gib=24), 9, 100 * (1 - 15 / 24)),  # 37.5
+        (make_gpu(free_gib=12, total_gib=12), 9, 100 * (1 - 3 / 12)),  # 75
+        (make_gpu(free_gib=9, total_gib=80), 9, 100.0),  # a perfect fit
+    ],
+)
+def test_fit_score_prefers_the_tightest_card(
+    gpu: GpuView, need_gib: float, expected: float
+) -> None:
+    assert fit_score(gpu, need(FULL, need_gib)) == pytest.approx(expected)
+
+
+def test_utilization_score() -> None:
+    assert utilization_score(make_gpu(utilization_percent=30.0)) == 70.0
 
 
 @pytest.mark.parametrize(
     ("gpus", "winner"),
     [
-        # least busy first
-        ([make_gpu("a", active=1), make_gpu("b", active=0)], ("b", 0)),
-        # equally busy: the most memory left after placement, (24 - 1) > (12 - 1)
-        ([make_gpu("a", free_gib=12), make_gpu("b", free_gib=24)], ("b", 0)),
-        # a full tie breaks on node id, then GPU index
-        ([make_gpu("b"), make_gpu("a", 1), make_gpu("a", 0)], ("a", 0)),
-        # a busier GPU with more memory loses to an idle small one that fits
-        ([make_gpu("big", free_gib=80, active=1), make_gpu("small", free_gib=2)], ("small", 0)),
+        # Same speed, nothing bound: the model already loaded wins
+        # (finish 100 vs 3/(3+1) load guess, resident 100 vs 0).
+        ([make_gpu("a"), make_gpu("b", resident=("tiny",))], "b"),
+        # 2x faster card: 5 MP-steps take 2.5 s there vs 5 s (finish 100 vs 50).
+        ([make_gpu("slow", speeds={"tiny": 1.0}), make_gpu("fast", speeds={"tiny": 2.0})], "fast"),
+        # The fast card has 20 s of bound work: 22.5 s vs 5 s, so the idle one wins.
+        (
+            [
+                make_gpu("slow", speeds={"tiny": 1.0}),
+                make_gpu("fast", speeds={"tiny": 2.0}, busy_seconds=20.0),
+            ],
+            "slow",
+        ),
+        # Everything equal: ties break on node id, then GPU index.
+        ([make_gpu("b"), make_gpu("a", 1), make_gpu("a", 0)], "a"),
     ],
 )
-def test_preference_order(gpus: list[object], winner: tuple[str, int]) -> None:
-    decision = place(make_demand(vram_gib=1), gpus)  # type: ignore[arg-type]
+def test_scores_pick_the_soonest_finish(gpus: list[GpuView], winner: str) -> None:
+    decision = place(make_demand(work=5.0, vram_gib=1), gpus)
     assert isinstance(decision, Placed)
-    assert (decision.gpu.node_id, decision.gpu.index) == winner
+    assert decision.gpu.node_id == winner
+    if winner == "a":
+        assert decision.gpu.index == 0
+
+
+def test_an_unmeasured_card_is_judged_by_how_it_does_on_other_models() -> None:
+    # sd15 runs at 1.0 on "old" and 2.0 on "new": mean 1.5, so "new" is
+    # 2.0 / 1.5 = 1.33x the mean. tiny's mean is 2.0 (old's), so "new" is
+    # expected at 2.67 MP-steps/s: 5 MP-steps in 1.875 s, against 2.5 s on "old".
+    old = make_gpu("old", speeds={"tiny": 2.0, "sd15": 1.0}, resident=("tiny",))
+    new = make_gpu("new", speeds={"sd15": 2.0}, resident=("tiny",))
+    decision = place(make_demand(work=5.0), [old, new])
+    assert isinstance(decision, Placed)
+    assert decision.gpu.node_id == "new"
+    assert decision.expected_seconds == pytest.approx(1.875)
+    assert "finish 100" in decision.explanation
 
 
 def test_an_unplaced_job_gets_a_summary_with_numbers() -> None:
@@ -57,9 +142,8 @@ def test_an_unplaced_job_gets_a_summary_with_numbers() -> None:
         make_gpu("c", free_gib=6),
         make_gpu("d", draining=True),
     ]
-    decision = place(make_demand(vram_gib=9.1), gpus)
-    assert decision == Unplaced(
-        "0/4 GPUs: 3 insufficient memory (needs 9.1 GiB, 7.8 GiB free), 1 draining"
+    assert place(make_demand(vram_gib=9.1), gpus) == Unplaced(
+        "0/4 GPUs: 3 insufficient VRAM (needs 9.1 GiB, 7.8 GiB free), 1 draining"
     )
     assert place(make_demand(), []) == Unplaced("no GPUs connected")
 
@@ -67,24 +151,76 @@ def test_an_unplaced_job_gets_a_summary_with_numbers() -> None:
 def test_plan_charges_each_placement_before_the_next() -> None:
     # One 24 GiB GPU with two slots: 10 + 10 fit, the third job finds it busy.
     gpu = make_gpu("a", free_gib=24)
-    decisions = plan([make_demand("j1", vram_gib=10), make_demand("j2", vram_gib=10),
-                      make_demand("j3", vram_gib=1)], [gpu])  # fmt: skip
+    decisions = plan(
+        [
+            make_demand("j1", vram_gib=10),
+            make_demand("j2", vram_gib=10),
+            make_demand("j3", vram_gib=1),
+        ],
+        [gpu],
+    )
     assert [type(d).__name__ for _, d in decisions] == ["Placed", "Placed", "Unplaced"]
     assert decisions[2][1] == Unplaced("0/1 GPUs: 1 busy (2 jobs)")
-    # Two GPUs: the second job goes to the other one, which is now less busy.
-    decisions = plan([make_demand("j1"), make_demand("j2")], [make_gpu("a"), make_gpu("b")])
-    assert [d.gpu.node_id for _, d in decisions if isinstance(d, Placed)] == ["a", "b"]
     # Memory left after the first job (24 - 20 = 4 GiB) is too little for the second.
     decisions = plan([make_demand("j1", vram_gib=20), make_demand("j2", vram_gib=5)], [gpu])
     assert decisions[1][1] == Unplaced(
-        "0/1 GPUs: 1 insufficient memory (needs 5.0 GiB, 4.0 GiB free)"
+        "0/1 GPUs: 1 insufficient VRAM (needs 5.0 GiB, 4.0 GiB free)"
     )
+    # Two idle GPUs: the second job goes where nothing is bound yet.
+    decisions = plan([make_demand("j1"), make_demand("j2")], [make_gpu("a"), make_gpu("b")])
+    assert [d.gpu.node_id for _, d in decisions if isinstance(d, Placed)] == ["a", "b"]
 
 
-def test_first_estimate_is_weights_plus_activations_plus_margin() -> None:
-    # 2 GiB + 512 * 512 * 1 * 3 KiB (768 MiB) + 512 MiB margin = 3.25 GiB
-    assert estimate_vram_bytes(2 * GIB, 512, 512, 1) == 2 * GIB + 768 * MIB + 512 * MIB
-    # batch 4 at 1024 px: 4 * 1024 * 1024 * 3 KiB = 12 GiB of activations
-    assert estimate_vram_bytes(0, 1024, 1024, 4) == 12 * GIB + 512 * MIB
-    assert format_bytes(int(9.1 * GIB)) == "9.1 GiB"
-    assert format_bytes(640 * MIB) == "640 MiB"
+def test_a_small_job_is_not_held_behind_a_big_one() -> None:
+    gpus = [make_gpu("a", free_gib=12, total_gib=12)]
+    decisions = plan([make_demand("big", vram_gib=20), make_demand("small", vram_gib=2)], gpus)
+    assert isinstance(decisions[0][1], Unplaced)  # fits nowhere right now
+    assert isinstance(decisions[1][1], Placed)
+
+
+def test_a_job_that_waited_too_long_gets_a_gpu_held_for_it() -> None:
+    # Both cards are busy with small jobs; the big one (18 GiB) fits the
+    # 24 GiB card once its bound work (10 GiB, 30 s) is done.
+    busy_big = make_gpu("big", free_gib=14, active=1, bound_bytes=10 * GIB, busy_seconds=30.0)
+    busy_small = make_gpu("small", free_gib=8, total_gib=12, active=1, bound_bytes=4 * GIB)
+    demands = [
+        make_demand("starving", vram_gib=18, waited_seconds=600.0),
+        make_demand("small", vram_gib=2),
+    ]
+    decisions = plan(demands, [busy_big, busy_small], reserve_after_seconds=120.0)
+    held = decisions[0][1]
+    assert isinstance(held, Reserved)
+    assert held.gpu.node_id == "big"
+    assert held.reason.endswith("holding host-big gpu 0 for it")
+    # The small job may not use the held card; it goes to the other one.
+    placed = decisions[1][1]
+    assert isinstance(placed, Placed)
+    assert placed.gpu.node_id == "small"
+    # Before the bound wait it holds nothing.
+    fresh = [
+        make_demand("starving", vram_gib=18, waited_seconds=10.0),
+        make_demand("small", vram_gib=2),
+    ]
+    assert isinstance(plan(fresh, [busy_big, busy_small])[0][1], Unplaced)
+
+
+SEEN = [
+    SeenGpu("small", 0, 4 * GIB, {}),
+    SeenGpu("big", 0, 16 * GIB, {"pool": "sdxl"}),
+    SeenGpu("big", 1, 16 * GIB, {"pool": "sdxl"}),
+]
+
+
+def test_a_job_no_gpu_could_ever_take_is_rejected() -> None:
+    pinned_full = make_demand(needs=(need(FULL, 20),))
+    assert unresolvable(pinned_full, SEEN) == (
+        "fits no GPU seen recently: needs at least 20.0 GiB (full; allowed modes: full), "
+        "and the biggest GPU is big gpu 0 with 16.0 GiB"
+    )
+    # With offload allowed, 20 GiB full still has a 12 GiB model-offload way in.
+    auto = make_demand(needs=(need(FULL, 20), need(OFFLOAD, 12, 16)))
+    assert unresolvable(auto, SEEN) is None
+    # A selector narrows the GPUs that count; one nobody has yet waits.
+    assert unresolvable(make_demand(vram_gib=6, selector={"pool": "sdxl"}), SEEN) is None
+    assert unresolvable(make_demand(vram_gib=6, selector={"pool": "flux"}), SEEN) is None
+    assert unresolvable(make_demand(vram_gib=6), []) is None

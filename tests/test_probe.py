@@ -64,7 +64,7 @@ def test_nvml_probe_reports_devices_and_stats(monkeypatch: pytest.MonkeyPatch) -
         (20 * GIB, 4 * GIB, 37.0),
         (11 * GIB, 1 * GIB, 0.0),  # utilization not supported: 0, not a crash
     ]
-    assert probe.torch_device(1) == "cuda:1"
+    assert probe.backend(1, None).torch_device == "cuda:1"  # type: ignore[arg-type,attr-defined]
 
 
 def test_cuda_visible_devices_picks_and_renumbers(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from gpu_node.backends import TorchBackend
 from gpu_node.catalog import Catalog
 from gpu_node.pipelines import PipelineCache, place
 from gpu_node.runner import DeviceWorker, Ended, ImageReady, Started, StepDone, Task, WorkerEvent
@@ -43,7 +44,7 @@ def run(
         on_event(event)
         events.put(event)
 
-    worker = DeviceWorker(CPU, "cpu", catalog, emit)
+    worker = DeviceWorker(CPU, TorchBackend("cpu", catalog), emit)
     for task in tasks:
         worker.submit(task)
     got: list[WorkerEvent] = []

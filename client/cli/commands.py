@@ -11,21 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from client._async import SubmitOptions
-from client._errors import InvalidArgumentError
 from client._models import Job
 from client._sync import Client
 from client.cli import render
 from client.cli.follow import Follower
-
-
-def parse_labels(pairs: list[str], flag: str = "--label") -> dict[str, str]:
-    labels: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise InvalidArgumentError(f"{flag}: expected KEY=VALUE, got {pair!r}")
-        labels[key] = value
-    return labels
+from client.cli.labels import parse_labels
 
 
 def submit_options(args: argparse.Namespace) -> SubmitOptions:
@@ -34,6 +24,7 @@ def submit_options(args: argparse.Namespace) -> SubmitOptions:
         "priority": args.priority,
         "memory_mode": args.memory_mode,
         "labels": parse_labels(args.label),
+        "selector": parse_labels(args.selector, "--selector"),
     }
     for option, value in (
         ("model", args.model),

@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "full", "model_offload", "sequential_offload"),
     )
     submit.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument(
+        "--selector",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run only on nodes with this label; repeatable",
+    )
     submit.add_argument("--request-id", help="makes a retried submit return the same job")
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return")
     submit.add_argument("--output-dir", default="outputs", help="where to save the PNGs")
@@ -98,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     scheduler.add_argument("--heartbeat", type=float, default=2.0, help="agent stats seconds")
     scheduler.add_argument("--max-attempts", type=int, default=3)
     scheduler.add_argument(
+        "--reserve-after",
+        type=parse_duration,
+        default="120s",
+        help="hold a GPU for a job that fits nowhere for this long (default 120s)",
+    )
+    scheduler.add_argument(
         "--node-window",
         type=parse_duration,
         default="24h",
@@ -108,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--name", help="display name (default hostname-gpuN)")
     node.add_argument("--data-dir", help="default ~/.local/share/sdmesh/node")
     node.add_argument("--models-dir", help="folder of diffusers model folders")
+    node.add_argument("--gpus", help="device indexes to use, e.g. 0,1 (default: all)")
+    node.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    node.add_argument(
+        "--simulate-gpus", metavar="SIZES", help="simulated cards instead of real ones: 24GiB,12GiB"
+    )
+    node.add_argument(
+        "--simulate-speed", default="1.0", metavar="FACTORS", help="per card, e.g. 1.0,0.5"
+    )
+    node.add_argument(
+        "--simulate-models", metavar="NAME=SIZE,...", help="synthetic models, e.g. sdxl=6.9GiB"
+    )
+    node.add_argument(
+        "--simulate-time-scale",
+        type=float,
+        default=1.0,
+        help="multiplies every simulated wait (loads, steps); 0.01 for fast tests",
+    )
 
     up = commands.add_parser("up", help="run a scheduler and one local agent")
     up.add_argument("--host", default="127.0.0.1")

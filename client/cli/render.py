@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from client._models import (
+    Attempt,
     Event,
     ImageEvent,
     ImageInfo,
@@ -97,8 +98,44 @@ def job_json(job: Job) -> dict[str, Any]:
             "priority": spec.priority,
             "memory_mode": spec.memory_mode,
             "labels": spec.labels,
+            "selector": spec.selector,
         },
+        "attempts": [attempt_json(attempt) for attempt in job.attempts],
     }
+
+
+def attempt_json(attempt: Attempt) -> dict[str, Any]:
+    return {
+        "attempt": attempt.attempt,
+        "node": attempt.node_name,
+        "node_id": attempt.node_id,
+        "gpu": attempt.gpu_index,
+        "memory_mode": attempt.memory_mode,
+        "outcome": attempt.outcome or None,
+        "reason": attempt.reason,
+        "placement": attempt.placement,
+        "vram_estimate_bytes": attempt.vram_estimate_bytes,
+        "profile": {
+            "queued_seconds": attempt.queued_seconds,
+            "load_seconds": attempt.load_seconds,
+            "mean_step_seconds": attempt.mean_step_seconds,
+            "peak_vram_bytes": attempt.peak_vram_bytes,
+        },
+        "assigned_at": _iso(attempt.assigned_at),
+        "started_at": _iso(attempt.started_at),
+        "ended_at": _iso(attempt.ended_at),
+    }
+
+
+def profile_line(attempt: Attempt) -> str:
+    """Forge --profile style: where the time and memory went."""
+    peak = f"{attempt.peak_vram_bytes / GIB:.2f} GiB" if attempt.peak_vram_bytes else "not measured"
+    return (
+        f"queued {attempt.queued_seconds:.1f}s, model load {attempt.load_seconds:.2f}s, "
+        f"{attempt.mean_step_seconds:.3f}s/step, peak VRAM {peak} "
+        f"(estimated {attempt.vram_estimate_bytes / GIB:.2f} GiB), "
+        f"{attempt.node_name} gpu {attempt.gpu_index}, {attempt.memory_mode}"
+    )
 
 
 def event_json(event: Event) -> dict[str, Any]:
@@ -154,6 +191,7 @@ def node_json(node: Node) -> dict[str, Any]:
                 "utilization_percent": d.utilization_percent,
                 "active_jobs": d.active_jobs,
                 "resident_models": d.resident_models,
+                "megapixel_steps_per_second": d.speeds,
             }
             for d in node.devices
         ],
@@ -241,6 +279,17 @@ def job_detail(job: Job) -> None:
             ", ".join(f"#{i.index} seed {i.seed} {i.sha256[:12]}" for i in job.images) or "-",
         ),
     ]
+    if spec.selector:
+        lines.append(("Selector", ", ".join(f"{k}={v}" for k, v in sorted(spec.selector.items()))))
+    if job.attempts:
+        last = job.attempts[-1]
+        lines.append(("Placed", last.placement or "-"))
+        if last.outcome:
+            lines.append(("Profile", profile_line(last)))
+    for attempt in job.attempts:
+        outcome = attempt.outcome or "running"
+        why = f": {attempt.reason}" if attempt.reason and attempt.reason != outcome else ""
+        lines.append((f"Attempt {attempt.attempt}", f"{outcome}{why}; {profile_line(attempt)}"))
     console = Console(soft_wrap=True, highlight=False)
     for label, value in lines:
         # Text, not markup: A1111 prompts use [brackets] of their own.
@@ -263,11 +312,13 @@ def nodes_table(nodes: list[Node]) -> None:
                     if device.utilization_percent is None
                     else f"{device.utilization_percent:.0f}%",
                     str(device.active_jobs),
+                    ",".join(device.resident_models) or "-",
                     ",".join(node.models),
                 ]
             )
     print_table(
-        ["NAME", "ID", "STATUS", "DEVICE", "FREE/TOTAL GiB", "UTIL", "JOBS", "MODELS"], rows
+        ["NAME", "ID", "STATUS", "DEVICE", "FREE/TOTAL GiB", "UTIL", "JOBS", "LOADED", "MODELS"],
+        rows,
     )
 
 

@@ -13,7 +13,8 @@ import sys
 import time
 from pathlib import Path
 
-from client._errors import SdmeshError
+from client._errors import InvalidArgumentError, SdmeshError
+from client.cli.labels import parse_labels
 
 log = logging.getLogger("sdctl")
 
@@ -63,6 +64,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
         heartbeat_seconds=args.heartbeat,
         node_window_seconds=args.node_window,
         max_attempts=args.max_attempts,
+        reserve_after_seconds=args.reserve_after,
     )
     try:
         asyncio.run(serve(config))
@@ -77,18 +79,43 @@ def run_node(args: argparse.Namespace, scheduler: str) -> int:
 
     from gpu_node.agent import AgentConfig, run_agent
     from gpu_node.identity import DataDirInUse
+    from gpu_node.probe import Probe
+    from gpu_node.simulated import SimulatedProbe, parse_models, parse_sizes, parse_speeds
 
-    config = AgentConfig(
-        scheduler=scheduler,
-        data_dir=Path(args.data_dir or default_data_dir("node")),
-        models_dir=Path(args.models_dir) if args.models_dir else None,
-        name=args.name,
-    )
     try:
-        asyncio.run(run_agent(config))
+        probe: Probe | None = None
+        synthetic: dict[str, int] = {}
+        if args.simulate_gpus:
+            sizes = parse_sizes(args.simulate_gpus)
+            speeds = parse_speeds(args.simulate_speed, len(sizes))
+            probe = SimulatedProbe(sizes, speeds, time_scale=args.simulate_time_scale)
+            synthetic = parse_models(args.simulate_models) if args.simulate_models else {}
+        elif args.simulate_models:
+            raise ValueError(
+                "--simulate-models needs --simulate-gpus: only simulated GPUs run them"
+            )
+        config = AgentConfig(
+            scheduler=scheduler,
+            data_dir=Path(args.data_dir or default_data_dir("node")),
+            models_dir=Path(args.models_dir) if args.models_dir else None,
+            name=args.name,
+            labels=parse_labels(args.label),
+            gpus=parse_gpus(args.gpus) if args.gpus else None,
+            synthetic_models=synthetic,
+        )
+        asyncio.run(run_agent(config, probe))
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None
     except (DataDirInUse, FileNotFoundError) as exc:
         raise SdmeshError(str(exc)) from None
     return 0
+
+
+def parse_gpus(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--gpus: expected indexes like 0,1, got {text!r}") from None
 
 
 def _wait_until_ready(

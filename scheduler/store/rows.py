@@ -8,7 +8,15 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from scheduler.domain import EventBody, ImageMeta, Job, JobEvent, StateChange
+from scheduler.domain import (
+    AttemptProfile,
+    AttemptRecord,
+    EventBody,
+    ImageMeta,
+    Job,
+    JobEvent,
+    StateChange,
+)
 from scheduler.spec import JobSpec, MemoryMode
 from scheduler.states import JobState
 
@@ -63,4 +71,25 @@ def job_from_row(row: sa.Row[Any], images: Sequence[ImageMeta]) -> Job:
         started_at=row.started_at,
         finished_at=row.finished_at,
         images=tuple(images),
+    )
+
+
+def attempt_from_row(row: sa.Row[Any]) -> AttemptRecord:
+    return AttemptRecord(
+        attempt=row.attempt,
+        node_id=row.node_id,
+        node_name=row.node_name,
+        gpu_index=row.gpu_index,
+        memory_mode=MemoryMode(row.memory_mode),
+        assigned_at=row.assigned_at,
+        outcome=row.outcome or "",
+        reason=row.reason,
+        placement=row.placement,
+        vram_estimate_bytes=row.vram_estimate_bytes or 0,
+        queued_seconds=row.queued_seconds or 0.0,
+        started_at=row.started_at,
+        ended_at=row.ended_at,
+        profile=AttemptProfile(
+            row.load_seconds or 0.0, row.mean_step_seconds or 0.0, row.peak_vram_bytes or 0
+        ),
     )

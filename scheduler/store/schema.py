@@ -41,8 +41,12 @@ attempts = sa.Table(
     sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), primary_key=True),
     sa.Column("attempt", sa.Integer, primary_key=True),
     sa.Column("node_id", sa.String(64), nullable=False),
+    sa.Column("node_name", sa.String(128), nullable=False, server_default=""),
     sa.Column("gpu_index", sa.Integer, nullable=False),
     sa.Column("memory_mode", sa.String(32), nullable=False),
+    sa.Column("placement", sa.Text, nullable=False, server_default=""),
+    sa.Column("vram_estimate_bytes", sa.BigInteger, nullable=True),
+    sa.Column("queued_seconds", sa.Float, nullable=True),
     sa.Column("outcome", sa.String(16), nullable=True),  # None while it runs
     sa.Column("reason", sa.Text, nullable=False),
     sa.Column("counted_failure", sa.Boolean, nullable=False),
@@ -101,4 +105,15 @@ models = sa.Table(
     sa.Column("weight_bytes", sa.BigInteger, nullable=False),
     sa.Column("dtype", sa.String(32), nullable=False),
     sa.Column("last_seen", sa.Float, nullable=False),
+)
+
+vram_estimates = sa.Table(
+    "vram_estimates",
+    metadata,
+    sa.Column("model", sa.String(128), primary_key=True),
+    sa.Column("size_bucket", sa.Integer, primary_key=True),
+    sa.Column("batch_size", sa.Integer, primary_key=True),
+    sa.Column("memory_mode", sa.String(32), primary_key=True),
+    sa.Column("peak_bytes", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
 )

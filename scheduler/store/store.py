@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from scheduler.domain import (
     AttemptOutcome,
     AttemptProfile,
+    AttemptRecord,
     EventBody,
     ImageMeta,
     Job,
@@ -32,8 +33,14 @@ from scheduler.spec import JobSpec, MemoryMode
 from scheduler.states import ACTIVE, JobState, sources
 from scheduler.store.engine import create_engine, migrate
 from scheduler.store.nodes import NodeRegistry
-from scheduler.store.rows import event_from_row, event_row, image_from_row, job_from_row
-from scheduler.store.schema import attempts, images, job_events, jobs
+from scheduler.store.rows import (
+    attempt_from_row,
+    event_from_row,
+    event_row,
+    image_from_row,
+    job_from_row,
+)
+from scheduler.store.schema import attempts, images, job_events, jobs, vram_estimates
 
 
 class Store:
@@ -125,6 +132,51 @@ class Store:
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
         return None if row is None else (image_from_row(row), row.path)
+
+    def attempts(self, job_id: str) -> list[AttemptRecord]:
+        query = sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)
+        with self.engine.connect() as conn:
+            return [attempt_from_row(row) for row in conn.execute(query)]
+
+    def load_estimates(self) -> dict[tuple[str, int, int, MemoryMode], int]:
+        """The learned VRAM figures, keyed as the estimator keys them."""
+        with self.engine.connect() as conn:
+            return {
+                (
+                    row.model,
+                    row.size_bucket,
+                    row.batch_size,
+                    MemoryMode(row.memory_mode),
+                ): row.peak_bytes
+                for row in conn.execute(sa.select(vram_estimates))
+            }
+
+    def save_estimate(self, key: tuple[str, int, int, MemoryMode], peak_bytes: int) -> None:
+        model, bucket, batch_size, mode = key
+        where = (
+            vram_estimates.c.model == model,
+            vram_estimates.c.size_bucket == bucket,
+            vram_estimates.c.batch_size == batch_size,
+            vram_estimates.c.memory_mode == mode.value,
+        )
+        now = self.clock()
+        with self.engine.begin() as conn:
+            updated = conn.execute(
+                sa.update(vram_estimates)
+                .where(*where)
+                .values(peak_bytes=peak_bytes, updated_at=now)
+            ).rowcount
+            if not updated:
+                conn.execute(
+                    sa.insert(vram_estimates).values(
+                        model=model,
+                        size_bucket=bucket,
+                        batch_size=batch_size,
+                        memory_mode=mode.value,
+                        peak_bytes=peak_bytes,
+                        updated_at=now,
+                    )
+                )
 
     def attempt_reasons(self, job_id: str) -> list[tuple[int, str, str]]:
         """(attempt, outcome, reason) of every attempt that has ended."""
@@ -291,9 +343,13 @@ class Store:
         node_name: str,
         gpu_index: int,
         memory_mode: MemoryMode,
+        placement: str = "",
+        vram_estimate_bytes: int = 0,
     ) -> list[JobEvent] | None:
-        """QUEUED -> ASSIGNED as attempt expected_attempt + 1. Fails (None)
-        if the job moved or was assigned since it was read."""
+        """QUEUED -> ASSIGNED as attempt expected_attempt + 1, recording why
+        it goes there. Fails (None) if the job moved or was assigned since
+        it was read."""
+        now = self.clock()
         with self.engine.begin() as conn:
             events = self._transition(
                 conn,
@@ -310,16 +366,26 @@ class Store:
             )
             if events is None:
                 return None
+            queued_since = conn.execute(
+                sa.select(job_events.c.created_at)
+                .where(job_events.c.job_id == job_id, job_events.c.seq < events[0].seq)
+                .order_by(job_events.c.seq.desc())
+                .limit(1)
+            ).scalar()
             conn.execute(
                 sa.insert(attempts).values(
                     job_id=job_id,
                     attempt=expected_attempt + 1,
                     node_id=node_id,
+                    node_name=node_name,
                     gpu_index=gpu_index,
                     memory_mode=memory_mode.value,
+                    placement=placement,
+                    vram_estimate_bytes=vram_estimate_bytes or None,
+                    queued_seconds=None if queued_since is None else now - queued_since,
                     reason="",
                     counted_failure=False,
-                    assigned_at=self.clock(),
+                    assigned_at=now,
                 )
             )
         return events

@@ -1,0 +1,289 @@
+"""Simulated GPUs, for tests and benchmarks on machines without one.
+
+`sdctl node --simulate-gpus 24GiB,12GiB [--simulate-speed 1.0,0.5]
+[--simulate-models sdxl=6.9GiB,flux=23GiB]` gives the agent cards that
+behave like real ones where the scheduler can see it:
+
+- each card charges a job its true peak from `gpu_node.profiles` (never the
+  scheduler's estimate), and holds it, and the resident model, while the
+  job runs;
+- when the peak does not fit, the real `torch.OutOfMemoryError` is raised
+  from inside the pipeline call, at the first step;
+- the work is the real pipeline on the CPU for real models (`tiny`), or a
+  timing model for synthetic ones: steps x per-step time, scaled by pixels
+  and card speed, plus a cold load for a model that is not resident.
+  `--simulate-time-scale` shrinks every simulated wait, for fast tests.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from types import SimpleNamespace
+from typing import Any
+
+from gpu_node.catalog import Catalog
+from gpu_node.pipelines import ModelUnavailable, PipelineCache
+from gpu_node.profiles import (
+    CUDA_CONTEXT_BYTES,
+    ModelProfile,
+    profile_for,
+    run_seconds,
+    true_peak,
+)
+from scheduler.domain import DeviceInfo, DeviceStats, ModelInfo
+from scheduler.spec import MemoryMode
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB)\s*$", re.IGNORECASE)
+_UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
+
+
+def parse_size(text: str, flag: str) -> int:
+    match = _SIZE.match(text)
+    if match is None:
+        raise ValueError(f"{flag}: expected a size like 24GiB or 512MiB, got {text!r}")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def parse_sizes(text: str, flag: str = "--simulate-gpus") -> list[int]:
+    return [parse_size(part, flag) for part in text.split(",")]
+
+
+def parse_speeds(text: str, count: int, flag: str = "--simulate-speed") -> list[float]:
+    try:
+        speeds = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag}: expected numbers like 1.0,0.5, got {text!r}") from None
+    if len(speeds) == 1:
+        speeds *= count
+    if len(speeds) != count or any(speed <= 0 for speed in speeds):
+        raise ValueError(f"{flag}: expected {count} positive numbers, one per GPU, got {text!r}")
+    return speeds
+
+
+def parse_models(text: str, flag: str = "--simulate-models") -> dict[str, int]:
+    models = {}
+    for part in text.split(","):
+        name, sep, size = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"{flag}: expected NAME=SIZE like sdxl=6.9GiB, got {part!r}")
+        models[name.strip()] = parse_size(size, flag)
+    return models
+
+
+class SimulatedCard:
+    """One card's memory: the CUDA context, the resident model's weights and
+    the running job's allocations."""
+
+    def __init__(self, index: int, total_bytes: int, speed: float, time_scale: float) -> None:
+        self.index = index
+        self.total_bytes = total_bytes
+        self.speed = speed
+        self.time_scale = time_scale
+        self._lock = threading.Lock()
+        self.resident: tuple[str, int] | None = None  # (model, weight bytes)
+        self.running_bytes = 0
+        self.last_peak = 0
+
+    def free_bytes(self) -> int:
+        with self._lock:
+            resident = self.resident[1] if self.resident else 0
+            return self.total_bytes - CUDA_CONTEXT_BYTES - resident - self.running_bytes
+
+    def wait(self, seconds: float) -> None:
+        time.sleep(seconds * self.time_scale)
+
+    def load(self, model: str, profile: ModelProfile) -> float:
+        """Makes `model` resident, evicting another; returns the load time."""
+        with self._lock:
+            if self.resident is not None and self.resident[0] == model:
+                return 0.0
+            self.resident = None
+        self.wait(profile.load_seconds)
+        with self._lock:
+            self.resident = (model, profile.weight_bytes)
+        return profile.load_seconds * self.time_scale
+
+    def evict(self) -> None:
+        with self._lock:
+            self.resident = None
+
+    @contextmanager
+    def allocate(self, peak_bytes: int, model: str) -> Iterator[None]:
+        """Holds a job's memory while it runs, or raises the out-of-memory
+        error a real card raises. The resident weights of `model` are part
+        of its peak already."""
+        import torch
+
+        with self._lock:
+            reused = self.resident[1] if self.resident and self.resident[0] == model else 0
+            resident = self.resident[1] if self.resident else 0
+            free = self.total_bytes - CUDA_CONTEXT_BYTES - resident - self.running_bytes
+            extra = peak_bytes - reused
+            if extra > free:
+                self.last_peak = reused + max(free, 0)  # what it had when it failed
+                raise torch.OutOfMemoryError(
+                    f"CUDA out of memory. Tried to allocate {extra / 2**30:.2f} GiB. "
+                    f"GPU {self.index} has a total capacity of {self.total_bytes / 2**30:.2f} GiB "
+                    f"of which {max(free, 0) / 2**30:.2f} GiB is free."
+                )
+            self.running_bytes += extra
+            self.last_peak = peak_bytes
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.running_bytes -= extra
+
+
+class SimulatedPipeline:
+    """The diffusers text-to-image call, on a simulated card: a real
+    pipeline run on the CPU (`inner`), or the timing model."""
+
+    def __init__(
+        self,
+        card: SimulatedCard,
+        profile: ModelProfile,
+        mode: MemoryMode,
+        inner: Any = None,
+    ) -> None:
+        self.card = card
+        self.profile = profile
+        self.mode = mode
+        self.inner = inner
+        self.num_timesteps = 0
+
+    def __call__(self, **kwargs: Any) -> Any:
+        width, height = kwargs["width"], kwargs["height"]
+        batch = kwargs.get("num_images_per_prompt") or 1
+        steps = kwargs["num_inference_steps"]
+        self.num_timesteps = steps
+        peak = true_peak(self.profile, width, height, batch, self.mode)
+        callback: Callable[..., Any] | None = kwargs.get("callback_on_step_end")
+        with ExitStack() as held:
+            if self.inner is not None:
+                return self._real(kwargs, peak, callback, held)
+            held.enter_context(self.card.allocate(peak, self.profile.name))
+            return self._timed(width, height, batch, steps, callback)
+
+    def _real(
+        self,
+        kwargs: dict[str, Any],
+        peak: int,
+        callback: Callable[..., Any] | None,
+        held: ExitStack,
+    ) -> Any:
+        def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> Any:
+            if index == 0:  # the first step is where a real card runs out
+                held.enter_context(self.card.allocate(peak, self.profile.name))
+            return callback(pipe, index, timestep, tensors) if callback else tensors
+
+        return self.inner(**{**kwargs, "callback_on_step_end": on_step_end})
+
+    def _timed(
+        self,
+        width: int,
+        height: int,
+        batch: int,
+        steps: int,
+        callback: Callable[..., Any] | None,
+    ) -> Any:
+        import torch
+        from PIL import Image
+
+        per_step = (
+            run_seconds(self.profile, width, height, batch, steps, self.mode, self.card.speed)
+            / steps
+        )
+        noise = torch.Generator().manual_seed(width * 31 + height)
+        for index in range(steps):
+            self.card.wait(per_step)
+            if callback is not None:
+                latents = torch.randn(
+                    batch, 4, max(1, height // 8), max(1, width // 8), generator=noise
+                )
+                callback(self, index, index, {"latents": latents})
+        shade = (37 * width + 11 * height) % 200 + 30
+        return SimpleNamespace(
+            images=[Image.new("RGB", (width, height), (shade, 90, 160)) for _ in range(batch)]
+        )
+
+
+class SimulatedBackend:
+    def __init__(self, card: SimulatedCard, catalog: Catalog) -> None:
+        self.card = card
+        self.catalog = catalog
+        self.cpu = PipelineCache("cpu", catalog)  # real models really run, on the CPU
+
+    def pipeline(self, model: str, sampler: str, mode: MemoryMode) -> tuple[Any, float]:
+        local = self.catalog.get(model)
+        if local is None:
+            raise ModelUnavailable(f"model {model!r} is not on this node")
+        profile = profile_for(model, local.weight_bytes)
+        full = mode in (MemoryMode.FULL, MemoryMode.AUTO)
+        if full:
+            load_seconds = self.card.load(model, profile)
+        else:  # offloaded weights live in host memory, not on the card
+            self.card.evict()
+            load_seconds = 0.0
+        inner = None
+        if not local.synthetic:
+            inner, cpu_load = self.cpu.get(model, sampler, MemoryMode.FULL)
+            load_seconds += cpu_load
+        mode = MemoryMode.FULL if full else mode
+        return SimulatedPipeline(self.card, profile, mode, inner), load_seconds
+
+    def resident(self) -> tuple[ModelInfo, ...]:
+        resident = self.card.resident
+        model = self.catalog.get(resident[0]) if resident else None
+        return (model.info,) if model is not None else ()
+
+    def begin_job(self) -> None:
+        self.card.last_peak = 0
+
+    def peak_bytes(self) -> int:
+        return self.card.last_peak
+
+    def release(self) -> None:
+        pass
+
+
+class SimulatedProbe:
+    kind = "simulated"
+
+    def __init__(
+        self, sizes: list[int], speeds: list[float] | None = None, time_scale: float = 1.0
+    ) -> None:
+        speeds = speeds or [1.0] * len(sizes)
+        self.cards = [
+            SimulatedCard(index, size, speed, time_scale)
+            for index, (size, speed) in enumerate(zip(sizes, speeds, strict=True))
+        ]
+
+    def devices(self) -> list[DeviceInfo]:
+        return [
+            DeviceInfo(
+                card.index,
+                f"Simulated GPU {card.total_bytes / 2**30:g} GiB (speed {card.speed:g})",
+                f"SIM-{card.index}-{card.total_bytes}",
+                "cuda",
+                card.total_bytes,
+            )
+            for card in self.cards
+        ]
+
+    def stats(self) -> list[DeviceStats]:
+        stats = []
+        for card in self.cards:
+            free = card.free_bytes()
+            busy = 100.0 if card.running_bytes else 0.0
+            stats.append(
+                DeviceStats(card.index, card.total_bytes, free, card.total_bytes - free, busy)
+            )
+        return stats
+
+    def backend(self, index: int, catalog: Catalog) -> SimulatedBackend:
+        return SimulatedBackend(self.cards[index], catalog)

@@ -1,0 +1,49 @@
+"""Placement: which GPU a job runs on, and in which memory mode. Pure code
+with no I/O and no clock, in the Kubernetes scheduler's shape: filters that
+say why not (with numbers), then weighted 0-100 scores."""
+
+from scheduler.placement.demand import allowed_modes, demand_for, shape_of
+from scheduler.placement.filters import FILTERS, fitting_need, rejection
+from scheduler.placement.planner import (
+    RESERVE_AFTER_SECONDS,
+    SeenGpu,
+    place,
+    plan,
+    summarize,
+    unresolvable,
+)
+from scheduler.placement.scores import WEIGHTS
+from scheduler.placement.views import (
+    MAX_ACTIVE_PER_GPU,
+    Decision,
+    Demand,
+    GpuView,
+    Placed,
+    Rejection,
+    Reserved,
+    Unplaced,
+)
+
+__all__ = [
+    "FILTERS",
+    "MAX_ACTIVE_PER_GPU",
+    "RESERVE_AFTER_SECONDS",
+    "WEIGHTS",
+    "Decision",
+    "Demand",
+    "GpuView",
+    "Placed",
+    "Rejection",
+    "Reserved",
+    "SeenGpu",
+    "Unplaced",
+    "allowed_modes",
+    "demand_for",
+    "fitting_need",
+    "place",
+    "plan",
+    "rejection",
+    "shape_of",
+    "summarize",
+    "unresolvable",
+]

@@ -1,0 +1,72 @@
+"""Scores: how good a GPU that passed the filters is for a job, each on a
+fixed 0-100 scale, combined by weights.
+
+- finish: expected finish time (work already bound there, a cold load if
+  the model is not resident, and the job's own run at that GPU's measured
+  speed in the chosen mode), relative to the best candidate;
+- resident: the model is already loaded;
+- fit: VRAM left after placement, best fit scoring highest, so big cards
+  stay free for big jobs;
+- utilization: how idle the GPU is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from scheduler.estimator import Need
+from scheduler.placement.views import Demand, GpuView
+from scheduler.speeds import Speed, expected_speed, load_seconds, run_seconds
+
+WEIGHTS = {"finish": 5.0, "resident": 2.0, "fit": 1.0, "utilization": 1.0}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    gpu: GpuView
+    need: Need
+    run_seconds: float  # its own run, with a cold load if needed
+    finish_seconds: float  # after the work already bound there
+
+
+def candidate(
+    demand: Demand, gpu: GpuView, need: Need, known: Mapping[str, Mapping[str, Speed]]
+) -> Candidate:
+    speed = expected_speed(gpu.key, demand.model, known)
+    seconds = run_seconds(demand.work, speed, need.mode)
+    if demand.model not in gpu.resident:
+        seconds += load_seconds(gpu.speeds, demand.model, demand.weight_bytes)
+    return Candidate(gpu, need, seconds, gpu.busy_seconds + seconds)
+
+
+def finish_score(candidate: Candidate, best_finish_seconds: float) -> float:
+    # the soonest candidate scores 100; one that finishes twice as late, 50
+    return 100.0 * max(best_finish_seconds, 1e-9) / max(candidate.finish_seconds, 1e-9)
+
+
+def resident_score(demand: Demand, gpu: GpuView) -> float:
+    return 100.0 if demand.model in gpu.resident else 0.0
+
+
+def fit_score(gpu: GpuView, need: Need) -> float:
+    # 24 GiB card, 14 GiB free, needs 9 GiB: 100 x (1 - 5/24) = 79
+    left = max(0, gpu.free_bytes - need.vram_bytes)
+    return 100.0 * (1.0 - left / max(gpu.total_bytes, 1))
+
+
+def utilization_score(gpu: GpuView) -> float:
+    return 100.0 - min(100.0, max(0.0, gpu.utilization_percent))
+
+
+def scores(demand: Demand, option: Candidate, best_finish_seconds: float) -> dict[str, float]:
+    return {
+        "finish": finish_score(option, best_finish_seconds),
+        "resident": resident_score(demand, option.gpu),
+        "fit": fit_score(option.gpu, option.need),
+        "utilization": utilization_score(option.gpu),
+    }
+
+
+def combine(parts: Mapping[str, float]) -> float:
+    return sum(WEIGHTS[name] * value for name, value in parts.items()) / sum(WEIGHTS.values())
