@@ -1,0 +1,57 @@
+"""Measured speeds and expected run times."""
+
+from __future__ import annotations
+
+import pytest
+
+from scheduler.spec import MemoryMode
+from scheduler.speeds import (
+    Speed,
+    SpeedTable,
+    expected_speed,
+    load_seconds,
+    megapixel_steps,
+    run_seconds,
+)
+
+
+def test_a_job_is_measured_in_megapixel_steps_per_second() -> None:
+    table = SpeedTable()
+    # 512 x 512 x 1 = 0.262 MP; 0.1 s a step -> 2.62 MP-steps/s
+    speed = table.record("sd15", 512, 512, 1, 0.1, 3.0)
+    assert speed is not None
+    assert speed.megapixel_steps_per_second == pytest.approx(2.62144)
+    assert (speed.load_seconds, speed.samples) == (3.0, 1)
+    # The next measurement is blended in: 0.7 x 2.62 + 0.3 x 5.24 = 3.41
+    again = table.record("sd15", 512, 512, 1, 0.05, 0.0)
+    assert again is not None
+    assert again.megapixel_steps_per_second == pytest.approx(0.7 * 2.62144 + 0.3 * 5.24288)
+    assert again.load_seconds == 3.0  # kept: this run was warm
+    assert table.record("sd15", 512, 512, 1, 0.0, 0.0) is None
+
+
+def test_run_time_by_mode() -> None:
+    work = megapixel_steps(1024, 1024, 1, 30)  # 31.5 MP-steps
+    assert work == pytest.approx(31.45728)
+    assert run_seconds(work, 2.0, MemoryMode.FULL) == pytest.approx(15.72864)
+    assert run_seconds(work, 2.0, MemoryMode.MODEL_OFFLOAD) == pytest.approx(15.72864 * 1.5)
+
+
+def test_unmeasured_speeds_are_guessed_from_the_others() -> None:
+    known = {
+        "a": {"sd15": Speed(2.0), "sdxl": Speed(1.0)},
+        "b": {"sd15": Speed(4.0)},
+        "c": {},
+    }
+    assert expected_speed("a", "sd15", known) == 2.0  # measured
+    # b is 4 / mean(2, 4) = 1.33x on sd15; sdxl's mean is 1.0 -> 1.33
+    assert expected_speed("b", "sdxl", known) == pytest.approx(4 / 3)
+    # c has run nothing: the model's mean, 1.0
+    assert expected_speed("c", "sdxl", known) == 1.0
+    # nobody has run flux: 1.0, scaled by a's factor on its models (2/3 and 1/1)
+    assert expected_speed("a", "flux", known) == pytest.approx((2 / 3 + 1.0) / 2)
+
+
+def test_cold_loads_as_measured_or_guessed_from_size() -> None:
+    assert load_seconds({"sdxl": Speed(1.0, 8.0, 1)}, "sdxl", 7 * 2**30) == 8.0
+    assert load_seconds({}, "sdxl", 7 * 2**30) == 7.0  # 1 GiB/s
