@@ -271,21 +271,23 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         an out-of-memory the figure rises above what the card had, so the
         retry needs a card with more room or a lower memory mode."""
         shape = shape_of(active.spec)
-        if outcome is AttemptOutcome.FAILED and error_kind == "oom":
-            learned: int | None = self.estimates.record_oom(
-                shape, active.memory_mode, profile.peak_vram_bytes, active.vram_bytes
-            )
-        elif outcome is AttemptOutcome.SUCCEEDED:
-            learned = self.estimates.record_peak(shape, active.memory_mode, profile.peak_vram_bytes)
-        else:
+        out_of_memory = outcome is AttemptOutcome.FAILED and error_kind == "oom"
+        if not out_of_memory and outcome is not AttemptOutcome.SUCCEEDED:
             return
+        learned = self.estimates.learn(
+            shape,
+            active.memory_mode,
+            out_of_memory=out_of_memory,
+            peak_bytes=profile.peak_vram_bytes,
+            estimate_bytes=active.vram_bytes,
+        )
         if learned is not None:
             log.info(
                 "learned %s needs %s (%s, %s)",
                 shape,
                 format_bytes(learned),
                 active.memory_mode.value,
-                "out of memory" if outcome is AttemptOutcome.FAILED else "measured peak",
+                "out of memory" if out_of_memory else "measured peak",
             )
             await self.db.run(self.db.store.save_estimate, shape.key(active.memory_mode), learned)
 

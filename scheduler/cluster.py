@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-from scheduler.domain import DeviceStats, NodeInfo
-from scheduler.placement import GpuView
+from scheduler.domain import DeviceStats, Job, NodeInfo
+from scheduler.placement import GpuView, Placed
 from scheduler.spec import JobSpec, MemoryMode
 from scheduler.speeds import Speed
 from scheduler.uploads import UploadBuffer
@@ -83,6 +83,22 @@ class NodeSession:
 
     def close(self) -> None:
         self.outbox.put_nowait(None)
+
+    def bind(self, job: Job, attempt: int, placed: Placed, now: float) -> ActiveAttempt:
+        """Records an attempt placement put on one of this node's GPUs."""
+        active = ActiveAttempt(
+            job_id=job.id,
+            attempt=attempt,
+            gpu_index=placed.gpu.index,
+            owner=job.owner,
+            spec=job.spec,
+            memory_mode=placed.need.mode,
+            vram_bytes=placed.need.vram_bytes,
+            expected_seconds=placed.expected_seconds,
+            assigned_at=now,
+        )
+        self.attempts[job.id] = active
+        return active
 
     def take_attempts(self) -> list[ActiveAttempt]:
         """The attempts it still holds, which it holds no longer."""

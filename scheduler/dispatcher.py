@@ -14,7 +14,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from scheduler.cluster import ActiveAttempt, AssignCommand, Cluster
+from scheduler.cluster import AssignCommand, Cluster
 from scheduler.domain import AttemptOutcome, Job
 from scheduler.estimator import EstimateBook
 from scheduler.events import EventHub
@@ -25,6 +25,29 @@ from scheduler.store import Database
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 2.0
+
+
+def queue_demands(
+    queued: list[Job], cluster: Cluster, estimates: EstimateBook, now: float
+) -> list[Demand]:
+    """The queue in policy order, as placement demands. Pure: the benchmark's
+    simulation calls it too."""
+    weights = cluster.models()
+    by_id = {job.id: job for job in queued}
+    ordered = order(
+        [QueuedJob(j.id, j.owner, j.spec.priority, j.created_at) for j in queued],
+        cluster.active_by_owner(),
+    )
+    return [
+        demand_for(
+            entry.job_id,
+            by_id[entry.job_id].spec,
+            weights.get(by_id[entry.job_id].spec.model, 0),
+            estimates,
+            waited_seconds=now - entry.queued_at,
+        )
+        for entry in ordered
+    ]
 
 
 class Dispatcher:
@@ -62,25 +85,6 @@ class Dispatcher:
             except Exception:
                 log.exception("dispatch pass failed; retrying on the next wake")
 
-    def demands(self, queued: list[Job], now: float) -> list[Demand]:
-        """The queue in policy order, as placement demands."""
-        weights = self.cluster.models()
-        by_id = {job.id: job for job in queued}
-        ordered = order(
-            [QueuedJob(j.id, j.owner, j.spec.priority, j.created_at) for j in queued],
-            self.cluster.active_by_owner(),
-        )
-        return [
-            demand_for(
-                entry.job_id,
-                by_id[entry.job_id].spec,
-                weights.get(by_id[entry.job_id].spec.model, 0),
-                self.estimates,
-                waited_seconds=now - entry.queued_at,
-            )
-            for entry in ordered
-        ]
-
     async def dispatch_once(self) -> int:
         """One pass over the queue. Returns how many jobs were assigned."""
         queued = await self.db.run(self.db.store.queued_jobs)
@@ -90,7 +94,7 @@ class Dispatcher:
             return 0
         now = self.clock()
         decisions = plan(
-            self.demands(queued, now),
+            queue_demands(queued, self.cluster, self.estimates, now),
             self.cluster.gpu_views(now),
             reserve_after_seconds=self.reserve_after_seconds,
         )
@@ -136,17 +140,7 @@ class Dispatcher:
             )
             self.hub.publish([*events, *(requeued or [])])
             return False
-        session.attempts[job.id] = ActiveAttempt(
-            job_id=job.id,
-            attempt=attempt,
-            gpu_index=gpu.index,
-            owner=job.owner,
-            spec=job.spec,
-            memory_mode=need.mode,
-            vram_bytes=need.vram_bytes,
-            expected_seconds=decision.expected_seconds,
-            assigned_at=self.clock(),
-        )
+        session.bind(job, attempt, decision, self.clock())
         self.hub.publish(events)
         session.send(AssignCommand(job.id, attempt, job.spec, gpu.index, need.mode))
         log.info("job %s attempt %d -> %s", job.id, attempt, decision.explanation)

@@ -122,6 +122,22 @@ class EstimateBook:
         self.learned[key] = peak_bytes
         return peak_bytes
 
+    def learn(
+        self,
+        shape: Shape,
+        mode: MemoryMode,
+        *,
+        out_of_memory: bool,
+        peak_bytes: int,
+        estimate_bytes: int,
+    ) -> int | None:
+        """Folds one finished attempt in: its measured peak, or, after an
+        out-of-memory, the memory it had then. Returns the new learned
+        figure, or None when nothing changed."""
+        if out_of_memory:
+            return self.record_oom(shape, mode, peak_bytes, estimate_bytes)
+        return self.record_peak(shape, mode, peak_bytes)
+
     def record_oom(
         self, shape: Shape, mode: MemoryMode, had_bytes: int, estimate_bytes: int
     ) -> int:

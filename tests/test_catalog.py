@@ -24,6 +24,7 @@ def test_tiny_is_built_once_and_reported(tiny_data_dir: Path) -> None:
     assert tiny.name == "tiny"
     assert tiny.dtype == "float32"
     assert 5_000_000 < tiny.weight_bytes < 20_000_000  # about 10 MB
+    assert tiny.path is not None
     assert (tiny.path / "model_index.json").exists()
     assert not [p for p in (tiny_data_dir / "models").iterdir() if p.name.startswith(".tiny-")]
 

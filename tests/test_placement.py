@@ -224,3 +224,23 @@ def test_a_job_no_gpu_could_ever_take_is_rejected() -> None:
     assert unresolvable(make_demand(vram_gib=6, selector={"pool": "sdxl"}), SEEN) is None
     assert unresolvable(make_demand(vram_gib=6, selector={"pool": "flux"}), SEEN) is None
     assert unresolvable(make_demand(vram_gib=6), []) is None
+
+
+def test_a_job_waits_for_a_busy_gpu_that_would_still_finish_it_sooner() -> None:
+    # 30 MP-steps. The fast card runs them at 3.0 but has 5 s of bound work:
+    # 5 + 10 = 15 s. The slow card is free but runs at 0.5: 60 s. 15 <= 0.8 x 60,
+    # so the job waits, and its run is charged to the fast card.
+    fast = make_gpu("fast", speeds={"tiny": 3.0}, resident=("tiny",), active=2, busy_seconds=5.0)
+    slow = make_gpu("slow", speeds={"tiny": 0.5}, resident=("tiny",))
+    demands = [make_demand(f"j{n}", work=30.0) for n in range(1, 6)]
+    decisions = [decision for _, decision in plan(demands, [fast, slow])]
+    assert decisions[0] == Unplaced(
+        "waiting for host-fast gpu 0: expected to finish there in 15s, "
+        "against 60s on host-slow gpu 0 now"
+    )
+    # Each waiting job lengthens the line: 25 s, 35 s, 45 s are still <= 48 s;
+    # the fifth would finish there after 55 s, so it takes the slow card now.
+    assert [type(d).__name__ for d in decisions] == ["Unplaced"] * 4 + ["Placed"]
+    fifth = decisions[4]
+    assert isinstance(fifth, Placed)
+    assert fifth.gpu.node_id == "slow"

@@ -28,6 +28,9 @@ from scheduler.speeds import Speed
 # A job that fits nowhere for this long gets a GPU held for it, so a stream
 # of small jobs cannot starve it.
 RESERVE_AFTER_SECONDS = 120.0
+# A job waits for a busy GPU when it would finish there in at most this
+# share of the time a free GPU would take.
+PATIENCE = 0.8
 
 
 def summarize(total: int, rejections: Sequence[Rejection]) -> str:
@@ -84,13 +87,40 @@ def place(
     return Placed(gpu, need, chosen.run_seconds, score, explanation)
 
 
-def _capacity_fits(demand: Demand, gpu: GpuView) -> bool:
-    """Whether the job would fit once the work bound to the GPU is done."""
+def _later(
+    demand: Demand, gpu: GpuView, known: Mapping[str, Mapping[str, Speed]]
+) -> Candidate | None:
+    """The job on this GPU once the work bound to it is done, if it would
+    fit then: finishing after that work, in the best mode that fits."""
     if rejection(demand, gpu, STATIC_FILTERS) is not None:
-        return False
+        return None
     room = gpu.free_bytes + gpu.bound_bytes
-    return any(
-        need.vram_bytes <= room and need.host_bytes <= gpu.host_free_bytes for need in demand.needs
+    for need in demand.needs:
+        if need.vram_bytes <= room and need.host_bytes <= gpu.host_free_bytes:
+            return candidate(demand, gpu, need, known)
+    return None
+
+
+def _soonest_later(
+    demand: Demand, gpus: Iterable[GpuView], known: Mapping[str, Mapping[str, Speed]]
+) -> Candidate | None:
+    options = [option for gpu in gpus if (option := _later(demand, gpu, known)) is not None]
+    return min(
+        options,
+        key=lambda o: (o.finish_seconds, o.gpu.node_id, o.gpu.index),
+        default=None,
+    )
+
+
+def _charge(gpu: GpuView, demand: Demand, placed: Placed) -> GpuView:
+    return replace(
+        gpu,
+        active_jobs=gpu.active_jobs + 1,
+        free_bytes=gpu.free_bytes - placed.need.vram_bytes,
+        bound_bytes=gpu.bound_bytes + placed.need.vram_bytes,
+        busy_seconds=gpu.busy_seconds + placed.expected_seconds,
+        # Workers keep one model: after the bound work, it is this one.
+        resident=frozenset({demand.model}),
     )
 
 
@@ -101,33 +131,47 @@ def plan(
     reserve_after_seconds: float = RESERVE_AFTER_SECONDS,
 ) -> list[tuple[Demand, Decision]]:
     """Places jobs in queue order, charging each placement to its GPU's view
-    before the next job is considered. A job that fits nowhere does not
-    hold up the ones behind it, unless it has waited `reserve_after_seconds`:
-    then the GPU that will take it soonest is held for it."""
+    before the next job is considered.
+
+    A job also stays queued when a GPU that is busy now would still finish
+    it sooner than any free one (an SDXL job waits for the 24 GiB card rather
+    than crawl offloaded on a 12 GiB one); its expected run is charged to
+    that GPU, so the jobs behind it see the queue forming there.
+
+    A job that fits nowhere does not hold up the ones behind it, unless it
+    has waited `reserve_after_seconds`: then the GPU that would finish it
+    soonest is held for it."""
     views = {gpu.key: gpu for gpu in gpus}
     held: set[str] = set()
     decisions: list[tuple[Demand, Decision]] = []
     for demand in demands:
+        every = list(views.values())
         open_gpus = [view for key, view in views.items() if key not in held]
-        decision = place(demand, open_gpus, list(views.values()))
+        decision = place(demand, open_gpus, every)
+        known = _known_speeds(every)
         if isinstance(decision, Placed):
-            gpu = decision.gpu
-            views[gpu.key] = replace(
-                gpu,
-                active_jobs=gpu.active_jobs + 1,
-                free_bytes=gpu.free_bytes - decision.need.vram_bytes,
-                bound_bytes=gpu.bound_bytes + decision.need.vram_bytes,
-                busy_seconds=gpu.busy_seconds + decision.expected_seconds,
-                # Workers keep one model: after the bound work, it is this one.
-                resident=frozenset({demand.model}),
+            later = _soonest_later(
+                demand, (v for v in open_gpus if v.key != decision.gpu.key), known
             )
+            now_finish = decision.gpu.busy_seconds + decision.expected_seconds
+            if later is not None and later.finish_seconds <= PATIENCE * now_finish:
+                gpu = later.gpu
+                views[gpu.key] = replace(gpu, busy_seconds=gpu.busy_seconds + later.run_seconds)
+                decision = Unplaced(
+                    f"waiting for {gpu.name}: expected to finish there in "
+                    f"{later.finish_seconds:.0f}s, against {now_finish:.0f}s on "
+                    f"{decision.gpu.name} now"
+                )
+            else:
+                views[decision.gpu.key] = _charge(decision.gpu, demand, decision)
         elif demand.waited_seconds >= reserve_after_seconds:
-            able = [view for view in open_gpus if _capacity_fits(demand, view)]
-            if able:
-                gpu = min(able, key=lambda view: (view.busy_seconds, view.node_id, view.index))
-                held.add(gpu.key)
+            later = _soonest_later(demand, open_gpus, known)
+            if later is not None:
+                held.add(later.gpu.key)
                 assert isinstance(decision, Unplaced)
-                decision = Reserved(gpu, f"{decision.reason}; holding {gpu.name} for it")
+                decision = Reserved(
+                    later.gpu, f"{decision.reason}; holding {later.gpu.name} for it"
+                )
         decisions.append((demand, decision))
     return decisions
 

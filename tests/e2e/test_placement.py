@@ -11,9 +11,11 @@ is too low, as real first estimates are: at 768x768 the scheduler guesses
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import pytest
 
-from client import Job, RejectedError, StateEvent
+from client import Event, Job, RejectedError, StateEvent
 from gpu_node.profiles import CUDA_CONTEXT_BYTES, profile_for, true_peak
 from scheduler.estimator import Shape, first_estimate
 from scheduler.spec import MemoryMode
@@ -25,8 +27,8 @@ GIB = 2**30
 FLUX = ("--simulate-models", "flux=1.2GiB", "--simulate-time-scale", "0.01")
 
 
-def states(client_job_events: list[object]) -> list[str]:
-    return [e.state for e in client_job_events if isinstance(e, StateEvent)]
+def states(events: Sequence[Event]) -> list[str]:
+    return [e.state for e in events if isinstance(e, StateEvent)]
 
 
 def test_jobs_go_where_they_fit_and_learn_from_running_out_of_memory(cluster: LocalCluster) -> None:
@@ -93,11 +95,10 @@ def test_one_agent_runs_a_job_on_each_of_its_gpus_at_once(cluster: LocalCluster)
         assert two.succeeded
         assert {one.gpu_index, two.gpu_index} == {0, 1}
         # They overlapped: the second started before the first finished.
-        started = {j.id: j.started_at for j in (one, two)}
-        finished = {j.id: j.finished_at for j in (one, two)}
-        assert started[two.id] is not None
-        assert finished[one.id] is not None
-        assert started[two.id] < finished[one.id]
+        second_started, first_finished = two.started_at, one.finished_at
+        assert second_started is not None
+        assert first_finished is not None
+        assert second_started < first_finished
         [node] = client.list_nodes()
         assert [d.index for d in node.devices] == [0, 1]
 

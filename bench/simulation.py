@@ -1,0 +1,194 @@
+"""A discrete-event simulation of GPUs running Stable Diffusion jobs, in
+virtual time, for the placement benchmark.
+
+Cards behave as the agent's simulated GPUs do (`gpu_node.profiles`): a job
+is charged its true peak memory, runs out of memory at its first step when
+the peak does not fit, and takes steps x per-step time scaled by pixels and
+card speed, plus a cold load when its model is not resident. Policies decide
+which card a job goes to; the engine does the rest and keeps the books.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from gpu_node.profiles import CUDA_CONTEXT_BYTES, PROFILES, run_seconds, true_peak
+from scheduler.spec import MemoryMode
+from scheduler.speeds import SpeedTable
+
+GIB = 2**30
+
+
+@dataclass
+class SimJob:
+    id: str
+    owner: str
+    model: str
+    size: int  # width = height
+    steps: int
+    arrival: float
+    failures: int = 0
+    tried: set[int] = field(default_factory=set)  # cards it ran out of memory on
+    started: float | None = None  # the start of the attempt that succeeded
+    finished: float | None = None
+    failed: bool = False
+
+
+@dataclass
+class Run:
+    """One attempt bound to a card."""
+
+    job: SimJob
+    mode: MemoryMode = MemoryMode.FULL
+    estimate_bytes: int = 0
+    started: float | None = None
+
+
+@dataclass
+class SimGpu:
+    index: int
+    total_bytes: int
+    speed: float
+    resident: str | None = None
+    waiting: deque[Run] = field(default_factory=deque)  # bound, not started
+    running: Run | None = None
+    busy_seconds: float = 0.0
+    speeds: SpeedTable = field(default_factory=SpeedTable)
+
+    @property
+    def usable_bytes(self) -> int:
+        return self.total_bytes - CUDA_CONTEXT_BYTES
+
+    @property
+    def load(self) -> int:
+        return len(self.waiting) + (self.running is not None)
+
+    def free_bytes(self) -> int:
+        """What NVML would report: the resident weights and the running
+        job's allocations are in use."""
+        used = PROFILES[self.resident].weight_bytes if self.resident else 0
+        if self.running is not None and self.running.started is not None:
+            run = self.running
+            used = max(
+                used, true_peak(PROFILES[run.job.model], run.job.size, run.job.size, 1, run.mode)
+            )
+        return self.usable_bytes - used
+
+
+@dataclass
+class Outcome:
+    gpu: SimGpu
+    run: Run
+    out_of_memory: bool
+    peak_bytes: int  # the peak, or what the card had when it ran out
+    load_seconds: float
+    step_seconds: float
+
+
+class Engine:
+    def __init__(self, cards: list[tuple[int, float]]) -> None:
+        self.gpus = [SimGpu(i, size * GIB, speed) for i, (size, speed) in enumerate(cards)]
+        self.now = 0.0
+        self._events: list[tuple[float, int, Callable[[], None]]] = []
+        self._sequence = 0
+        self.model_loads = 0
+        self.oom_failures = 0
+        self.on_finish: Callable[[Outcome], None] = lambda outcome: None
+
+    def at(self, time: float, action: Callable[[], None]) -> None:
+        self._sequence += 1
+        heapq.heappush(self._events, (time, self._sequence, action))
+
+    def run(self) -> None:
+        while self._events:
+            self.now, _, action = heapq.heappop(self._events)
+            action()
+
+    def bind(self, gpu: SimGpu, run: Run) -> None:
+        gpu.waiting.append(run)
+        self.start_next(gpu)
+
+    def start_next(self, gpu: SimGpu) -> None:
+        if gpu.running is not None or not gpu.waiting:
+            return
+        run = gpu.running = gpu.waiting.popleft()
+        job, profile = run.job, PROFILES[run.job.model]
+        full = run.mode is MemoryMode.FULL
+        load = 0.0
+        if not (full and gpu.resident == job.model):
+            load = profile.load_seconds
+            self.model_loads += 1
+        gpu.resident = job.model if full else None
+        run.started = self.now + load
+        peak = true_peak(profile, job.size, job.size, 1, run.mode)
+        work = run_seconds(profile, job.size, job.size, 1, job.steps, run.mode, gpu.speed)
+        step = work / job.steps
+        out_of_memory = peak > gpu.usable_bytes
+        duration = load + (step if out_of_memory else work)
+        gpu.busy_seconds += duration
+        outcome = Outcome(
+            gpu, run, out_of_memory, gpu.usable_bytes if out_of_memory else peak, load, step
+        )
+        self.at(self.now + duration, lambda: self._finish(outcome))
+
+    def _finish(self, outcome: Outcome) -> None:
+        gpu, run = outcome.gpu, outcome.run
+        gpu.running = None
+        if outcome.out_of_memory:
+            self.oom_failures += 1
+            run.job.tried.add(gpu.index)
+        else:
+            run.job.started = run.started
+            run.job.finished = self.now
+            if run.mode is MemoryMode.FULL:
+                size = run.job.size
+                gpu.speeds.record(
+                    run.job.model, size, size, 1, outcome.step_seconds, outcome.load_seconds
+                )
+        self.on_finish(outcome)
+        self.start_next(gpu)
+
+
+class RoundRobin:
+    """The Fooocus multi-instance load balancer: each job goes to the next
+    backend in turn, and an out-of-memory is retried on the next one."""
+
+    name = "round_robin"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.turn = 0
+
+    def arrive(self, job: SimJob) -> None:
+        gpu = self.engine.gpus[self.turn % len(self.engine.gpus)]
+        self.turn += 1
+        self.engine.bind(gpu, Run(job))
+
+    def finished(self, outcome: Outcome) -> None:
+        if outcome.out_of_memory:
+            gpus = self.engine.gpus
+            self.engine.bind(gpus[(outcome.gpu.index + 1) % len(gpus)], Run(outcome.run.job))
+
+
+class LeastBusy:
+    """SwarmUI's way: skip backends without the model and take the least
+    busy one; an out-of-memory goes to the least busy card not yet tried."""
+
+    name = "least_busy"
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _pick(self, job: SimJob) -> SimGpu:
+        untried = [g for g in self.engine.gpus if g.index not in job.tried] or self.engine.gpus
+        return min(untried, key=lambda g: (g.load, g.index))
+
+    def arrive(self, job: SimJob) -> None:
+        self.engine.bind(self._pick(job), Run(job))
+
+    def finished(self, outcome: Outcome) -> None:
+        if outcome.out_of_memory:
+            self.engine.bind(self._pick(outcome.run.job), Run(outcome.run.job))
