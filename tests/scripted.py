@@ -31,7 +31,9 @@ async def running_scheduler(
         await server.stop(grace=0.5)
 
 
-def hello(node_id: str, models: tuple[str, ...] = ("tiny",)) -> agent_pb2.AgentMessage:
+def hello(
+    node_id: str, models: tuple[str, ...] = ("tiny",), labels: dict[str, str] | None = None
+) -> agent_pb2.AgentMessage:
     return agent_pb2.AgentMessage(
         hello=agent_pb2.Hello(
             node_id=node_id,
@@ -46,15 +48,23 @@ def hello(node_id: str, models: tuple[str, ...] = ("tiny",)) -> agent_pb2.AgentM
             models=[
                 common_pb2.ModelInfo(name=m, weight_bytes=GIB, dtype="float16") for m in models
             ],
+            labels=labels or {},
         )
     )
 
 
 class ScriptedAgent:
-    def __init__(self, port: int, node_id: str, models: tuple[str, ...] = ("tiny",)) -> None:
+    def __init__(
+        self,
+        port: int,
+        node_id: str,
+        models: tuple[str, ...] = ("tiny",),
+        labels: dict[str, str] | None = None,
+    ) -> None:
         self.port = port
         self.node_id = node_id
         self.models = models
+        self.labels = labels
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
         self._channel: aio.Channel | None = None
         self.call: (
@@ -70,7 +80,7 @@ class ScriptedAgent:
     ) -> agent_pb2.SchedulerMessage:
         self._channel = aio.insecure_channel(f"127.0.0.1:{self.port}")
         self.call = agent_pb2_grpc.AgentGatewayStub(self._channel).Connect(self._requests())
-        self._outbox.put_nowait(first or hello(self.node_id, self.models))
+        self._outbox.put_nowait(first or hello(self.node_id, self.models, self.labels))
         return await self.receive()
 
     async def receive(self, within: float = 10.0) -> agent_pb2.SchedulerMessage:

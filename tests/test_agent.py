@@ -8,11 +8,14 @@ import asyncio
 import hashlib
 from pathlib import Path
 
-from gpu_node.agent import UPLOAD_CHUNK_BYTES, Agent, AgentConfig, job_updates
+import pytest
+
+from gpu_node.agent import UPLOAD_CHUNK_BYTES, Agent, AgentConfig, job_updates, select_devices
 from gpu_node.probe import CpuProbe
 from gpu_node.runner import ImageReady, WorkerEvent
 from protos import agent_pb2, common_pb2
 from scheduler.convert import spec_to_proto
+from scheduler.domain import DeviceInfo
 from tests.factories import make_spec
 
 
@@ -92,3 +95,11 @@ def test_assignments_run_and_a_drain_hands_back_what_waits(
     assert kinds[-1] == "ended"
     assert {"progress", "preview", "image"} <= set(kinds)
     assert not [u for u in updates if u.job_id == "second" and u.WhichOneof("body") == "started"]
+
+
+def test_gpus_selects_devices_by_index() -> None:
+    devices = [DeviceInfo(i, "GPU", f"GPU-{i}", "cuda", 2**30) for i in range(3)]
+    assert select_devices(devices, None) == devices
+    assert [d.index for d in select_devices(devices, (2, 0))] == [0, 2]
+    with pytest.raises(ValueError, match="--gpus 1,5: no device 5; this host has 0, 1, 2"):
+        select_devices(devices, (1, 5))

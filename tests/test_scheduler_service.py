@@ -382,3 +382,25 @@ def test_a_result_that_cannot_be_stored_is_retried(tmp_path: Path) -> None:
             await agent.close()
 
     asyncio.run(main())
+
+
+def test_a_selector_sends_a_job_to_the_nodes_labelled_for_it(tmp_path: Path) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        plain = ScriptedAgent(port, "plain")
+        pooled = ScriptedAgent(port, "pooled", labels={"pool": "sdxl"})
+        await plain.connect()
+        await pooled.connect()
+        handle = await client.submit("p", width=64, height=64, selector={"pool": "sdxl"})
+        job = await pooled.assignment()
+        assert job.job_id == handle.id
+        assert dict(job.spec.selector) == {"pool": "sdxl"}
+        # Nobody has the "flux" pool: the job waits, and says why.
+        waiting = await client.submit("q", width=64, height=64, selector={"pool": "flux"})
+        job_waiting = await until(waiting.refresh, lambda j: j.reason != "", "a reason")
+        assert job_waiting.reason == "waiting: 0/2 GPUs: 2 selector mismatch (pool=flux)"
+        with pytest.raises(InvalidArgumentError, match=r"selector\[pool\]: value 'a b'"):
+            await client.submit("p", selector={"pool": "a b"})
+        for agent in (plain, pooled):
+            await agent.close()
+
+    run(scenario, tmp_path)
