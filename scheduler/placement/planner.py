@@ -150,9 +150,9 @@ def plan(
         decision = place(demand, open_gpus, every)
         known = _known_speeds(every)
         if isinstance(decision, Placed):
-            later = _soonest_later(
-                demand, (v for v in open_gpus if v.key != decision.gpu.key), known
-            )
+            # Only GPUs that cannot take it now: one that can was a candidate.
+            busy = (v for v in open_gpus if rejection(demand, v) is not None)
+            later = _soonest_later(demand, busy, known)
             now_finish = decision.gpu.busy_seconds + decision.expected_seconds
             if later is not None and later.finish_seconds <= PATIENCE * now_finish:
                 gpu = later.gpu
