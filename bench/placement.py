@@ -12,6 +12,10 @@ capacity with two 5x bursts; cold loads of 3, 8 and 20 s. The cluster: one
 - round_robin: the Fooocus multi-instance balancer; an out-of-memory is
   retried on the next card.
 - least_busy: SwarmUI's choice of the least busy backend with the model.
+- round_robin+offload, least_busy+offload: the same, over backends that
+  offload a model that does not fit instead of failing (ComfyUI's and
+  Forge's "lowvram" memory management), so they never run out of memory
+  but run such jobs slowly.
 - sdmesh: the scheduler's own queue policy, placement and estimator, driven
   through the same functions the dispatcher calls. It starts knowing no
   speeds and no memory figures: agents report weight sizes only.
@@ -30,7 +34,18 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.simulation import GIB, Engine, LeastBusy, Outcome, RoundRobin, Run, SimGpu, SimJob
+from bench.simulation import (
+    GIB,
+    Engine,
+    LeastBusy,
+    LeastBusyOffload,
+    Outcome,
+    RoundRobin,
+    RoundRobinOffload,
+    Run,
+    SimGpu,
+    SimJob,
+)
 from gpu_node.profiles import PROFILES, run_seconds
 from scheduler.cluster import Cluster, NodeSession
 from scheduler.dispatcher import queue_demands
@@ -208,6 +223,9 @@ def simulate(policy_type: type[Policy], seed: int) -> dict[str, float | None]:
     for job in jobs:
         engine.at(job.arrival, lambda job=job: policy.arrive(job))  # type: ignore[misc]
     engine.run()
+    lost = [job.id for job in jobs if job.finished is None and not job.failed]
+    if lost:
+        raise RuntimeError(f"{policy_type.name}: {len(lost)} jobs never ended, e.g. {lost[0]}")
     done = [job for job in jobs if job.finished is not None]
     waits = sorted(job.started - job.arrival for job in done if job.started is not None)
     makespan = max(job.finished for job in done if job.finished is not None)
@@ -235,7 +253,7 @@ def simulate(policy_type: type[Policy], seed: int) -> dict[str, float | None]:
     }
 
 
-POLICIES: list[type[Any]] = [RoundRobin, LeastBusy, Sdmesh]
+POLICIES: list[type[Any]] = [RoundRobin, LeastBusy, RoundRobinOffload, LeastBusyOffload, Sdmesh]
 
 
 def _median(values: list[float | None]) -> float | None:

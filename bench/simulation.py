@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpu_node.profiles import CUDA_CONTEXT_BYTES, PROFILES, run_seconds, true_peak
+from scheduler.estimator import MODES
 from scheduler.spec import MemoryMode
 from scheduler.speeds import SpeedTable
 
@@ -45,6 +46,9 @@ class Run:
     mode: MemoryMode = MemoryMode.FULL
     estimate_bytes: int = 0
     started: float | None = None
+    # The backend manages memory itself, as ComfyUI's and Forge's "lowvram"
+    # do: a model that does not fit fully runs offloaded instead of failing.
+    backend_offloads: bool = False
 
 
 @dataclass
@@ -116,6 +120,15 @@ class Engine:
             return
         run = gpu.running = gpu.waiting.popleft()
         job, profile = run.job, PROFILES[run.job.model]
+        if run.backend_offloads:
+            run.mode = next(
+                (
+                    mode
+                    for mode in MODES
+                    if true_peak(profile, job.size, job.size, 1, mode) <= gpu.usable_bytes
+                ),
+                MemoryMode.FULL,
+            )
         full = run.mode is MemoryMode.FULL
         load = 0.0
         if not (full and gpu.resident == job.model):
@@ -157,20 +170,24 @@ class RoundRobin:
     backend in turn, and an out-of-memory is retried on the next one."""
 
     name = "round_robin"
+    backend_offloads = False
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.turn = 0
 
+    def run(self, job: SimJob) -> Run:
+        return Run(job, backend_offloads=self.backend_offloads)
+
     def arrive(self, job: SimJob) -> None:
         gpu = self.engine.gpus[self.turn % len(self.engine.gpus)]
         self.turn += 1
-        self.engine.bind(gpu, Run(job))
+        self.engine.bind(gpu, self.run(job))
 
     def finished(self, outcome: Outcome) -> None:
         if outcome.out_of_memory:
             gpus = self.engine.gpus
-            self.engine.bind(gpus[(outcome.gpu.index + 1) % len(gpus)], Run(outcome.run.job))
+            self.engine.bind(gpus[(outcome.gpu.index + 1) % len(gpus)], self.run(outcome.run.job))
 
 
 class LeastBusy:
@@ -178,6 +195,7 @@ class LeastBusy:
     busy one; an out-of-memory goes to the least busy card not yet tried."""
 
     name = "least_busy"
+    backend_offloads = False
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -187,8 +205,24 @@ class LeastBusy:
         return min(untried, key=lambda g: (g.load, g.index))
 
     def arrive(self, job: SimJob) -> None:
-        self.engine.bind(self._pick(job), Run(job))
+        self.engine.bind(self._pick(job), Run(job, backend_offloads=self.backend_offloads))
 
     def finished(self, outcome: Outcome) -> None:
         if outcome.out_of_memory:
-            self.engine.bind(self._pick(outcome.run.job), Run(outcome.run.job))
+            job = outcome.run.job
+            self.engine.bind(self._pick(job), Run(job, backend_offloads=self.backend_offloads))
+
+
+class RoundRobinOffload(RoundRobin):
+    """Round-robin over backends that offload a model that does not fit, as
+    Fooocus's and ComfyUI's "lowvram" memory management does."""
+
+    name = "round_robin+offload"
+    backend_offloads = True
+
+
+class LeastBusyOffload(LeastBusy):
+    """Least-busy over ComfyUI backends that offload a model that does not fit."""
+
+    name = "least_busy+offload"
+    backend_offloads = True

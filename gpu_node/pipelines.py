@@ -84,9 +84,12 @@ class PipelineCache:
             torch.cuda.empty_cache()
 
     def resident(self) -> tuple[ModelInfo, ...]:
-        """The model loaded on the device, if any. Read from other threads."""
-        name = self.model_name
-        model = self.catalog.get(name) if name is not None else None
+        """The model whose weights are on the device, if any: offloaded
+        weights live in host memory. Read from other threads."""
+        name, mode = self.model_name, self.memory_mode
+        if name is None or (self.device != "cpu" and mode is not MemoryMode.FULL):
+            return ()
+        model = self.catalog.get(name)
         return (model.info,) if model is not None else ()
 
     def mode_on_device(self, requested: MemoryMode) -> MemoryMode:

@@ -152,6 +152,15 @@ class DeviceWorker:
     def _send(self, task: Task, body: Started | StepDone | Preview | ImageReady | Ended) -> None:
         self._emit(WorkerEvent(task.job_id, task.attempt, body))
 
+    def _out_of_memory(self, task: Task, error: BaseException, load_seconds: float) -> None:
+        """Reports what the job had when it ran out, and frees the cache so
+        the device stays usable."""
+        message = one_line(error)
+        del error  # drop the traceback's references to the tensors
+        self.backend.release()
+        profile = AttemptProfile(load_seconds, 0.0, self.backend.peak_bytes())
+        self._send(task, Ended(AttemptOutcome.FAILED, message, "oom", profile))
+
     def _stopped(self, task: Task) -> Ended:
         return Ended(task.stop_outcome, task.stop_reason)
 
@@ -159,8 +168,11 @@ class DeviceWorker:
         if task.stop_requested.is_set():
             self._send(task, self._stopped(task))
             return
+        import torch
+
         self._send(task, Started())
         spec = task.spec
+        self.backend.begin_job()
         try:
             pipeline, load_seconds = self.backend.pipeline(
                 spec.model, spec.sampler_name, task.memory_mode
@@ -168,14 +180,15 @@ class DeviceWorker:
         except ModelUnavailable as exc:
             self._send(task, Ended(AttemptOutcome.FAILED, str(exc), "model"))
             return
+        except torch.OutOfMemoryError as exc:  # the weights alone did not fit
+            self._out_of_memory(task, exc, 0.0)
+            return
         except Exception as exc:
             self._send(task, Ended(AttemptOutcome.FAILED, one_line(exc), "model"))
             return
         if task.stop_requested.is_set():
             self._send(task, self._stopped(task))
             return
-
-        import torch
 
         previewer = Previewer(self._previews, lambda p: self._send(task, p))
         step_times: list[float] = []
@@ -190,7 +203,6 @@ class DeviceWorker:
             previewer.offer(index + 1, total, tensors.get("latents"))
             return tensors
 
-        self.backend.begin_job()
         try:
             result = pipeline(
                 prompt=spec.prompt,
@@ -211,11 +223,7 @@ class DeviceWorker:
             self._send(task, self._stopped(task))
             return
         except torch.OutOfMemoryError as exc:
-            message = one_line(exc)
-            del exc  # drop the traceback's references to the tensors
-            self.backend.release()
-            profile = AttemptProfile(load_seconds, 0.0, self.backend.peak_bytes())
-            self._send(task, Ended(AttemptOutcome.FAILED, message, "oom", profile))
+            self._out_of_memory(task, exc, load_seconds)
             return
         except Exception as exc:
             self._send(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))

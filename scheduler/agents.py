@@ -244,7 +244,10 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         outcome = _OUTCOMES.get(ended.outcome, AttemptOutcome.FAILED)
         profile = profile_from_proto(ended.profile)
         reason = ended.reason or outcome.value
-        await self._learn(active, outcome, ended.error_kind, profile)
+        try:
+            await self._learn(active, outcome, ended.error_kind, profile)
+        except Exception:  # learning must never keep the outcome from being written
+            log.exception("learning from %s attempt %d failed", active.job_id, active.attempt)
         if outcome is AttemptOutcome.SUCCEEDED:
             if active.stopping:
                 return None  # cancelled before it finished: the result is not wanted
@@ -285,7 +288,7 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
             log.info(
                 "learned %s needs %s (%s, %s)",
                 shape,
-                format_bytes(learned),
+                format_bytes(learned.peak_bytes),
                 active.memory_mode.value,
                 "out of memory" if out_of_memory else "measured peak",
             )

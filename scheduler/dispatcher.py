@@ -15,16 +15,32 @@ import logging
 from collections.abc import Callable
 
 from scheduler.cluster import AssignCommand, Cluster
-from scheduler.domain import AttemptOutcome, Job
+from scheduler.domain import AttemptOutcome, Job, NodeRecord
 from scheduler.estimator import EstimateBook
 from scheduler.events import EventHub
-from scheduler.placement import RESERVE_AFTER_SECONDS, Demand, Placed, demand_for, plan
+from scheduler.placement import (
+    RESERVE_AFTER_SECONDS,
+    Demand,
+    Placed,
+    SeenGpu,
+    demand_for,
+    plan,
+    unresolvable,
+)
 from scheduler.queue_policy import QueuedJob, order
 from scheduler.store import Database
 
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 2.0
+
+
+def seen_gpus(records: list[NodeRecord]) -> list[SeenGpu]:
+    return [
+        SeenGpu(record.info.name, device.index, device.total_bytes, record.info.labels)
+        for record in records
+        for device in record.info.devices
+    ]
 
 
 def queue_demands(
@@ -44,7 +60,8 @@ def queue_demands(
             by_id[entry.job_id].spec,
             weights.get(by_id[entry.job_id].spec.model, 0),
             estimates,
-            waited_seconds=now - entry.queued_at,
+            # Since it last entered the queue: a retry starts its wait afresh.
+            waited_seconds=now - by_id[entry.job_id].updated_at,
         )
         for entry in ordered
     ]
@@ -60,6 +77,7 @@ class Dispatcher:
         estimates: EstimateBook,
         *,
         reserve_after_seconds: float = RESERVE_AFTER_SECONDS,
+        node_window_seconds: float = 24 * 3600.0,
     ) -> None:
         self.db = db
         self.cluster = cluster
@@ -67,6 +85,7 @@ class Dispatcher:
         self.clock = clock
         self.estimates = estimates
         self.reserve_after_seconds = reserve_after_seconds
+        self.node_window_seconds = node_window_seconds
         self.waiting: dict[str, str] = {}  # queued job id -> why it is not placed
         self._wake = asyncio.Event()
 
@@ -99,13 +118,31 @@ class Dispatcher:
             reserve_after_seconds=self.reserve_after_seconds,
         )
         assigned = 0
+        unplaced = []
         for demand, decision in decisions:
             if not isinstance(decision, Placed):
                 self.waiting[demand.job_id] = decision.reason
-                continue
-            if await self._assign(by_id[demand.job_id], decision):
+                unplaced.append(demand)
+            elif await self._assign(by_id[demand.job_id], decision):
                 assigned += 1
+        if unplaced:
+            await self._fail_impossible(unplaced, now)
         return assigned
+
+    async def _fail_impossible(self, unplaced: list[Demand], now: float) -> None:
+        """Fails queued jobs no GPU seen recently could ever take. A job can
+        become one after it ran out of memory and its estimate rose."""
+        since = now - self.node_window_seconds
+        seen = seen_gpus(await self.db.run(self.db.store.nodes.seen_since, since))
+        for demand in unplaced:
+            problem = unresolvable(demand, seen)
+            if problem is None:
+                continue
+            events = await self.db.run(self.db.store.fail, demand.job_id, problem)
+            if events:
+                self.waiting.pop(demand.job_id, None)
+                self.hub.publish(events)
+                log.info("job %s failed: %s", demand.job_id, problem)
 
     async def _assign(self, job: Job, decision: Placed) -> bool:
         gpu, need = decision.gpu, decision.need

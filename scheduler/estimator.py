@@ -2,10 +2,11 @@
 
 The first estimate is model weights + activations (pixels x batch) + a
 margin. After every attempt the agent reports the peak it saw, and the book
-keeps the largest figure per (model, size bucket, batch, mode); from then on
-that figure, with a little headroom, is the estimate. An out-of-memory
-failure raises the figure above what the card had, so the retry goes to a
-card with more room or to a lower memory mode.
+keeps the largest per (model, size bucket, batch, mode), with the pixel count
+it came from. From then on the estimate is that peak with a little headroom,
+its activations scaled up for a larger image in the same bucket. An
+out-of-memory failure raises the figure above what the card had, so the retry
+goes to a card with more room or to a lower memory mode.
 
 Pure code: no I/O and no clock. The store persists the learned figures.
 """
@@ -46,6 +47,15 @@ def size_bucket(width: int, height: int) -> int:
     return pixels
 
 
+EstimateKey = tuple[str, int, int, MemoryMode]  # model, size bucket, batch, mode
+
+
+@dataclass(frozen=True)
+class LearnedPeak:
+    peak_bytes: int
+    pixels: int  # width x height x batch of the job it was measured on
+
+
 @dataclass(frozen=True)
 class Need:
     """What one job needs in one memory mode."""
@@ -69,21 +79,25 @@ class Shape:
     def pixels(self) -> int:
         return self.width * self.height * self.batch_size
 
-    def key(self, mode: MemoryMode) -> tuple[str, int, int, MemoryMode]:
+    def key(self, mode: MemoryMode) -> EstimateKey:
         return (self.model, size_bucket(self.width, self.height), self.batch_size, mode)
+
+
+def weights_on_card(weight_bytes: int, mode: MemoryMode) -> int:
+    """How much of the model a memory mode keeps on the card at once."""
+    if mode is MemoryMode.MODEL_OFFLOAD:
+        return math.ceil(weight_bytes * LARGEST_MODULE_SHARE)
+    if mode is MemoryMode.SEQUENTIAL_OFFLOAD:
+        return math.ceil(weight_bytes * SEQUENTIAL_SHARE)
+    return weight_bytes
 
 
 def first_estimate(weight_bytes: int, shape: Shape, mode: MemoryMode) -> Need:
     # Full, 2 GiB of weights at 512x512x1:
     #   2 GiB + 262,144 px x 3 KiB (768 MiB) + 512 MiB margin = 3.25 GiB
     activations = shape.pixels * ACTIVATION_BYTES_PER_PIXEL
-    if mode is MemoryMode.MODEL_OFFLOAD:
-        on_card, host = math.ceil(weight_bytes * LARGEST_MODULE_SHARE), weight_bytes
-    elif mode is MemoryMode.SEQUENTIAL_OFFLOAD:
-        on_card, host = math.ceil(weight_bytes * SEQUENTIAL_SHARE), weight_bytes
-    else:
-        on_card, host = weight_bytes, 0
-    return Need(mode, on_card + activations + MARGIN_BYTES, host)
+    host = 0 if mode in (MemoryMode.FULL, MemoryMode.AUTO) else weight_bytes
+    return Need(mode, weights_on_card(weight_bytes, mode) + activations + MARGIN_BYTES, host)
 
 
 def format_bytes(count: int) -> str:
@@ -96,31 +110,37 @@ def format_bytes(count: int) -> str:
 class EstimateBook:
     """Learned peaks per (model, size bucket, batch, mode)."""
 
-    def __init__(self, learned: dict[tuple[str, int, int, MemoryMode], int] | None = None) -> None:
-        self.learned: dict[tuple[str, int, int, MemoryMode], int] = dict(learned or {})
+    def __init__(self, learned: dict[EstimateKey, LearnedPeak] | None = None) -> None:
+        self.learned: dict[EstimateKey, LearnedPeak] = dict(learned or {})
 
     def need(self, weight_bytes: int, shape: Shape, mode: MemoryMode) -> Need:
         first = first_estimate(weight_bytes, shape, mode)
-        peak = self.learned.get(shape.key(mode))
-        if peak is None:
+        learned = self.learned.get(shape.key(mode))
+        if learned is None:
             return first
-        return Need(mode, math.ceil(peak * LEARNED_HEADROOM), first.host_bytes, learned=True)
+        # A 1536x1536 job after a peak measured at 1288x1288 in the same
+        # bucket: the activations grow with the pixels, the weights do not.
+        activations = max(0, learned.peak_bytes - weights_on_card(weight_bytes, mode))
+        growth = max(0.0, shape.pixels / max(learned.pixels, 1) - 1.0)
+        vram = math.ceil((learned.peak_bytes + activations * growth) * LEARNED_HEADROOM)
+        return Need(mode, vram, first.host_bytes, learned=True)
 
     def needs(
         self, weight_bytes: int, shape: Shape, modes: tuple[MemoryMode, ...] = MODES
     ) -> list[Need]:
         return [self.need(weight_bytes, shape, mode) for mode in modes]
 
-    def record_peak(self, shape: Shape, mode: MemoryMode, peak_bytes: int) -> int | None:
+    def record_peak(self, shape: Shape, mode: MemoryMode, peak_bytes: int) -> LearnedPeak | None:
         """Keeps a measured peak if it is the largest so far; returns the new
         figure, or None when nothing changed (or nothing was measured)."""
         if peak_bytes <= 0:
             return None
         key = shape.key(mode)
-        if peak_bytes <= self.learned.get(key, 0):
+        old = self.learned.get(key)
+        if old is not None and peak_bytes <= old.peak_bytes:
             return None
-        self.learned[key] = peak_bytes
-        return peak_bytes
+        self.learned[key] = LearnedPeak(peak_bytes, shape.pixels)
+        return self.learned[key]
 
     def learn(
         self,
@@ -130,7 +150,7 @@ class EstimateBook:
         out_of_memory: bool,
         peak_bytes: int,
         estimate_bytes: int,
-    ) -> int | None:
+    ) -> LearnedPeak | None:
         """Folds one finished attempt in: its measured peak, or, after an
         out-of-memory, the memory it had then. Returns the new learned
         figure, or None when nothing changed."""
@@ -140,11 +160,13 @@ class EstimateBook:
 
     def record_oom(
         self, shape: Shape, mode: MemoryMode, had_bytes: int, estimate_bytes: int
-    ) -> int:
+    ) -> LearnedPeak:
         """After an out-of-memory: the job needs more than the card had, and
         more than it was estimated at. Returns the new learned figure."""
         # e.g. estimated 3.0 GiB, the card had 3.8 GiB: 3.8 x 1.25 = 4.75 GiB
         key = shape.key(mode)
-        raised = math.ceil(max(had_bytes, estimate_bytes) * OOM_GROWTH)
-        self.learned[key] = max(raised, self.learned.get(key, 0))
+        raised = LearnedPeak(math.ceil(max(had_bytes, estimate_bytes) * OOM_GROWTH), shape.pixels)
+        old = self.learned.get(key)
+        if old is None or raised.peak_bytes > old.peak_bytes:
+            self.learned[key] = raised
         return self.learned[key]

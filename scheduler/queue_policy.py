@@ -22,7 +22,7 @@ class QueuedJob:
     job_id: str
     owner: str
     priority: int
-    queued_at: float  # when it (last) entered the queue
+    created_at: float  # its age: a retried job keeps its place
 
 
 def order(jobs: Sequence[QueuedJob], active: Mapping[str, int] | None = None) -> list[QueuedJob]:
@@ -35,10 +35,10 @@ def order(jobs: Sequence[QueuedJob], active: Mapping[str, int] | None = None) ->
     for priority in sorted(by_priority, reverse=True):
         users = by_priority[priority]
         for queue in users.values():
-            queue.sort(key=lambda job: (job.queued_at, job.job_id))
+            queue.sort(key=lambda job: (job.created_at, job.job_id))
         # (jobs this user has been given so far, its next job's age, its name)
         heap = [
-            ((active or {}).get(user, 0), queue[0].queued_at, user, 0)
+            ((active or {}).get(user, 0), queue[0].created_at, user, 0)
             for user, queue in users.items()
         ]
         heapq.heapify(heap)
@@ -48,6 +48,6 @@ def order(jobs: Sequence[QueuedJob], active: Mapping[str, int] | None = None) ->
             ordered.append(queue[position])
             if position + 1 < len(queue):
                 heapq.heappush(
-                    heap, (served + 1, queue[position + 1].queued_at, user, position + 1)
+                    heap, (served + 1, queue[position + 1].created_at, user, position + 1)
                 )
     return ordered

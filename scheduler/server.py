@@ -76,6 +76,7 @@ class SchedulerServer:
             self.clock,
             estimates,
             reserve_after_seconds=config.reserve_after_seconds,
+            node_window_seconds=config.node_window_seconds,
         )
         runtime = Runtime(
             self.db,

@@ -29,9 +29,10 @@ from scheduler.convert import (
     node_to_proto,
     spec_request_from_proto,
 )
+from scheduler.dispatcher import seen_gpus
 from scheduler.domain import Job, Progress
 from scheduler.errors import FailedPrecondition, InvalidArgument, NotFound
-from scheduler.placement import SeenGpu, demand_for, unresolvable
+from scheduler.placement import demand_for, unresolvable
 from scheduler.principal import current_principal
 from scheduler.runtime import Runtime, UsesRuntime
 from scheduler.spec import MAX_SEED, JobSpec, resolve
@@ -85,11 +86,7 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
     async def _check_resolvable(self, spec: JobSpec, weight_bytes: int) -> None:
         """Rejects a job that no GPU seen within the window could ever take."""
         since = self.clock() - self.node_window_seconds
-        seen = [
-            SeenGpu(record.info.name, device.index, device.total_bytes, record.info.labels)
-            for record in await self.db.run(self.db.store.nodes.seen_since, since)
-            for device in record.info.devices
-        ]
+        seen = seen_gpus(await self.db.run(self.db.store.nodes.seen_since, since))
         problem = unresolvable(demand_for("", spec, weight_bytes, self.estimates), seen)
         if problem is not None:
             raise FailedPrecondition(problem)

@@ -7,7 +7,15 @@ from __future__ import annotations
 import pytest
 
 from gpu_node.profiles import PROFILES, true_peak
-from scheduler.estimator import GIB, MIB, EstimateBook, Shape, first_estimate, size_bucket
+from scheduler.estimator import (
+    GIB,
+    MIB,
+    EstimateBook,
+    LearnedPeak,
+    Shape,
+    first_estimate,
+    size_bucket,
+)
 from scheduler.spec import MemoryMode
 
 FULL, OFFLOAD, SEQUENTIAL = MemoryMode.FULL, MemoryMode.MODEL_OFFLOAD, MemoryMode.SEQUENTIAL_OFFLOAD
@@ -53,15 +61,18 @@ def test_size_buckets(width: int, height: int, bucket: int) -> None:
 
 def test_a_measured_peak_replaces_the_guess_with_headroom() -> None:
     book = EstimateBook()
-    assert book.record_peak(SD15, FULL, 3 * GIB) == 3 * GIB
+    assert book.record_peak(SD15, FULL, 3 * GIB) == LearnedPeak(3 * GIB, 512 * 512)
     assert book.record_peak(SD15, FULL, 2 * GIB) is None  # the largest peak is kept
     assert book.record_peak(SD15, FULL, 0) is None  # nothing measured (a CPU device)
     need = book.need(2 * GIB, SD15, FULL)
     assert need.learned
     # 3 GiB x 1.05 = 3.15 GiB
     assert need.vram_bytes == pytest.approx(3.15 * GIB, abs=1)
-    # The same bucket and batch share the figure; another batch does not.
-    assert book.need(2 * GIB, Shape("sd15", 500, 500, 1), FULL).learned
+    # The same bucket and batch share the figure (a smaller image keeps the
+    # whole peak); another batch does not.
+    smaller = book.need(2 * GIB, Shape("sd15", 500, 500, 1), FULL)
+    assert smaller.learned
+    assert smaller.vram_bytes == need.vram_bytes
     assert not book.need(2 * GIB, Shape("sd15", 512, 512, 2), FULL).learned
     assert not book.need(2 * GIB, SD15, OFFLOAD).learned
 
@@ -69,9 +80,23 @@ def test_a_measured_peak_replaces_the_guess_with_headroom() -> None:
 def test_out_of_memory_raises_the_figure_above_what_the_card_had() -> None:
     book = EstimateBook()
     # estimated 3.0 GiB, the card had 3.8 GiB: max(3.8, 3.0) x 1.25 = 4.75 GiB
-    assert book.record_oom(SD15, FULL, int(3.8 * GIB), 3 * GIB) == pytest.approx(4.75 * GIB, abs=1)
+    raised = book.record_oom(SD15, FULL, int(3.8 * GIB), 3 * GIB)
+    assert raised.peak_bytes == pytest.approx(4.75 * GIB, abs=1)
     # a second failure on a card that had less does not lower it
-    assert book.record_oom(SD15, FULL, 2 * GIB, 3 * GIB) == pytest.approx(4.75 * GIB, abs=1)
+    assert book.record_oom(SD15, FULL, 2 * GIB, 3 * GIB) == raised
+
+
+def test_a_larger_image_in_the_bucket_scales_the_learned_activations() -> None:
+    # Peak 12 GiB measured at 1288x1288 (1.66 MP) for 7 GiB of weights: 5 GiB
+    # of activations. At 1536x1536 (2.36 MP, same bucket) they scale to
+    # 5 x 2.36 / 1.66 = 7.11 GiB: 7 + 7.11 = 14.11 GiB, x 1.05 = 14.8 GiB.
+    book = EstimateBook()
+    measured = Shape("sdxl", 1288, 1288, 1)
+    book.record_peak(measured, FULL, 12 * GIB)
+    bigger = Shape("sdxl", 1536, 1536, 1)
+    assert size_bucket(1288, 1288) == size_bucket(1536, 1536)
+    expected = (7 * GIB + 5 * GIB * (1536 * 1536) / (1288 * 1288)) * 1.05
+    assert book.need(7 * GIB, bigger, FULL).vram_bytes == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("model", ["sd15", "sdxl", "flux"])

@@ -161,10 +161,14 @@ def test_plan_charges_each_placement_before_the_next() -> None:
     )
     assert [type(d).__name__ for _, d in decisions] == ["Placed", "Placed", "Unplaced"]
     assert decisions[2][1] == Unplaced("0/1 GPUs: 1 busy (2 jobs)")
-    # Memory left after the first job (24 - 20 = 4 GiB) is too little for the second.
-    decisions = plan([make_demand("j1", vram_gib=20), make_demand("j2", vram_gib=5)], [gpu])
-    assert decisions[1][1] == Unplaced(
-        "0/1 GPUs: 1 insufficient VRAM (needs 5.0 GiB, 4.0 GiB free)"
+    # A worker runs one job at a time, so the job bound second gets the
+    # whole 24 GiB when its turn comes, not 24 - 20 = 4.
+    decisions = plan([make_demand("j1", vram_gib=20), make_demand("j2", vram_gib=20)], [gpu])
+    assert [type(d).__name__ for _, d in decisions] == ["Placed", "Placed"]
+    # A GPU with 10 GiB of running work and 14 GiB free has 24 GiB of room.
+    running = make_gpu("a", free_gib=14, active=1, bound_bytes=10 * GIB)
+    assert place(make_demand(vram_gib=25), [running]) == Unplaced(
+        "0/1 GPUs: 1 insufficient VRAM (needs 25.0 GiB, 24.0 GiB free)"
     )
     # Two idle GPUs: the second job goes where nothing is bound yet.
     decisions = plan([make_demand("j1"), make_demand("j2")], [make_gpu("a"), make_gpu("b")])
@@ -179,9 +183,10 @@ def test_a_small_job_is_not_held_behind_a_big_one() -> None:
 
 
 def test_a_job_that_waited_too_long_gets_a_gpu_held_for_it() -> None:
-    # Both cards are busy with small jobs; the big one (18 GiB) fits the
-    # 24 GiB card once its bound work (10 GiB, 30 s) is done.
-    busy_big = make_gpu("big", free_gib=14, active=1, bound_bytes=10 * GIB, busy_seconds=30.0)
+    # The big card's two slots are taken (20 GiB, 30 s of work); the small
+    # card has 12 GiB of room. The 18 GiB job fits the big card once its
+    # bound work is done.
+    busy_big = make_gpu("big", free_gib=4, active=2, bound_bytes=20 * GIB, busy_seconds=30.0)
     busy_small = make_gpu("small", free_gib=8, total_gib=12, active=1, bound_bytes=4 * GIB)
     demands = [
         make_demand("starving", vram_gib=18, waited_seconds=600.0),

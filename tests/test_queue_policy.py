@@ -5,8 +5,8 @@ from __future__ import annotations
 from scheduler.queue_policy import QueuedJob, order
 
 
-def job(job_id: str, owner: str, queued_at: float, priority: int = 0) -> QueuedJob:
-    return QueuedJob(job_id, owner, priority, queued_at)
+def job(job_id: str, owner: str, created_at: float, priority: int = 0) -> QueuedJob:
+    return QueuedJob(job_id, owner, priority, created_at)
 
 
 def ids(jobs: list[QueuedJob]) -> list[str]:

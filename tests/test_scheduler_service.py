@@ -21,6 +21,7 @@ from client import (
     Job,
     NotFoundError,
     PreviewEvent,
+    RejectedError,
     StateEvent,
 )
 from protos import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
@@ -402,5 +403,35 @@ def test_a_selector_sends_a_job_to_the_nodes_labelled_for_it(tmp_path: Path) -> 
             await client.submit("p", selector={"pool": "a b"})
         for agent in (plain, pooled):
             await agent.close()
+
+    run(scenario, tmp_path)
+
+
+def test_a_job_that_can_no_longer_fit_any_gpu_fails_instead_of_waiting(tmp_path: Path) -> None:
+    async def scenario(port: int, client: AsyncClient) -> None:
+        agent = ScriptedAgent(port, "n1")  # one 24 GiB card
+        await agent.connect()
+        handle = await client.submit("p", width=1024, height=1024, memory_mode="full")
+        job = await agent.assignment()
+        # It ran out of memory with 20 GiB: the estimate rises to 25 GiB, more
+        # than the card can ever give, so the job fails rather than wait.
+        agent.send(
+            job.job_id,
+            job.attempt,
+            ended=agent_pb2.AttemptEnded(
+                outcome=FAILED,
+                reason="CUDA out of memory",
+                error_kind="oom",
+                profile=agent_pb2.AttemptProfile(peak_vram_bytes=20 * 2**30),
+            ),
+        )
+        final = await until(handle.refresh, lambda j: j.done, "the end")
+        assert final.state == "FAILED"
+        assert final.reason.startswith("fits no GPU seen recently: needs at least 26.2 GiB")
+        assert final.reason.endswith("the biggest GPU is host-n1 gpu 0 with 24.0 GiB")
+        # A job that needs the whole card is refused at submit: none can have it all.
+        with pytest.raises(RejectedError, match="fits no GPU seen recently"):
+            await client.submit("p", width=2048, height=2048, batch_size=3, memory_mode="full")
+        await agent.close()
 
     run(scenario, tmp_path)

@@ -40,8 +40,10 @@ def slot_free(_: Demand, gpu: GpuView) -> Rejection | None:
 
 
 def fitting_need(demand: Demand, gpu: GpuView) -> Need | None:
+    """The most preferred memory mode that fits when the job's turn on the
+    GPU comes (after the work bound there)."""
     for need in demand.needs:
-        if need.vram_bytes <= gpu.free_bytes and need.host_bytes <= gpu.host_free_bytes:
+        if need.vram_bytes <= gpu.room_bytes and need.host_bytes <= gpu.host_free_bytes:
             return need
     return None
 
@@ -50,7 +52,7 @@ def memory_fits(demand: Demand, gpu: GpuView) -> Rejection | None:
     if fitting_need(demand, gpu) is not None:
         return None
     smallest = min(demand.needs, key=lambda need: need.vram_bytes)
-    if smallest.vram_bytes <= gpu.free_bytes:  # the card would do, the host would not
+    if smallest.vram_bytes <= gpu.room_bytes:  # the card would do, the host would not
         return Rejection(
             "insufficient host RAM",
             f"{smallest.mode.value} needs {format_bytes(smallest.host_bytes)}, "
@@ -58,7 +60,7 @@ def memory_fits(demand: Demand, gpu: GpuView) -> Rejection | None:
         )
     return Rejection(
         "insufficient VRAM",
-        f"needs {format_bytes(smallest.vram_bytes)}, {format_bytes(gpu.free_bytes)} free",
+        f"needs {format_bytes(smallest.vram_bytes)}, {format_bytes(gpu.room_bytes)} free",
     )
 
 

@@ -23,6 +23,7 @@ from scheduler.placement.views import (
     Reserved,
     Unplaced,
 )
+from scheduler.spec import MemoryMode
 from scheduler.speeds import Speed
 
 # A job that fits nowhere for this long gets a GPU held for it, so a stream
@@ -31,6 +32,9 @@ RESERVE_AFTER_SECONDS = 120.0
 # A job waits for a busy GPU when it would finish there in at most this
 # share of the time a free GPU would take.
 PATIENCE = 0.8
+# What a process holds on a card before any model (the CUDA context), which
+# no job can have; used to judge whether a job could ever fit a card.
+DEVICE_RESERVE_BYTES = 512 * 2**20
 
 
 def summarize(total: int, rejections: Sequence[Rejection]) -> str:
@@ -80,7 +84,7 @@ def place(
         f"{gpu.name} in {need.mode.value} mode, score {score:.0f} "
         f"(finish {parts['finish']:.0f}, resident {parts['resident']:.0f}, "
         f"fit {parts['fit']:.0f}, utilization {parts['utilization']:.0f}); "
-        f"needs {format_bytes(need.vram_bytes)} of {format_bytes(gpu.free_bytes)} free"
+        f"needs {format_bytes(need.vram_bytes)} of {format_bytes(gpu.room_bytes)} free"
         f"{' (learned)' if need.learned else ''}; expected {chosen.run_seconds:.1f}s "
         f"after {gpu.busy_seconds:.1f}s of bound work; {len(options)}/{len(gpus)} GPUs fit"
     )
@@ -94,11 +98,8 @@ def _later(
     fit then: finishing after that work, in the best mode that fits."""
     if rejection(demand, gpu, STATIC_FILTERS) is not None:
         return None
-    room = gpu.free_bytes + gpu.bound_bytes
-    for need in demand.needs:
-        if need.vram_bytes <= room and need.host_bytes <= gpu.host_free_bytes:
-            return candidate(demand, gpu, need, known)
-    return None
+    need = fitting_need(demand, gpu)
+    return None if need is None else candidate(demand, gpu, need, known)
 
 
 def _soonest_later(
@@ -119,8 +120,9 @@ def _charge(gpu: GpuView, demand: Demand, placed: Placed) -> GpuView:
         free_bytes=gpu.free_bytes - placed.need.vram_bytes,
         bound_bytes=gpu.bound_bytes + placed.need.vram_bytes,
         busy_seconds=gpu.busy_seconds + placed.expected_seconds,
-        # Workers keep one model: after the bound work, it is this one.
-        resident=frozenset({demand.model}),
+        # Workers keep one model, and only in full mode: after the bound
+        # work, it is this one, or none when this job runs offloaded.
+        resident=frozenset({demand.model}) if placed.need.mode is MemoryMode.FULL else frozenset(),
     )
 
 
@@ -198,7 +200,7 @@ def unresolvable(demand: Demand, seen: Sequence[SeenGpu]) -> str | None:
     if not matching:
         return None
     smallest = min(demand.needs, key=lambda need: need.vram_bytes)
-    if any(smallest.vram_bytes <= gpu.total_bytes for gpu in matching):
+    if any(smallest.vram_bytes <= gpu.total_bytes - DEVICE_RESERVE_BYTES for gpu in matching):
         return None
     biggest = max(matching, key=lambda gpu: (gpu.total_bytes, gpu.node_name, -gpu.index))
     modes = ", ".join(need.mode.value for need in demand.needs)

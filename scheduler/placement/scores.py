@@ -51,7 +51,7 @@ def resident_score(demand: Demand, gpu: GpuView) -> float:
 
 def fit_score(gpu: GpuView, need: Need) -> float:
     # 24 GiB card, 14 GiB free, needs 9 GiB: 100 x (1 - 5/24) = 79
-    left = max(0, gpu.free_bytes - need.vram_bytes)
+    left = max(0, gpu.room_bytes - need.vram_bytes)
     return 100.0 * (1.0 - left / max(gpu.total_bytes, 1))
 
 

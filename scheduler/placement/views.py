@@ -37,6 +37,12 @@ class GpuView:
         return f"{self.node_id}/{self.index}"
 
     @property
+    def room_bytes(self) -> int:
+        """Free memory once the work bound here is done. A worker runs one
+        job at a time, so a job bound behind others gets this much."""
+        return self.free_bytes + self.bound_bytes
+
+    @property
     def name(self) -> str:
         return f"{self.node_name} gpu {self.index}"
 

@@ -115,5 +115,6 @@ vram_estimates = sa.Table(
     sa.Column("batch_size", sa.Integer, primary_key=True),
     sa.Column("memory_mode", sa.String(32), primary_key=True),
     sa.Column("peak_bytes", sa.BigInteger, nullable=False),
+    sa.Column("pixels", sa.BigInteger, nullable=False),  # of the job the peak came from
     sa.Column("updated_at", sa.Float, nullable=False),
 )

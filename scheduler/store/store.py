@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from scheduler.domain import (
@@ -29,6 +31,7 @@ from scheduler.domain import (
     JobEvent,
     StateChange,
 )
+from scheduler.estimator import EstimateKey, LearnedPeak
 from scheduler.spec import JobSpec, MemoryMode
 from scheduler.states import ACTIVE, JobState, sources
 from scheduler.store.engine import create_engine, migrate
@@ -101,13 +104,23 @@ class Store:
         with self.engine.connect() as conn:
             return self._jobs(conn, conn.execute(query).all())
 
-    def queued_jobs(self, limit: int = 1000) -> list[Job]:
-        """The head of the queue by priority, then age; the queue policy
-        orders it further."""
+    def queued_jobs(self, per_user: int = 200, limit: int = 5000) -> list[Job]:
+        """The head of each user's queue (by priority, then age), so that one
+        user's backlog never hides another user's jobs from the queue policy,
+        which orders them."""
+        rank = (
+            sa.func.row_number()
+            .over(
+                partition_by=jobs.c.owner,
+                order_by=(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id),
+            )
+            .label("rank_in_user")
+        )
+        heads = sa.select(jobs, rank).where(jobs.c.state == JobState.QUEUED.value).subquery()
         query = (
-            sa.select(jobs)
-            .where(jobs.c.state == JobState.QUEUED.value)
-            .order_by(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+            sa.select(*(heads.c[column.name] for column in jobs.columns))
+            .where(heads.c.rank_in_user <= per_user)
+            .order_by(heads.c.priority.desc(), heads.c.created_at, heads.c.id)
             .limit(limit)
         )
         with self.engine.connect() as conn:
@@ -138,45 +151,41 @@ class Store:
         with self.engine.connect() as conn:
             return [attempt_from_row(row) for row in conn.execute(query)]
 
-    def load_estimates(self) -> dict[tuple[str, int, int, MemoryMode], int]:
+    def load_estimates(self) -> dict[EstimateKey, LearnedPeak]:
         """The learned VRAM figures, keyed as the estimator keys them."""
         with self.engine.connect() as conn:
             return {
-                (
-                    row.model,
-                    row.size_bucket,
-                    row.batch_size,
-                    MemoryMode(row.memory_mode),
-                ): row.peak_bytes
+                (row.model, row.size_bucket, row.batch_size, MemoryMode(row.memory_mode)): (
+                    LearnedPeak(row.peak_bytes, row.pixels)
+                )
                 for row in conn.execute(sa.select(vram_estimates))
             }
 
-    def save_estimate(self, key: tuple[str, int, int, MemoryMode], peak_bytes: int) -> None:
+    def save_estimate(self, key: EstimateKey, learned: LearnedPeak) -> None:
+        """Stores a learned figure unless a larger one is there already.
+        One statement, so replicas and threads saving at once cannot clash."""
         model, bucket, batch_size, mode = key
-        where = (
-            vram_estimates.c.model == model,
-            vram_estimates.c.size_bucket == bucket,
-            vram_estimates.c.batch_size == batch_size,
-            vram_estimates.c.memory_mode == mode.value,
+        insert = sqlite_insert if self.engine.dialect.name == "sqlite" else postgresql_insert
+        statement = insert(vram_estimates).values(
+            model=model,
+            size_bucket=bucket,
+            batch_size=batch_size,
+            memory_mode=mode.value,
+            peak_bytes=learned.peak_bytes,
+            pixels=learned.pixels,
+            updated_at=self.clock(),
         )
-        now = self.clock()
+        statement = statement.on_conflict_do_update(
+            index_elements=["model", "size_bucket", "batch_size", "memory_mode"],
+            set_={
+                "peak_bytes": statement.excluded.peak_bytes,
+                "pixels": statement.excluded.pixels,
+                "updated_at": statement.excluded.updated_at,
+            },
+            where=vram_estimates.c.peak_bytes < statement.excluded.peak_bytes,
+        )
         with self.engine.begin() as conn:
-            updated = conn.execute(
-                sa.update(vram_estimates)
-                .where(*where)
-                .values(peak_bytes=peak_bytes, updated_at=now)
-            ).rowcount
-            if not updated:
-                conn.execute(
-                    sa.insert(vram_estimates).values(
-                        model=model,
-                        size_bucket=bucket,
-                        batch_size=batch_size,
-                        memory_mode=mode.value,
-                        peak_bytes=peak_bytes,
-                        updated_at=now,
-                    )
-                )
+            conn.execute(statement)
 
     def attempt_reasons(self, job_id: str) -> list[tuple[int, str, str]]:
         """(attempt, outcome, reason) of every attempt that has ended."""

@@ -30,6 +30,7 @@ def upgrade() -> None:
         sa.Column("batch_size", sa.Integer, primary_key=True),
         sa.Column("memory_mode", sa.String(32), primary_key=True),
         sa.Column("peak_bytes", sa.BigInteger, nullable=False),
+        sa.Column("pixels", sa.BigInteger, nullable=False),  # of the job the peak came from
         sa.Column("updated_at", sa.Float, nullable=False),
     )
 
