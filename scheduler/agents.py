@@ -298,18 +298,22 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         self, session: NodeSession, active: ActiveAttempt, profile: AttemptProfile
     ) -> list[JobEvent] | None:
         job_id, attempt = active.job_id, active.attempt
-        try:
-            images = active.uploads.complete(active.expected_images)
-        except UploadError as exc:
+
+        async def failed(reason: str) -> list[JobEvent] | None:
             return await self.db.run(
                 self.db.store.requeue,
                 job_id,
                 attempt,
                 AttemptOutcome.FAILED,
-                f"{session.info.name}: {exc}",
+                reason,
                 count_failure=True,
                 profile=profile,
             )
+
+        try:
+            images = active.uploads.complete(active.expected_images)
+        except UploadError as exc:
+            return await failed(f"{session.info.name}: {exc}")
         loop = asyncio.get_running_loop()
         stored: list[tuple[ImageMeta, str]] = []
         try:
@@ -322,14 +326,8 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         except Exception as exc:  # a full disk, a lost database connection
             log.exception("storing the result of %s attempt %d failed", job_id, attempt)
             await loop.run_in_executor(None, self.images.remove, [path for _, path in stored])
-            return await self.db.run(
-                self.db.store.requeue,
-                job_id,
-                attempt,
-                AttemptOutcome.FAILED,
-                f"the scheduler could not store the result: {type(exc).__name__}: {exc}",
-                count_failure=True,
-                profile=profile,
+            return await failed(
+                f"the scheduler could not store the result: {type(exc).__name__}: {exc}"
             )
         if events is None:  # cancelled meanwhile: the first terminal state won
             await loop.run_in_executor(None, self.images.remove, [path for _, path in stored])
