@@ -292,7 +292,7 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
                 active.memory_mode.value,
                 "out of memory" if out_of_memory else "measured peak",
             )
-            await self.db.run(self.db.store.save_estimate, shape.key(active.memory_mode), learned)
+            await self.db.run(self.db.store.estimates.save, shape.key(active.memory_mode), learned)
 
     async def _store_result(
         self, session: NodeSession, active: ActiveAttempt, profile: AttemptProfile

@@ -68,7 +68,7 @@ class SchedulerServer:
         self.db = Database(store)
         self.cluster = Cluster()
         self.hub = EventHub()
-        estimates = EstimateBook(store.load_estimates())
+        estimates = EstimateBook(store.estimates.load())
         self.dispatcher = Dispatcher(
             self.db,
             self.cluster,

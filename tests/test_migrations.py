@@ -74,6 +74,6 @@ def test_a_database_made_at_0001_upgrades_with_its_jobs(db_url: str) -> None:
             "",
             MemoryMode.FULL,
         )
-        assert store.load_estimates() == {}
+        assert store.estimates.load() == {}
     finally:
         store.close()

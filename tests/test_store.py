@@ -236,13 +236,13 @@ def test_nodes_and_models_are_remembered(store: Store) -> None:
 
 def test_a_learned_estimate_is_kept_only_when_larger(store: Store) -> None:
     key = ("sdxl", 1024 * 1024, 1, MemoryMode.FULL)
-    store.save_estimate(key, LearnedPeak(11 * 2**30, 1024 * 1024))
-    store.save_estimate(key, LearnedPeak(10 * 2**30, 1000 * 1000))  # smaller: ignored
-    assert store.load_estimates() == {key: LearnedPeak(11 * 2**30, 1024 * 1024)}
-    store.save_estimate(key, LearnedPeak(12 * 2**30, 1000 * 1000))
+    store.estimates.save(key, LearnedPeak(11 * 2**30, 1024 * 1024))
+    store.estimates.save(key, LearnedPeak(10 * 2**30, 1000 * 1000))  # smaller: ignored
+    assert store.estimates.load() == {key: LearnedPeak(11 * 2**30, 1024 * 1024)}
+    store.estimates.save(key, LearnedPeak(12 * 2**30, 1000 * 1000))
     other = ("sdxl", 1024 * 1024, 2, MemoryMode.MODEL_OFFLOAD)
-    store.save_estimate(other, LearnedPeak(9 * 2**30, 2 * 1024 * 1024))
-    assert store.load_estimates() == {
+    store.estimates.save(other, LearnedPeak(9 * 2**30, 2 * 1024 * 1024))
+    assert store.estimates.load() == {
         key: LearnedPeak(12 * 2**30, 1000 * 1000),
         other: LearnedPeak(9 * 2**30, 2 * 1024 * 1024),
     }

@@ -17,8 +17,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import insert as postgresql_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 
 from scheduler.domain import (
@@ -31,10 +29,10 @@ from scheduler.domain import (
     JobEvent,
     StateChange,
 )
-from scheduler.estimator import EstimateKey, LearnedPeak
 from scheduler.spec import JobSpec, MemoryMode
 from scheduler.states import ACTIVE, JobState, sources
 from scheduler.store.engine import create_engine, migrate
+from scheduler.store.estimates import EstimateRegistry
 from scheduler.store.nodes import NodeRegistry
 from scheduler.store.rows import (
     attempt_from_row,
@@ -43,7 +41,7 @@ from scheduler.store.rows import (
     image_from_row,
     job_from_row,
 )
-from scheduler.store.schema import attempts, images, job_events, jobs, vram_estimates
+from scheduler.store.schema import attempts, images, job_events, jobs
 
 
 class Store:
@@ -52,6 +50,7 @@ class Store:
         self.engine = create_engine(url)
         self.clock = clock
         self.nodes = NodeRegistry(self.engine, clock)
+        self.estimates = EstimateRegistry(self.engine, clock)
 
     def migrate(self) -> None:
         migrate(self.engine)
@@ -150,42 +149,6 @@ class Store:
         query = sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)
         with self.engine.connect() as conn:
             return [attempt_from_row(row) for row in conn.execute(query)]
-
-    def load_estimates(self) -> dict[EstimateKey, LearnedPeak]:
-        """The learned VRAM figures, keyed as the estimator keys them."""
-        with self.engine.connect() as conn:
-            return {
-                (row.model, row.size_bucket, row.batch_size, MemoryMode(row.memory_mode)): (
-                    LearnedPeak(row.peak_bytes, row.pixels)
-                )
-                for row in conn.execute(sa.select(vram_estimates))
-            }
-
-    def save_estimate(self, key: EstimateKey, learned: LearnedPeak) -> None:
-        """Stores a learned figure unless a larger one is there already.
-        One statement, so replicas and threads saving at once cannot clash."""
-        model, bucket, batch_size, mode = key
-        insert = sqlite_insert if self.engine.dialect.name == "sqlite" else postgresql_insert
-        statement = insert(vram_estimates).values(
-            model=model,
-            size_bucket=bucket,
-            batch_size=batch_size,
-            memory_mode=mode.value,
-            peak_bytes=learned.peak_bytes,
-            pixels=learned.pixels,
-            updated_at=self.clock(),
-        )
-        statement = statement.on_conflict_do_update(
-            index_elements=["model", "size_bucket", "batch_size", "memory_mode"],
-            set_={
-                "peak_bytes": statement.excluded.peak_bytes,
-                "pixels": statement.excluded.pixels,
-                "updated_at": statement.excluded.updated_at,
-            },
-            where=vram_estimates.c.peak_bytes < statement.excluded.peak_bytes,
-        )
-        with self.engine.begin() as conn:
-            conn.execute(statement)
 
     def attempt_reasons(self, job_id: str) -> list[tuple[int, str, str]]:
         """(attempt, outcome, reason) of every attempt that has ended."""
