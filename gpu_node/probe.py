@@ -156,9 +156,7 @@ class CpuProbe:
     kind = "cpu"
 
     def devices(self) -> list[DeviceInfo]:
-        total = _meminfo().get("MemTotal") or os.sysconf("SC_PAGE_SIZE") * os.sysconf(
-            "SC_PHYS_PAGES"
-        )
+        total = host_memory()[0] or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         name = platform.processor() or platform.machine() or "CPU"
         return [DeviceInfo(0, f"CPU ({name}, {os.cpu_count()} cores)", "cpu-0", "cpu", total)]
 

@@ -374,9 +374,9 @@ def test_a_result_that_cannot_be_stored_is_retried(tmp_path: Path) -> None:
                 retry = await agent.assignment()  # the node is still served
                 assert retry.attempt == 2
                 assert (await handle.refresh()).failures == 1
-                [(attempt, outcome, reason)] = server.db.store.attempt_reasons(handle.id)
-                assert (attempt, outcome) == (1, "failed")
-                assert "could not store the result: OSError: [Errno 28]" in reason
+                [ended] = [a for a in server.db.store.attempts(handle.id) if a.outcome]
+                assert (ended.attempt, ended.outcome) == (1, "failed")
+                assert "could not store the result: OSError: [Errno 28]" in ended.reason
                 assert not (server.gateway.images.root / written[0]).exists()
                 agent.succeed(retry, [PNG, PNG])
                 assert (await handle.wait()).succeeded

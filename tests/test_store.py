@@ -162,7 +162,7 @@ def test_a_release_requeues_without_counting_a_failure(store: Store) -> None:
     job = store.get_job("job1")
     assert job is not None
     assert (job.state, job.failures, job.attempt) == (JobState.QUEUED, 0, 4)
-    assert [a[1] for a in store.attempt_reasons("job1")] == ["released"] * 4
+    assert [a.outcome for a in store.attempts("job1")] == ["released"] * 4
 
 
 def test_cancel_wins_over_a_later_result(store: Store) -> None:
@@ -177,7 +177,9 @@ def test_cancel_wins_over_a_later_result(store: Store) -> None:
     assert store.succeed("job1", 1, [(IMAGE, "late.png")], AttemptProfile()) is None
     job = store.get_job("job1")
     assert job is not None and job.state == JobState.CANCELLED and job.images == ()
-    assert store.attempt_reasons("job1") == [(1, "stopped", "cancelled by alice")]
+    assert [(a.attempt, a.outcome, a.reason) for a in store.attempts("job1")] == [
+        (1, "stopped", "cancelled by alice")
+    ]
     # Cancelling again reports the job as it is and writes nothing.
     again = store.cancel("job1", "again")
     assert again is not None and again[1] is None

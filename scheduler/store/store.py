@@ -150,16 +150,6 @@ class Store:
         with self.engine.connect() as conn:
             return [attempt_from_row(row) for row in conn.execute(query)]
 
-    def attempt_reasons(self, job_id: str) -> list[tuple[int, str, str]]:
-        """(attempt, outcome, reason) of every attempt that has ended."""
-        query = (
-            sa.select(attempts.c.attempt, attempts.c.outcome, attempts.c.reason)
-            .where(attempts.c.job_id == job_id, attempts.c.outcome.is_not(None))
-            .order_by(attempts.c.attempt)
-        )
-        with self.engine.connect() as conn:
-            return [(row.attempt, row.outcome, row.reason) for row in conn.execute(query)]
-
     # ---- writes ------------------------------------------------------
 
     def submit(self, job_id: str, owner: str, spec: JobSpec, max_attempts: int) -> tuple[Job, bool]:
