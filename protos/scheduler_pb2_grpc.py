@@ -75,6 +75,16 @@ class SchedulerStub:
                 request_serializer=protos_dot_scheduler__pb2.ListModelsRequest.SerializeToString,
                 response_deserializer=protos_dot_scheduler__pb2.ListModelsResponse.FromString,
                 _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/sdmesh.v1.Scheduler/DrainNode',
+                request_serializer=protos_dot_scheduler__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=protos_dot_scheduler__pb2.Node.FromString,
+                _registered_method=True)
+        self.GetHealth = channel.unary_unary(
+                '/sdmesh.v1.Scheduler/GetHealth',
+                request_serializer=protos_dot_scheduler__pb2.GetHealthRequest.SerializeToString,
+                response_deserializer=protos_dot_scheduler__pb2.Health.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -131,6 +141,22 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainNode(self, request, context):
+        """Stops new work on a node; what runs finishes within the timeout or is
+        handed back without counting as a failure. `undo` lets it take work again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetHealth(self, request, context):
+        """Answered by every replica, the standby too: its role and the leader's
+        epoch. Every other call on a standby fails with UNAVAILABLE.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +199,16 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.ListModels,
                     request_deserializer=protos_dot_scheduler__pb2.ListModelsRequest.FromString,
                     response_serializer=protos_dot_scheduler__pb2.ListModelsResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=protos_dot_scheduler__pb2.DrainNodeRequest.FromString,
+                    response_serializer=protos_dot_scheduler__pb2.Node.SerializeToString,
+            ),
+            'GetHealth': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetHealth,
+                    request_deserializer=protos_dot_scheduler__pb2.GetHealthRequest.FromString,
+                    response_serializer=protos_dot_scheduler__pb2.Health.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -391,6 +427,60 @@ class Scheduler:
             '/sdmesh.v1.Scheduler/ListModels',
             protos_dot_scheduler__pb2.ListModelsRequest.SerializeToString,
             protos_dot_scheduler__pb2.ListModelsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdmesh.v1.Scheduler/DrainNode',
+            protos_dot_scheduler__pb2.DrainNodeRequest.SerializeToString,
+            protos_dot_scheduler__pb2.Node.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetHealth(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdmesh.v1.Scheduler/GetHealth',
+            protos_dot_scheduler__pb2.GetHealthRequest.SerializeToString,
+            protos_dot_scheduler__pb2.Health.FromString,
             options,
             channel_credentials,
             insecure,

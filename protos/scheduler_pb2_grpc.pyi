@@ -44,6 +44,14 @@ class SchedulerStub:
     """One stored PNG, in chunks under the gRPC message limit."""
     ListNodes: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListNodesRequest, _scheduler_pb2.ListNodesResponse]
     ListModels: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListModelsRequest, _scheduler_pb2.ListModelsResponse]
+    DrainNode: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DrainNodeRequest, _scheduler_pb2.Node]
+    """Stops new work on a node; what runs finishes within the timeout or is
+    handed back without counting as a failure. `undo` lets it take work again.
+    """
+    GetHealth: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetHealthRequest, _scheduler_pb2.Health]
+    """Answered by every replica, the standby too: its role and the leader's
+    epoch. Every other call on a standby fails with UNAVAILABLE.
+    """
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -60,6 +68,14 @@ class SchedulerAsyncStub(SchedulerStub):
     """One stored PNG, in chunks under the gRPC message limit."""
     ListNodes: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListNodesRequest, _scheduler_pb2.ListNodesResponse]  # type: ignore[assignment]
     ListModels: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListModelsRequest, _scheduler_pb2.ListModelsResponse]  # type: ignore[assignment]
+    DrainNode: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DrainNodeRequest, _scheduler_pb2.Node]  # type: ignore[assignment]
+    """Stops new work on a node; what runs finishes within the timeout or is
+    handed back without counting as a failure. `undo` lets it take work again.
+    """
+    GetHealth: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetHealthRequest, _scheduler_pb2.Health]  # type: ignore[assignment]
+    """Answered by every replica, the standby too: its role and the leader's
+    epoch. Every other call on a standby fails with UNAVAILABLE.
+    """
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -121,5 +137,25 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.ListModelsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.ListModelsResponse, _abc.Awaitable[_scheduler_pb2.ListModelsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DrainNode(
+        self,
+        request: _scheduler_pb2.DrainNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Node, _abc.Awaitable[_scheduler_pb2.Node]]:
+        """Stops new work on a node; what runs finishes within the timeout or is
+        handed back without counting as a failure. `undo` lets it take work again.
+        """
+
+    @_abc_1.abstractmethod
+    def GetHealth(
+        self,
+        request: _scheduler_pb2.GetHealthRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.Health, _abc.Awaitable[_scheduler_pb2.Health]]:
+        """Answered by every replica, the standby too: its role and the leader's
+        epoch. Every other call on a standby fails with UNAVAILABLE.
+        """
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
