@@ -2,21 +2,23 @@
 heartbeat, runs what it is assigned on its device workers and streams every
 step, preview and image back.
 
-This module is the agent's type boundary: worker events become protobuf
-here, and scheduler messages become tasks. The agent survives the scheduler
-going away: it stops what it was running (the scheduler re-queues it) and
-dials again with backoff.
+The agent outlives its scheduler connection. When the stream drops (the
+scheduler restarted, failed over, or the network went away) the work goes
+on; the journal keeps each attempt's durable outcome, and the next hello
+lists what the agent holds so the scheduler can re-attach it. The agent
+dials the scheduler addresses in turn with jittered backoff, and treats a
+scheduler that sends nothing for its lease as gone.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import signal
 import socket
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
@@ -26,45 +28,32 @@ from grpc import aio
 
 from gpu_node.catalog import Catalog
 from gpu_node.identity import DataDirLock, Identity, load_identity
+from gpu_node.journal import Journal
+from gpu_node.messages import job_updates
 from gpu_node.pipelines import quiet_libraries
 from gpu_node.probe import Probe, detect_probe, host_memory
-from gpu_node.runner import (
-    DeviceWorker,
-    Ended,
-    ImageReady,
-    Started,
-    StepDone,
-    Task,
-    WorkerEvent,
-)
-from protos import agent_pb2, agent_pb2_grpc, common_pb2
+from gpu_node.runner import DeviceWorker, Ended, HealthResult, Task, WorkerEvent
+from protos import agent_pb2, agent_pb2_grpc
 from scheduler.convert import (
     device_stats_to_proto,
     hello_to_proto,
     memory_mode_from_proto,
-    preview_to_proto,
-    profile_to_proto,
     spec_from_proto,
 )
-from scheduler.domain import AttemptOutcome, DeviceInfo, DeviceStats, NodeInfo, Preview
+from scheduler.domain import AttemptOutcome, DeviceInfo, DeviceStats, NodeInfo
 
 log = logging.getLogger(__name__)
 
-UPLOAD_CHUNK_BYTES = 256 * 1024
-MAX_BACKOFF_SECONDS = 10.0
-SHUTDOWN_GRACE_SECONDS = 30.0
+FIRST_BACKOFF_SECONDS = 0.25
+MAX_BACKOFF_SECONDS = 5.0
+DEFAULT_LEASE_SECONDS = 10.0
+SHUTDOWN_TIMEOUT_SECONDS = 30.0
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 5000),
     ("grpc.keepalive_timeout_ms", 5000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-_OUTCOMES = {
-    AttemptOutcome.SUCCEEDED: agent_pb2.ATTEMPT_OUTCOME_SUCCEEDED,
-    AttemptOutcome.FAILED: agent_pb2.ATTEMPT_OUTCOME_FAILED,
-    AttemptOutcome.STOPPED: agent_pb2.ATTEMPT_OUTCOME_STOPPED,
-    AttemptOutcome.RELEASED: agent_pb2.ATTEMPT_OUTCOME_RELEASED,
-}
 
 
 def agent_version() -> str:
@@ -76,59 +65,19 @@ def agent_version() -> str:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    scheduler: str
+    scheduler: str  # one address, or several separated by commas
     data_dir: Path
     models_dir: Path | None = None
     name: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
     gpus: tuple[int, ...] | None = None  # device indexes to use; None: all
     synthetic_models: dict[str, int] = field(default_factory=dict)  # simulated GPUs only
+    # SIGTERM lets running jobs finish for this long, then hands them back.
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT_SECONDS
 
-
-def job_updates(event: WorkerEvent) -> list[agent_pb2.JobUpdate]:
-    """The protobuf messages for one worker event; an image takes several."""
-    body = event.body
-    update = agent_pb2.JobUpdate(job_id=event.job_id, attempt=event.attempt)
-    if isinstance(body, Started):
-        update.started.SetInParent()
-    elif isinstance(body, StepDone):
-        update.progress.CopyFrom(common_pb2.Progress(step=body.step, total_steps=body.total_steps))
-    elif isinstance(body, Preview):
-        update.preview.CopyFrom(preview_to_proto(body))
-    elif isinstance(body, Ended):
-        update.ended.CopyFrom(
-            agent_pb2.AttemptEnded(
-                outcome=_OUTCOMES[body.outcome],
-                reason=body.reason,
-                error_kind=body.error_kind,
-                profile=profile_to_proto(body.profile),
-            )
-        )
-    else:
-        return _image_updates(event.job_id, event.attempt, body)
-    return [update]
-
-
-def _image_updates(job_id: str, attempt: int, image: ImageReady) -> list[agent_pb2.JobUpdate]:
-    data = image.png
-    offsets = range(0, len(data), UPLOAD_CHUNK_BYTES) or range(1)
-    updates = []
-    for offset in offsets:
-        last = offset + UPLOAD_CHUNK_BYTES >= len(data)
-        chunk = agent_pb2.ImageUpload(
-            index=image.index,
-            seed=image.seed,
-            width=image.width,
-            height=image.height,
-            offset=offset,
-            data=data[offset : offset + UPLOAD_CHUNK_BYTES],
-            last=last,
-        )
-        if last:
-            chunk.sha256 = hashlib.sha256(data).hexdigest()
-            chunk.size_bytes = len(data)
-        updates.append(agent_pb2.JobUpdate(job_id=job_id, attempt=attempt, image=chunk))
-    return updates
+    @property
+    def addresses(self) -> list[str]:
+        return [part.strip() for part in self.scheduler.split(",") if part.strip()]
 
 
 def select_devices(devices: list[DeviceInfo], wanted: tuple[int, ...] | None) -> list[DeviceInfo]:
@@ -145,6 +94,17 @@ def select_devices(devices: list[DeviceInfo], wanted: tuple[int, ...] | None) ->
     return [by_index[index] for index in sorted(set(wanted))]
 
 
+def backoff_delays(
+    first: float = FIRST_BACKOFF_SECONDS, cap: float = MAX_BACKOFF_SECONDS
+) -> Iterator[float]:
+    """Exponential backoff with full jitter, so that agents that lost one
+    scheduler at the same moment do not all dial the next at once."""
+    ceiling = first
+    while True:
+        yield random.uniform(ceiling / 2, ceiling)
+        ceiling = min(ceiling * 2, cap)
+
+
 class Agent:
     def __init__(self, config: AgentConfig, probe: Probe | None = None) -> None:
         self.config = config
@@ -155,10 +115,14 @@ class Agent:
         self.identity: Identity | None = None
         self.workers: dict[int, DeviceWorker] = {}
         self.draining = False
+        self.lease_seconds = DEFAULT_LEASE_SECONDS
+        self.journal = Journal(keep_seconds=2 * DEFAULT_LEASE_SECONDS)
         self._outbox: asyncio.Queue[agent_pb2.AgentMessage | None] | None = None
         self._live: set[tuple[str, int]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._heard = 0.0  # when the scheduler last said anything
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def prepare(self) -> None:
@@ -172,7 +136,9 @@ class Agent:
         models = self.catalog.scan()
         for device in devices:
             backend = probe.backend(device.index, self.catalog)
-            self.workers[device.index] = DeviceWorker(device, backend, self._emit)
+            self.workers[device.index] = DeviceWorker(
+                device, backend, self._emit, self._health_reported
+            )
         log.info(
             "agent %s (%s): %s; models: %s",
             self.identity.name,
@@ -193,13 +159,34 @@ class Agent:
             labels=dict(self.config.labels),
         )
 
+    def hello(self) -> agent_pb2.Hello:
+        hello = hello_to_proto(self.node_info())
+        hello.draining = self.draining
+        for entry in self.journal.held(time.monotonic()):
+            hello.held.add(job_id=entry.job_id, attempt=entry.attempt, gpu_index=entry.gpu_index)
+        return hello
+
     # ---- worker events (called from worker and preview threads) --------
 
     def _emit(self, event: WorkerEvent) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, event)
 
+    def _health_reported(self, result: HealthResult) -> None:
+        assert self._loop is not None
+        message = agent_pb2.AgentMessage(
+            health=agent_pb2.HealthReport(
+                gpu_index=result.gpu_index, healthy=result.healthy, detail=result.detail
+            )
+        )
+        self._loop.call_soon_threadsafe(self._send, message)
+
+    def _send(self, message: agent_pb2.AgentMessage) -> None:
+        if self._outbox is not None:
+            self._outbox.put_nowait(message)
+
     def _deliver(self, event: WorkerEvent) -> None:
+        self.journal.record(event, time.monotonic(), connected=self._outbox is not None)
         if isinstance(event.body, Ended):
             self._live.discard((event.job_id, event.attempt))
             if not self._live:
@@ -211,11 +198,9 @@ class Agent:
                 event.body.outcome.value,
                 f": {event.body.reason}" if event.body.reason else "",
             )
-        outbox = self._outbox
-        if outbox is None:
-            return  # not connected: the scheduler has re-queued this attempt
+        # Not connected: the journal keeps what matters until the next stream.
         for update in job_updates(event):
-            outbox.put_nowait(agent_pb2.AgentMessage(job=update))
+            self._send(agent_pb2.AgentMessage(job=update))
 
     # ---- scheduler messages ---------------------------------------------
 
@@ -224,6 +209,7 @@ class Agent:
         for job in assignment.jobs:
             self._live.add((job.job_id, job.attempt))
             self._idle.clear()
+            self.journal.assigned(job.job_id, job.attempt, assignment.gpu_index)
             try:
                 if worker is None:
                     raise ValueError(f"this node has no device {assignment.gpu_index}")
@@ -256,15 +242,35 @@ class Agent:
             if task is not None:
                 log.info("stopping job %s attempt %d: %s", stop.job_id, stop.attempt, stop.reason)
                 task.stop(AttemptOutcome.STOPPED, stop.reason)
+        self.journal.forget(stop.job_id, stop.attempt)
 
-    def _drain(self) -> None:
-        """Finishes what runs; hands back what only waits."""
+    def _drain(self, timeout: float | None = None) -> None:
+        """Takes no new work, hands back what only waits, and lets what runs
+        finish for `timeout` seconds before handing it back too."""
         self.draining = True
         for worker in self.workers.values():
             for position, task in enumerate(worker.tasks()):
                 if position > 0:
                     task.stop(AttemptOutcome.RELEASED, "node is draining")
-        log.info("draining: no new work will start here")
+        timeout = self.config.shutdown_timeout if timeout is None else timeout
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        if self._loop is not None:
+            self._drain_timer = self._loop.call_later(timeout, self._drain_expired, timeout)
+        log.info("draining: no new work will start here; running jobs get %gs", timeout)
+
+    def _drain_expired(self, timeout: float) -> None:
+        self._drain_timer = None
+        if self._tasks():
+            log.info("drain timeout: handing back what still runs")
+        self.stop_all(AttemptOutcome.RELEASED, f"node drained; not finished within {timeout:g}s")
+
+    def _resume(self) -> None:
+        self.draining = False
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        log.info("resumed: taking work again")
 
     def stop_all(self, outcome: AttemptOutcome, reason: str) -> None:
         for task in self._tasks():
@@ -273,71 +279,111 @@ class Agent:
     # ---- the connection -------------------------------------------------
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Connects and reconnects until `stopping` is set."""
-        backoff = 0.5
+        """Connects, and reconnects, until `stopping` is set and the work is
+        handed over."""
+        addresses = self.config.addresses
+        position = 0
+        delays = backoff_delays()
         while not stopping.is_set():
+            address = addresses[position % len(addresses)]
             try:
-                connected = await self._session(stopping)
+                if await self._session(address, stopping):
+                    delays = backoff_delays()  # it was up: start over
             except aio.AioRpcError as exc:
-                connected = False
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise SystemExit(f"the scheduler refused this agent: {exc.details()}") from None
                 log.warning(
-                    "scheduler %s: %s: %s",
-                    self.config.scheduler,
-                    exc.code().name,
-                    exc.details() or "no details",
+                    "scheduler %s: %s: %s", address, exc.code().name, exc.details() or "no details"
                 )
+                if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    position += 1  # down, or a standby: try the next replica
             if stopping.is_set():
                 break
-            # Whatever ran belongs to the old session: the scheduler has
-            # re-queued it. Free the devices for the new one.
-            self.stop_all(AttemptOutcome.STOPPED, "lost the connection to the scheduler")
-            backoff = 0.5 if connected else min(backoff * 2, MAX_BACKOFF_SECONDS)
-            delay = backoff * random.uniform(0.8, 1.2)
-            log.info("reconnecting in %.1fs", delay)
+            delay = next(delays)
+            log.info("reconnecting in %.1fs; the work here goes on", delay)
             try:
                 await asyncio.wait_for(stopping.wait(), delay)
             except TimeoutError:
                 pass
 
-    async def _session(self, stopping: asyncio.Event) -> bool:
+    async def _session(self, address: str, stopping: asyncio.Event) -> bool:
         """One stream; returns whether it got as far as the welcome."""
         outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
-        outbox.put_nowait(agent_pb2.AgentMessage(hello=hello_to_proto(self.node_info())))
+        outbox.put_nowait(agent_pb2.AgentMessage(hello=self.hello()))
 
         async def requests() -> AsyncIterator[agent_pb2.AgentMessage]:
             while (message := await outbox.get()) is not None:
                 yield message
 
         welcomed = False
+        self._heard = time.monotonic()
         helpers: list[asyncio.Task[None]] = []
-        async with aio.insecure_channel(self.config.scheduler, options=CHANNEL_OPTIONS) as channel:
+        async with aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             call = agent_pb2_grpc.AgentGatewayStub(channel).Connect(requests())
             try:
                 async for message in call:
+                    self._heard = time.monotonic()
                     kind = message.WhichOneof("body")
                     if kind == "welcome":
                         welcomed = True
-                        self._outbox = outbox
-                        log.info("connected to scheduler %s", self.config.scheduler)
                         heartbeat = message.welcome.heartbeat_seconds or 2.0
+                        self.lease_seconds = message.welcome.lease_seconds or 5 * heartbeat
+                        self.journal.keep_seconds = 2 * self.lease_seconds
+                        self._replay(outbox)
+                        self._outbox = outbox
+                        log.info("connected to scheduler %s", address)
                         helpers = [
                             asyncio.create_task(self._send_stats(outbox, heartbeat)),
                             asyncio.create_task(self._leave_when(stopping, outbox, call)),
+                            asyncio.create_task(self._watch(call)),
                         ]
                     elif kind == "assign":
                         self._assign(message.assign)
                     elif kind == "stop":
                         self._stop(message.stop)
                     elif kind == "drain":
-                        self._drain()
+                        self._drain(message.drain.timeout_seconds or None)
+                    elif kind == "resume":
+                        self._resume()
+                    elif kind == "check":
+                        worker = self.workers.get(message.check.gpu_index)
+                        if worker is not None:
+                            worker.check()
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # this task is being cancelled, not just the call
+                if not stopping.is_set():  # the watchdog gave up on a silent scheduler
+                    log.warning("scheduler %s went silent; dialling again", address)
             finally:
                 self._outbox = None
                 outbox.put_nowait(None)
                 for helper in helpers:
                     helper.cancel()
         return welcomed
+
+    def _replay(self, outbox: asyncio.Queue[agent_pb2.AgentMessage | None]) -> None:
+        """Sends the durable history of every attempt the hello listed. The
+        scheduler keeps what it re-attached and stops the rest."""
+        now = time.monotonic()
+        for entry in self.journal.held(now):
+            for event in entry.replay():
+                for update in job_updates(event):
+                    outbox.put_nowait(agent_pb2.AgentMessage(job=update))
+        self.journal.delivered(now)
+
+    async def _watch(
+        self,
+        call: aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.SchedulerMessage],
+    ) -> None:
+        """Ends a stream on which the scheduler has said nothing, not even
+        its ping, for a whole lease: a paused process or a partition that
+        drops packets shows up no other way."""
+        while True:
+            await asyncio.sleep(self.lease_seconds / 4)
+            if time.monotonic() - self._heard > self.lease_seconds:
+                call.cancel()
+                return
 
     async def _send_stats(
         self, outbox: asyncio.Queue[agent_pb2.AgentMessage | None], heartbeat: float
@@ -377,21 +423,23 @@ class Agent:
         outbox: asyncio.Queue[agent_pb2.AgentMessage | None],
         call: aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.SchedulerMessage],
     ) -> None:
-        """On shutdown: hand back every attempt, let the scheduler hear it,
-        then close the stream."""
+        """On shutdown: drain (running jobs get the shutdown timeout, then
+        are handed back), let the scheduler hear every outcome, then close
+        the stream."""
         await stopping.wait()
-        self.stop_all(AttemptOutcome.RELEASED, "agent shutting down")
+        timeout = self.config.shutdown_timeout
+        self._drain(timeout)
         try:
-            await asyncio.wait_for(self._idle.wait(), SHUTDOWN_GRACE_SECONDS)
+            await asyncio.wait_for(self._idle.wait(), timeout + 30.0)
         except TimeoutError:
-            log.warning("some work did not stop in %ss", SHUTDOWN_GRACE_SECONDS)
+            log.warning("some work did not stop within %gs of being handed back", 30.0)
         outbox.put_nowait(None)  # ends the request stream; the server then closes
-        await asyncio.sleep(SHUTDOWN_GRACE_SECONDS)
+        await asyncio.sleep(10.0)
         call.cancel()
 
     def close(self) -> None:
         for worker in self.workers.values():
-            worker.close(timeout=SHUTDOWN_GRACE_SECONDS)
+            worker.close(timeout=10.0)
         self.lock.release()
 
 

@@ -9,6 +9,7 @@ implement the same protocol.
 from __future__ import annotations
 
 import gc
+import time
 from typing import Any, Protocol
 
 from gpu_node.catalog import Catalog
@@ -36,6 +37,11 @@ class Backend(Protocol):
 
     def release(self) -> None:
         """Gives cached memory back after a job, so free memory is real."""
+        ...
+
+    def health_check(self) -> str:
+        """Runs a small computation on the device and waits for it; returns
+        what was checked, or raises. On a hung device it hangs too."""
         ...
 
 
@@ -70,3 +76,15 @@ class TorchBackend:
             import torch
 
             torch.cuda.empty_cache()
+
+    def health_check(self) -> str:
+        import torch
+
+        started = time.monotonic()
+        a = torch.ones((256, 256), device=self.torch_device)
+        total = float((a @ a).sum().item())  # .item() waits for the device
+        if total != 256.0**3:
+            raise RuntimeError(f"a 256x256 matmul on {self.torch_device} gave {total:g}")
+        if self.cuda:
+            torch.cuda.synchronize(self.torch_device)
+        return f"256x256 matmul on {self.torch_device} in {time.monotonic() - started:.3f}s"

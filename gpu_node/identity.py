@@ -8,21 +8,17 @@ catches copied data dirs too.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import re
 import secrets
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
+from scheduler.datadir import DataDirInUse, DataDirLock
 from scheduler.domain import DeviceInfo
 
-
-class DataDirInUse(Exception):
-    pass
+__all__ = ["DataDirInUse", "DataDirLock", "Identity", "default_name", "load_identity"]
 
 
 @dataclass(frozen=True)
@@ -58,35 +54,3 @@ def load_identity(data_dir: Path, name: str | None, devices: list[DeviceInfo]) -
         partial.write_text(json.dumps({"node_id": node_id, "name": chosen}, indent=2) + "\n")
         partial.replace(path)
     return Identity(node_id, chosen)
-
-
-class DataDirLock:
-    """An exclusive lock on `<data-dir>/agent.lock`, held while the agent runs."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.path = data_dir / "agent.lock"
-        self._handle: IO[str] | None = None
-
-    def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(self.path, "a+")  # noqa: SIM115 (held until release)
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "unknown"
-            handle.close()
-            raise DataDirInUse(
-                f"data dir {self.path.parent} is in use by another agent (pid {holder}); "
-                "give each agent its own --data-dir"
-            ) from None
-        handle.truncate(0)
-        handle.write(str(os.getpid()))
-        handle.flush()
-        self._handle = handle
-
-    def release(self) -> None:
-        if self._handle is not None:
-            fcntl.flock(self._handle, fcntl.LOCK_UN)
-            self._handle.close()
-            self._handle = None

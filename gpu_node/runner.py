@@ -79,6 +79,19 @@ class Task:
             self.stop_requested.set()
 
 
+@dataclass(frozen=True)
+class HealthResult:
+    gpu_index: int
+    healthy: bool
+    detail: str
+
+
+class _Probe:
+    """A health probe waiting in a worker's queue. It runs after the job
+    ahead of it, on the device's own thread: on a hung card it hangs too,
+    which is the point."""
+
+
 class AttemptStopped(Exception):
     """Raised from the step callback to leave the pipeline at once, skipping
     the remaining steps and the final VAE decode that `_interrupt` would
@@ -102,13 +115,19 @@ def encode_png(image: Any, parameters: str) -> bytes:
 
 class DeviceWorker:
     def __init__(
-        self, device: DeviceInfo, backend: Backend, emit: Callable[[WorkerEvent], None]
+        self,
+        device: DeviceInfo,
+        backend: Backend,
+        emit: Callable[[WorkerEvent], None],
+        report_health: Callable[[HealthResult], None] | None = None,
     ) -> None:
         self.device = device
         self.backend = backend
         self.speeds = SpeedTable()  # measured here, reported in every stats message
         self._emit = emit
-        self._queue: queue.Queue[Task | None] = queue.Queue()
+        self._report_health = report_health
+        self._probing = False
+        self._queue: queue.Queue[Task | _Probe | None] = queue.Queue()
         self._tasks: dict[tuple[str, int], Task] = {}
         self._lock = threading.Lock()
         self._previews = ThreadPoolExecutor(1, thread_name_prefix=f"preview-{device.index}")
@@ -130,6 +149,25 @@ class DeviceWorker:
         with self._lock:
             return self._tasks.get((job_id, attempt))
 
+    def check(self) -> None:
+        """Queues a health probe unless one is waiting already."""
+        with self._lock:
+            if self._probing:
+                return
+            self._probing = True
+        self._queue.put(_Probe())
+
+    def _probe(self) -> None:
+        try:
+            detail = self.backend.health_check()
+            result = HealthResult(self.device.index, True, detail)
+        except Exception as exc:
+            result = HealthResult(self.device.index, False, one_line(exc))
+        with self._lock:
+            self._probing = False
+        if self._report_health is not None:
+            self._report_health(result)
+
     def close(self, timeout: float | None = None) -> None:
         self._queue.put(None)
         self._thread.join(timeout)
@@ -137,6 +175,9 @@ class DeviceWorker:
 
     def _loop(self) -> None:
         while (task := self._queue.get()) is not None:
+            if isinstance(task, _Probe):
+                self._probe()
+                continue
             try:
                 self._run(task)
             except Exception as exc:  # a bug here must not kill the device's thread

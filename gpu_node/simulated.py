@@ -13,15 +13,26 @@ behave like real ones where the scheduler can see it:
   timing model for synthetic ones: steps x per-step time, scaled by pixels
   and card speed, plus a cold load for a model that is not resident.
   `--simulate-time-scale` shrinks every simulated wait, for fast tests.
+
+Faults, for the chaos tests: `--simulate-step-delay 0.5` slows every step
+so that a job is surely mid-flight when a fault fires; `--simulate-hang
+2:30` makes each card hang at step 2 of the first job that gets there, for
+30 s, its thread stuck as a wedged kernel leaves it while the agent goes on
+heartbeating; `--simulate-poison TEXT` kills the agent (SIGKILL) at the
+first step of any job whose prompt holds TEXT.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -36,6 +47,8 @@ from gpu_node.profiles import (
 )
 from scheduler.domain import DeviceInfo, DeviceStats, ModelInfo
 from scheduler.spec import MemoryMode
+
+log = logging.getLogger(__name__)
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*(GiB|GB|MiB|MB)\s*$", re.IGNORECASE)
 _UNITS = {"gib": 2**30, "gb": 10**9, "mib": 2**20, "mb": 10**6}
@@ -74,15 +87,42 @@ def parse_models(text: str, flag: str = "--simulate-models") -> dict[str, int]:
     return models
 
 
+@dataclass(frozen=True)
+class CardFaults:
+    """Faults a simulated card injects, for the chaos tests."""
+
+    step_delay: float = 0.0  # real seconds added to every step
+    hang_at_step: int = 0  # the first job to reach this step hangs there...
+    hang_seconds: float = 0.0  # ...for this long, while its agent heartbeats
+    poison: str = ""  # a job whose prompt holds this kills its agent at step 1
+
+
+def parse_hang(text: str, flag: str = "--simulate-hang") -> tuple[int, float]:
+    """'STEP:SECONDS' -> (step, seconds)."""
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+(?:\.\d+)?)\s*", text)
+    if match is None or int(match.group(1)) < 1:
+        raise ValueError(f"{flag}: expected STEP:SECONDS with STEP >= 1, e.g. 2:30, got {text!r}")
+    return int(match.group(1)), float(match.group(2))
+
+
 class SimulatedCard:
     """One card's memory: the CUDA context, the resident model's weights and
     the running job's allocations."""
 
-    def __init__(self, index: int, total_bytes: int, speed: float, time_scale: float) -> None:
+    def __init__(
+        self,
+        index: int,
+        total_bytes: int,
+        speed: float,
+        time_scale: float,
+        faults: CardFaults | None = None,
+    ) -> None:
         self.index = index
         self.total_bytes = total_bytes
         self.speed = speed
         self.time_scale = time_scale
+        self.faults = faults or CardFaults()
+        self._hung = False
         self._lock = threading.Lock()
         self.resident: tuple[str, int] | None = None  # (model, weight bytes)
         self.running_bytes = 0
@@ -110,6 +150,23 @@ class SimulatedCard:
     def evict(self) -> None:
         with self._lock:
             self.resident = None
+
+    def step(self, index: int, prompt: str) -> None:
+        """Runs on the worker's thread after each step: the slow-step delay,
+        a one-time hang, and the poison job that kills its agent."""
+        faults = self.faults
+        if faults.poison and faults.poison in prompt:
+            log.error("simulated crash: the poison job killed this agent")
+            os.kill(os.getpid(), signal.SIGKILL)
+        if faults.step_delay:
+            time.sleep(faults.step_delay)
+        if faults.hang_at_step == index + 1 and not self._hung:
+            self._hung = True
+            log.warning("simulated GPU %d hangs for %gs", self.index, faults.hang_seconds)
+            time.sleep(faults.hang_seconds)  # the thread is stuck, like a wedged kernel
+
+    def health_check(self) -> str:
+        return f"simulated GPU {self.index} responds"
 
     @contextmanager
     def allocate(self, peak_bytes: int, model: str) -> Iterator[None]:
@@ -167,7 +224,7 @@ class SimulatedPipeline:
             if self.inner is not None:
                 return self._real(kwargs, peak, callback, held)
             held.enter_context(self.card.allocate(peak, self.profile.name))
-            return self._timed(width, height, batch, steps, callback)
+            return self._timed(width, height, batch, steps, callback, kwargs.get("prompt") or "")
 
     def _real(
         self,
@@ -179,6 +236,7 @@ class SimulatedPipeline:
         def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> Any:
             if index == 0:  # the first step is where a real card runs out
                 held.enter_context(self.card.allocate(peak, self.profile.name))
+            self.card.step(index, kwargs.get("prompt") or "")
             return callback(pipe, index, timestep, tensors) if callback else tensors
 
         return self.inner(**{**kwargs, "callback_on_step_end": on_step_end})
@@ -190,6 +248,7 @@ class SimulatedPipeline:
         batch: int,
         steps: int,
         callback: Callable[..., Any] | None,
+        prompt: str,
     ) -> Any:
         import torch
         from PIL import Image
@@ -201,6 +260,7 @@ class SimulatedPipeline:
         noise = torch.Generator().manual_seed(width * 31 + height)
         for index in range(steps):
             self.card.wait(per_step)
+            self.card.step(index, prompt)
             if callback is not None:
                 latents = torch.randn(
                     batch, 4, max(1, height // 8), max(1, width // 8), generator=noise
@@ -250,16 +310,23 @@ class SimulatedBackend:
     def release(self) -> None:
         pass
 
+    def health_check(self) -> str:
+        return self.card.health_check()
+
 
 class SimulatedProbe:
     kind = "simulated"
 
     def __init__(
-        self, sizes: list[int], speeds: list[float] | None = None, time_scale: float = 1.0
+        self,
+        sizes: list[int],
+        speeds: list[float] | None = None,
+        time_scale: float = 1.0,
+        faults: CardFaults | None = None,
     ) -> None:
         speeds = speeds or [1.0] * len(sizes)
         self.cards = [
-            SimulatedCard(index, size, speed, time_scale)
+            SimulatedCard(index, size, speed, time_scale, faults)
             for index, (size, speed) in enumerate(zip(sizes, speeds, strict=True))
         ]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from grpc import aio
@@ -34,6 +34,7 @@ from scheduler.domain import (
 )
 from scheduler.errors import AlreadyExists, InvalidArgument
 from scheduler.estimator import format_bytes
+from scheduler.liveness import Supervisor, requeue_lost
 from scheduler.placement import shape_of
 from scheduler.runtime import Runtime, UsesRuntime
 from scheduler.spec import check_labels
@@ -67,12 +68,14 @@ def check_hello(node: NodeInfo) -> None:
 
 
 class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
-    def __init__(self, runtime: Runtime, *, heartbeat_seconds: float) -> None:
+    def __init__(self, runtime: Runtime, supervisor: Supervisor) -> None:
         super().__init__(runtime)
-        self.heartbeat_seconds = heartbeat_seconds
+        self.supervisor = supervisor
+        self.liveness = supervisor.config
         self._background: set[asyncio.Task[None]] = set()
-        # Set while the scheduler shuts down: attempts stay as they are in
-        # the store, and the next start re-queues them without a failure.
+        # Set while this replica stops leading (it shuts down or lost the
+        # lease): attempts stay as they are in the store, and the next
+        # leader waits for their agents to re-attach them.
         self.closing = False
 
     async def Connect(
@@ -88,16 +91,13 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
             raise InvalidArgument("hello", "the first message on the stream must be a hello")
         info = hello_from_proto(first.hello)
         check_hello(info)
-        existing = self.cluster.sessions.get(info.node_id)
-        if existing is not None:
-            raise AlreadyExists(
-                f"node id {info.node_id} is already connected as {existing.info.name!r}; "
-                "every agent needs its own --data-dir"
-            )
+        self._replace_silent(info)
         session = self.cluster.connect(info, self.clock())
+        session.draining = first.hello.draining
         reader: asyncio.Task[None] | None = None
         try:
             await self.db.run(self.db.store.nodes.upsert, info)
+            await self._reattach(session, first.hello.held)
             log.info(
                 "node %s (%s) connected from %s with %d device(s), models: %s",
                 info.name,
@@ -108,7 +108,10 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
             )
             self.dispatcher.wake()
             yield agent_pb2.SchedulerMessage(
-                welcome=agent_pb2.Welcome(heartbeat_seconds=self.heartbeat_seconds)
+                welcome=agent_pb2.Welcome(
+                    heartbeat_seconds=self.liveness.heartbeat_seconds,
+                    lease_seconds=self.liveness.lease_seconds,
+                )
             )
             reader = asyncio.create_task(self._read(session, request_iterator))
             while (command := await session.outbox.get()) is not None:
@@ -118,6 +121,47 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
                 reader.cancel()
             # Runs on its own: this generator may be closed by a cancellation.
             self._spawn(self._disconnected(session))
+
+    def _replace_silent(self, info: NodeInfo) -> None:
+        """A node that dials again while its old stream still looks open (a
+        partition healed, a dead connection not yet noticed) replaces it,
+        once that stream has been silent for two heartbeats. A second agent
+        with the same id, while the first still talks, is refused."""
+        existing = self.cluster.sessions.get(info.node_id)
+        if existing is None:
+            return
+        now = self.clock()
+        if now - existing.last_heard <= 2 * self.liveness.heartbeat_seconds:
+            raise AlreadyExists(
+                f"node id {info.node_id} is already connected as {existing.info.name!r}; "
+                "every agent needs its own --data-dir"
+            )
+        log.info("node %s dialled again; dropping its silent stream", info.name)
+        self.cluster.disconnect(existing)
+        self.cluster.orphan(
+            existing, now + self.liveness.lease_seconds, f"node {info.name} reconnected"
+        )
+
+    async def _reattach(self, session: NodeSession, held: Iterable[agent_pb2.HeldAttempt]) -> None:
+        """Takes back the attempts the agent still holds and the scheduler
+        still expects of it; stops the others. Attempts the scheduler
+        expected of it that it no longer holds (it restarted) are lost."""
+        now, name = self.clock(), session.info.name
+        for attempt in held:
+            if self.cluster.adopt(session, attempt.job_id, attempt.attempt, now):
+                log.info(
+                    "node %s re-attached job %s attempt %d", name, attempt.job_id, attempt.attempt
+                )
+            else:
+                self._stop_stale(session, attempt.job_id, attempt.attempt)
+        for orphan in self.cluster.orphans_of(session.node_id):
+            del self.cluster.orphans[orphan.active.job_id]
+            await requeue_lost(
+                self,
+                orphan.active,
+                f"node {name} came back without it (the agent restarted)",
+                failure=orphan.active.started_at is not None,
+            )
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -134,6 +178,7 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
     ) -> None:
         try:
             async for message in requests:
+                session.last_heard = self.clock()
                 kind = message.WhichOneof("body")
                 if kind == "stats":
                     stats = [device_stats_from_proto(d) for d in message.stats.devices]
@@ -149,6 +194,11 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
                         # One update that cannot be handled (the database is
                         # down, say) must not cut the node off.
                         log.exception("node %s: handling a job update failed", session.info.name)
+                elif kind == "health":
+                    report = message.health
+                    self.supervisor.health_reported(
+                        session, report.gpu_index, report.healthy, report.detail
+                    )
                 else:
                     log.warning("node %s sent an unexpected %s", session.info.name, kind)
         except asyncio.CancelledError:
@@ -185,6 +235,7 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
             return
         now = self.clock()
         if kind == "progress":
+            active.last_step_at = now
             if not active.stopping:
                 body = Progress(update.progress.step, update.progress.total_steps)
                 self.hub.publish([JobEvent(job_id, 0, attempt, now, body)])
@@ -337,22 +388,22 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         self.cluster.disconnect(session)  # no new work goes to it from now on
         if session.ending:
             await asyncio.gather(*session.ending, return_exceptions=True)
-        held = session.take_attempts()
         if self.closing:
+            session.take_attempts()
             return
         name = session.info.name
-        log.info("node %s disconnected holding %d attempt(s)", name, len(held))
-        for active in held:
-            events = await self.db.run(
-                self.db.store.requeue,
-                active.job_id,
-                active.attempt,
-                AttemptOutcome.LOST,
-                f"node {name} disconnected",
-                count_failure=True,
-            )
-            if events:
-                self.hub.publish(events)
+        if session.lost:
+            # Its lease ran out: what it held is lost now, not after a wait.
+            held = session.take_attempts()
+            log.info("node %s lost holding %d attempt(s)", name, len(held))
+            for active in held:
+                await requeue_lost(self, active, f"node {name} lost: {session.lost}", failure=True)
+        else:
+            # The stream dropped: the agent may still be running its work
+            # and may come back for it within the lease.
+            deadline = session.last_heard + self.liveness.lease_seconds
+            orphans = self.cluster.orphan(session, deadline, f"node {name} disconnected")
+            log.info("node %s disconnected holding %d attempt(s)", name, len(orphans))
         await self.db.run(self.db.store.nodes.touch, [session.node_id])
         self.dispatcher.wake()
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from scheduler.domain import DeviceStats, Job, NodeInfo
 from scheduler.placement import GpuView, Placed
 from scheduler.spec import JobSpec, MemoryMode
-from scheduler.speeds import Speed
+from scheduler.speeds import Speed, megapixel_steps, run_seconds
 from scheduler.uploads import UploadBuffer
 
 
@@ -34,7 +34,29 @@ class StopCommand:
     reason: str
 
 
-Command = AssignCommand | StopCommand
+@dataclass(frozen=True)
+class DrainCommand:
+    timeout_seconds: float  # 0: the agent's own shutdown timeout
+
+
+@dataclass(frozen=True)
+class ResumeCommand:
+    pass
+
+
+@dataclass(frozen=True)
+class PingCommand:
+    pass
+
+
+@dataclass(frozen=True)
+class HealthCheckCommand:
+    gpu_index: int
+
+
+Command = (
+    AssignCommand | StopCommand | DrainCommand | ResumeCommand | PingCommand | HealthCheckCommand
+)
 
 
 @dataclass
@@ -49,6 +71,8 @@ class ActiveAttempt:
     expected_seconds: float  # placement's guess at its run, cold load included
     assigned_at: float
     started_at: float | None = None
+    last_step_at: float | None = None  # when it last reported a step
+    step_seconds: float = 0.0  # the expected time per step; 0 when unknown
     stopping: bool = False  # a stop was sent; its progress is no longer news
     uploads: UploadBuffer = field(default_factory=UploadBuffer)
 
@@ -63,9 +87,26 @@ class ActiveAttempt:
 
 
 @dataclass
+class Orphan:
+    """An attempt whose agent is not connected: its stream dropped, or the
+    scheduler restarted. It waits for that agent to reconnect and re-attach
+    it until `deadline`, then it is re-queued as lost."""
+
+    active: ActiveAttempt
+    node_id: str
+    node_name: str
+    deadline: float
+    why: str
+
+
+@dataclass
 class NodeSession:
     info: NodeInfo
     connected_at: float
+    last_heard: float = 0.0  # by the scheduler's clock, never the agent's
+    draining: bool = False
+    unhealthy: dict[int, str] = field(default_factory=dict)  # GPU index -> why
+    lost: str = ""  # set when its lease ran out: its attempts are lost at once
     stats: dict[int, DeviceStats] = field(default_factory=dict)
     stats_at: float = 0.0
     host_free_bytes: int = 0
@@ -86,16 +127,23 @@ class NodeSession:
 
     def bind(self, job: Job, attempt: int, placed: Placed, now: float) -> ActiveAttempt:
         """Records an attempt placement put on one of this node's GPUs."""
+        spec = job.spec
+        speed = placed.gpu.speeds.get(spec.model)
+        step_seconds = 0.0
+        if speed is not None and speed.megapixel_steps_per_second > 0:
+            work = megapixel_steps(spec.width, spec.height, spec.batch_size, 1)
+            step_seconds = run_seconds(work, speed.megapixel_steps_per_second, placed.need.mode)
         active = ActiveAttempt(
             job_id=job.id,
             attempt=attempt,
             gpu_index=placed.gpu.index,
             owner=job.owner,
-            spec=job.spec,
+            spec=spec,
             memory_mode=placed.need.mode,
             vram_bytes=placed.need.vram_bytes,
             expected_seconds=placed.expected_seconds,
             assigned_at=now,
+            step_seconds=step_seconds,
         )
         self.attempts[job.id] = active
         return active
@@ -154,6 +202,8 @@ class NodeSession:
                     utilization_percent=utilization,
                     host_free_bytes=self.host_free_bytes,
                     labels=dict(self.info.labels),
+                    healthy=device.index not in self.unhealthy,
+                    draining=self.draining,
                 )
             )
         return views
@@ -162,11 +212,12 @@ class NodeSession:
 class Cluster:
     def __init__(self) -> None:
         self.sessions: dict[str, NodeSession] = {}
+        self.orphans: dict[str, Orphan] = {}  # job id -> attempt waiting for its agent
 
     def connect(self, info: NodeInfo, now: float) -> NodeSession:
         if info.node_id in self.sessions:
             raise KeyError(info.node_id)
-        session = NodeSession(info=info, connected_at=now)
+        session = NodeSession(info=info, connected_at=now, last_heard=now)
         self.sessions[info.node_id] = session
         return session
 
@@ -176,6 +227,34 @@ class Cluster:
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
         session.close()
+
+    def orphan(self, session: NodeSession, deadline: float, why: str) -> list[Orphan]:
+        """Moves the session's attempts to the orphans, to wait for its agent."""
+        orphans = [
+            Orphan(active, session.node_id, session.info.name, deadline, why)
+            for active in session.take_attempts()
+        ]
+        for orphan in orphans:
+            self.orphans[orphan.active.job_id] = orphan
+        return orphans
+
+    def adopt(self, session: NodeSession, job_id: str, attempt: int, now: float) -> bool:
+        """Re-attaches an orphan its agent says it still holds. Its upload
+        starts over: the agent replays every image."""
+        orphan = self.orphans.get(job_id)
+        if orphan is None or orphan.node_id != session.node_id:
+            return False
+        if orphan.active.attempt != attempt:
+            return False
+        del self.orphans[job_id]
+        active = orphan.active
+        active.uploads = UploadBuffer()
+        active.last_step_at = now  # its progress clock starts again
+        session.attempts[job_id] = active
+        return True
+
+    def orphans_of(self, node_id: str) -> list[Orphan]:
+        return [orphan for orphan in self.orphans.values() if orphan.node_id == node_id]
 
     def report_stats(
         self, node_id: str, stats: list[DeviceStats], now: float, host_free_bytes: int = 0
@@ -192,9 +271,9 @@ class Cluster:
     def active_by_owner(self) -> dict[str, int]:
         """Assigned and running jobs per user, for fair share."""
         counts: dict[str, int] = {}
-        for session in self.sessions.values():
-            for active in session.attempts.values():
-                counts[active.owner] = counts.get(active.owner, 0) + 1
+        held = [a for session in self.sessions.values() for a in session.attempts.values()]
+        for active in [*held, *(orphan.active for orphan in self.orphans.values())]:
+            counts[active.owner] = counts.get(active.owner, 0) + 1
         return counts
 
     def holder(self, job_id: str, attempt: int) -> NodeSession | None:

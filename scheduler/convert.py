@@ -9,7 +9,14 @@ from typing import Any, TypeVar
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos import agent_pb2, common_pb2, scheduler_pb2
-from scheduler.cluster import AssignCommand, Command
+from scheduler.cluster import (
+    AssignCommand,
+    Command,
+    DrainCommand,
+    HealthCheckCommand,
+    ResumeCommand,
+    StopCommand,
+)
 from scheduler.domain import (
     AttemptProfile,
     AttemptRecord,
@@ -315,11 +322,21 @@ def command_to_proto(command: Command) -> agent_pb2.SchedulerMessage:
                 ],
             )
         )
-    return agent_pb2.SchedulerMessage(
-        stop=agent_pb2.StopAttempt(
-            job_id=command.job_id, attempt=command.attempt, reason=command.reason
+    if isinstance(command, StopCommand):
+        return agent_pb2.SchedulerMessage(
+            stop=agent_pb2.StopAttempt(
+                job_id=command.job_id, attempt=command.attempt, reason=command.reason
+            )
         )
-    )
+    if isinstance(command, DrainCommand):
+        return agent_pb2.SchedulerMessage(
+            drain=agent_pb2.Drain(timeout_seconds=command.timeout_seconds)
+        )
+    if isinstance(command, ResumeCommand):
+        return agent_pb2.SchedulerMessage(resume=agent_pb2.Resume())
+    if isinstance(command, HealthCheckCommand):
+        return agent_pb2.SchedulerMessage(check=agent_pb2.HealthCheck(gpu_index=command.gpu_index))
+    return agent_pb2.SchedulerMessage(ping=agent_pb2.Ping())
 
 
 def node_to_proto(
@@ -329,8 +346,12 @@ def node_to_proto(
     last_seen: float,
     stats: dict[int, DeviceStats],
     active_jobs: dict[int, int],
+    draining: bool = False,
+    unhealthy: dict[int, str] | None = None,
 ) -> scheduler_pb2.Node:
+    unhealthy = unhealthy or {}
     node = scheduler_pb2.Node(
+        draining=draining,
         id=info.node_id,
         name=info.name,
         hostname=info.hostname,
@@ -342,7 +363,10 @@ def node_to_proto(
     )
     for device in info.devices:
         entry = node.devices.add(
-            info=device_info_to_proto(device), active_jobs=active_jobs.get(device.index, 0)
+            info=device_info_to_proto(device),
+            active_jobs=active_jobs.get(device.index, 0),
+            healthy=device.index not in unhealthy,
+            health_detail=unhealthy.get(device.index, ""),
         )
         if device.index in stats:
             entry.stats.CopyFrom(device_stats_to_proto(stats[device.index]))

@@ -113,6 +113,10 @@ class EstimateBook:
     def __init__(self, learned: dict[EstimateKey, LearnedPeak] | None = None) -> None:
         self.learned: dict[EstimateKey, LearnedPeak] = dict(learned or {})
 
+    def replace(self, learned: dict[EstimateKey, LearnedPeak]) -> None:
+        """Takes the figures the database holds, which every replica saved to."""
+        self.learned = dict(learned)
+
     def need(self, weight_bytes: int, shape: Shape, mode: MemoryMode) -> Need:
         first = first_estimate(weight_bytes, shape, mode)
         learned = self.learned.get(shape.key(mode))

@@ -1,5 +1,6 @@
 """Server interceptors: one turns exceptions into gRPC statuses and logs the
-unexpected ones once; one sets the calling Principal from request metadata.
+unexpected ones once; one turns every call away from a standby replica; one
+sets the calling Principal from request metadata.
 
 Both wrap the method handler's behaviour in an async context manager, which
 works the same for unary and for streaming responses.
@@ -15,8 +16,9 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc import aio
 
-from scheduler.errors import SchedulerError
+from scheduler.errors import SchedulerError, Unavailable
 from scheduler.principal import _current, principal_from_metadata
+from scheduler.replica import ReplicaState
 
 log = logging.getLogger(__name__)
 
@@ -123,5 +125,27 @@ class PrincipalInterceptor(_GuardInterceptor):
                 # A streaming response may be closed from another context.
                 with suppress(ValueError):
                     _current.reset(token)
+
+        return guard
+
+
+class LeaderInterceptor(_GuardInterceptor):
+    """A standby answers only GetHealth; everything else gets UNAVAILABLE,
+    which sends agents and clients on to the next address in their list."""
+
+    OPEN_METHODS = frozenset({"/sdmesh.v1.Scheduler/GetHealth"})
+
+    def __init__(self, replica: ReplicaState) -> None:
+        self.replica = replica
+
+    def guard_for(self, details: grpc.HandlerCallDetails) -> Guard:
+        replica = self.replica
+        open_method = details.method in self.OPEN_METHODS
+
+        @asynccontextmanager
+        async def guard(_: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
+            if not open_method and not replica.leading:
+                raise Unavailable(replica.standby_message())
+            yield
 
         return guard

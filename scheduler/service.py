@@ -18,7 +18,7 @@ from typing import Any
 from grpc import aio
 
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from scheduler.cluster import StopCommand
+from scheduler.cluster import DrainCommand, NodeSession, ResumeCommand, StopCommand
 from scheduler.convert import (
     attempt_to_proto,
     event_to_proto,
@@ -34,6 +34,7 @@ from scheduler.domain import Job, Progress
 from scheduler.errors import FailedPrecondition, InvalidArgument, NotFound
 from scheduler.placement import demand_for, unresolvable
 from scheduler.principal import current_principal
+from scheduler.replica import ReplicaState, scheduler_version
 from scheduler.runtime import Runtime, UsesRuntime
 from scheduler.spec import MAX_SEED, JobSpec, resolve
 from scheduler.states import JobState
@@ -69,8 +70,16 @@ def _decode_page_token(token: str) -> tuple[float, str]:
 
 
 class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
-    def __init__(self, runtime: Runtime, *, node_window_seconds: float, max_attempts: int) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        replica: ReplicaState,
+        *,
+        node_window_seconds: float,
+        max_attempts: int,
+    ) -> None:
         super().__init__(runtime)
+        self.replica = replica
         self.node_window_seconds = node_window_seconds
         self.max_attempts = max_attempts
 
@@ -181,6 +190,7 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         if events is not None:
             log.info("job %s %s", job_id, reason)
             self.hub.publish(events)
+            self.cluster.orphans.pop(job_id, None)  # its agent is told if it comes back
             holder = self.cluster.holder(job_id, before.attempt)
             if holder is not None:
                 holder.attempts[job_id].stopping = True
@@ -266,18 +276,7 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         records = await self.db.run(self.db.store.nodes.seen_since, since)
         response = scheduler_pb2.ListNodesResponse()
         for session in sorted(self.cluster.sessions.values(), key=lambda s: s.info.name):
-            active: dict[int, int] = {}
-            for attempt in session.attempts.values():
-                active[attempt.gpu_index] = active.get(attempt.gpu_index, 0) + 1
-            response.nodes.append(
-                node_to_proto(
-                    session.info,
-                    connected=True,
-                    last_seen=self.clock(),
-                    stats=session.stats,
-                    active_jobs=active,
-                )
-            )
+            response.nodes.append(self._session_node(session))
         for record in records:
             if record.info.node_id not in self.cluster.sessions:
                 response.nodes.append(
@@ -290,6 +289,62 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
                     )
                 )
         return response
+
+    def _session_node(self, session: NodeSession) -> scheduler_pb2.Node:
+        active: dict[int, int] = {}
+        for attempt in session.attempts.values():
+            active[attempt.gpu_index] = active.get(attempt.gpu_index, 0) + 1
+        return node_to_proto(
+            session.info,
+            connected=True,
+            last_seen=session.last_heard,
+            stats=session.stats,
+            active_jobs=active,
+            draining=session.draining,
+            unhealthy=session.unhealthy,
+        )
+
+    async def DrainNode(
+        self, request: scheduler_pb2.DrainNodeRequest, context: Context
+    ) -> scheduler_pb2.Node:
+        if not request.node:
+            raise InvalidArgument("node", "must be a node id or name")
+        if request.timeout_seconds < 0:
+            raise InvalidArgument("timeout_seconds", "must not be negative (0: the agent's own)")
+        matches = [
+            session
+            for session in self.cluster.sessions.values()
+            if request.node in (session.node_id, session.info.name)
+        ]
+        if not matches:
+            raise FailedPrecondition(f"node {request.node} is not connected")
+        if len(matches) > 1:
+            ids = ", ".join(sorted(session.node_id for session in matches))
+            raise FailedPrecondition(f"{request.node} names several nodes ({ids}); use an id")
+        session = matches[0]
+        who = current_principal().user
+        if request.undo:
+            session.draining = False
+            session.send(ResumeCommand())
+            log.info("node %s: drain undone by %s", session.info.name, who)
+            self.dispatcher.wake()
+        else:
+            session.draining = True
+            session.send(DrainCommand(request.timeout_seconds))
+            log.info("node %s drained by %s", session.info.name, who)
+        return self._session_node(session)
+
+    async def GetHealth(
+        self, request: scheduler_pb2.GetHealthRequest, context: Context
+    ) -> scheduler_pb2.Health:
+        replica = self.replica
+        return scheduler_pb2.Health(
+            role=scheduler_pb2.ROLE_LEADER if replica.leading else scheduler_pb2.ROLE_STANDBY,
+            epoch=replica.epoch,
+            replica_id=replica.replica_id,
+            leader_address=replica.address if replica.leading else replica.leader_address,
+            version=scheduler_version(),
+        )
 
     async def ListModels(
         self, request: scheduler_pb2.ListModelsRequest, context: Context

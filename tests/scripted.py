@@ -32,9 +32,12 @@ async def running_scheduler(
 
 
 def hello(
-    node_id: str, models: tuple[str, ...] = ("tiny",), labels: dict[str, str] | None = None
+    node_id: str,
+    models: tuple[str, ...] = ("tiny",),
+    labels: dict[str, str] | None = None,
+    held: tuple[tuple[str, int], ...] = (),
 ) -> agent_pb2.AgentMessage:
-    return agent_pb2.AgentMessage(
+    message = agent_pb2.AgentMessage(
         hello=agent_pb2.Hello(
             node_id=node_id,
             name=f"host-{node_id}",
@@ -51,6 +54,9 @@ def hello(
             labels=labels or {},
         )
     )
+    for job_id, attempt in held:
+        message.hello.held.add(job_id=job_id, attempt=attempt, gpu_index=0)
+    return message
 
 
 class ScriptedAgent:
@@ -84,10 +90,20 @@ class ScriptedAgent:
         return await self.receive()
 
     async def receive(self, within: float = 10.0) -> agent_pb2.SchedulerMessage:
+        """The next message that is not a ping."""
         assert self.call is not None
-        message = await asyncio.wait_for(self.call.read(), within)
-        assert message is not aio.EOF, "the scheduler closed the stream"  # type: ignore[attr-defined]
-        return message  # type: ignore[return-value]
+        while True:
+            message = await asyncio.wait_for(self.call.read(), within)
+            assert message is not aio.EOF, "the scheduler closed the stream"  # type: ignore[attr-defined]
+            if message.WhichOneof("body") != "ping":  # type: ignore[union-attr]
+                return message  # type: ignore[return-value]
+
+    def heartbeat(self) -> None:
+        self._outbox.put_nowait(agent_pb2.AgentMessage(stats=agent_pb2.Stats()))
+
+    def report_health(self, gpu_index: int, healthy: bool, detail: str = "") -> None:
+        report = agent_pb2.HealthReport(gpu_index=gpu_index, healthy=healthy, detail=detail)
+        self._outbox.put_nowait(agent_pb2.AgentMessage(health=report))
 
     async def assignment(self) -> agent_pb2.AssignedJob:
         message = await self.receive()

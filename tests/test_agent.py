@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpu_node.agent import UPLOAD_CHUNK_BYTES, Agent, AgentConfig, job_updates, select_devices
+from gpu_node.agent import Agent, AgentConfig, select_devices
+from gpu_node.messages import UPLOAD_CHUNK_BYTES, job_updates
 from gpu_node.probe import CpuProbe
 from gpu_node.runner import ImageReady, WorkerEvent
 from protos import agent_pb2, common_pb2

@@ -12,7 +12,7 @@ from scheduler.store import Store, downgrade, migrate
 from scheduler.store.schema import metadata
 from tests.factories import make_spec
 
-HEAD = "0002"
+HEAD = "0003"
 
 
 def test_upgrade_from_empty_matches_the_schema_module(db_url: str) -> None:

@@ -24,7 +24,7 @@ from client import (
     RejectedError,
     StateEvent,
 )
-from protos import agent_pb2, scheduler_pb2, scheduler_pb2_grpc
+from protos import agent_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.scripted import ScriptedAgent, hello, running_scheduler
 
 SUCCEEDED = agent_pb2.ATTEMPT_OUTCOME_SUCCEEDED
@@ -308,7 +308,9 @@ def test_a_waiting_job_says_why_and_listing_pages(tmp_path: Path) -> None:
     run(scenario, tmp_path)
 
 
-def test_a_restart_requeues_what_was_running_without_a_failure(tmp_path: Path) -> None:
+def _run_in_first_life(tmp_path: Path) -> str:
+    """A job that is RUNNING on agent n1 when its scheduler stops."""
+
     async def first_life() -> str:
         async with running_scheduler(tmp_path / "scheduler") as server:
             agent = ScriptedAgent(server.port, "n1")
@@ -320,21 +322,50 @@ def test_a_restart_requeues_what_was_running_without_a_failure(tmp_path: Path) -
         await agent.close()  # the scheduler stopped first, with the job running
         return handle.id
 
+    return asyncio.run(first_life())
+
+
+def test_after_a_restart_the_agent_reattaches_its_job_and_delivers_the_result(
+    tmp_path: Path,
+) -> None:
+    job_id = _run_in_first_life(tmp_path)
+
     async def second_life(port: int, client: AsyncClient) -> None:
         job = await client.get_job(job_id)
-        assert (job.state, job.failures) == ("QUEUED", 0)
-        assert job.reason == "scheduler restarted"
+        assert (job.state, job.attempt, job.failures) == ("RUNNING", 1, 0)
         agent = ScriptedAgent(port, "n1")
-        await agent.connect()
+        await agent.connect(hello("n1", held=((job_id, 1),)))
+        agent.succeed(held_attempt(job), [PNG])
+        final = await until(lambda: client.get_job(job_id), lambda j: j.done, "the end")
+        assert (final.state, final.attempt, final.failures) == ("SUCCEEDED", 1, 0)
+        await agent.close()
+
+    run(second_life, tmp_path)
+
+
+def test_after_a_restart_an_agent_back_without_its_job_has_it_requeued(tmp_path: Path) -> None:
+    job_id = _run_in_first_life(tmp_path)
+
+    async def second_life(port: int, client: AsyncClient) -> None:
+        agent = ScriptedAgent(port, "n1")
+        await agent.connect()  # it holds nothing: it restarted too
         assigned = await agent.assignment()
-        assert assigned.attempt == 2
+        assert (assigned.job_id, assigned.attempt) == (job_id, 2)
+        job = await client.get_job(job_id)
+        assert job.failures == 1
+        assert job.attempts[0].reason == "node host-n1 came back without it (the agent restarted)"
         agent.succeed(assigned, [PNG])
         final = await until(lambda: client.get_job(job_id), lambda j: j.done, "the end")
         assert final.state == "SUCCEEDED"
         await agent.close()
 
-    job_id = asyncio.run(first_life())
     run(second_life, tmp_path)
+
+
+def held_attempt(job: Job) -> agent_pb2.AssignedJob:
+    """The attempt a reconnecting agent holds, as its assignment said."""
+    spec = common_pb2.JobSpec(seed=job.spec.seed, width=job.spec.width, height=job.spec.height)
+    return agent_pb2.AssignedJob(job_id=job.id, attempt=job.attempt, spec=spec)
 
 
 def test_watching_past_the_end_still_ends(tmp_path: Path) -> None:

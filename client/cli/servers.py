@@ -62,6 +62,9 @@ def run_scheduler(args: argparse.Namespace) -> int:
         port=args.port,
         db_url=args.db or "",
         heartbeat_seconds=args.heartbeat,
+        lease_seconds=args.lease,
+        progress_deadline_seconds=args.progress_deadline,
+        advertise=args.advertise or "",
         node_window_seconds=args.node_window,
         max_attempts=args.max_attempts,
         reserve_after_seconds=args.reserve_after,
@@ -80,7 +83,14 @@ def run_node(args: argparse.Namespace, scheduler: str) -> int:
     from gpu_node.agent import AgentConfig, run_agent
     from gpu_node.identity import DataDirInUse
     from gpu_node.probe import Probe
-    from gpu_node.simulated import SimulatedProbe, parse_models, parse_sizes, parse_speeds
+    from gpu_node.simulated import (
+        CardFaults,
+        SimulatedProbe,
+        parse_hang,
+        parse_models,
+        parse_sizes,
+        parse_speeds,
+    )
 
     try:
         probe: Probe | None = None
@@ -88,12 +98,20 @@ def run_node(args: argparse.Namespace, scheduler: str) -> int:
         if args.simulate_gpus:
             sizes = parse_sizes(args.simulate_gpus)
             speeds = parse_speeds(args.simulate_speed, len(sizes))
-            probe = SimulatedProbe(sizes, speeds, time_scale=args.simulate_time_scale)
-            synthetic = parse_models(args.simulate_models) if args.simulate_models else {}
-        elif args.simulate_models:
-            raise ValueError(
-                "--simulate-models needs --simulate-gpus: only simulated GPUs run them"
+            hang_at, hang_seconds = parse_hang(args.simulate_hang) if args.simulate_hang else (0, 0)
+            faults = CardFaults(
+                step_delay=args.simulate_step_delay,
+                hang_at_step=hang_at,
+                hang_seconds=hang_seconds,
+                poison=args.simulate_poison or "",
             )
+            probe = SimulatedProbe(sizes, speeds, args.simulate_time_scale, faults)
+            synthetic = parse_models(args.simulate_models) if args.simulate_models else {}
+        else:
+            for flag in ("simulate_models", "simulate_hang", "simulate_poison"):
+                if getattr(args, flag):
+                    name = "--" + flag.replace("_", "-")
+                    raise ValueError(f"{name} needs --simulate-gpus: only simulated GPUs have it")
         config = AgentConfig(
             scheduler=scheduler,
             data_dir=Path(args.data_dir or default_data_dir("node")),
@@ -102,6 +120,7 @@ def run_node(args: argparse.Namespace, scheduler: str) -> int:
             labels=parse_labels(args.label),
             gpus=parse_gpus(args.gpus) if args.gpus else None,
             synthetic_models=synthetic,
+            shutdown_timeout=args.shutdown_timeout,
         )
         asyncio.run(run_agent(config, probe))
     except ValueError as exc:

@@ -11,12 +11,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from scheduler.estimator import EstimateKey, LearnedPeak
 from scheduler.spec import MemoryMode
+from scheduler.store.leader import Fence
 from scheduler.store.schema import vram_estimates
 
 
 class EstimateRegistry:
-    def __init__(self, engine: sa.Engine, clock: Callable[[], float]) -> None:
+    def __init__(self, engine: sa.Engine, fence: Fence, clock: Callable[[], float]) -> None:
         self.engine = engine
+        self.fence = fence
         self.clock = clock
 
     def load(self) -> dict[EstimateKey, LearnedPeak]:
@@ -52,5 +54,5 @@ class EstimateRegistry:
             },
             where=vram_estimates.c.peak_bytes < statement.excluded.peak_bytes,
         )
-        with self.engine.begin() as conn:
+        with self.fence.begin() as conn:
             conn.execute(statement)

@@ -10,12 +10,14 @@ from typing import Any
 import sqlalchemy as sa
 
 from scheduler.domain import DeviceInfo, KnownModel, ModelInfo, NodeInfo, NodeRecord
+from scheduler.store.leader import Fence
 from scheduler.store.schema import models, nodes
 
 
 class NodeRegistry:
-    def __init__(self, engine: sa.Engine, clock: Callable[[], float]) -> None:
+    def __init__(self, engine: sa.Engine, fence: Fence, clock: Callable[[], float]) -> None:
         self.engine = engine
+        self.fence = fence
         self.clock = clock
 
     def upsert(self, info: NodeInfo) -> None:
@@ -29,7 +31,7 @@ class NodeRegistry:
             "devices": [asdict(device) for device in info.devices],
             "last_seen": now,
         }
-        with self.engine.begin() as conn:
+        with self.fence.begin() as conn:
             updated = conn.execute(
                 sa.update(nodes).where(nodes.c.id == info.node_id).values(**values)
             ).rowcount
@@ -57,7 +59,7 @@ class NodeRegistry:
         if not node_ids:
             return
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self.fence.begin() as conn:
             conn.execute(sa.update(nodes).where(nodes.c.id.in_(node_ids)).values(last_seen=now))
             conn.execute(
                 sa.update(models).where(models.c.node_id.in_(node_ids)).values(last_seen=now)

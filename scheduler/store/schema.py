@@ -118,3 +118,13 @@ vram_estimates = sa.Table(
     sa.Column("pixels", sa.BigInteger, nullable=False),  # of the job the peak came from
     sa.Column("updated_at", sa.Float, nullable=False),
 )
+
+leader = sa.Table(
+    "leader",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True),
+    sa.Column("epoch", sa.BigInteger, nullable=False),
+    sa.Column("holder", sa.String(64), nullable=False),
+    sa.Column("address", sa.String(255), nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),  # the database's clock
+)

@@ -33,6 +33,7 @@ from scheduler.spec import JobSpec, MemoryMode
 from scheduler.states import ACTIVE, JobState, sources
 from scheduler.store.engine import create_engine, migrate
 from scheduler.store.estimates import EstimateRegistry
+from scheduler.store.leader import Fence
 from scheduler.store.nodes import NodeRegistry
 from scheduler.store.rows import (
     attempt_from_row,
@@ -49,8 +50,10 @@ class Store:
         self.url = url
         self.engine = create_engine(url)
         self.clock = clock
-        self.nodes = NodeRegistry(self.engine, clock)
-        self.estimates = EstimateRegistry(self.engine, clock)
+        # Every write goes through the fence: see scheduler.store.leader.
+        self.fence = Fence(self.engine)
+        self.nodes = NodeRegistry(self.engine, self.fence, clock)
+        self.estimates = EstimateRegistry(self.engine, self.fence, clock)
 
     def migrate(self) -> None:
         migrate(self.engine)
@@ -130,6 +133,19 @@ class Store:
         with self.engine.connect() as conn:
             return self._jobs(conn, conn.execute(query).all())
 
+    def active_attempts(self) -> list[tuple[Job, AttemptRecord]]:
+        """Assigned and running jobs, each with its current attempt."""
+        query = (
+            sa.select(attempts)
+            .join(
+                jobs, sa.and_(jobs.c.id == attempts.c.job_id, jobs.c.attempt == attempts.c.attempt)
+            )
+            .where(jobs.c.state.in_([state.value for state in ACTIVE]))
+        )
+        with self.engine.connect() as conn:
+            records = {row.job_id: attempt_from_row(row) for row in conn.execute(query)}
+        return [(job, records[job.id]) for job in self.active_jobs() if job.id in records]
+
     def events_after(self, job_id: str, after_seq: int) -> list[JobEvent]:
         query = (
             sa.select(job_events)
@@ -161,7 +177,7 @@ class Store:
                 return existing, False
         now = self.clock()
         try:
-            with self.engine.begin() as conn:
+            with self.fence.begin() as conn:
                 conn.execute(
                     sa.insert(jobs).values(
                         id=job_id,
@@ -312,7 +328,7 @@ class Store:
         it goes there. Fails (None) if the job moved or was assigned since
         it was read."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self.fence.begin() as conn:
             events = self._transition(
                 conn,
                 job_id,
@@ -355,7 +371,7 @@ class Store:
     def start(self, job_id: str, attempt: int) -> list[JobEvent] | None:
         """ASSIGNED -> RUNNING: the agent's worker picked the attempt up."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self.fence.begin() as conn:
             events = self._transition(
                 conn,
                 job_id,
@@ -381,7 +397,7 @@ class Store:
         """-> SUCCEEDED with its images, their events and the attempt's
         profile, all in one transaction."""
         now = self.clock()
-        with self.engine.begin() as conn:
+        with self.fence.begin() as conn:
             events = self._transition(
                 conn,
                 job_id,
@@ -425,7 +441,7 @@ class Store:
         """Ends an active attempt that did not succeed. The job goes back to
         QUEUED, or to FAILED when this failure reaches max_attempts; a
         release does not count as a failure."""
-        with self.engine.begin() as conn:
+        with self.fence.begin() as conn:
             events: list[JobEvent] | None = None
             if count_failure:
                 # Both moves are conditional on the failure count, so two
@@ -484,7 +500,7 @@ class Store:
                 return None
             if job.state.terminal:
                 return job, None
-            with self.engine.begin() as conn:
+            with self.fence.begin() as conn:
                 events = self._transition(
                     conn,
                     job_id,
@@ -501,7 +517,7 @@ class Store:
 
     def fail(self, job_id: str, reason: str) -> list[JobEvent] | None:
         """QUEUED -> FAILED: the job can never run."""
-        with self.engine.begin() as conn:
+        with self.fence.begin() as conn:
             return self._transition(
                 conn,
                 job_id,
