@@ -136,7 +136,12 @@ class SchedulerServer:
         self._leading: list[asyncio.Task[None]] = []
         self._replica_task: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
+        self._stopped = False
         self.port = 0
+
+    @property
+    def address(self) -> str:
+        return self.replica.address
 
     async def start(self) -> int:
         address = f"{self.config.host}:{self.config.port}"
@@ -156,6 +161,8 @@ class SchedulerServer:
         epoch = await self.db.run(self.lease.acquire, self.config.lease_seconds, None)
         if epoch is not None:
             await self._lead(epoch)
+        else:
+            await self._note_leader()
         await self.server.start()
         self._replica_task = asyncio.create_task(self._replica(), name="replica")
         log.info(
@@ -279,6 +286,9 @@ class SchedulerServer:
                 await self.db.run(self.db.store.nodes.touch, list(self.cluster.sessions))
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         if self._replica_task is not None:
             self._replica_task.cancel()
             await asyncio.gather(self._replica_task, return_exceptions=True)
