@@ -95,7 +95,7 @@ class ScriptedAgent:
         while True:
             message = await asyncio.wait_for(self.call.read(), within)
             assert message is not aio.EOF, "the scheduler closed the stream"  # type: ignore[attr-defined]
-            if message.WhichOneof("body") != "ping":  # type: ignore[union-attr]
+            if message.WhichOneof("body") != "ping":  # type: ignore[attr-defined]
                 return message  # type: ignore[return-value]
 
     def heartbeat(self) -> None:

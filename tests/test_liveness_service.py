@@ -149,30 +149,32 @@ def test_drain_node_stops_new_work_until_undone(tmp_path: Path) -> None:
 def test_only_the_leader_serves_and_a_standby_takes_over(tmp_path: Path, db_url: str) -> None:
     async def main() -> None:
         url = db_url or f"sqlite:///{tmp_path / 'shared.db'}"
-        async with running_scheduler(tmp_path / "a", url, lease_seconds=1.0) as leader:
-            async with running_scheduler(tmp_path / "b", url, lease_seconds=1.0) as standby:
-                a = scheduler_pb2_grpc.SchedulerStub(grpc.aio.insecure_channel(leader.address))
-                b = scheduler_pb2_grpc.SchedulerStub(grpc.aio.insecure_channel(standby.address))
-                health_a = await a.GetHealth(scheduler_pb2.GetHealthRequest())
+        async with (
+            running_scheduler(tmp_path / "a", url, lease_seconds=1.0) as leader,
+            running_scheduler(tmp_path / "b", url, lease_seconds=1.0) as standby,
+        ):
+            a = scheduler_pb2_grpc.SchedulerStub(grpc.aio.insecure_channel(leader.address))
+            b = scheduler_pb2_grpc.SchedulerStub(grpc.aio.insecure_channel(standby.address))
+            health_a = await a.GetHealth(scheduler_pb2.GetHealthRequest())
+            health_b = await b.GetHealth(scheduler_pb2.GetHealthRequest())
+            assert health_a.role == scheduler_pb2.ROLE_LEADER
+            assert health_b.role == scheduler_pb2.ROLE_STANDBY
+            assert health_b.leader_address == leader.address
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await b.ListJobs(scheduler_pb2.ListJobsRequest())
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert (refused.value.details() or "").startswith("standby replica")
+            async with AsyncClient(f"{standby.address},{leader.address}") as client:
+                handle = await client.submit("p", width=64, height=64)
+            await leader.stop(grace=0.5)  # hands the lease over
+            for _ in range(100):
                 health_b = await b.GetHealth(scheduler_pb2.GetHealthRequest())
-                assert health_a.role == scheduler_pb2.ROLE_LEADER
-                assert health_b.role == scheduler_pb2.ROLE_STANDBY
-                assert health_b.leader_address == leader.address
-                with pytest.raises(grpc.aio.AioRpcError) as refused:
-                    await b.ListJobs(scheduler_pb2.ListJobsRequest())
-                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert (refused.value.details() or "").startswith("standby replica")
-                async with AsyncClient(f"{standby.address},{leader.address}") as client:
-                    handle = await client.submit("p", width=64, height=64)
-                await leader.stop(grace=0.5)  # hands the lease over
-                for _ in range(100):
-                    health_b = await b.GetHealth(scheduler_pb2.GetHealthRequest())
-                    if health_b.role == scheduler_pb2.ROLE_LEADER:
-                        break
-                    await asyncio.sleep(0.1)
-                assert (health_b.role, health_b.epoch) == (scheduler_pb2.ROLE_LEADER, 2)
-                job = await b.GetJob(scheduler_pb2.GetJobRequest(job_id=handle.id))
-                assert job.id == handle.id
+                if health_b.role == scheduler_pb2.ROLE_LEADER:
+                    break
+                await asyncio.sleep(0.1)
+            assert (health_b.role, health_b.epoch) == (scheduler_pb2.ROLE_LEADER, 2)
+            job = await b.GetJob(scheduler_pb2.GetJobRequest(job_id=handle.id))
+            assert job.id == handle.id
 
     asyncio.run(main())
 
