@@ -41,6 +41,7 @@ from scheduler.convert import (
     spec_from_proto,
 )
 from scheduler.domain import AttemptOutcome, DeviceInfo, DeviceStats, NodeInfo
+from scheduler.waiting import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -301,10 +302,7 @@ class Agent:
                 break
             delay = next(delays)
             log.info("reconnecting in %.1fs; the work here goes on", delay)
-            try:
-                await asyncio.wait_for(stopping.wait(), delay)
-            except TimeoutError:
-                pass
+            await wait_event(stopping, delay)
 
     async def _session(self, address: str, stopping: asyncio.Event) -> bool:
         """One stream; returns whether it got as far as the welcome."""
@@ -429,9 +427,7 @@ class Agent:
         await stopping.wait()
         timeout = self.config.shutdown_timeout
         self._drain(timeout)
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout + 30.0)
-        except TimeoutError:
+        if not await wait_event(self._idle, timeout + 30.0):
             log.warning("some work did not stop within %gs of being handed back", 30.0)
         outbox.put_nowait(None)  # ends the request stream; the server then closes
         await asyncio.sleep(10.0)

@@ -29,6 +29,7 @@ from scheduler.placement import (
 )
 from scheduler.queue_policy import QueuedJob, order
 from scheduler.store import Database
+from scheduler.waiting import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -94,10 +95,7 @@ class Dispatcher:
 
     async def run(self) -> None:
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), TICK_SECONDS)
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, TICK_SECONDS)
             self._wake.clear()
             try:
                 await self.dispatch_once()

@@ -38,6 +38,7 @@ from scheduler.runtime import Runtime
 from scheduler.service import SchedulerService
 from scheduler.store import Database, Store
 from scheduler.store.leader import LeaderLease
+from scheduler.waiting import wait_event
 
 log = logging.getLogger(__name__)
 
@@ -179,11 +180,8 @@ class SchedulerServer:
         """Renews the lease while leading, and tries for it while standing by."""
         lease = self.config.lease_seconds
         renewed = time.monotonic()
-        while True:
-            try:
-                await asyncio.wait_for(self._lost.wait(), lease / 3)
-            except TimeoutError:
-                pass
+        while not self._stopped:
+            await wait_event(self._lost, lease / 3)
             leading = self.replica.leading
             try:
                 epoch = await self.db.run(
@@ -260,6 +258,7 @@ class SchedulerServer:
             return
         log.warning("stepping down: %s", why)
         self.replica.leading = False
+        self._lost.clear()
         self.db.store.fence.epoch = -1  # matches no epoch: every write is refused
         await self._stop_leading()
 

@@ -187,12 +187,12 @@ def test_a_leader_whose_lease_was_taken_commits_nothing_and_steps_down(
         async with running_scheduler(tmp_path / "a", url, lease_seconds=30.0) as old:
             stub = scheduler_pb2_grpc.SchedulerStub(grpc.aio.insecure_channel(old.address))
             spec = common_pb2.JobSpec(prompt="before", width=64, height=64)
-            await stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec=spec))
+            await stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec=spec), timeout=10)
             # The leader was paused past its lease and a standby took over.
-            takeover(old, url)
+            await asyncio.to_thread(takeover, old, url)
             spec.prompt = "after"
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec=spec))
+                await stub.SubmitJob(scheduler_pb2.SubmitJobRequest(spec=spec), timeout=10)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "lost the leader lease" in (refused.value.details() or "")
             for _ in range(100):

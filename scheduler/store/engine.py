@@ -19,7 +19,17 @@ def create_engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         return _sqlite_engine(url)
     if url.startswith("postgresql"):
-        return sa.create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=4)
+        # Nothing the scheduler does may wait on the database for long: a
+        # leader stuck on a lock cannot renew its lease, and would rather fail
+        # and retry (or step down) than hang.
+        options = "-c lock_timeout=5000 -c statement_timeout=15000"
+        return sa.create_engine(
+            url,
+            pool_pre_ping=True,
+            pool_size=8,
+            max_overflow=4,
+            connect_args={"options": options, "connect_timeout": 10},
+        )
     raise ValueError(
         f"unsupported database URL {url!r}: use sqlite:///PATH or postgresql+psycopg://"
     )
