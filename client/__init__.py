@@ -8,7 +8,10 @@
             print(event)
         paths = job.save_images("outputs")
 
-`AsyncClient` is the same API for asyncio. Neither imports torch.
+`AsyncClient` is the same API for asyncio. Neither imports torch. Both take
+several scheduler addresses ("host1:50051,host2:50051") and ride out a
+restart or failover: calls are retried on the next address, and a watch
+resumes after the last event it gave.
 """
 
 from client._async import AsyncClient, AsyncJobHandle, SubmitOptions
@@ -24,6 +27,7 @@ from client._models import (
     Attempt,
     Device,
     Event,
+    Health,
     Image,
     ImageEvent,
     ImageInfo,
@@ -45,6 +49,7 @@ __all__ = [
     "Client",
     "Device",
     "Event",
+    "Health",
     "Image",
     "ImageEvent",
     "ImageInfo",

@@ -3,20 +3,40 @@ second implementation."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 
 import grpc
 from grpc import aio
 
-from client._config import USER_METADATA_KEY, resolve_address, resolve_user
-from client._errors import InvalidArgumentError, JobFailedError, SdmeshError, from_rpc_error
+from client._config import (
+    DEFAULT_RECONNECT_TIMEOUT,
+    FIRST_BACKOFF,
+    MAX_BACKOFF,
+    USER_METADATA_KEY,
+    Backoff,
+    resolve_addresses,
+    resolve_user,
+)
+from client._errors import (
+    EndedEarly,
+    InvalidArgumentError,
+    JobFailedError,
+    SdmeshError,
+    from_rpc_error,
+    nobody_there,
+    rpc_detail,
+    unreachable,
+)
 from client._models import (
     Event,
+    Health,
     Image,
     ImageInfo,
     Job,
@@ -26,6 +46,9 @@ from client._models import (
     event_from_proto,
 )
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+
+if TYPE_CHECKING:
+    from protos.scheduler_pb2_grpc import SchedulerAsyncStub
 
 MEMORY_MODES = {
     "auto": common_pb2.MEMORY_MODE_AUTO,
@@ -75,25 +98,97 @@ OPTIONAL_SPEC_FIELDS = (
 CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # gRPC's own reconnect backoff grows to two minutes; a scheduler that
+    # comes back should be found within our own backoff's cap.
+    ("grpc.initial_reconnect_backoff_ms", int(FIRST_BACKOFF * 1000)),
+    ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF * 1000)),
 ]
+OnRetry = Callable[[str, SdmeshError], None]
+
+
+class _Retries:
+    """One operation's retries on UNAVAILABLE. Each failure moves the client
+    to the next address; after a whole pass over the list it backs off. It
+    gives up once `reconnect_timeout` has passed since the first failure, or
+    after one pass if this client has never reached a scheduler and nothing
+    listens at any address (a wrong address should not hang for a minute)."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+        self._failures: dict[str, str] = {}
+        self._since: float | None = None
+        self._in_pass = 0
+        self._anybody_there = False
+        self._backoff = Backoff()
+
+    def succeeded(self) -> None:
+        if self._since is not None:
+            self._failures.clear()
+            self._since = None
+            self._in_pass = 0
+            self._backoff.reset()
+
+    async def failed(self, address: str, error: grpc.RpcError) -> None:
+        """Returns when the caller should try again, at `client.address`;
+        raises UnavailableError when it should not."""
+        client = self._client
+        now = time.monotonic()
+        if self._since is None:
+            self._since = now
+        self._failures[address] = rpc_detail(error)
+        self._anybody_there = self._anybody_there or not nobody_there(error)
+        client._move_on(address)
+        self._in_pass += 1
+        pass_done = self._in_pass >= len(client.addresses)
+        if pass_done and not client._reached and not self._anybody_there:
+            raise unreachable(self._failures) from None
+        left = self._since + client.reconnect_timeout - now
+        if left <= 0:
+            raise unreachable(self._failures, now - self._since) from None
+        if client.on_retry is not None:
+            client.on_retry(address, from_rpc_error(error, address))
+        if pass_done:
+            self._in_pass = 0
+            await asyncio.sleep(min(self._backoff.next(), left))
 
 
 class AsyncClient:
-    """Talks to one scheduler. Use as `async with AsyncClient() as client:`.
+    """Talks to the scheduler. Use as `async with AsyncClient() as client:`.
 
-    The address comes from `address`, else SDMESH_SCHEDULER, else
+    `address` is one HOST:PORT, several separated by commas, or a list: the
+    replicas of one scheduler. Left out, it comes from SDMESH_SCHEDULER, else
     localhost:50051; the user from `user`, else SDMESH_USER, else the OS login.
+
+    Calls go to one address at a time. When it is unavailable (refused, a
+    standby, a dropped connection) the client moves to the next, backing off
+    up to 2 s between passes, for up to `reconnect_timeout` seconds, and
+    calls `on_retry(address, error)` before each retry. `timeout` bounds each
+    unary call.
     """
 
     def __init__(
-        self, address: str | None = None, *, user: str | None = None, timeout: float = 30.0
+        self,
+        address: str | Sequence[str] | None = None,
+        *,
+        user: str | None = None,
+        timeout: float = 30.0,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        on_retry: OnRetry | None = None,
     ) -> None:
-        self.address = resolve_address(address)
+        self.addresses = resolve_addresses(address)
         self.user = resolve_user(user)
         self.timeout = timeout
-        self._channel = aio.insecure_channel(self.address, options=CHANNEL_OPTIONS)
-        self._stub = scheduler_pb2_grpc.SchedulerStub(self._channel)
+        self.reconnect_timeout = reconnect_timeout
+        self.on_retry = on_retry
+        self._current = 0
+        self._reached = False  # some scheduler has answered this client
+        self._channels: dict[str, tuple[aio.Channel, SchedulerAsyncStub]] = {}
         self._metadata = ((USER_METADATA_KEY, self.user),)
+
+    @property
+    def address(self) -> str:
+        """The address calls go to now."""
+        return self.addresses[self._current]
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -107,21 +202,64 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close(grace=None)
+        channels = [channel for channel, _ in self._channels.values()]
+        self._channels.clear()
+        for channel in channels:
+            await channel.close(grace=None)
 
-    def _error(self, error: grpc.RpcError) -> SdmeshError:
-        return from_rpc_error(error, self.address)
+    def _stub(self, address: str) -> SchedulerAsyncStub:
+        """The stub for one address; its channel is made on first use."""
+        if address not in self._channels:
+            channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self._channels[address] = (channel, scheduler_pb2_grpc.SchedulerStub(channel))
+        return self._channels[address][1]
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        try:
-            return await method(request, metadata=self._metadata, timeout=self.timeout)
-        except grpc.RpcError as error:
-            raise self._error(error) from None
+    def _move_on(self, address: str) -> None:
+        """The next address, unless another call has moved on already."""
+        if self.address == address:
+            self._current = (self._current + 1) % len(self.addresses)
+
+    async def _retry_or_raise(
+        self, retries: _Retries, address: str, error: grpc.RpcError, *, lost_reply: bool = False
+    ) -> None:
+        """Waits to retry UNAVAILABLE (and DEADLINE_EXCEEDED where `lost_reply`:
+        the call took effect but its reply may be lost); raises the rest."""
+        code = error.code()
+        if code is grpc.StatusCode.UNAVAILABLE or (
+            lost_reply and code is grpc.StatusCode.DEADLINE_EXCEEDED
+        ):
+            await retries.failed(address, error)
+            return
+        if code is not grpc.StatusCode.DEADLINE_EXCEEDED:
+            self._reached = True
+        raise from_rpc_error(error, address) from None
+
+    async def _call(
+        self,
+        pick: Callable[[SchedulerAsyncStub], Callable[..., Awaitable[T]]],
+        request: Any,
+        *,
+        lost_reply: bool = False,
+    ) -> tuple[str, T]:
+        """A unary call with retries; returns the address that answered and
+        the answer. Every call is safe to repeat: submit by its request id."""
+        retries = _Retries(self)
+        while True:
+            address = self.address
+            try:
+                response = await pick(self._stub(address))(
+                    request, metadata=self._metadata, timeout=self.timeout
+                )
+            except grpc.RpcError as error:
+                await self._retry_or_raise(retries, address, error, lost_reply=lost_reply)
+                continue
+            self._reached = True
+            return address, response
 
     async def submit(self, prompt: str, **options: Unpack[SubmitOptions]) -> AsyncJobHandle:
         """Queues a job; options left out take the A1111 defaults on the
-        scheduler. A request id is made per call, so a retried call returns
-        the same job."""
+        scheduler. Its request id is made once here and sent on every retry,
+        so a retry whose first reply was lost returns the same job."""
         memory_mode = options.get("memory_mode", "auto")
         if memory_mode not in MEMORY_MODES:
             raise InvalidArgumentError(
@@ -140,11 +278,13 @@ class AsyncClient:
             value = options.get(name)
             if value is not None:
                 setattr(spec, name, value)
-        response = await self._call(self._stub.SubmitJob, scheduler_pb2.SubmitJobRequest(spec=spec))
+        request = scheduler_pb2.SubmitJobRequest(spec=spec)
+        _, response = await self._call(lambda s: s.SubmitJob, request, lost_reply=True)
         return AsyncJobHandle(self, Job.from_proto(response.job))
 
     async def get_job(self, job_id: str) -> Job:
-        job = await self._call(self._stub.GetJob, scheduler_pb2.GetJobRequest(job_id=job_id))
+        request = scheduler_pb2.GetJobRequest(job_id=job_id)
+        _, job = await self._call(lambda s: s.GetJob, request)
         return Job.from_proto(job)
 
     def job(self, job_id: str) -> AsyncJobHandle:
@@ -168,7 +308,7 @@ class AsyncClient:
             request = scheduler_pb2.ListJobsRequest(
                 states=wanted, owner=owner, limit=min(limit - len(jobs), 1000), page_token=token
             )
-            response = await self._call(self._stub.ListJobs, request)
+            _, response = await self._call(lambda s: s.ListJobs, request)
             jobs.extend(Job.from_proto(job) for job in response.jobs)
             token = response.next_page_token
             if not token:
@@ -176,50 +316,118 @@ class AsyncClient:
         return jobs
 
     async def cancel(self, job_id: str) -> Job:
-        job = await self._call(self._stub.CancelJob, scheduler_pb2.CancelJobRequest(job_id=job_id))
+        request = scheduler_pb2.CancelJobRequest(job_id=job_id)
+        _, job = await self._call(lambda s: s.CancelJob, request)
         return Job.from_proto(job)
 
     async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[Event]:
         """Events of a job: the durable ones after `after_seq`, then live
-        progress, previews and state changes, ending with its terminal state."""
-        call = self._stub.WatchJob(
-            scheduler_pb2.WatchJobRequest(job_id=job_id, after_seq=after_seq),
-            metadata=self._metadata,
-        )
-        try:
-            async for event in call:
-                yield event_from_proto(event)
-        except grpc.RpcError as error:
-            raise self._error(error) from None
-        finally:
-            call.cancel()
+        progress, previews and state changes, ending with its terminal state.
+
+        A broken stream is opened again after the last durable event seen, on
+        the next address if need be, so that every durable event (seq > 0)
+        comes exactly once and in order; progress and previews (seq 0) are
+        live only and may be missed while it reconnects."""
+        last = after_seq
+        retries = _Retries(self)
+        while True:
+            address = self.address
+            request = scheduler_pb2.WatchJobRequest(job_id=job_id, after_seq=last)
+            call = self._stub(address).WatchJob(request, metadata=self._metadata)
+            try:
+                async for message in call:
+                    self._reached = True
+                    retries.succeeded()
+                    event = event_from_proto(message)
+                    if event.seq > 0:
+                        if event.seq <= last:
+                            continue  # seen before the stream broke
+                        last = event.seq
+                    yield event
+                    if isinstance(event, StateEvent) and event.terminal:
+                        return
+            except grpc.RpcError as error:
+                await self._retry_or_raise(retries, address, error)
+                continue
+            finally:
+                call.cancel()
+            # The stream ended without a terminal state: either the job had
+            # ended at or before `after_seq`, or the stream was cut short.
+            if (await self.get_job(job_id)).done:
+                return
+            await retries.failed(address, EndedEarly(f"the stream of job {job_id} ended early"))
 
     async def download_image(self, job_id: str, index: int) -> Image:
-        """One stored PNG, checked against its sha256."""
-        info: ImageInfo | None = None
-        data = bytearray()
-        try:
-            async for chunk in self._stub.GetImage(
+        """One stored PNG, checked against its sha256; a broken download
+        starts over, on the next address if need be."""
+        retries = _Retries(self)
+        while True:
+            address = self.address
+            info: ImageInfo | None = None
+            data = bytearray()
+            call = self._stub(address).GetImage(
                 scheduler_pb2.GetImageRequest(job_id=job_id, index=index),
                 metadata=self._metadata,
                 timeout=self.timeout * 10,
-            ):
-                if chunk.HasField("info"):
-                    info = ImageInfo.from_proto(chunk.info)
-                data += chunk.data
-        except grpc.RpcError as error:
-            raise self._error(error) from None
+            )
+            try:
+                async for chunk in call:
+                    if chunk.HasField("info"):
+                        info = ImageInfo.from_proto(chunk.info)
+                    data += chunk.data
+            except grpc.RpcError as error:
+                await self._retry_or_raise(retries, address, error)
+                continue
+            finally:
+                call.cancel()
+            self._reached = True
+            break
         if info is None or hashlib.sha256(data).hexdigest() != info.sha256:
             raise SdmeshError(f"image {index} of job {job_id} arrived damaged; try again")
         return Image(info, bytes(data))
 
     async def list_nodes(self) -> list[Node]:
-        response = await self._call(self._stub.ListNodes, scheduler_pb2.ListNodesRequest())
+        _, response = await self._call(lambda s: s.ListNodes, scheduler_pb2.ListNodesRequest())
         return [Node.from_proto(node) for node in response.nodes]
 
     async def list_models(self) -> list[Model]:
-        response = await self._call(self._stub.ListModels, scheduler_pb2.ListModelsRequest())
+        _, response = await self._call(lambda s: s.ListModels, scheduler_pb2.ListModelsRequest())
         return [Model.from_proto(model) for model in response.models]
+
+    async def drain_node(
+        self,
+        node: str,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (the drain's, sent to the scheduler)
+        undo: bool = False,
+    ) -> Node:
+        """Stops new work on a node (by id or name). What runs there finishes
+        within `timeout` seconds (None: the agent's own shutdown timeout) or is
+        handed back to the queue without counting as a failure. `undo=True`
+        lets the node take work again."""
+        if timeout is not None and timeout <= 0:
+            raise InvalidArgumentError(f"timeout: must be positive, got {timeout:g}")
+        request = scheduler_pb2.DrainNodeRequest(
+            node=node, timeout_seconds=timeout or 0.0, undo=undo
+        )
+        _, answer = await self._call(lambda s: s.DrainNode, request)
+        return Node.from_proto(answer)
+
+    async def health(self, address: str | None = None) -> Health:
+        """One replica's role and lease epoch. With `address`, that replica
+        alone, once; without, whichever address answers first (a standby
+        answers too)."""
+        request = scheduler_pb2.GetHealthRequest()
+        if address is None:
+            answered, health = await self._call(lambda s: s.GetHealth, request)
+            return Health.from_proto(health, answered)
+        try:
+            health = await self._stub(address).GetHealth(
+                request, metadata=self._metadata, timeout=self.timeout
+            )
+        except grpc.RpcError as error:
+            raise from_rpc_error(error, address) from None
+        return Health.from_proto(health, address)
 
 
 class AsyncJobHandle:

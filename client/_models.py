@@ -283,6 +283,8 @@ class Device:
     active_jobs: int
     resident_models: list[str]  # loaded on the device now
     speeds: dict[str, float]  # measured megapixel-steps per second, per model
+    healthy: bool = True  # False after a missed progress deadline, until a probe passes
+    health_detail: str = ""  # why it is unhealthy
 
 
 @dataclass(frozen=True)
@@ -296,6 +298,7 @@ class Node:
     labels: dict[str, str]
     agent_version: str
     last_seen: datetime
+    draining: bool = False  # takes no new work; what runs finishes or is handed back
 
     @classmethod
     def from_proto(cls, node: scheduler_pb2.Node) -> Node:
@@ -319,6 +322,8 @@ class Node:
                         if stats
                         else {}
                     ),
+                    healthy=device.healthy,
+                    health_detail=device.health_detail,
                 )
             )
         return cls(
@@ -331,6 +336,38 @@ class Node:
             labels=dict(node.labels),
             agent_version=node.agent_version,
             last_seen=_time(node.last_seen),
+            draining=node.draining,
+        )
+
+
+ROLES = {scheduler_pb2.ROLE_LEADER: "leader", scheduler_pb2.ROLE_STANDBY: "standby"}
+
+
+@dataclass(frozen=True)
+class Health:
+    """One scheduler replica's answer to GetHealth. Only the leader serves;
+    a standby waits to take over and points at the leader if it knows it."""
+
+    address: str  # where this answer came from
+    role: str  # "leader", "standby" or "unknown"
+    epoch: int  # the leader lease's epoch, as this replica last saw it
+    replica_id: str
+    leader_address: str  # "" if unknown
+    version: str
+
+    @property
+    def leader(self) -> bool:
+        return self.role == "leader"
+
+    @classmethod
+    def from_proto(cls, health: scheduler_pb2.Health, address: str) -> Health:
+        return cls(
+            address=address,
+            role=ROLES.get(health.role, "unknown"),
+            epoch=health.epoch,
+            replica_id=health.replica_id,
+            leader_address=health.leader_address,
+            version=health.version,
         )
 
 

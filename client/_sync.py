@@ -6,14 +6,15 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from contextlib import suppress
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar, Unpack
 
-from client._async import AsyncClient, AsyncJobHandle, SubmitOptions
-from client._models import Event, Image, Job, Model, Node
+from client._async import AsyncClient, AsyncJobHandle, OnRetry, SubmitOptions
+from client._config import DEFAULT_RECONNECT_TIMEOUT
+from client._models import Event, Health, Image, Job, Model, Node
 
 T = TypeVar("T")
 
@@ -72,19 +73,45 @@ class _LoopThread:
 
 
 class Client:
-    """Blocking twin of `AsyncClient`; use as `with Client() as client:`."""
+    """Blocking twin of `AsyncClient`; use as `with Client() as client:`.
+    `on_retry` is called on the client's own thread."""
 
     def __init__(
-        self, address: str | None = None, *, user: str | None = None, timeout: float = 30.0
+        self,
+        address: str | Sequence[str] | None = None,
+        *,
+        user: str | None = None,
+        timeout: float = 30.0,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
+        on_retry: OnRetry | None = None,
     ) -> None:
         self._runner = _LoopThread()
 
-        async def make() -> AsyncClient:  # the channel must belong to that loop
-            return AsyncClient(address, user=user, timeout=timeout)
+        async def make() -> AsyncClient:  # the channels must belong to that loop
+            return AsyncClient(
+                address,
+                user=user,
+                timeout=timeout,
+                reconnect_timeout=reconnect_timeout,
+                on_retry=on_retry,
+            )
 
         self._async = self._runner.run(make())
-        self.address = self._async.address
+        self.addresses = self._async.addresses
         self.user = self._async.user
+
+    @property
+    def address(self) -> str:
+        """The address calls go to now."""
+        return self._async.address
+
+    @property
+    def on_retry(self) -> OnRetry | None:
+        return self._async.on_retry
+
+    @on_retry.setter
+    def on_retry(self, hook: OnRetry | None) -> None:
+        self._async.on_retry = hook
 
     def __enter__(self) -> Client:
         return self
@@ -130,6 +157,14 @@ class Client:
 
     def list_models(self) -> list[Model]:
         return self._runner.run(self._async.list_models())
+
+    def drain_node(self, node: str, *, timeout: float | None = None, undo: bool = False) -> Node:
+        """See `AsyncClient.drain_node`."""
+        return self._runner.run(self._async.drain_node(node, timeout=timeout, undo=undo))
+
+    def health(self, address: str | None = None) -> Health:
+        """See `AsyncClient.health`."""
+        return self._runner.run(self._async.health(address))
 
 
 class JobHandle:

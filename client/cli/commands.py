@@ -1,16 +1,18 @@
 """The user-facing sdctl commands. Each takes the parsed arguments and a
 Client and returns the exit code: 0 ok, 1 job failed or cancelled or not
-found, 2 invalid input, 3 scheduler unreachable (raised as SdmeshError and
-mapped in main)."""
+found, 2 invalid input, 3 scheduler unreachable or no leader (raised as
+SdmeshError and mapped in main)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from client._async import SubmitOptions
+from client._errors import SdmeshError, UnavailableError
 from client._models import Job
 from client._sync import Client
 from client.cli import render
@@ -65,6 +67,7 @@ def submit(args: argparse.Namespace, client: Client) -> int:
             print(f"job {job.id} {job.state}")
         return 0
     follower = Follower(handle.id)
+    client.on_retry = follower.reconnecting
     try:
         followed = follower.follow(handle.events())
     except KeyboardInterrupt:
@@ -103,7 +106,9 @@ def watch(args: argparse.Namespace, client: Client) -> int:
         for event in events:
             render.print_json_line(render.event_json(event))
     else:
-        Follower(args.job_id).follow(events)
+        follower = Follower(args.job_id)
+        client.on_retry = follower.reconnecting
+        follower.follow(events)
     return exit_code(client.get_job(args.job_id))
 
 
@@ -176,6 +181,48 @@ def models(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def drain(args: argparse.Namespace, client: Client) -> int:
+    node = client.drain_node(args.node, timeout=args.timeout)
+    if args.output == "json":
+        render.print_json(render.node_json(node))
+    else:
+        print(render.drained_line(node, args.timeout))
+    return 0
+
+
+def undrain(args: argparse.Namespace, client: Client) -> int:
+    node = client.drain_node(args.node, undo=True)
+    if args.output == "json":
+        render.print_json(render.node_json(node))
+    else:
+        print(render.drained_line(node, None))
+    return 0
+
+
+def _ask(client: Client, address: str) -> render.HealthRow:
+    try:
+        return render.HealthRow(address, client.health(address))
+    except UnavailableError as exc:
+        return render.HealthRow(address, None, str(exc), reachable=False)
+    except SdmeshError as exc:
+        return render.HealthRow(address, None, f"scheduler {address}: {exc}")
+
+
+def health(args: argparse.Namespace, client: Client) -> int:
+    """Asks every address at once; exits 0 if one of them is the leader."""
+    addresses = client.addresses
+    with ThreadPoolExecutor(len(addresses)) as pool:
+        rows = list(pool.map(lambda address: _ask(client, address), addresses))
+    if args.output == "json":
+        render.print_json([render.health_json(row) for row in rows])
+    else:
+        render.health_table(rows)
+    if any(row.health is not None and row.health.leader for row in rows):
+        return 0
+    print(f"error: no leader among {', '.join(addresses)}", file=sys.stderr)
+    return UnavailableError.exit_code
+
+
 COMMANDS: dict[str, Any] = {
     "submit": submit,
     "watch": watch,
@@ -185,4 +232,7 @@ COMMANDS: dict[str, Any] = {
     "cancel": cancel,
     "nodes": nodes,
     "models": models,
+    "drain": drain,
+    "undrain": undrain,
+    "health": health,
 }

@@ -17,6 +17,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from client._errors import SdmeshError
 from client._models import Event, ImageEvent, PreviewEvent, ProgressEvent, StateEvent
 
 
@@ -49,10 +50,30 @@ class Follower:
             transient=False,
         )
         self._task: TaskID | None = None
+        self._lost = False  # the scheduler was lost and no event has come since
 
     def _describe(self) -> str:
+        if self._lost:
+            return f"{self.job_id} reconnecting to the scheduler…"
         where = f" on {self.result.node}" if self.result.node else ""
         return f"{self.job_id} {self.result.state.lower()}{where}"
+
+    def reconnecting(self, address: str, error: SdmeshError) -> None:
+        """The client's on_retry hook (called on its own thread): says once
+        per outage that the scheduler was lost, and shows it on the bar."""
+        if not self._lost:
+            self.console.print(
+                f"{self.job_id} lost the scheduler ({error}); reconnecting to the scheduler…",
+                markup=False,
+                soft_wrap=True,  # one line in logs, however long the error
+            )
+        self._lost = True
+        if self._task is not None:
+            self._progress.update(self._task, description=self._describe())
+
+    def _reconnected(self) -> None:
+        self._lost = False
+        self.console.print(f"{self.job_id} reconnected to the scheduler", markup=False)
 
     def _on_state(self, event: StateEvent) -> None:
         result = self.result
@@ -74,6 +95,8 @@ class Follower:
         with self._progress:
             self._task = self._progress.add_task(self._describe(), total=None)
             for event in events:
+                if self._lost:
+                    self._reconnected()
                 if isinstance(event, StateEvent):
                     self._on_state(event)
                 elif isinstance(event, ProgressEvent):

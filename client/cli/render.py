@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from client._models import (
     Attempt,
+    Device,
     Event,
+    Health,
     ImageEvent,
     ImageInfo,
     Job,
@@ -175,6 +178,7 @@ def node_json(node: Node) -> dict[str, Any]:
         "name": node.name,
         "hostname": node.hostname,
         "connected": node.connected,
+        "draining": node.draining,
         "agent_version": node.agent_version,
         "labels": node.labels,
         "models": node.models,
@@ -192,6 +196,8 @@ def node_json(node: Node) -> dict[str, Any]:
                 "active_jobs": d.active_jobs,
                 "resident_models": d.resident_models,
                 "megapixel_steps_per_second": d.speeds,
+                "healthy": d.healthy,
+                "health_detail": d.health_detail,
             }
             for d in node.devices
         ],
@@ -296,10 +302,24 @@ def job_detail(job: Job) -> None:
         console.print(Text.assemble((f"{label + ':':<17}", "bold"), value))
 
 
+def node_status(node: Node) -> str:
+    """kubectl style: Ready, Ready,Draining or Gone (age)."""
+    status = "Ready" if node.connected else f"Gone ({age(node.last_seen)})"
+    return status + (",Draining" if node.draining else "")
+
+
+def device_health(device: Device) -> str:
+    if device.healthy:
+        return "ok"
+    detail = device.health_detail
+    detail = (detail[:40] + "…") if len(detail) > 40 else detail
+    return f"unhealthy: {detail}" if detail else "unhealthy"
+
+
 def nodes_table(nodes: list[Node]) -> None:
     rows = []
     for node in nodes:
-        status = "Ready" if node.connected else f"Gone ({age(node.last_seen)})"
+        status = node_status(node)
         for device in node.devices or []:
             rows.append(
                 [
@@ -307,6 +327,7 @@ def nodes_table(nodes: list[Node]) -> None:
                     node.id,
                     status,
                     f"{device.index}: {device.name}",
+                    device_health(device) if node.connected else "-",
                     f"{gib(device.free_bytes)}/{gib(device.total_bytes)}",
                     "-"
                     if device.utilization_percent is None
@@ -317,7 +338,18 @@ def nodes_table(nodes: list[Node]) -> None:
                 ]
             )
     print_table(
-        ["NAME", "ID", "STATUS", "DEVICE", "FREE/TOTAL GiB", "UTIL", "JOBS", "LOADED", "MODELS"],
+        [
+            "NAME",
+            "ID",
+            "STATUS",
+            "DEVICE",
+            "HEALTH",
+            "FREE/TOTAL GiB",
+            "UTIL",
+            "JOBS",
+            "LOADED",
+            "MODELS",
+        ],
         rows,
     )
 
@@ -328,3 +360,65 @@ def models_table(models: list[Model]) -> None:
         for m in models
     ]
     print_table(["NAME", "WEIGHTS", "DTYPE", "CONNECTED NODES"], rows)
+
+
+def drained_line(node: Node, timeout: float | None) -> str:
+    """What `sdctl drain` and `sdctl undrain` say happened."""
+    if not node.draining:
+        return f"node {node.name} takes work again"
+    running = sum(device.active_jobs for device in node.devices)
+    if not running:
+        return f"node {node.name} draining: takes no new work, nothing running"
+    within = f"{timeout:g}s" if timeout else "the agent's shutdown timeout"
+    return (
+        f"node {node.name} draining: takes no new work; {running} running "
+        f"job{'s' if running != 1 else ''} finish within {within} or go back to the queue"
+    )
+
+
+@dataclass(frozen=True)
+class HealthRow:
+    """One address of `sdctl health`: its answer, or why there was none."""
+
+    address: str
+    health: Health | None
+    error: str = ""
+    reachable: bool = True  # False: nothing answered; True with an error: a bad answer
+
+    @property
+    def role(self) -> str:
+        if self.health is not None:
+            return self.health.role
+        return "error" if self.reachable else "unreachable"
+
+
+def health_json(row: HealthRow) -> dict[str, Any]:
+    health = row.health
+    return {
+        "address": row.address,
+        "reachable": row.reachable,
+        "role": row.role,
+        "epoch": health.epoch if health else None,
+        "replica_id": (health.replica_id or None) if health else None,
+        "leader_address": (health.leader_address or None) if health else None,
+        "version": (health.version or None) if health else None,
+        "error": row.error or None,
+    }
+
+
+def health_table(rows: list[HealthRow]) -> None:
+    print_table(
+        ["ADDRESS", "ROLE", "EPOCH", "REPLICA", "LEADER"],
+        [
+            [
+                row.address,
+                row.role,
+                str(row.health.epoch),
+                row.health.replica_id or "-",
+                row.health.leader_address or "-",
+            ]
+            if row.health
+            else [row.address, row.role, "-", "-", "-"]
+            for row in rows
+        ],
+    )
