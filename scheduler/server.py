@@ -69,6 +69,9 @@ class SchedulerConfig:
     max_attempts: int = 3
     reserve_after_seconds: float = RESERVE_AFTER_SECONDS
     advertise: str = ""  # the address others reach this replica at; default host:port
+    # Replicas must share it (a network filesystem), so that the leader can
+    # serve images another replica stored. Default: images/ in the data dir.
+    images_dir: Path | None = None
 
     @property
     def database_url(self) -> str:
@@ -112,7 +115,7 @@ class SchedulerServer:
             self.cluster,
             self.hub,
             self.dispatcher,
-            ImageStore(config.data_dir / "images"),
+            ImageStore(config.images_dir or config.data_dir / "images"),
             self.clock,
             estimates,
         )

@@ -317,7 +317,7 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
             if request.node in (session.node_id, session.info.name)
         ]
         if not matches:
-            raise FailedPrecondition(f"node {request.node} is not connected")
+            raise NotFound(f"node {request.node} is not connected")
         if len(matches) > 1:
             ids = ", ".join(sorted(session.node_id for session in matches))
             raise FailedPrecondition(f"{request.node} names several nodes ({ids}); use an id")

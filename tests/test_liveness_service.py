@@ -137,7 +137,7 @@ def test_drain_node_stops_new_work_until_undone(tmp_path: Path) -> None:
             assert waiting.state == "QUEUED"
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await stub.DrainNode(scheduler_pb2.DrainNodeRequest(node="nope"))
-            assert missing.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
             await stub.DrainNode(scheduler_pb2.DrainNodeRequest(node="n1", undo=True))
             await next_of(agent, "resume")
             assert (await agent.assignment()).job_id == handle.id

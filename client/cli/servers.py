@@ -65,6 +65,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
         lease_seconds=args.lease,
         progress_deadline_seconds=args.progress_deadline,
         advertise=args.advertise or "",
+        images_dir=Path(args.images_dir) if args.images_dir else None,
         node_window_seconds=args.node_window,
         max_attempts=args.max_attempts,
         reserve_after_seconds=args.reserve_after,
