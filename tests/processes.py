@@ -45,7 +45,21 @@ class Process:
         text = self.log.read_text(errors="replace") if self.log.exists() else ""
         return "\n".join(text.splitlines()[-lines:])
 
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def send(self, sig: int) -> None:
+        if self.alive:
+            self.popen.send_signal(sig)
+
+    def kill(self) -> None:
+        """kill -9, and reap it."""
+        self.send(signal.SIGKILL)
+        self.popen.wait()
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        self.send(signal.SIGCONT)  # a paused process cannot handle SIGTERM
         if self.popen.poll() is None:
             self.popen.send_signal(sig)
             try:
@@ -58,39 +72,63 @@ class Process:
 
 @dataclass
 class LocalCluster:
+    """A scheduler (or several replicas on one database) and agents.
+    `replicas` > 1 gives each replica its own port and data dir; agents and
+    clients get every address."""
+
     root: Path
     db_url: str = ""
     port: int = field(default_factory=free_port)
+    replicas: int = 1
+    scheduler_args: tuple[str, ...] = ()  # passed to every replica
+    host: str = "127.0.0.1"  # what replicas listen on
+    connect_host: str = "127.0.0.1"  # what agents and clients dial
     processes: list[Process] = field(default_factory=list)
+    ports: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.ports = [self.port] + [free_port() for _ in range(self.replicas - 1)]
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.connect_host}:{self.port}"
 
-    def _spawn(self, name: str, args: list[str]) -> Process:
+    @property
+    def addresses(self) -> str:
+        return ",".join(f"{self.connect_host}:{port}" for port in self.ports)
+
+    def _spawn(self, name: str, args: list[str], wrap: list[str] | None = None) -> Process:
         log = self.root / f"{name}.log"
-        with open(log, "wb") as handle:
+        with open(log, "ab") as handle:
             popen = subprocess.Popen(
-                sdctl_command(*args), stdout=handle, stderr=subprocess.STDOUT, env=process_env()
+                [*(wrap or []), *sdctl_command(*args)],
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=process_env(),
             )
         process = Process(name, popen, log)
         self.processes.append(process)
         return process
 
-    def start_scheduler(self, *extra: str, name: str = "scheduler") -> Process:
-        args = ["-v", "scheduler", "--port", str(self.port), "--heartbeat", "0.5"]
-        args += ["--data-dir", str(self.root / "scheduler"), *extra]
+    def start_scheduler(self, *extra: str, name: str = "scheduler", replica: int = 0) -> Process:
+        data_dir = self.root / ("scheduler" if replica == 0 else f"scheduler-{replica}")
+        args = ["-v", "scheduler", "--host", self.host, "--port", str(self.ports[replica])]
+        args += ["--heartbeat", "0.5", "--data-dir", str(data_dir), *self.scheduler_args, *extra]
+        if self.replicas > 1:
+            args += ["--images-dir", str(self.root / "images")]
+        if self.host != self.connect_host:
+            args += ["--advertise", f"{self.connect_host}:{self.ports[replica]}"]
         if self.db_url:
             args += ["--db", self.db_url]
         return self._spawn(name, args)
 
-    def start_agent(self, name: str, *extra: str) -> Process:
-        args = ["--scheduler", self.address, "node", "--name", name]
+    def start_agent(self, name: str, *extra: str, wrap: list[str] | None = None) -> Process:
+        args = ["--scheduler", self.addresses, "node", "--name", name]
         args += ["--data-dir", str(self.root / name), *extra]
-        return self._spawn(name, args)
+        return self._spawn(name, args, wrap)
 
     def client(self, user: str = "tester") -> Client:
-        return Client(self.address, user=user, timeout=10.0)
+        return Client(self.addresses, user=user, timeout=10.0)
 
     def wait_for(self, condition: Callable[[Client], bool], what: str) -> None:
         deadline = time.monotonic() + START_TIMEOUT
@@ -118,7 +156,7 @@ class LocalCluster:
 
     def sdctl(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            sdctl_command("--scheduler", self.address, *args),
+            sdctl_command("--scheduler", self.addresses, *args),
             capture_output=True,
             text=True,
             env=process_env(),
