@@ -430,7 +430,11 @@ class Agent:
         if not await wait_event(self._idle, timeout + 30.0):
             log.warning("some work did not stop within %gs of being handed back", 30.0)
         outbox.put_nowait(None)  # ends the request stream; the server then closes
-        await asyncio.sleep(10.0)
+        # Give the last outcomes a moment on the wire, then leave even if the
+        # server has not closed: it holds nothing of ours any more.
+        while not outbox.empty():
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)
         call.cancel()
 
     def close(self) -> None:

@@ -61,8 +61,12 @@ def lapsed(sessions: list[NodeSession], now: float, lease_seconds: float) -> lis
 
 
 def hung(session: NodeSession, now: float, config: LivenessConfig) -> list[ActiveAttempt]:
-    """Running attempts that missed their progress deadline. One waiting
-    behind another on its worker has not started, and has no deadline."""
+    """Running attempts that missed their progress deadline while their
+    agent kept heartbeating. A silent agent is a matter for its lease (it may
+    be partitioned, not hung), and an attempt waiting behind another on its
+    worker has not started, so has no deadline yet."""
+    if now - session.last_heard > 2 * config.heartbeat_seconds:
+        return []
     late = []
     for active in session.attempts.values():
         if active.started_at is None or active.stopping:
@@ -124,17 +128,7 @@ class Supervisor(UsesRuntime):
         del session.attempts[active.job_id]
         session.unhealthy[active.gpu_index] = reason
         session.send(StopCommand(active.job_id, active.attempt, "missed its progress deadline"))
-        events = await self.db.run(
-            self.db.store.requeue,
-            active.job_id,
-            active.attempt,
-            AttemptOutcome.FAILED,
-            reason,
-            count_failure=True,
-        )
-        if events:
-            self.hub.publish(events)
-        self.dispatcher.wake()
+        await requeue(self, active, AttemptOutcome.FAILED, reason, failure=True)
 
     def _probe_unhealthy(self, session: NodeSession, now: float) -> None:
         for index in session.unhealthy:
@@ -157,15 +151,21 @@ class Supervisor(UsesRuntime):
             session.unhealthy[gpu_index] = f"health probe failed: {detail}"
 
 
-async def requeue_lost(
-    runtime: UsesRuntime, active: ActiveAttempt, reason: str, *, failure: bool
+async def requeue(
+    runtime: UsesRuntime,
+    active: ActiveAttempt,
+    outcome: AttemptOutcome,
+    reason: str,
+    *,
+    failure: bool,
 ) -> None:
-    """Re-queues an attempt whose node went away or forgot it."""
+    """Ends an attempt the scheduler gave up on and puts its job back in the
+    queue (or fails it, after max_attempts failures)."""
     events = await runtime.db.run(
         runtime.db.store.requeue,
         active.job_id,
         active.attempt,
-        AttemptOutcome.LOST,
+        outcome,
         reason,
         count_failure=failure,
     )
@@ -173,3 +173,10 @@ async def requeue_lost(
         log.info("job %s attempt %d re-queued: %s", active.job_id, active.attempt, reason)
         runtime.hub.publish(events)
     runtime.dispatcher.wake()
+
+
+async def requeue_lost(
+    runtime: UsesRuntime, active: ActiveAttempt, reason: str, *, failure: bool
+) -> None:
+    """Re-queues an attempt whose node went away or forgot it."""
+    await requeue(runtime, active, AttemptOutcome.LOST, reason, failure=failure)

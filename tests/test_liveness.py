@@ -57,7 +57,14 @@ def test_only_a_started_attempt_silent_past_its_deadline_is_hung() -> None:
         "stopping": attempt("stopping", started_at=0.0, last_step_at=0.0, stopping=True),
     }
     assert [a.job_id for a in hung(node, 1000.0, CONFIG)] == ["stuck"]
+    node.last_heard = 1021.0
     assert [a.job_id for a in hung(node, 1021.0, CONFIG)] == ["stuck", "loading"]
+
+
+def test_a_silent_agent_is_left_to_its_lease_not_called_hung() -> None:
+    node = session("n", last_heard=1000.0)
+    node.attempts = {"stuck": attempt("stuck", started_at=0.0, last_step_at=900.0)}
+    assert hung(node, 1002.5, CONFIG) == []  # over two heartbeats without a word
 
 
 def test_orphans_expire_at_their_deadline() -> None:

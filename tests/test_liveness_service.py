@@ -7,28 +7,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
 import pytest
 import sqlalchemy as sa
 
-from client import AsyncClient, Job
+from client import AsyncClient
 from protos import agent_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.server import SchedulerServer
 from tests.scripted import ScriptedAgent, hello, running_scheduler
+from tests.test_scheduler_service import until
 
 FAST = {"heartbeat_seconds": 0.2, "lease_seconds": 1.0, "progress_deadline_seconds": 1.0}
-
-
-async def until(check: Callable[[], Awaitable[Job]], done: Callable[[Job], bool], what: str) -> Job:
-    for _ in range(300):
-        job = await check()
-        if done(job):
-            return job
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {job}")
 
 
 async def keep_heartbeating(agent: ScriptedAgent, stop: asyncio.Event) -> None:

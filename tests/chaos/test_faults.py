@@ -136,17 +136,23 @@ def test_a_hung_card_s_job_moves_and_the_card_recovers(chaos: Chaos) -> None:
     )
 
 
-def test_the_standby_takes_over_from_a_killed_leader(chaos: Chaos) -> None:
+def two_replicas(chaos: Chaos) -> tuple[LocalCluster, Ledger, Process, str]:
+    """A leader, a standby on the same database, and one agent. Returns the
+    leader's process and the standby's address."""
     cluster, ledger = chaos(replicas=2)
     leader = cluster.start_scheduler()
     cluster.wait_for(lambda c: c.health(cluster.address).role == "leader", "a leader")
     cluster.start_scheduler(name="standby", replica=1)
     cluster.start_agent("agent-a", *AGENT_ARGS)
     cluster.wait_for_nodes(1)
+    return cluster, ledger, leader, f"{cluster.connect_host}:{cluster.ports[1]}"
+
+
+def test_the_standby_takes_over_from_a_killed_leader(chaos: Chaos) -> None:
+    cluster, ledger, leader, standby = two_replicas(chaos)
     job_id = ledger.submit()
     running_on(ledger, job_id)
     leader.kill()
-    standby = f"{cluster.connect_host}:{cluster.ports[1]}"
     wait_until(lambda: ledger.client.health(standby).role == "leader", "the standby to lead")
     second = ledger.submit("after the failover")
     ledger.check(images(cluster))
@@ -154,17 +160,11 @@ def test_the_standby_takes_over_from_a_killed_leader(chaos: Chaos) -> None:
 
 
 def test_a_leader_paused_past_its_lease_commits_nothing(chaos: Chaos) -> None:
-    cluster, ledger = chaos(replicas=2)
-    leader = cluster.start_scheduler()
-    cluster.wait_for(lambda c: c.health(cluster.address).role == "leader", "a leader")
-    cluster.start_scheduler(name="standby", replica=1)
-    cluster.start_agent("agent-a", *AGENT_ARGS)
-    cluster.wait_for_nodes(1)
+    cluster, ledger, leader, standby = two_replicas(chaos)
     job_id = ledger.submit()
     running_on(ledger, job_id)
     epoch = ledger.client.health(cluster.address).epoch
     leader.send(signal.SIGSTOP)
-    standby = f"{cluster.connect_host}:{cluster.ports[1]}"
     wait_until(lambda: ledger.client.health(standby).role == "leader", "the standby to lead")
     leader.send(signal.SIGCONT)
     wait_until(lambda: ledger.client.health(cluster.address).role == "standby", "a step-down")
