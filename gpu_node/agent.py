@@ -432,9 +432,7 @@ class Agent:
         outbox.put_nowait(None)  # ends the request stream; the server then closes
         # Give the last outcomes a moment on the wire, then leave even if the
         # server has not closed: it holds nothing of ours any more.
-        while not outbox.empty():
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(1.0)
+        await asyncio.sleep(1.5)
         call.cancel()
 
     def close(self) -> None:
