@@ -298,6 +298,8 @@ class Agent:
                 )
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     position += 1  # down, or a standby: try the next replica
+                    if (exc.details() or "").startswith("standby replica"):
+                        delays = backoff_delays()  # a live replica: the leader is near
             if stopping.is_set():
                 break
             delay = next(delays)

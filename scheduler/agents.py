@@ -38,6 +38,7 @@ from scheduler.liveness import Supervisor, requeue_lost
 from scheduler.placement import shape_of
 from scheduler.runtime import Runtime, UsesRuntime
 from scheduler.spec import check_labels
+from scheduler.store.leader import NotLeader
 from scheduler.uploads import Chunk, UploadError
 
 log = logging.getLogger(__name__)
@@ -409,5 +410,10 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("background task failed", exc_info=task.exception())
+    if task.cancelled() or task.exception() is None:
+        return
+    error = task.exception()
+    if isinstance(error, NotLeader):  # expected after stepping down: the fence held
+        log.info("dropped after stepping down: %s", error)
+    else:
+        log.error("background task failed", exc_info=error)

@@ -8,6 +8,7 @@ of one job never write the same file.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -39,6 +40,20 @@ class ImageStore:
     def remove(self, relative_paths: list[str]) -> None:
         for relative in relative_paths:
             (self.root / relative).unlink(missing_ok=True)
+
+    def remove_job(self, job_id: str) -> int:
+        """Removes every file of a job that has no committed images: what a
+        scheduler that died between writing a result and committing it left
+        behind. Returns how many files went."""
+        folder = self.root / job_id[:2] / job_id
+        removed = 0
+        if folder.is_dir():
+            for path in folder.iterdir():
+                path.unlink(missing_ok=True)
+                removed += 1
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        return removed
 
     def chunks(self, relative: str) -> list[bytes]:
         data = (self.root / relative).read_bytes()

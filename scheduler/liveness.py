@@ -170,7 +170,8 @@ async def requeue(
         count_failure=failure,
     )
     if events:
-        log.info("job %s attempt %d re-queued: %s", active.job_id, active.attempt, reason)
+        what = "failed" if events[-1].terminal else "re-queued"
+        log.info("job %s attempt %d %s: %s", active.job_id, active.attempt, what, reason)
         runtime.hub.publish(events)
     runtime.dispatcher.wake()
 

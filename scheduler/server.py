@@ -43,6 +43,9 @@ from scheduler.waiting import wait_event
 log = logging.getLogger(__name__)
 
 NODE_TOUCH_SECONDS = 60.0
+# The agents' longest reconnect backoff (gpu_node.agent.MAX_BACKOFF_SECONDS):
+# a new leader waits this much longer than the lease for them to come back.
+MAX_BACKOFF_SECONDS = 5.0
 
 # Agents ping every 5 s; the server must accept pings that often, or it
 # answers with GOAWAY "too_many_pings".
@@ -110,12 +113,13 @@ class SchedulerServer:
             reserve_after_seconds=config.reserve_after_seconds,
             node_window_seconds=config.node_window_seconds,
         )
+        self.images = ImageStore(config.images_dir or config.data_dir / "images")
         runtime = Runtime(
             self.db,
             self.cluster,
             self.hub,
             self.dispatcher,
-            ImageStore(config.images_dir or config.data_dir / "images"),
+            self.images,
             self.clock,
             estimates,
         )
@@ -232,10 +236,14 @@ class SchedulerServer:
     async def _recover(self) -> None:
         """Jobs the previous leader had out on agents wait for those agents
         to reconnect and re-attach them; the ones whose agents do not come
-        back within the lease (and a grace for their reconnect backoff) are
+        back within twice the lease and their longest reconnect backoff are
         re-queued as lost."""
-        deadline = self.clock() + 2 * self.config.lease_seconds
+        deadline = self.clock() + 2 * self.config.lease_seconds + MAX_BACKOFF_SECONDS
+        loop = asyncio.get_running_loop()
         for job, record in await self.db.run(self.db.store.active_attempts):
+            # An active job has no committed images; files here are from a
+            # leader that died between writing a result and committing it.
+            await loop.run_in_executor(None, self.images.remove_job, job.id)
             active = ActiveAttempt(
                 job_id=job.id,
                 attempt=job.attempt,

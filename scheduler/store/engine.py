@@ -13,6 +13,7 @@ from alembic.config import Config
 from sqlalchemy import event
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+MIGRATION_LOCK = 0x5D3E5  # a PostgreSQL advisory lock key for schema changes
 
 
 def create_engine(url: str) -> sa.Engine:
@@ -60,6 +61,10 @@ def _alembic(engine: sa.Engine, action: Callable[[Config, str], None], revision:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            # Replicas starting together must not both create the schema:
+            # the second waits here, then finds it up to date.
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         config.attributes["connection"] = connection
         action(config, revision)
 

@@ -1,0 +1,750 @@
+"""Soak benchmark: jobs through two scheduler replicas on PostgreSQL while
+agents and leaders are killed and paused, then an audit of every job the
+API acknowledged.
+
+    python -m bench.soak [--jobs 200] [--faults 30] [--seed 1] [--minutes 10]
+
+The cluster is real processes (`tests/processes.LocalCluster`): two
+scheduler replicas on one throwaway PostgreSQL (`--lease 3s
+--progress-deadline 10s`, each with its own data dir), and three agents
+with a simulated 8 GiB card each, running the built-in `tiny` model on the
+CPU with every step slowed by `--step-delay`. Jobs are 64x64, 4 steps; every
+fourth asks for a batch of 2, so that an image set can be torn between
+attempts.
+
+One thread submits through the SDK with every replica's address; each
+acknowledged job id goes into a ledger. Submissions are released in step
+with the faults, so that work is in flight when each one fires. The fault
+loop draws kinds from a seeded schedule (each round of four is a shuffle of
+all four kinds):
+
+- agent_kill: kill -9 an agent that is running a job, and start it again
+  with the same name and data dir a second later, as systemd would;
+- agent_pause: SIGSTOP an agent that is running a job for longer than the
+  lease, then SIGCONT;
+- leader_kill: kill -9 the replica whose GetHealth says it leads, while a
+  job runs, and start it again once it is dead;
+- leader_pause: SIGSTOP the leader past its lease, then SIGCONT.
+
+After each fault the loop waits for a leader and three connected agents
+before the next. When the faults are done it waits for every job in the
+ledger to end, stops the cluster, and audits:
+
+- lost: acknowledged, but not terminal at the end, or not found;
+- duplicated: more than one attempt's images for a job, in the `images`
+  table or in one images directory (the replicas' shared one, or a
+  replica's own);
+- image_mismatch: a succeeded job whose stored images are not exactly its
+  batch from its final attempt, or stored images on a job that did not
+  succeed;
+- reexecuted: jobs dispatched more than once (`attempt` > 1);
+- stray_files: PNGs (or partial writes) on disk that no image row names,
+  and missing_files: image rows whose file is in no images directory.
+
+It prints a summary, writes `bench/results/soak.json`, keeps the process
+logs in a temporary directory it names, and exits 1 if any job was lost or
+duplicated or had a mismatched image set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from client import Client, NotFoundError, SdmeshError, SubmitOptions
+from tests.chaos.pgserver import ThrowawayPostgres
+from tests.processes import LocalCluster, Process
+
+KINDS = ("agent_kill", "agent_pause", "leader_kill", "leader_pause")
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+LEASE_SECONDS = 3.0
+SCHEDULER_ARGS = ("--lease", f"{LEASE_SECONDS:g}s", "--progress-deadline", "10s")
+AGENTS = ("agent-a", "agent-b", "agent-c")
+REPLICAS = 2
+RESULTS = Path(__file__).resolve().parent / "results" / "soak.json"
+_IMAGE_FILE = re.compile(r"^a(\d+)-(\d+)\.png$")
+
+
+# ---- the pure parts: schedule, job options, audit ------------------------
+
+
+def fault_schedule(count: int, seed: int) -> list[str]:
+    """`count` fault kinds: rounds of all four kinds, each round shuffled by
+    a generator seeded with `seed`, so any prefix is nearly balanced."""
+    rng = random.Random(seed)
+    kinds: list[str] = []
+    while len(kinds) < count:
+        round_ = list(KINDS)
+        rng.shuffle(round_)
+        kinds.extend(round_)
+    return kinds[:count]
+
+
+def job_options(number: int) -> SubmitOptions:
+    """Small jobs; every fourth a batch of two."""
+    return {"width": 64, "height": 64, "steps": 4, "batch_size": 2 if number % 4 == 3 else 1}
+
+
+def release_quota(jobs: int, faults: int, started: int, finished: bool) -> int:
+    """How many jobs the submitter may have sent once `started` faults have
+    begun: an equal share per fault, all of them once the faults are done."""
+    if finished or faults <= 0:
+        return jobs
+    return min(jobs, math.ceil(jobs * started / faults))
+
+
+@dataclass(frozen=True)
+class FinalJob:
+    state: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class ImageRow:
+    job_id: str
+    idx: int
+    attempt: int
+    path: str  # relative to the images directory
+
+
+def parse_image_file(relative: str) -> tuple[str, int, int] | None:
+    """(job id, attempt, index) of `xx/JOB/aATTEMPT-INDEX.png` (the layout of
+    scheduler/images.py), or None for anything else (a `.part` file)."""
+    parts = relative.split("/")
+    if len(parts) != 3 or parts[1][:2] != parts[0]:
+        return None
+    match = _IMAGE_FILE.match(parts[2])
+    if match is None:
+        return None
+    return parts[1], int(match.group(1)), int(match.group(2))
+
+
+@dataclass
+class Audit:
+    submitted: int = 0
+    succeeded: int = 0
+    failed: int = 0  # FAILED or CANCELLED
+    lost: int = 0
+    duplicated: int = 0
+    reexecuted: int = 0
+    image_mismatch: int = 0
+    stray_files: int = 0
+    missing_files: int = 0
+    lost_jobs: dict[str, str] = field(default_factory=dict)  # id -> why
+    failed_jobs: dict[str, str] = field(default_factory=dict)  # id -> state
+    duplicated_jobs: dict[str, list[str]] = field(default_factory=dict)  # id -> evidence
+    mismatched_jobs: dict[str, str] = field(default_factory=dict)
+    reexecuted_jobs: dict[str, int] = field(default_factory=dict)  # id -> attempt
+    stray: list[str] = field(default_factory=list)  # "directory:path"
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.lost == 0 and self.duplicated == 0 and self.image_mismatch == 0
+
+
+def audit(
+    acknowledged: Mapping[str, int],
+    finals: Mapping[str, FinalJob | None],
+    rows: Iterable[ImageRow],
+    disk: Mapping[str, Iterable[str]],
+) -> Audit:
+    """The verdict on a run. `acknowledged`: job id -> batch size, for every
+    job the API acknowledged; `finals`: what the API says of each at the
+    end (None: not found); `rows`: the `images` table; `disk`: per images
+    directory, the paths of the files under it, relative to it."""
+    result = Audit(submitted=len(acknowledged))
+    by_job: dict[str, list[ImageRow]] = {}
+    for row in rows:
+        by_job.setdefault(row.job_id, []).append(row)
+    stored = {(r.job_id, r.attempt, r.idx) for rs in by_job.values() for r in rs}
+    on_disk: dict[str, dict[str, set[int]]] = {}  # job -> directory -> attempts with files
+    present: set[str] = set()
+    for directory, paths in sorted(disk.items()):
+        for path in sorted(paths):
+            present.add(path)
+            parsed = parse_image_file(path)
+            if parsed is None:
+                result.stray.append(f"{directory}:{path}")
+                continue
+            job_id, attempt, idx = parsed
+            on_disk.setdefault(job_id, {}).setdefault(directory, set()).add(attempt)
+            if (job_id, attempt, idx) not in stored:
+                result.stray.append(f"{directory}:{path}")
+    result.missing = sorted(
+        f"{r.job_id}:{r.path}" for rs in by_job.values() for r in rs if r.path not in present
+    )
+
+    for job_id, batch in acknowledged.items():
+        final = finals.get(job_id)
+        if final is None:
+            result.lost_jobs[job_id] = "not found"
+        elif final.state not in TERMINAL:
+            result.lost_jobs[job_id] = f"still {final.state} at attempt {final.attempt}"
+        elif final.state == "SUCCEEDED":
+            result.succeeded += 1
+        else:
+            result.failed += 1
+            result.failed_jobs[job_id] = final.state
+        if final is not None and final.attempt > 1:
+            result.reexecuted_jobs[job_id] = final.attempt
+
+        job_rows = by_job.get(job_id, [])
+        evidence = []
+        attempts = sorted({r.attempt for r in job_rows})
+        if len(attempts) > 1:
+            evidence.append(f"images table holds attempts {attempts}")
+        if len(job_rows) > batch:
+            evidence.append(f"images table holds {len(job_rows)} rows for a batch of {batch}")
+        for directory, attempts_there in sorted(on_disk.get(job_id, {}).items()):
+            if len(attempts_there) > 1:
+                orphans = sorted(set(attempts_there) - set(attempts))
+                note = f" (not in the images table: {orphans})" if orphans else ""
+                evidence.append(
+                    f"{directory} holds files of attempts {sorted(attempts_there)}{note}"
+                )
+        if evidence:
+            result.duplicated_jobs[job_id] = evidence
+
+        if final is not None and final.state == "SUCCEEDED":
+            want = {(final.attempt, idx) for idx in range(batch)}
+            have = {(r.attempt, r.idx) for r in job_rows}
+            if have != want or len(job_rows) != batch:
+                result.mismatched_jobs[job_id] = (
+                    f"succeeded at attempt {final.attempt} with batch {batch}, "
+                    f"images (attempt, index) {sorted(have)}"
+                )
+        elif job_rows:
+            state = final.state if final is not None else "not found"
+            result.mismatched_jobs[job_id] = f"{state} but has {len(job_rows)} image rows"
+
+    result.lost = len(result.lost_jobs)
+    result.duplicated = len(result.duplicated_jobs)
+    result.reexecuted = len(result.reexecuted_jobs)
+    result.image_mismatch = len(result.mismatched_jobs)
+    result.stray_files = len(result.stray)
+    result.missing_files = len(result.missing)
+    return result
+
+
+# ---- the run ----------------------------------------------------------------
+
+
+@dataclass
+class FaultRecord:
+    number: int
+    kind: str
+    target: str = ""
+    at_seconds: float = 0.0  # since the start of the fault loop
+    condition_met: bool = False  # a job was running (on the target agent) when it fired
+    running_job: str = ""
+    recovery_seconds: float | None = None  # until a leader and every agent were back
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    jobs: int
+    faults: int
+    seed: int
+    minutes: float
+    step_delay: float
+    spacing: float
+    agent_pause: float
+    leader_pause: float
+    restart_delay: float
+    condition_timeout: float
+    recovery_timeout: float
+
+
+def _say(start: float, message: str) -> None:
+    print(f"[{time.monotonic() - start:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+class Soak:
+    def __init__(self, config: Config, cluster: LocalCluster) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.rng = random.Random(config.seed)
+        self.start = time.monotonic()
+        self.agent_flags = (
+            "--simulate-gpus",
+            "8GiB",
+            "--simulate-step-delay",
+            f"{config.step_delay:g}",
+        )
+        self.agents: dict[str, Process] = {}
+        self.replicas: dict[int, Process] = {}
+        self.ledger: dict[str, int] = {}  # job id -> batch size, in submission order
+        self.submit_errors: list[str] = []
+        self.faults: list[FaultRecord] = []
+        self.unexpected_exits: list[str] = []
+        self.hit: Counter[str] = Counter()  # job id -> agent faults that hit it
+        self._started = 0
+        self._faults_done = False
+        self._release = threading.Condition()
+        self.client = Client(cluster.addresses, user="soak", timeout=5.0, reconnect_timeout=60.0)
+
+    def say(self, message: str) -> None:
+        _say(self.start, message)
+
+    # -- processes --
+
+    def replica_name(self, index: int) -> str:
+        return f"replica-{index}"
+
+    def start_replica(self, index: int) -> None:
+        self.replicas[index] = self.cluster.start_scheduler(
+            name=self.replica_name(index), replica=index
+        )
+
+    def start_agent(self, name: str) -> None:
+        self.agents[name] = self.cluster.start_agent(name, *self.agent_flags)
+
+    def forget(self, process: Process) -> None:
+        if process in self.cluster.processes:
+            self.cluster.processes.remove(process)
+
+    def boot(self) -> None:
+        # One after the other: the first migrates the fresh database. (Two
+        # replicas migrating it at once race on alembic_version; one exits.)
+        for index in range(REPLICAS):
+            self.start_replica(index)
+            if index == 0 and self.leader(timeout=120.0) is None:
+                raise RuntimeError("no replica leads:\n" + self.cluster.logs())
+        for name in AGENTS:
+            self.start_agent(name)
+        self.cluster.wait_for_nodes(len(AGENTS))
+        self.say(f"cluster up: replicas {self.cluster.addresses}, agents {', '.join(AGENTS)}")
+
+    # -- observations --
+
+    def leader(self, timeout: float = 30.0) -> int | None:
+        """The index of the replica whose GetHealth says it leads."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for index, port in enumerate(self.cluster.ports):
+                process = self.replicas.get(index)
+                if process is None or not process.alive:
+                    continue
+                try:
+                    health = self.client.health(f"{self.cluster.connect_host}:{port}")
+                except SdmeshError:
+                    continue
+                if health.leader:
+                    return index
+            time.sleep(0.2)
+        return None
+
+    def running_job(self, agent: bool) -> tuple[str, str] | None:
+        """(job id, agent name) of a job running now, waiting for one up to
+        the condition timeout. For agent faults, a job that earlier agent
+        faults hit least: a job whose node is lost three times fails by
+        design (--max-attempts), which says nothing about the scheduler."""
+        deadline = time.monotonic() + self.config.condition_timeout
+        while time.monotonic() < deadline:
+            try:
+                jobs = self.client.list_jobs(states=["RUNNING"], limit=100)
+            except SdmeshError:
+                jobs = []
+            found = sorted((job.id, job.node_name) for job in jobs if job.node_name in AGENTS)
+            if agent:
+                found = [(j, n) for j, n in found if self.agents[n].alive]
+                fewest = min((self.hit[j] for j, _ in found), default=0)
+                found = [(j, n) for j, n in found if self.hit[j] == fewest]
+            if found:
+                return self.rng.choice(found)
+            time.sleep(0.2)
+        return None
+
+    def recovered(self) -> bool:
+        self.restart_unexpected()
+        if self.leader(timeout=0.5) is None:
+            return False
+        try:
+            nodes = self.client.list_nodes()
+        except SdmeshError:
+            return False
+        return set(AGENTS) <= {node.name for node in nodes if node.connected}
+
+    def restart_unexpected(self) -> None:
+        """A process that died without being killed here is a finding; it is
+        restarted, as systemd would, so that the run goes on."""
+        for name, process in list(self.agents.items()):
+            if not process.alive:
+                self.note_exit(process)
+                self.start_agent(name)
+        for index, process in list(self.replicas.items()):
+            if not process.alive:
+                self.note_exit(process)
+                self.start_replica(index)
+
+    def note_exit(self, process: Process) -> None:
+        message = f"{process.name} exited by itself with {process.popen.returncode}"
+        self.unexpected_exits.append(message + "\n" + process.tail(20))
+        self.say("UNEXPECTED: " + message)
+        self.forget(process)
+
+    # -- faults --
+
+    def inject(self, record: FaultRecord) -> None:
+        config = self.config
+        if record.kind in ("agent_kill", "agent_pause"):
+            running = self.running_job(agent=True)
+            if running is not None:
+                record.running_job, record.target = running
+                record.condition_met = True
+                self.hit[record.running_job] += 1
+            else:
+                record.target = self.rng.choice(AGENTS)
+            process = self.agents[record.target]
+            if record.kind == "agent_kill":
+                process.kill()
+                self.forget(process)
+                time.sleep(config.restart_delay)
+                self.start_agent(record.target)
+            else:
+                process.send(signal.SIGSTOP)
+                time.sleep(config.agent_pause)
+                process.send(signal.SIGCONT)
+            return
+        running = self.running_job(agent=False)
+        if running is not None:
+            record.running_job = running[0]
+            record.condition_met = True
+        index = self.leader()
+        if index is None:
+            record.note = "no leader to fault"
+            return
+        record.target = self.replica_name(index)
+        process = self.replicas[index]
+        if record.kind == "leader_kill":
+            process.kill()
+            self.forget(process)
+            time.sleep(config.restart_delay)
+            self.start_replica(index)
+        else:
+            process.send(signal.SIGSTOP)
+            time.sleep(config.leader_pause)
+            process.send(signal.SIGCONT)
+
+    def fault_loop(self) -> None:
+        loop_start = time.monotonic()
+        for number, kind in enumerate(fault_schedule(self.config.faults, self.config.seed), 1):
+            with self._release:
+                self._started = number
+                self._release.notify_all()
+            record = FaultRecord(number, kind, at_seconds=time.monotonic() - loop_start)
+            self.inject(record)
+            self.faults.append(record)
+            fired = time.monotonic()
+            deadline = fired + self.config.recovery_timeout
+            while time.monotonic() < deadline:
+                if self.recovered():
+                    record.recovery_seconds = time.monotonic() - fired
+                    break
+                time.sleep(0.3)
+            recovery = (
+                "not recovered"
+                if record.recovery_seconds is None
+                else f"recovered in {record.recovery_seconds:.1f}s"
+            )
+            during = f" during {record.running_job}" if record.condition_met else ""
+            self.say(
+                f"fault {number}/{self.config.faults} {kind} {record.target}{during}; "
+                f"{recovery}; {len(self.ledger)} jobs acknowledged"
+            )
+            time.sleep(self.config.spacing)
+        with self._release:
+            self._faults_done = True
+            self._release.notify_all()
+
+    # -- jobs --
+
+    def submitter(self) -> None:
+        config = self.config
+        with Client(
+            self.cluster.addresses, user="soak", timeout=10.0, reconnect_timeout=180.0
+        ) as client:
+            for number in range(config.jobs):
+                with self._release:
+                    while number >= release_quota(
+                        config.jobs, config.faults, self._started, self._faults_done
+                    ):
+                        self._release.wait()
+                options = job_options(number)
+                try:
+                    handle = client.submit(f"soak job {number}: a lighthouse", **options)
+                except SdmeshError as error:
+                    self.submit_errors.append(f"job {number}: {error}")
+                    self.say(f"submit {number} failed: {error}")
+                    continue
+                self.ledger[handle.id] = options.get("batch_size", 1)
+                time.sleep(0.15)
+
+    def wait_terminal(self, deadline: float) -> None:
+        pending = list(self.ledger)
+        last_report = 0.0
+        while pending and time.monotonic() < deadline:
+            still = []
+            for job_id in pending:
+                try:
+                    job = self.client.get_job(job_id)
+                except NotFoundError:
+                    still.append(job_id)
+                    continue
+                except SdmeshError:
+                    still.append(job_id)
+                    continue
+                if job.state not in TERMINAL:
+                    still.append(job_id)
+            pending = still
+            if pending and time.monotonic() - last_report > 10:
+                self.say(f"waiting for {len(pending)} jobs to end")
+                last_report = time.monotonic()
+            if pending:
+                time.sleep(1.0)
+
+    def finals(self) -> dict[str, FinalJob | None]:
+        out: dict[str, FinalJob | None] = {}
+        for job_id in self.ledger:
+            try:
+                job = self.client.get_job(job_id)
+            except NotFoundError:
+                out[job_id] = None
+                continue
+            out[job_id] = FinalJob(job.state, job.attempt)
+        return out
+
+
+def read_database(url: str, ledger: Iterable[str]) -> tuple[list[ImageRow], dict[str, Any]]:
+    """The images table, and facts for the report: attempt outcomes and jobs
+    the database holds that the ledger does not."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = [
+                ImageRow(str(job_id), int(idx), int(attempt), str(path))
+                for job_id, idx, attempt, path in conn.exec_driver_sql(
+                    "SELECT job_id, idx, attempt, path FROM images"
+                )
+            ]
+            outcomes = {
+                str(outcome): int(count)
+                for outcome, count in conn.exec_driver_sql(
+                    "SELECT COALESCE(outcome, 'running'), COUNT(*) FROM attempts GROUP BY 1"
+                )
+            }
+            states = {
+                str(state): int(count)
+                for state, count in conn.exec_driver_sql(
+                    "SELECT state, COUNT(*) FROM jobs GROUP BY 1"
+                )
+            }
+            stored = {str(job_id) for (job_id,) in conn.exec_driver_sql("SELECT id FROM jobs")}
+            epoch = conn.exec_driver_sql("SELECT MAX(epoch) FROM leader").scalar()
+    finally:
+        engine.dispose()
+    facts: dict[str, Any] = {
+        "attempt_outcomes": outcomes,
+        "job_states_in_database": states,
+        "unacknowledged_jobs": sorted(stored - set(ledger)),
+        "leader_epoch": epoch,
+    }
+    return rows, facts
+
+
+def read_disk(root: Path) -> dict[str, list[str]]:
+    """Per images directory (the shared one that LocalCluster gives
+    replicas, and each replica's own under its data dir), its files."""
+    dirs = [root / "images"]
+    dirs += [root / data_dir(index) / "images" for index in range(REPLICAS)]
+    return {
+        images.relative_to(root).as_posix(): sorted(
+            p.relative_to(images).as_posix() for p in images.rglob("*") if p.is_file()
+        )
+        for images in dirs
+        if images.is_dir()
+    }
+
+
+def data_dir(index: int) -> str:
+    """A replica's data dir under the cluster root, as LocalCluster names it."""
+    return "scheduler" if index == 0 else f"scheduler-{index}"
+
+
+def log_findings(root: Path) -> dict[str, dict[str, Any]]:
+    """Per log: how many tracebacks and ERROR/CRITICAL lines, and the first few."""
+    findings: dict[str, dict[str, Any]] = {}
+    for log in sorted(root.glob("*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        bad = [
+            line for line in lines if "Traceback" in line or " ERROR " in line or "CRITICAL" in line
+        ]
+        if bad:
+            findings[log.name] = {"count": len(bad), "first": bad[:5]}
+    return findings
+
+
+def source_version() -> str:
+    """The commit the processes ran, and whether the tree differed from it."""
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no")
+    return f"{commit} (uncommitted changes)" if dirty else commit
+
+
+def summary(result: dict[str, Any]) -> str:
+    kinds = ", ".join(f"{k} {v}" for k, v in result["faults_by_kind"].items())
+    lines = [
+        f"jobs:   {result['submitted']} submitted, {result['succeeded']} succeeded, "
+        f"{result['failed']} failed or cancelled, {result['lost']} lost, "
+        f"{result['duplicated']} duplicated, {result['reexecuted']} re-executed",
+        f"images: {result['image_mismatch']} mismatched sets, {result['stray_files']} stray "
+        f"files, {result['missing_files']} missing files",
+        f"faults: {result['faults_injected']} ({kinds}); "
+        f"{result['faults_while_running']} fired while a job ran",
+        f"time:   {result['wall_seconds']:.0f} s in all, faults over "
+        f"{result['fault_seconds']:.0f} s, drain {result['drain_seconds']:.0f} s",
+    ]
+    if result["submit_errors"]:
+        lines.append(f"submit errors: {len(result['submit_errors'])}")
+    if result["unexpected_exits"]:
+        lines.append(f"unexpected exits: {len(result['unexpected_exits'])}")
+    return "\n".join(lines)
+
+
+def run(config: Config, output: Path) -> int:
+    start = time.monotonic()
+    version = source_version()
+    root = Path(tempfile.mkdtemp(prefix="sdmesh-soak-"))
+    _say(start, f"process logs in {root}")
+    with ThrowawayPostgres() as pg:
+        cluster = LocalCluster(
+            root, db_url=pg.url, replicas=REPLICAS, scheduler_args=SCHEDULER_ARGS
+        )
+        soak = Soak(config, cluster)
+        soak.start = start
+        submitter = threading.Thread(target=soak.submitter, name="submitter", daemon=True)
+        try:
+            soak.boot()
+            faults_start = time.monotonic()
+            submitter.start()
+            soak.fault_loop()
+            submitter.join()
+            fault_seconds = time.monotonic() - faults_start
+            soak.say(f"faults done; {len(soak.ledger)} jobs acknowledged; waiting for them to end")
+            drain_start = time.monotonic()
+            budget_end = start + config.minutes * 60
+            soak.wait_terminal(max(budget_end, drain_start + 180))
+            drain_seconds = time.monotonic() - drain_start
+            finals = soak.finals()
+        finally:
+            cluster.stop()
+            soak.client.close()
+            if pg.log.exists():
+                shutil.copy(pg.log, root / "postgres.log.txt")
+        rows, facts = read_database(pg.url, soak.ledger)
+    verdict = audit(soak.ledger, finals, rows, read_disk(root))
+    wall = time.monotonic() - start
+    by_kind = Counter(record.kind for record in soak.faults)
+    result: dict[str, Any] = {
+        "submitted": verdict.submitted,
+        "succeeded": verdict.succeeded,
+        "failed": verdict.failed,
+        "lost": verdict.lost,
+        "duplicated": verdict.duplicated,
+        "reexecuted": verdict.reexecuted,
+        "faults_injected": len(soak.faults),
+        "faults_by_kind": {kind: by_kind[kind] for kind in KINDS},
+        "faults_while_running": sum(record.condition_met for record in soak.faults),
+        "image_mismatch": verdict.image_mismatch,
+        "stray_files": verdict.stray_files,
+        "missing_files": verdict.missing_files,
+        "wall_seconds": round(wall, 1),
+        "fault_seconds": round(fault_seconds, 1),
+        "drain_seconds": round(drain_seconds, 1),
+        "config": asdict(config),
+        "source": version,
+        "details": {
+            "lost": verdict.lost_jobs,
+            "failed": verdict.failed_jobs,
+            "duplicated": verdict.duplicated_jobs,
+            "image_mismatch": verdict.mismatched_jobs,
+            "reexecuted": verdict.reexecuted_jobs,
+            "stray_files": verdict.stray,
+            "missing_files": verdict.missing,
+            **facts,
+        },
+        "faults": [asdict(record) for record in soak.faults],
+        "submit_errors": soak.submit_errors,
+        "unexpected_exits": soak.unexpected_exits,
+        "log_findings": log_findings(root),
+        "logs": str(root),
+    }
+    print(summary(result))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {output}; process logs in {root}")
+    if not verdict.ok:
+        print(
+            f"FAILED: {verdict.lost} lost, {verdict.duplicated} duplicated, "
+            f"{verdict.image_mismatch} mismatched image sets",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--jobs", type=int, default=200)
+    parser.add_argument("--faults", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--minutes", type=float, default=10.0, help="time budget for the run")
+    parser.add_argument("--step-delay", type=float, default=0.3, help="agents' seconds per step")
+    parser.add_argument("--spacing", type=float, default=1.0, help="seconds between faults")
+    parser.add_argument("--output", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    config = Config(
+        jobs=args.jobs,
+        faults=args.faults,
+        seed=args.seed,
+        minutes=args.minutes,
+        step_delay=args.step_delay,
+        spacing=args.spacing,
+        agent_pause=LEASE_SECONDS + 1.5,
+        leader_pause=LEASE_SECONDS + 2.0,
+        restart_delay=1.0,
+        condition_timeout=15.0,
+        recovery_timeout=90.0,
+    )
+    sys.exit(run(config, args.output))
+
+
+if __name__ == "__main__":
+    main()
