@@ -124,7 +124,7 @@ def test_a_user_with_one_job_is_not_stuck_behind_another_users_fifty(cluster: Lo
     # A dispatch pass that read the queue just before Bob's job was committed
     # may still bind Alice's jobs to the GPU's two slots; nothing after it.
     ahead = [j for j in waiting if assigned[j.id] < assigned[bob_job.id]]
-    assert len(ahead) <= 2, f"{len(ahead)} of alice's queued jobs went before bob's
+    assert len(ahead) <= 2, f"{len(ahead)} of alice's queued jobs went before bob's"
     bound_before = [
         j
         for j in jobs
