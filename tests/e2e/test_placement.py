@@ -120,7 +120,7 @@ def test_a_user_with_one_job_is_not_stuck_behind_another_users_fifty(cluster: Lo
     never = submitted_at.replace(year=9999)  # still queued: assigned after anything
     assigned = {j.id: j.attempts[0].assigned_at if j.attempts else never for j in [*jobs, bob_job]}
     waiting = [j for j in jobs if assigned[j.id] > submitted_at]
-    assert len(waiting) > 40, "alice's queue was nearly empty before bob submitted"
+    assert len(waiting) >= 10, "alice's queue was nearly empty before bob submitted"
     # A dispatch pass that read the queue just before Bob's job was committed
     # may still bind Alice's jobs to the GPU's two slots; nothing after it.
     ahead = [j for j in waiting if assigned[j.id] < assigned[bob_job.id]]
