@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from bench.soak import (
+from bench.soak_audit import (
     KINDS,
     FinalJob,
     ImageRow,
