@@ -34,13 +34,17 @@ def images(cluster: LocalCluster) -> list[Path]:
     return [cluster.root / "images", cluster.root / "scheduler" / "images"]
 
 
-def test_a_killed_agent_s_job_completes_on_another(chaos: Chaos) -> None:
+def one_job_on_two_agents(chaos: Chaos) -> tuple[LocalCluster, Ledger, str]:
     cluster, ledger = chaos()
     cluster.start_scheduler()
     for name in ("agent-a", "agent-b"):
         cluster.start_agent(name, *AGENT_ARGS)
     cluster.wait_for_nodes(2)
-    job_id = ledger.submit()
+    return cluster, ledger, ledger.submit()
+
+
+def test_a_killed_agent_s_job_completes_on_another(chaos: Chaos) -> None:
+    cluster, ledger, job_id = one_job_on_two_agents(chaos)
     victim = running_on(ledger, job_id)
     agent_named(cluster, victim).kill()
     ledger.check(images(cluster))
@@ -51,12 +55,7 @@ def test_a_killed_agent_s_job_completes_on_another(chaos: Chaos) -> None:
 
 
 def test_a_paused_agent_s_late_result_is_refused(chaos: Chaos) -> None:
-    cluster, ledger = chaos()
-    cluster.start_scheduler()
-    for name in ("agent-a", "agent-b"):
-        cluster.start_agent(name, *AGENT_ARGS)
-    cluster.wait_for_nodes(2)
-    job_id = ledger.submit()
+    cluster, ledger, job_id = one_job_on_two_agents(chaos)
     victim = agent_named(cluster, running_on(ledger, job_id))
     victim.send(signal.SIGSTOP)
     wait_until(lambda: ledger.job(job_id).attempt >= 2, "the job to move on")
