@@ -20,7 +20,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field, replace
-from importlib import metadata
 from pathlib import Path
 
 import grpc
@@ -41,6 +40,7 @@ from scheduler.convert import (
     spec_from_proto,
 )
 from scheduler.domain import AttemptOutcome, DeviceInfo, DeviceStats, NodeInfo
+from scheduler.replica import package_version
 from scheduler.waiting import wait_event
 
 log = logging.getLogger(__name__)
@@ -55,13 +55,6 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 ]
-
-
-def agent_version() -> str:
-    try:
-        return metadata.version("sdmesh")
-    except metadata.PackageNotFoundError:
-        return "dev"
 
 
 @dataclass(frozen=True)
@@ -154,7 +147,7 @@ class Agent:
             node_id=self.identity.node_id,
             name=self.identity.name,
             hostname=socket.gethostname(),
-            agent_version=agent_version(),
+            agent_version=package_version(),
             devices=tuple(self.devices),
             models=tuple(model.info for model in self.catalog.models.values()),
             labels=dict(self.config.labels),

@@ -21,7 +21,8 @@ def load_replica_id(data_dir: Path) -> str:
     return replica_id
 
 
-def scheduler_version() -> str:
+def package_version() -> str:
+    """sdmesh's installed version; agents report it too."""
     try:
         return metadata.version("sdmesh")
     except metadata.PackageNotFoundError:

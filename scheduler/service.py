@@ -34,7 +34,7 @@ from scheduler.domain import Job, Progress
 from scheduler.errors import FailedPrecondition, InvalidArgument, NotFound
 from scheduler.placement import demand_for, unresolvable
 from scheduler.principal import current_principal
-from scheduler.replica import ReplicaState, scheduler_version
+from scheduler.replica import ReplicaState, package_version
 from scheduler.runtime import Runtime, UsesRuntime
 from scheduler.spec import MAX_SEED, JobSpec, resolve
 from scheduler.states import JobState
@@ -343,7 +343,7 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
             epoch=replica.epoch,
             replica_id=replica.replica_id,
             leader_address=replica.address if replica.leading else replica.leader_address,
-            version=scheduler_version(),
+            version=package_version(),
         )
 
     async def ListModels(
