@@ -12,13 +12,14 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 import weakref
 from pathlib import Path
 from types import TracebackType
+
+from tests.processes import free_port
 
 # fsync=off: committed data survives a crash of PostgreSQL (the OS still has
 # it), just not one of the machine.
@@ -29,12 +30,6 @@ SETTINGS = {
     "max_connections": "100",
 }
 START_TIMEOUT = 60
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def bin_dir() -> Path | None:
