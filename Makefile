@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: venv demo test test-fast lint format protos clean
+.PHONY: venv demo test lint format protos bench clean
 
 venv: $(STAMP)
 
@@ -27,13 +27,19 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+# Every benchmark, each a side-by-side comparison that writes bench/results/NAME.json.
+bench: $(STAMP)
+	$(PY) -m bench.placement
+	$(PY) -m bench.soak
+
 protos: $(STAMP)
 	$(PY) -m protos.codegen
 
 clean:
-	rm -rf $(VENV) outputs .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) outputs .mypy_cache .ruff_cache .pytest_cache .import_linter_cache

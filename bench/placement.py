@@ -34,6 +34,11 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
+if __package__ in (None, ""):
+    # Run as a file (`python bench/NAME.py`): make the repository importable,
+    # as `python -m bench.NAME` does.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from bench.simulation import (
     GIB,
     Engine,
@@ -47,13 +52,15 @@ from bench.simulation import (
     SimJob,
 )
 from gpu_node.profiles import PROFILES, run_seconds
-from scheduler.cluster import Cluster, NodeSession
+from scheduler.attempts import ActiveAttempt, bound, count_by_owner
+from scheduler.cluster import Cluster
 from scheduler.dispatcher import queue_demands
-from scheduler.domain import DeviceInfo, DeviceStats, Job, ModelInfo, NodeInfo
+from scheduler.domain import Job
 from scheduler.estimator import EstimateBook
 from scheduler.placement import Placed, plan, shape_of
-from scheduler.spec import JobSpec, MemoryMode
 from scheduler.states import JobState
+from sdmesh.domain import DeviceInfo, DeviceStats, ModelInfo, NodeInfo
+from sdmesh.spec import JobSpec, MemoryMode
 
 CARDS = [(80, 2.0), (24, 1.0), (24, 1.0), (12, 0.5), (12, 0.5)]
 CLASSES = [("sd15", 512, 20, 0.6), ("sdxl", 1024, 30, 0.3), ("flux", 1024, 28, 0.1)]
@@ -114,7 +121,9 @@ class Sdmesh:
         self.book = EstimateBook()
         self.cluster = Cluster()
         models = tuple(ModelInfo(m, PROFILES[m].weight_bytes, "float16") for m, *_ in CLASSES)
-        self.sessions: dict[int, NodeSession] = {}
+        # What each simulated node holds, as the scheduler's attempts' owner
+        # keeps it: node id -> job id -> attempt.
+        self.held: dict[str, dict[str, ActiveAttempt]] = {}
         for gpu in engine.gpus:
             info = NodeInfo(
                 f"g{gpu.index}",
@@ -132,7 +141,8 @@ class Sdmesh:
                 ),
                 models,
             )
-            self.sessions[gpu.index] = self.cluster.connect(info, 0.0)
+            self.cluster.connect(info, 0.0)
+            self.held[info.node_id] = {}
         self.queued: dict[str, Job] = {}
         self.sim_jobs: dict[str, SimJob] = {}
         self.learned_shapes: set[tuple[str, int, int, MemoryMode]] = set()
@@ -168,29 +178,33 @@ class Sdmesh:
             self._report(gpu)
         if not self.queued:
             return
+        held = {node_id: list(attempts.values()) for node_id, attempts in self.held.items()}
+        by_owner = count_by_owner(a for attempts in held.values() for a in attempts)
         decisions = plan(
-            queue_demands(list(self.queued.values()), self.cluster, self.book, now),
-            self.cluster.gpu_views(now),
+            queue_demands(
+                list(self.queued.values()), self.cluster.models(), by_owner, self.book, now
+            ),
+            self.cluster.gpu_views(now, held),
         )
         for demand, decision in decisions:
             if not isinstance(decision, Placed):
                 continue
             job = self.queued.pop(demand.job_id)
             gpu = self.engine.gpus[int(decision.gpu.node_id[1:])]
-            self.sessions[gpu.index].bind(job, job.attempt + 1, decision, now)
+            self.held[f"g{gpu.index}"][job.id] = bound(job, job.attempt + 1, decision, now)
             run = Run(self.sim_jobs[job.id], decision.need.mode, decision.need.vram_bytes)
             self.engine.bind(gpu, run)
             self._started(gpu)
 
     def _started(self, gpu: SimGpu) -> None:
         if gpu.running is not None:
-            active = self.sessions[gpu.index].attempts.get(gpu.running.job.id)
+            active = self.held[f"g{gpu.index}"].get(gpu.running.job.id)
             if active is not None and active.started_at is None:
                 active.started_at = self.engine.now
 
     def finished(self, outcome: Outcome) -> None:
         gpu, run = outcome.gpu, outcome.run
-        active = self.sessions[gpu.index].attempts.pop(run.job.id)
+        active = self.held[f"g{gpu.index}"].pop(run.job.id)
         key = shape_of(active.spec).key(run.mode)
         if outcome.out_of_memory and key in self.learned_shapes:
             self.oom_after_learning += 1

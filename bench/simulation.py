@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from gpu_node.profiles import CUDA_CONTEXT_BYTES, PROFILES, run_seconds, true_peak
 from scheduler.estimator import MODES
-from scheduler.spec import MemoryMode
-from scheduler.speeds import SpeedTable
+from sdmesh.spec import MemoryMode
+from sdmesh.speeds import SpeedTable
 
 GIB = 2**30
 

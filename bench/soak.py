@@ -63,6 +63,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+if __package__ in (None, ""):
+    # Run as a file (`python bench/NAME.py`): make the repository importable,
+    # as `python -m bench.NAME` does.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from bench.soak_audit import (
     KINDS,
     REPLICAS,
@@ -77,8 +82,9 @@ from bench.soak_audit import (
     summary,
 )
 from client import Client, NotFoundError, SdmeshError
-from tests.chaos.pgserver import ThrowawayPostgres
-from tests.processes import LocalCluster, Process
+from harness.pgserver import ThrowawayPostgres
+from harness.processes import LocalCluster, Process
+from harness.waiting import until
 
 LEASE_SECONDS = 3.0
 SCHEDULER_ARGS = ("--lease", f"{LEASE_SECONDS:g}s", "--progress-deadline", "10s")
@@ -180,19 +186,23 @@ class Soak:
 
     def leader(self, timeout: float = 30.0) -> int | None:
         """The index of the replica whose GetHealth says it leads."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for index, port in enumerate(self.cluster.ports):
-                process = self.replicas.get(index)
-                if process is None or not process.alive:
-                    continue
-                try:
-                    health = self.client.health(f"{self.cluster.connect_host}:{port}")
-                except SdmeshError:
-                    continue
-                if health.leader:
-                    return index
-            time.sleep(0.2)
+        try:
+            return until(self._leading, "a replica to lead", done=lambda i: i is not None,
+                         timeout=timeout, interval=0.2)  # fmt: skip
+        except AssertionError:
+            return None
+
+    def _leading(self) -> int | None:
+        for index, port in enumerate(self.cluster.ports):
+            process = self.replicas.get(index)
+            if process is None or not process.alive:
+                continue
+            try:
+                health = self.client.health(f"{self.cluster.connect_host}:{port}")
+            except SdmeshError:
+                continue
+            if health.leader:
+                return index
         return None
 
     def running_job(self, agent: bool) -> tuple[str, str] | None:
@@ -200,21 +210,22 @@ class Soak:
         the condition timeout. For agent faults, a job that earlier agent
         faults hit least: a job whose node is lost three times fails by
         design (--max-attempts), which says nothing about the scheduler."""
-        deadline = time.monotonic() + self.config.condition_timeout
-        while time.monotonic() < deadline:
-            try:
-                jobs = self.client.list_jobs(states=["RUNNING"], limit=100)
-            except SdmeshError:
-                jobs = []
+
+        def candidates() -> list[tuple[str, str]]:
+            jobs = self.client.list_jobs(states=["RUNNING"], limit=100)
             found = sorted((job.id, job.node_name) for job in jobs if job.node_name in AGENTS)
             if agent:
                 found = [(j, n) for j, n in found if self.agents[n].alive]
                 fewest = min((self.hit[j] for j, _ in found), default=0)
                 found = [(j, n) for j, n in found if self.hit[j] == fewest]
-            if found:
-                return self.rng.choice(found)
-            time.sleep(0.2)
-        return None
+            return found
+
+        try:
+            found = until(candidates, "a running job", timeout=self.config.condition_timeout,
+                          interval=0.2)  # fmt: skip
+        except AssertionError:
+            return None
+        return self.rng.choice(found)
 
     def recovered(self) -> bool:
         self.restart_unexpected()
@@ -297,12 +308,13 @@ class Soak:
             self.inject(record)
             self.faults.append(record)
             fired = time.monotonic()
-            deadline = fired + self.config.recovery_timeout
-            while time.monotonic() < deadline:
-                if self.recovered():
-                    record.recovery_seconds = time.monotonic() - fired
-                    break
-                time.sleep(0.3)
+            try:
+                until(
+                    self.recovered, "recovery", timeout=self.config.recovery_timeout, interval=0.3
+                )
+                record.recovery_seconds = time.monotonic() - fired
+            except AssertionError:
+                pass  # recorded as not recovered
             recovery = (
                 "not recovered"
                 if record.recovery_seconds is None

@@ -15,15 +15,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 import grpc
 from grpc import aio
 
-from client._config import (
-    DEFAULT_RECONNECT_TIMEOUT,
-    FIRST_BACKOFF,
-    MAX_BACKOFF,
-    USER_METADATA_KEY,
-    Backoff,
-    resolve_addresses,
-    resolve_user,
-)
+from client._config import DEFAULT_RECONNECT_TIMEOUT, resolve_addresses, resolve_user
 from client._errors import (
     EndedEarly,
     InvalidArgumentError,
@@ -46,16 +38,20 @@ from client._models import (
     event_from_proto,
 )
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from sdmesh.convert import image_from_proto, spec_request_to_proto
+from sdmesh.spec import MemoryMode, SpecRequest
+from sdmesh.wire import (
+    CLIENT_FIRST_BACKOFF_SECONDS,
+    CLIENT_MAX_BACKOFF_SECONDS,
+    USER_METADATA_KEY,
+    Backoff,
+    client_channel_options,
+    open_channel,
+)
 
 if TYPE_CHECKING:
     from protos.scheduler_pb2_grpc import SchedulerAsyncStub
 
-MEMORY_MODES = {
-    "auto": common_pb2.MEMORY_MODE_AUTO,
-    "full": common_pb2.MEMORY_MODE_FULL,
-    "model_offload": common_pb2.MEMORY_MODE_MODEL_OFFLOAD,
-    "sequential_offload": common_pb2.MEMORY_MODE_SEQUENTIAL_OFFLOAD,
-}
 JOB_STATES = {
     common_pb2.JobState.Name(value).removeprefix("JOB_STATE_"): value
     for value in common_pb2.JobState.values()
@@ -65,8 +61,9 @@ T = TypeVar("T")
 
 
 class SubmitOptions(TypedDict, total=False):
-    """What a job can ask for besides its prompt; see JobSpec in
-    protos/common.proto for defaults and limits."""
+    """What a job can ask for besides its prompt: the fields of
+    `sdmesh.spec.SpecRequest`, whose module holds their defaults and limits
+    (tests/test_contract.py keeps the two in step)."""
 
     negative_prompt: str
     model: str
@@ -78,32 +75,33 @@ class SubmitOptions(TypedDict, total=False):
     sampler_name: str
     batch_size: int
     priority: int  # -100..100, higher first
-    memory_mode: str  # auto, full, model_offload, sequential_offload
+    memory_mode: str | MemoryMode  # auto, full, model_offload, sequential_offload
     labels: Mapping[str, str]
     selector: Mapping[str, str]  # only nodes with all these labels take the job
     request_id: str
 
 
-# Left unset when not given, so that the scheduler applies its defaults.
-OPTIONAL_SPEC_FIELDS = (
-    "model",
-    "width",
-    "height",
-    "steps",
-    "cfg_scale",
-    "seed",
-    "sampler_name",
-    "batch_size",
-)
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 30_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # gRPC's own reconnect backoff grows to two minutes; a scheduler that
-    # comes back should be found within our own backoff's cap.
-    ("grpc.initial_reconnect_backoff_ms", int(FIRST_BACKOFF * 1000)),
-    ("grpc.max_reconnect_backoff_ms", int(MAX_BACKOFF * 1000)),
-]
 OnRetry = Callable[[str, SdmeshError], None]
+
+
+def spec_request(prompt: str, options: SubmitOptions) -> SpecRequest:
+    """The spec as submitted, with a request id made here unless given: the
+    same id goes out on every retry. Options left out (or None) take the
+    scheduler's defaults."""
+    values: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
+    mode = values.get("memory_mode", MemoryMode.AUTO)
+    try:
+        values["memory_mode"] = MemoryMode(mode)
+    except ValueError:
+        allowed = ", ".join(m.value for m in MemoryMode)
+        raise InvalidArgumentError(f"memory_mode: must be one of {allowed}, got {mode!r}") from None
+    values["request_id"] = values.get("request_id") or uuid.uuid4().hex
+    for name in ("labels", "selector"):
+        values[name] = dict(values.get(name) or {})
+    try:
+        return SpecRequest(prompt=prompt, **values)
+    except TypeError as exc:  # an option SpecRequest does not have
+        raise InvalidArgumentError(f"submit: {exc}") from None
 
 
 class _Retries:
@@ -119,7 +117,7 @@ class _Retries:
         self._since: float | None = None
         self._in_pass = 0
         self._anybody_there = False
-        self._backoff = Backoff()
+        self._backoff = Backoff(CLIENT_FIRST_BACKOFF_SECONDS, CLIENT_MAX_BACKOFF_SECONDS)
 
     def succeeded(self) -> None:
         if self._since is not None:
@@ -210,7 +208,7 @@ class AsyncClient:
     def _stub(self, address: str) -> SchedulerAsyncStub:
         """The stub for one address; its channel is made on first use."""
         if address not in self._channels:
-            channel = aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = open_channel(address, client_channel_options())
             self._channels[address] = (channel, scheduler_pb2_grpc.SchedulerStub(channel))
         return self._channels[address][1]
 
@@ -260,25 +258,9 @@ class AsyncClient:
         """Queues a job; options left out take the A1111 defaults on the
         scheduler. Its request id is made once here and sent on every retry,
         so a retry whose first reply was lost returns the same job."""
-        memory_mode = options.get("memory_mode", "auto")
-        if memory_mode not in MEMORY_MODES:
-            raise InvalidArgumentError(
-                f"memory_mode: must be one of {', '.join(MEMORY_MODES)}, got {memory_mode!r}"
-            )
-        spec = common_pb2.JobSpec(
-            prompt=prompt,
-            negative_prompt=options.get("negative_prompt") or "",
-            priority=options.get("priority") or 0,
-            memory_mode=MEMORY_MODES[memory_mode],
-            request_id=options.get("request_id") or uuid.uuid4().hex,
-            labels=dict(options.get("labels") or {}),
-            selector=dict(options.get("selector") or {}),
+        request = scheduler_pb2.SubmitJobRequest(
+            spec=spec_request_to_proto(spec_request(prompt, options))
         )
-        for name in OPTIONAL_SPEC_FIELDS:
-            value = options.get(name)
-            if value is not None:
-                setattr(spec, name, value)
-        request = scheduler_pb2.SubmitJobRequest(spec=spec)
         _, response = await self._call(lambda s: s.SubmitJob, request, lost_reply=True)
         return AsyncJobHandle(self, Job.from_proto(response.job))
 
@@ -373,7 +355,7 @@ class AsyncClient:
             try:
                 async for chunk in call:
                     if chunk.HasField("info"):
-                        info = ImageInfo.from_proto(chunk.info)
+                        info = image_from_proto(chunk.info)
                     data += chunk.data
             except grpc.RpcError as error:
                 await self._retry_or_raise(retries, address, error)

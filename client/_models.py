@@ -1,5 +1,7 @@
 """What the SDK returns: plain dataclasses, converted from protobuf here and
-nowhere else in the client."""
+nowhere else in the client. A job's spec, its images' metadata and its
+progress are the contract's own types (`sdmesh.domain`, `sdmesh.spec`), as
+the scheduler and agents use them."""
 
 from __future__ import annotations
 
@@ -11,6 +13,33 @@ from typing import Any
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos import common_pb2, scheduler_pb2
+from sdmesh.convert import (
+    image_from_proto,
+    memory_mode_from_proto,
+    progress_from_proto,
+    spec_from_proto,
+)
+from sdmesh.domain import ImageInfo, Progress
+from sdmesh.spec import JobSpec, MemoryMode
+
+__all__ = [
+    "Attempt",
+    "Device",
+    "Event",
+    "Health",
+    "Image",
+    "ImageEvent",
+    "ImageInfo",
+    "Job",
+    "JobSpec",
+    "Model",
+    "Node",
+    "PreviewEvent",
+    "Progress",
+    "ProgressEvent",
+    "StateEvent",
+    "event_from_proto",
+]
 
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
@@ -19,75 +48,12 @@ def state_name(value: int) -> str:
     return common_pb2.JobState.Name(value).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
 
 
-def memory_mode_name(value: int) -> str:
-    return common_pb2.MemoryMode.Name(value).removeprefix("MEMORY_MODE_").lower()  # type: ignore[arg-type]
-
-
 def _time(stamp: Timestamp) -> datetime:
     return stamp.ToDatetime(tzinfo=UTC)
 
 
 def _optional_time(message: Any, name: str) -> datetime | None:
     return _time(getattr(message, name)) if message.HasField(name) else None
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    prompt: str
-    negative_prompt: str
-    model: str
-    width: int
-    height: int
-    steps: int
-    cfg_scale: float
-    seed: int
-    sampler_name: str
-    batch_size: int
-    priority: int
-    memory_mode: str
-    request_id: str
-    labels: dict[str, str]
-    selector: dict[str, str]
-
-    @classmethod
-    def from_proto(cls, spec: common_pb2.JobSpec) -> JobSpec:
-        return cls(
-            prompt=spec.prompt,
-            negative_prompt=spec.negative_prompt,
-            model=spec.model,
-            width=spec.width,
-            height=spec.height,
-            steps=spec.steps,
-            cfg_scale=spec.cfg_scale,
-            seed=spec.seed,
-            sampler_name=spec.sampler_name,
-            batch_size=spec.batch_size,
-            priority=spec.priority,
-            memory_mode=memory_mode_name(spec.memory_mode),
-            request_id=spec.request_id,
-            labels=dict(spec.labels),
-            selector=dict(spec.selector),
-        )
-
-    @property
-    def seeds(self) -> list[int]:
-        return [self.seed + i for i in range(self.batch_size)]
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    index: int
-    seed: int
-    sha256: str
-    size_bytes: int
-    width: int
-    height: int
-
-    @classmethod
-    def from_proto(cls, image: common_pb2.ImageInfo) -> ImageInfo:
-        return cls(
-            image.index, image.seed, image.sha256, image.size_bytes, image.width, image.height
-        )
 
 
 @dataclass(frozen=True)
@@ -103,12 +69,6 @@ class Image:
 
 
 @dataclass(frozen=True)
-class Progress:
-    step: int
-    total_steps: int
-
-
-@dataclass(frozen=True)
 class Attempt:
     """One dispatch of a job: where, why, and its profile (as Forge's
     --profile reports it)."""
@@ -117,7 +77,7 @@ class Attempt:
     node_id: str
     node_name: str
     gpu_index: int
-    memory_mode: str
+    memory_mode: MemoryMode
     outcome: str  # "" while it runs
     reason: str
     placement: str  # why this GPU
@@ -137,7 +97,7 @@ class Attempt:
             node_id=attempt.node_id,
             node_name=attempt.node_name,
             gpu_index=attempt.gpu_index,
-            memory_mode=memory_mode_name(attempt.memory_mode),
+            memory_mode=memory_mode_from_proto(attempt.memory_mode),
             outcome=attempt.outcome,
             reason=attempt.reason,
             placement=attempt.placement,
@@ -164,7 +124,7 @@ class Job:
     node_id: str
     node_name: str
     gpu_index: int
-    memory_mode: str
+    memory_mode: MemoryMode
     reason: str
     images: list[ImageInfo]
     created_at: datetime
@@ -188,25 +148,21 @@ class Job:
             id=job.id,
             state=state_name(job.state),
             owner=job.owner,
-            spec=JobSpec.from_proto(job.spec),
+            spec=spec_from_proto(job.spec),
             attempt=job.attempt,
             failures=job.failures,
             max_attempts=job.max_attempts,
             node_id=job.node_id,
             node_name=job.node_name,
             gpu_index=job.gpu_index,
-            memory_mode=memory_mode_name(job.memory_mode),
+            memory_mode=memory_mode_from_proto(job.memory_mode),
             reason=job.reason,
-            images=[ImageInfo.from_proto(image) for image in job.images],
+            images=[image_from_proto(image) for image in job.images],
             created_at=_time(job.created_at),
             updated_at=_time(job.updated_at),
             started_at=_optional_time(job, "started_at"),
             finished_at=_optional_time(job, "finished_at"),
-            progress=(
-                Progress(job.progress.step, job.progress.total_steps)
-                if job.HasField("progress")
-                else None
-            ),
+            progress=progress_from_proto(job.progress) if job.HasField("progress") else None,
             attempts=[Attempt.from_proto(attempt) for attempt in job.attempts],
         )
 
@@ -263,7 +219,7 @@ def event_from_proto(event: common_pb2.JobEvent) -> Event:
         s = event.state
         return StateEvent(*base, state_name(s.state), s.reason, s.node_id, s.node_name, s.gpu_index)
     if kind == "image":
-        return ImageEvent(*base, ImageInfo.from_proto(event.image))
+        return ImageEvent(*base, image_from_proto(event.image))
     if kind == "progress":
         return ProgressEvent(*base, event.progress.step, event.progress.total_steps)
     p = event.preview

@@ -14,64 +14,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field, replace
-from pathlib import Path
+from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 from grpc import aio
 
 from gpu_node.catalog import Catalog
-from gpu_node.identity import DataDirLock, Identity, load_identity
+from gpu_node.config import AgentConfig
+from gpu_node.identity import Identity, load_identity
 from gpu_node.journal import Journal
-from gpu_node.messages import job_updates
 from gpu_node.pipelines import quiet_libraries
 from gpu_node.probe import Probe, detect_probe, host_memory
-from gpu_node.runner import DeviceWorker, Ended, HealthResult, Task, WorkerEvent
+from gpu_node.runner import DeviceWorker, HealthResult, Task
+from gpu_node.simulated import SimulatedProbe, parse_models
 from protos import agent_pb2, agent_pb2_grpc
-from scheduler.convert import (
+from sdmesh.convert import (
     device_stats_to_proto,
     hello_to_proto,
     memory_mode_from_proto,
     spec_from_proto,
+    update_to_protos,
 )
-from scheduler.domain import AttemptOutcome, DeviceInfo, DeviceStats, NodeInfo
-from scheduler.replica import package_version
-from scheduler.waiting import wait_event
+from sdmesh.datadir import DataDirLock
+from sdmesh.domain import AttemptOutcome, AttemptUpdate, DeviceInfo, DeviceStats, Ended, NodeInfo
+from sdmesh.waiting import wait_event
+from sdmesh.wire import (
+    AGENT_FIRST_BACKOFF_SECONDS,
+    AGENT_MAX_BACKOFF_SECONDS,
+    Backoff,
+    agent_channel_options,
+    is_standby,
+    open_channel,
+    package_version,
+)
 
 log = logging.getLogger(__name__)
 
-FIRST_BACKOFF_SECONDS = 0.25
-MAX_BACKOFF_SECONDS = 5.0
 DEFAULT_LEASE_SECONDS = 10.0
-SHUTDOWN_TIMEOUT_SECONDS = 30.0
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 5000),
-    ("grpc.keepalive_timeout_ms", 5000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-]
-
-
-@dataclass(frozen=True)
-class AgentConfig:
-    scheduler: str  # one address, or several separated by commas
-    data_dir: Path
-    models_dir: Path | None = None
-    name: str | None = None
-    labels: dict[str, str] = field(default_factory=dict)
-    gpus: tuple[int, ...] | None = None  # device indexes to use; None: all
-    synthetic_models: dict[str, int] = field(default_factory=dict)  # simulated GPUs only
-    # SIGTERM lets running jobs finish for this long, then hands them back.
-    shutdown_timeout: float = SHUTDOWN_TIMEOUT_SECONDS
-
-    @property
-    def addresses(self) -> list[str]:
-        return [part.strip() for part in self.scheduler.split(",") if part.strip()]
+Outbox = asyncio.Queue[agent_pb2.AgentMessage | None]
 
 
 def select_devices(devices: list[DeviceInfo], wanted: tuple[int, ...] | None) -> list[DeviceInfo]:
@@ -88,15 +72,8 @@ def select_devices(devices: list[DeviceInfo], wanted: tuple[int, ...] | None) ->
     return [by_index[index] for index in sorted(set(wanted))]
 
 
-def backoff_delays(
-    first: float = FIRST_BACKOFF_SECONDS, cap: float = MAX_BACKOFF_SECONDS
-) -> Iterator[float]:
-    """Exponential backoff with full jitter, so that agents that lost one
-    scheduler at the same moment do not all dial the next at once."""
-    ceiling = first
-    while True:
-        yield random.uniform(ceiling / 2, ceiling)
-        ceiling = min(ceiling * 2, cap)
+def redial_backoff() -> Backoff:
+    return Backoff(AGENT_FIRST_BACKOFF_SECONDS, AGENT_MAX_BACKOFF_SECONDS)
 
 
 class Agent:
@@ -104,18 +81,20 @@ class Agent:
         self.config = config
         self.probe = probe
         self.lock = DataDirLock(config.data_dir)
-        self.catalog = Catalog(config.data_dir, config.models_dir, config.synthetic_models)
+        self.catalog = Catalog(config.data_dir, config.models_dir, synthetic_models(config))
         self.devices: list[DeviceInfo] = []
         self.identity: Identity | None = None
         self.workers: dict[int, DeviceWorker] = {}
         self.draining = False
         self.lease_seconds = DEFAULT_LEASE_SECONDS
         self.journal = Journal(keep_seconds=2 * DEFAULT_LEASE_SECONDS)
-        self._outbox: asyncio.Queue[agent_pb2.AgentMessage | None] | None = None
+        self._outbox: Outbox | None = None
         self._live: set[tuple[str, int]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
         self._drain_timer: asyncio.TimerHandle | None = None
+        self._leaving = False  # SIGTERM: no new work, then away
+        self._no_more_work = asyncio.Event()  # the scheduler said it sends none
         self._heard = 0.0  # when the scheduler last said anything
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -162,7 +141,7 @@ class Agent:
 
     # ---- worker events (called from worker and preview threads) --------
 
-    def _emit(self, event: WorkerEvent) -> None:
+    def _emit(self, event: AttemptUpdate) -> None:
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self._deliver, event)
 
@@ -179,7 +158,7 @@ class Agent:
         if self._outbox is not None:
             self._outbox.put_nowait(message)
 
-    def _deliver(self, event: WorkerEvent) -> None:
+    def _deliver(self, event: AttemptUpdate) -> None:
         self.journal.record(event, time.monotonic(), connected=self._outbox is not None)
         if isinstance(event.body, Ended):
             self._live.discard((event.job_id, event.attempt))
@@ -193,7 +172,7 @@ class Agent:
                 f": {event.body.reason}" if event.body.reason else "",
             )
         # Not connected: the journal keeps what matters until the next stream.
-        for update in job_updates(event):
+        for update in update_to_protos(event):
             self._send(agent_pb2.AgentMessage(job=update))
 
     # ---- scheduler messages ---------------------------------------------
@@ -215,7 +194,7 @@ class Agent:
                 )
             except ValueError as exc:  # InvalidArgument is one too
                 failed = Ended(AttemptOutcome.FAILED, f"bad assignment: {exc}", "error")
-                self._emit(WorkerEvent(job.job_id, job.attempt, failed))
+                self._emit(AttemptUpdate(job.job_id, job.attempt, failed))
                 continue
             if self.draining:
                 task.stop(AttemptOutcome.RELEASED, "node is draining")
@@ -277,12 +256,12 @@ class Agent:
         handed over."""
         addresses = self.config.addresses
         position = 0
-        delays = backoff_delays()
+        backoff = redial_backoff()
         while not stopping.is_set():
             address = addresses[position % len(addresses)]
             try:
                 if await self._session(address, stopping):
-                    delays = backoff_delays()  # it was up: start over
+                    backoff.reset()  # it was up: start over
             except aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise SystemExit(f"the scheduler refused this agent: {exc.details()}") from None
@@ -291,17 +270,17 @@ class Agent:
                 )
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
                     position += 1  # down, or a standby: try the next replica
-                    if (exc.details() or "").startswith("standby replica"):
-                        delays = backoff_delays()  # a live replica: the leader is near
+                    if is_standby(exc):
+                        backoff.reset()  # a live replica: the leader is near
             if stopping.is_set():
                 break
-            delay = next(delays)
+            delay = backoff.next()
             log.info("reconnecting in %.1fs; the work here goes on", delay)
             await wait_event(stopping, delay)
 
     async def _session(self, address: str, stopping: asyncio.Event) -> bool:
         """One stream; returns whether it got as far as the welcome."""
-        outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
+        outbox: Outbox = asyncio.Queue()
         outbox.put_nowait(agent_pb2.AgentMessage(hello=self.hello()))
 
         async def requests() -> AsyncIterator[agent_pb2.AgentMessage]:
@@ -311,7 +290,7 @@ class Agent:
         welcomed = False
         self._heard = time.monotonic()
         helpers: list[asyncio.Task[None]] = []
-        async with aio.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+        async with open_channel(address, agent_channel_options()) as channel:
             call = agent_pb2_grpc.AgentGatewayStub(channel).Connect(requests())
             try:
                 async for message in call:
@@ -327,7 +306,7 @@ class Agent:
                         log.info("connected to scheduler %s", address)
                         helpers = [
                             asyncio.create_task(self._send_stats(outbox, heartbeat)),
-                            asyncio.create_task(self._leave_when(stopping, outbox, call)),
+                            asyncio.create_task(self._leave_when(stopping, outbox)),
                             asyncio.create_task(self._watch(call)),
                         ]
                     elif kind == "assign":
@@ -335,7 +314,12 @@ class Agent:
                     elif kind == "stop":
                         self._stop(message.stop)
                     elif kind == "drain":
-                        self._drain(message.drain.timeout_seconds or None)
+                        if self._leaving:
+                            # The answer to our Leaving: nothing more is
+                            # coming, and our own shutdown timeout holds.
+                            self._no_more_work.set()
+                        else:
+                            self._drain(message.drain.timeout_seconds or None)
                     elif kind == "resume":
                         self._resume()
                     elif kind == "check":
@@ -355,13 +339,13 @@ class Agent:
                     helper.cancel()
         return welcomed
 
-    def _replay(self, outbox: asyncio.Queue[agent_pb2.AgentMessage | None]) -> None:
+    def _replay(self, outbox: Outbox) -> None:
         """Sends the durable history of every attempt the hello listed. The
         scheduler keeps what it re-attached and stops the rest."""
         now = time.monotonic()
         for entry in self.journal.held(now):
             for event in entry.replay():
-                for update in job_updates(event):
+                for update in update_to_protos(event):
                     outbox.put_nowait(agent_pb2.AgentMessage(job=update))
         self.journal.delivered(now)
 
@@ -378,9 +362,7 @@ class Agent:
                 call.cancel()
                 return
 
-    async def _send_stats(
-        self, outbox: asyncio.Queue[agent_pb2.AgentMessage | None], heartbeat: float
-    ) -> None:
+    async def _send_stats(self, outbox: Outbox, heartbeat: float) -> None:
         assert self.probe is not None
         loop = asyncio.get_running_loop()
         while True:
@@ -410,25 +392,34 @@ class Agent:
             stats, resident_models=worker.backend.resident(), speeds=dict(worker.speeds.speeds)
         )
 
-    async def _leave_when(
-        self,
-        stopping: asyncio.Event,
-        outbox: asyncio.Queue[agent_pb2.AgentMessage | None],
-        call: aio.StreamStreamCall[agent_pb2.AgentMessage, agent_pb2.SchedulerMessage],
-    ) -> None:
-        """On shutdown: drain (running jobs get the shutdown timeout, then
-        are handed back), let the scheduler hear every outcome, then close
-        the stream."""
+    async def _leave_when(self, stopping: asyncio.Event, outbox: Outbox) -> None:
+        """On shutdown: tell the scheduler, which answers once it will send
+        no more work (so whatever it sent before is here); let running jobs
+        finish for the shutdown timeout, then hand them back; let the
+        scheduler hear every outcome; then end the request stream. The
+        scheduler ends the call once it has read that far, and `_session`
+        returns; a scheduler that goes silent instead is left to the
+        watchdog."""
         await stopping.wait()
         timeout = self.config.shutdown_timeout
+        self._leaving = True
         self._drain(timeout)
+        outbox.put_nowait(agent_pb2.AgentMessage(leaving=agent_pb2.Leaving()))
+        if not await wait_event(self._no_more_work, self.lease_seconds):
+            log.warning("the scheduler did not answer our leaving; going anyway")
         if not await wait_event(self._idle, timeout + 30.0):
             log.warning("some work did not stop within %gs of being handed back", 30.0)
-        outbox.put_nowait(None)  # ends the request stream; the server then closes
-        # Give the last outcomes a moment on the wire, then leave even if the
-        # server has not closed: it holds nothing of ours any more.
-        await asyncio.sleep(1.5)
-        call.cancel()
+        outbox.put_nowait(None)
+
+    def hand_back_now(self) -> None:
+        """A second stop signal: what still runs is handed back at once
+        rather than given the rest of the shutdown timeout."""
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        if self._tasks():
+            log.info("handing back what still runs, now")
+        self.stop_all(AttemptOutcome.RELEASED, "agent stopped at once")
 
     def close(self) -> None:
         for worker in self.workers.values():
@@ -436,13 +427,41 @@ class Agent:
         self.lock.release()
 
 
+def synthetic_models(config: AgentConfig) -> dict[str, int]:
+    """The synthetic models simulated cards offer (--simulate-models)."""
+    return parse_models(config.simulate_models) if config.simulate_models else {}
+
+
+def configured_probe(config: AgentConfig) -> Probe | None:
+    """Simulated cards when the config asks for them; None: detect."""
+    if not config.simulated:
+        return None
+    return SimulatedProbe.from_flags(
+        config.simulate_gpus,
+        config.simulate_speed,
+        config.simulate_time_scale,
+        step_delay=config.simulate_step_delay,
+        hang=config.simulate_hang,
+        poison=config.simulate_poison,
+    )
+
+
 async def run_agent(config: AgentConfig, probe: Probe | None = None) -> None:
-    """Runs an agent until SIGINT or SIGTERM."""
-    agent = Agent(config, probe)
+    """Runs an agent until SIGINT or SIGTERM. Running jobs get the shutdown
+    timeout to finish; a second signal hands them back at once."""
+    config.check()
+    agent = Agent(config, probe or configured_probe(config))
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if stopping.is_set():
+            agent.hand_back_now()
+        else:
+            stopping.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stopping.set)
+        loop.add_signal_handler(signum, on_signal)
     agent.prepare()
     try:
         await agent.run(stopping)

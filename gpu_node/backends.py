@@ -14,8 +14,8 @@ from typing import Any, Protocol
 
 from gpu_node.catalog import Catalog
 from gpu_node.pipelines import PipelineCache
-from scheduler.domain import ModelInfo
-from scheduler.spec import MemoryMode
+from sdmesh.domain import ModelInfo
+from sdmesh.spec import MemoryMode
 
 
 class Backend(Protocol):

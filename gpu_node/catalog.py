@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpu_node.tiny import ensure_tiny
-from scheduler.domain import ModelInfo
-from scheduler.spec import TINY_MODEL
+from sdmesh.domain import ModelInfo
+from sdmesh.spec import TINY_MODEL
 
 log = logging.getLogger(__name__)
 

@@ -1,9 +1,9 @@
 """The agent's identity and its claim on its data dir.
 
 The node id is made once and kept in `<data-dir>/node.json`, so the node
-stays the same across restarts. A lock file keeps a second agent off the same
-data dir; the scheduler refuses a second live agent with the same id, which
-catches copied data dirs too.
+stays the same across restarts. A lock file (`sdmesh.datadir`) keeps a
+second agent off the same data dir; the scheduler refuses a second live
+agent with the same id, which catches copied data dirs too.
 """
 
 from __future__ import annotations
@@ -15,10 +15,7 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.datadir import DataDirInUse, DataDirLock
-from scheduler.domain import DeviceInfo
-
-__all__ = ["DataDirInUse", "DataDirLock", "Identity", "default_name", "load_identity"]
+from sdmesh.domain import DeviceInfo
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gpu_node.runner import Ended, ImageReady, Started, WorkerEvent
+from sdmesh.domain import AttemptUpdate, Ended, ImageReady, Started
 
 DEFAULT_MAX_ENDED = 32
 
@@ -35,15 +35,15 @@ class Entry:
     def key(self) -> tuple[str, int]:
         return (self.job_id, self.attempt)
 
-    def replay(self) -> list[WorkerEvent]:
+    def replay(self) -> list[AttemptUpdate]:
         """The durable part of its history, in order."""
         events = []
         if self.started:
-            events.append(WorkerEvent(self.job_id, self.attempt, Started()))
+            events.append(AttemptUpdate(self.job_id, self.attempt, Started()))
         for index in sorted(self.images):
-            events.append(WorkerEvent(self.job_id, self.attempt, self.images[index]))
+            events.append(AttemptUpdate(self.job_id, self.attempt, self.images[index]))
         if self.ended is not None:
-            events.append(WorkerEvent(self.job_id, self.attempt, self.ended))
+            events.append(AttemptUpdate(self.job_id, self.attempt, self.ended))
         return events
 
 
@@ -56,7 +56,7 @@ class Journal:
     def assigned(self, job_id: str, attempt: int, gpu_index: int) -> None:
         self._entries.setdefault((job_id, attempt), Entry(job_id, attempt, gpu_index))
 
-    def record(self, event: WorkerEvent, now: float, connected: bool) -> None:
+    def record(self, event: AttemptUpdate, now: float, connected: bool) -> None:
         entry = self._entries.get((event.job_id, event.attempt))
         if entry is None:
             return

@@ -17,9 +17,9 @@ import time
 from typing import Any
 
 from gpu_node.catalog import Catalog
-from scheduler.domain import ModelInfo
-from scheduler.samplers import find_sampler
-from scheduler.spec import MemoryMode
+from sdmesh.domain import ModelInfo
+from sdmesh.samplers import find_sampler
+from sdmesh.spec import MemoryMode
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from scheduler.domain import Preview
+from sdmesh.domain import Preview
 
 # SD1.5's latent -> RGB factors, one row per latent channel.
 SD15_LATENT_RGB = (

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from gpu_node.backends import Backend, TorchBackend
 from gpu_node.catalog import Catalog
-from scheduler.domain import DeviceInfo, DeviceStats
+from sdmesh.domain import DeviceInfo, DeviceStats
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import hashlib
 import math
 from dataclasses import dataclass, replace
 
-from scheduler.spec import MemoryMode
+from sdmesh.spec import MemoryMode
 
 MIB = 2**20
 GIB = 2**30

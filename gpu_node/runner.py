@@ -1,8 +1,9 @@
 """Runs jobs on one device, in one worker thread, one job at a time.
 
 The thread is the only place that calls the diffusers pipeline for its
-device. Everything it learns goes out through `emit` as a `WorkerEvent`; the
-connection turns those into protobuf on the asyncio side. The step callback
+device. Everything it learns goes out through `emit` as an `AttemptUpdate`
+(`sdmesh.domain`); the connection turns those into protobuf on the asyncio
+side. The step callback
 only checks for a stop, reports the step and hands latents to the previewer.
 """
 
@@ -21,46 +22,21 @@ from typing import Any
 from gpu_node.backends import Backend
 from gpu_node.pipelines import ModelUnavailable
 from gpu_node.preview import Previewer
-from scheduler.domain import AttemptOutcome, AttemptProfile, DeviceInfo, Preview
-from scheduler.spec import JobSpec, MemoryMode, infotext
-from scheduler.speeds import SpeedTable
+from sdmesh.domain import (
+    AttemptOutcome,
+    AttemptProfile,
+    AttemptUpdate,
+    DeviceInfo,
+    Ended,
+    ImageReady,
+    Progress,
+    Started,
+    UpdateBody,
+)
+from sdmesh.spec import JobSpec, MemoryMode, infotext
+from sdmesh.speeds import SpeedTable
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Started:
-    pass
-
-
-@dataclass(frozen=True)
-class StepDone:
-    step: int
-    total_steps: int
-
-
-@dataclass(frozen=True)
-class ImageReady:
-    index: int
-    seed: int
-    width: int
-    height: int
-    png: bytes
-
-
-@dataclass(frozen=True)
-class Ended:
-    outcome: AttemptOutcome
-    reason: str = ""
-    error_kind: str = ""
-    profile: AttemptProfile = field(default_factory=AttemptProfile)
-
-
-@dataclass(frozen=True)
-class WorkerEvent:
-    job_id: str
-    attempt: int
-    body: Started | StepDone | Preview | ImageReady | Ended
 
 
 @dataclass
@@ -118,7 +94,7 @@ class DeviceWorker:
         self,
         device: DeviceInfo,
         backend: Backend,
-        emit: Callable[[WorkerEvent], None],
+        emit: Callable[[AttemptUpdate], None],
         report_health: Callable[[HealthResult], None] | None = None,
     ) -> None:
         self.device = device
@@ -190,8 +166,8 @@ class DeviceWorker:
                 # NVML reports (and placement uses) is what is really free.
                 self.backend.release()
 
-    def _send(self, task: Task, body: Started | StepDone | Preview | ImageReady | Ended) -> None:
-        self._emit(WorkerEvent(task.job_id, task.attempt, body))
+    def _send(self, task: Task, body: UpdateBody) -> None:
+        self._emit(AttemptUpdate(task.job_id, task.attempt, body))
 
     def _out_of_memory(self, task: Task, error: BaseException, load_seconds: float) -> None:
         """Reports what the job had when it ran out, and frees the cache so
@@ -240,7 +216,7 @@ class DeviceWorker:
             if task.stop_requested.is_set():
                 raise AttemptStopped
             total = int(getattr(pipe, "num_timesteps", 0) or spec.steps)
-            self._send(task, StepDone(index + 1, total))
+            self._send(task, Progress(index + 1, total))
             previewer.offer(index + 1, total, tensors.get("latents"))
             return tensors
 

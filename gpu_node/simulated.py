@@ -45,8 +45,8 @@ from gpu_node.profiles import (
     run_seconds,
     true_peak,
 )
-from scheduler.domain import DeviceInfo, DeviceStats, ModelInfo
-from scheduler.spec import MemoryMode
+from sdmesh.domain import DeviceInfo, DeviceStats, ModelInfo
+from sdmesh.spec import MemoryMode
 
 log = logging.getLogger(__name__)
 
@@ -354,3 +354,21 @@ class SimulatedProbe:
 
     def backend(self, index: int, catalog: Catalog) -> SimulatedBackend:
         return SimulatedBackend(self.cards[index], catalog)
+
+    @classmethod
+    def from_flags(
+        cls,
+        sizes: str,
+        speeds: str = "1.0",
+        time_scale: float = 1.0,
+        *,
+        step_delay: float = 0.0,
+        hang: str = "",
+        poison: str = "",
+    ) -> SimulatedProbe:
+        """The cards `sdctl node --simulate-*` asks for; ValueError names
+        the flag that is wrong."""
+        card_sizes = parse_sizes(sizes)
+        hang_at, hang_seconds = parse_hang(hang) if hang else (0, 0.0)
+        faults = CardFaults(step_delay, hang_at, hang_seconds, poison)
+        return cls(card_sizes, parse_speeds(speeds, len(card_sizes)), time_scale, faults)

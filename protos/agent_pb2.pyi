@@ -59,6 +59,7 @@ class AgentMessage(_message.Message):
     STATS_FIELD_NUMBER: _builtins.int
     JOB_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
+    LEAVING_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def hello(self) -> Global___Hello: ...
     @_builtins.property
@@ -67,6 +68,8 @@ class AgentMessage(_message.Message):
     def job(self) -> Global___JobUpdate: ...
     @_builtins.property
     def health(self) -> Global___HealthReport: ...
+    @_builtins.property
+    def leaving(self) -> Global___Leaving: ...
     def __init__(
         self,
         *,
@@ -74,12 +77,13 @@ class AgentMessage(_message.Message):
         stats: Global___Stats | None = ...,
         job: Global___JobUpdate | None = ...,
         health: Global___HealthReport | None = ...,
+        leaving: Global___Leaving | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "health", b"health", "hello", b"hello", "job", b"job", "stats", b"stats"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "health", b"health", "hello", b"hello", "job", b"job", "leaving", b"leaving", "stats", b"stats"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "health", b"health", "hello", b"hello", "job", b"job", "stats", b"stats"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "health", b"health", "hello", b"hello", "job", b"job", "leaving", b"leaving", "stats", b"stats"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "stats", "job", "health"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "stats", "job", "health", "leaving"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -160,6 +164,27 @@ class Hello(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Hello: _TypeAlias = Hello  # noqa: Y015
+
+@_typing.final
+class Leaving(_message.Message):
+    """The agent is shutting down: it wants no new work. The scheduler answers
+    with a Drain once it will send none, so that every assignment it sent
+    before reaches the agent first; the agent finishes or hands back what it
+    holds, then closes its stream.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Leaving: _TypeAlias = Leaving  # noqa: Y015
 
 @_typing.final
 class HeldAttempt(_message.Message):

@@ -1,28 +1,17 @@
-"""Plain dataclasses the scheduler works on inside its boundary.
+"""Plain dataclasses the scheduler works on inside its boundary: jobs,
+their attempts and events, and what it remembers of nodes and models.
 
-Protobuf types stop at `convert`; everything past it uses these. Agents use
-the device and model types too, so both sides describe a GPU the same way.
+Protobuf types stop at `scheduler.convert` and `sdmesh.convert`; everything
+past them uses these and the contract's types in `sdmesh.domain`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-from scheduler.spec import JobSpec, MemoryMode
-from scheduler.speeds import Speed
 from scheduler.states import JobState
-
-
-@dataclass(frozen=True)
-class ImageMeta:
-    index: int
-    seed: int
-    sha256: str
-    size_bytes: int
-    width: int
-    height: int
+from sdmesh.domain import AttemptProfile, ImageInfo, NodeInfo, Preview, Progress
+from sdmesh.spec import JobSpec, MemoryMode
 
 
 @dataclass(frozen=True)
@@ -43,24 +32,7 @@ class Job:
     reason: str = ""
     started_at: float | None = None
     finished_at: float | None = None
-    images: tuple[ImageMeta, ...] = ()
-
-
-class AttemptOutcome(StrEnum):
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"  # the agent reported an error (out of memory, a crash in the pipeline)
-    STOPPED = "stopped"  # the job was cancelled, or the attempt was fenced off
-    RELEASED = "released"  # handed back unfinished; not a failure
-    LOST = "lost"  # its node went away
-
-
-@dataclass(frozen=True)
-class AttemptProfile:
-    """What one attempt cost, as Forge's --profile reports it."""
-
-    load_seconds: float = 0.0
-    mean_step_seconds: float = 0.0
-    peak_vram_bytes: int = 0  # 0 when the device cannot tell
+    images: tuple[ImageInfo, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -92,22 +64,7 @@ class StateChange:
     gpu_index: int = -1
 
 
-@dataclass(frozen=True)
-class Progress:
-    step: int
-    total_steps: int
-
-
-@dataclass(frozen=True)
-class Preview:
-    step: int
-    total_steps: int
-    width: int
-    height: int
-    png: bytes
-
-
-EventBody = StateChange | ImageMeta | Progress | Preview
+EventBody = StateChange | ImageInfo | Progress | Preview
 
 
 @dataclass(frozen=True)
@@ -128,50 +85,6 @@ class JobEvent:
     @property
     def terminal(self) -> bool:
         return isinstance(self.body, StateChange) and self.body.state.terminal
-
-
-@dataclass(frozen=True)
-class DeviceInfo:
-    index: int
-    name: str
-    uuid: str
-    kind: str  # "cuda" or "cpu"
-    total_bytes: int
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str
-    weight_bytes: int
-    dtype: str
-
-
-@dataclass(frozen=True)
-class DeviceStats:
-    index: int
-    total_bytes: int
-    free_bytes: int
-    used_bytes: int
-    utilization_percent: float
-    resident_models: tuple[ModelInfo, ...] = ()
-    speeds: Mapping[str, Speed] = field(default_factory=dict)  # measured, per model
-
-    @property
-    def resident_bytes(self) -> int:
-        return sum(model.weight_bytes for model in self.resident_models)
-
-
-@dataclass(frozen=True)
-class NodeInfo:
-    """What an agent says about itself in its hello."""
-
-    node_id: str
-    name: str
-    hostname: str
-    agent_version: str
-    devices: tuple[DeviceInfo, ...]
-    models: tuple[ModelInfo, ...]
-    labels: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -1,39 +1,60 @@
-"""Errors the scheduler raises on purpose. The error interceptor turns each
-into its gRPC status; anything else becomes INTERNAL and is logged once."""
+"""Errors the scheduler raises on purpose, and the one table of the gRPC
+status each becomes (the contract's InvalidArgument included). The error
+interceptor applies `status_of`; anything else becomes INTERNAL and is
+logged once."""
 
 from __future__ import annotations
 
 import grpc
 
+from sdmesh.errors import InvalidArgument
+from sdmesh.wire import standby_metadata
+
 
 class SchedulerError(Exception):
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-
-
-class InvalidArgument(SchedulerError, ValueError):
-    """A request field is out of range. The message names the field and what
-    is allowed."""
-
-    code = grpc.StatusCode.INVALID_ARGUMENT
-
-    def __init__(self, field: str, problem: str) -> None:
-        super().__init__(f"{field}: {problem}")
-        self.field = field
+    pass
 
 
 class NotFound(SchedulerError):
-    code = grpc.StatusCode.NOT_FOUND
+    pass
 
 
 class AlreadyExists(SchedulerError):
-    code = grpc.StatusCode.ALREADY_EXISTS
+    pass
 
 
 class FailedPrecondition(SchedulerError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
+    pass
 
 
 class Unavailable(SchedulerError):
-    """The scheduler is shutting down; the client should retry."""
+    """The scheduler cannot serve this now (it is stopping, or lost the
+    leader lease); the caller should retry, here or at another replica."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+
+class Standby(Unavailable):
+    """This replica is a standby: only the leader serves. Callers read the
+    trailing metadata (`sdmesh.wire.is_standby`), not this message."""
+
+    def __init__(self, message: str, leader_address: str) -> None:
+        super().__init__(message)
+        self.leader_address = leader_address
+
+
+_STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
+    (InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_of(error: Exception) -> tuple[grpc.StatusCode, tuple[tuple[str, str], ...]] | None:
+    """The status code and trailing metadata for an error raised on purpose,
+    or None for anything else."""
+    for kind, code in _STATUS:
+        if isinstance(error, kind):
+            trailing = standby_metadata(error.leader_address) if isinstance(error, Standby) else ()
+            return code, trailing
+    return None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from scheduler.spec import MemoryMode
+from sdmesh.spec import MemoryMode
 
 MIB = 2**20
 GIB = 2**30

@@ -1,21 +1,31 @@
-"""In-memory fan-out of job events to WatchJob streams.
+"""Job events: the in-memory fan-out to watchers, and the watch protocol.
 
 Durable events come from the store after their commit; progress and previews
 come straight from agents and live only here. Each job keeps its latest
 progress and preview, also for a while after it ends, so that a watcher who
 attaches late sees the picture at once. A slow watcher never holds memory
 without bound: its pending progress and previews collapse to the newest.
+
+`watch` is what a WatchJob stream follows: the stored events after a
+sequence number, then the live ones, with no gap and no repeat between the
+two, ending at the job's terminal event.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from scheduler.domain import JobEvent, Preview, Progress
+from scheduler.domain import Job, JobEvent
 from scheduler.errors import Unavailable
+from scheduler.states import JobState
+from sdmesh.domain import Preview, Progress
+
+if TYPE_CHECKING:
+    from scheduler.store import Database
 
 
 @dataclass
@@ -114,6 +124,13 @@ class EventHub:
     def latest_preview(self, job_id: str) -> JobEvent | None:
         return self._latest(job_id).preview
 
+    def progress_of(self, job: Job) -> Progress | None:
+        """The running job's latest step, if it is of its current attempt."""
+        latest = self.latest_progress(job.id)
+        if job.state is not JobState.RUNNING or latest is None or latest.attempt != job.attempt:
+            return None
+        return latest.body if isinstance(latest.body, Progress) else None
+
     def close(self) -> None:
         """Ends every watch stream: the scheduler is stopping."""
         for subscriptions in self._subscriptions.values():
@@ -122,3 +139,60 @@ class EventHub:
 
     def watcher_count(self, job_id: str) -> int:
         return len(self._subscriptions.get(job_id, ()))
+
+
+async def watch(
+    hub: EventHub, db: Database, job_id: str, after_seq: int
+) -> AsyncIterator[JobEvent]:
+    """A job's events after `after_seq`: those stored, then the live ones,
+    until its terminal event. A late watcher gets the latest progress and
+    preview at once; durable events come exactly once and in order, the
+    gaps left by commits published out of order filled from the store."""
+
+    async def stored_after(seq: int) -> list[JobEvent]:
+        return await db.run(db.store.events_after, job_id, seq)
+
+    with hub.subscribe(job_id) as subscription:
+        last = after_seq
+        for event in await stored_after(last):
+            if event.terminal:
+                # A late watcher still gets the last picture first.
+                preview = hub.latest_preview(job_id)
+                if preview is not None:
+                    yield preview
+            last = event.seq
+            yield event
+            if event.terminal:
+                return
+        job = await db.run(db.store.get_job, job_id)
+        if job is None or job.state.terminal:
+            # It ended after the read above, or the caller has seen the end.
+            for event in await stored_after(last):
+                yield event
+            return
+        sent_live = [
+            live
+            for live in (hub.latest_progress(job_id), hub.latest_preview(job_id))
+            if live is not None
+        ]
+        for live in sent_live:
+            yield live
+        while True:
+            event = await subscription.get()
+            if any(event is sent for sent in sent_live):
+                continue  # already sent as the latest one
+            if event.durable:
+                if event.seq <= last:
+                    if event.terminal:
+                        return  # the caller asked to resume past the end
+                    continue  # already replayed from the store
+                if event.seq > last + 1:
+                    # Commits can be published out of order; fill the gap.
+                    for missing in await stored_after(last):
+                        if missing.seq >= event.seq:
+                            break
+                        yield missing
+                last = event.seq
+            yield event
+            if event.terminal:
+                return

@@ -12,7 +12,7 @@ import contextlib
 import os
 from pathlib import Path
 
-CHUNK_BYTES = 256 * 1024  # well under gRPC's 4 MiB message limit
+from sdmesh.wire import IMAGE_CHUNK_BYTES
 
 
 class ImageStore:
@@ -57,4 +57,6 @@ class ImageStore:
 
     def chunks(self, relative: str) -> list[bytes]:
         data = (self.root / relative).read_bytes()
-        return [data[i : i + CHUNK_BYTES] for i in range(0, len(data), CHUNK_BYTES)] or [b""]
+        return [
+            data[i : i + IMAGE_CHUNK_BYTES] for i in range(0, len(data), IMAGE_CHUNK_BYTES)
+        ] or [b""]

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc import aio
 
-from scheduler.errors import SchedulerError, Unavailable
+from scheduler.errors import Standby, status_of
+from scheduler.leadership import ReplicaState
 from scheduler.principal import _current, principal_from_metadata
-from scheduler.replica import ReplicaState
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ class _GuardInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
 
 
 class ErrorInterceptor(_GuardInterceptor):
-    """SchedulerError -> its status with its message; anything else ->
-    INTERNAL, logged with its traceback."""
+    """An error raised on purpose -> its status (`scheduler.errors`) with its
+    message; anything else -> INTERNAL, logged with its traceback."""
 
     def guard_for(self, details: grpc.HandlerCallDetails) -> Guard:
         method = details.method
@@ -100,10 +100,12 @@ class ErrorInterceptor(_GuardInterceptor):
                 yield
             except aio.AbortError:
                 raise
-            except SchedulerError as exc:
-                log.debug("%s: %s", method, exc)
-                await context.abort(exc.code, str(exc))
             except Exception as exc:
+                status = status_of(exc)
+                if status is not None:
+                    log.debug("%s: %s", method, exc)
+                    code, trailing = status
+                    await context.abort(code, str(exc), trailing_metadata=trailing)
                 log.exception("%s failed", method)
                 await context.abort(
                     grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
@@ -130,8 +132,9 @@ class PrincipalInterceptor(_GuardInterceptor):
 
 
 class LeaderInterceptor(_GuardInterceptor):
-    """A standby answers only GetHealth; everything else gets UNAVAILABLE,
-    which sends agents and clients on to the next address in their list."""
+    """A standby answers only GetHealth; everything else gets UNAVAILABLE
+    with the standby's trailing metadata (`sdmesh.wire.is_standby`), which
+    sends agents and clients on to the next address in their list."""
 
     OPEN_METHODS = frozenset({"/sdmesh.v1.Scheduler/GetHealth"})
 
@@ -145,7 +148,7 @@ class LeaderInterceptor(_GuardInterceptor):
         @asynccontextmanager
         async def guard(_: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
             if not open_method and not replica.leading:
-                raise Unavailable(replica.standby_message())
+                raise Standby(replica.standby_message(), replica.leader_address)
             yield
 
         return guard

@@ -12,42 +12,23 @@
   probe on the agent passes.
 
 Every decision uses the scheduler's clock, never an agent's. The decisions
-are pure functions; `Supervisor` applies them once per heartbeat.
+are pure functions; `Supervisor` applies them once per heartbeat, through
+the attempts' owner for anything that touches an attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
+from collections.abc import Iterable
 
-from scheduler.cluster import (
-    ActiveAttempt,
-    HealthCheckCommand,
-    NodeSession,
-    Orphan,
-    PingCommand,
-    StopCommand,
-)
-from scheduler.domain import AttemptOutcome
+from scheduler.attempts import ActiveAttempt, Attempts, Orphan
+from scheduler.cluster import NodeSession
+from scheduler.commands import HealthCheckCommand, PingCommand
+from scheduler.config import LivenessConfig
 from scheduler.runtime import Runtime, UsesRuntime
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class LivenessConfig:
-    heartbeat_seconds: float = 2.0
-    lease_seconds: float = 10.0
-    # An attempt must report a step within max(this, deadline_steps x its
-    # expected step time); the first step, which includes loading the
-    # model, gets twice that.
-    progress_deadline_seconds: float = 60.0
-    deadline_steps: float = 10.0
-
-    @property
-    def probe_every_seconds(self) -> float:
-        return 2 * self.heartbeat_seconds
 
 
 def progress_deadline(config: LivenessConfig, active: ActiveAttempt) -> float:
@@ -60,15 +41,18 @@ def lapsed(sessions: list[NodeSession], now: float, lease_seconds: float) -> lis
     return [session for session in sessions if now - session.last_heard > lease_seconds]
 
 
-def hung(session: NodeSession, now: float, config: LivenessConfig) -> list[ActiveAttempt]:
-    """Running attempts that missed their progress deadline while their
-    agent kept heartbeating. A silent agent is a matter for its lease (it may
-    be partitioned, not hung), and an attempt waiting behind another on its
-    worker has not started, so has no deadline yet."""
-    if now - session.last_heard > 2 * config.heartbeat_seconds:
+def hung(
+    attempts: Iterable[ActiveAttempt], last_heard: float, now: float, config: LivenessConfig
+) -> list[ActiveAttempt]:
+    """A node's running attempts that missed their progress deadline while
+    its agent kept heartbeating (it was last heard at `last_heard`). A
+    silent agent is a matter for its lease (it may be partitioned, not
+    hung), and an attempt waiting behind another on its worker has not
+    started, so has no deadline yet."""
+    if now - last_heard > 2 * config.heartbeat_seconds:
         return []
     late = []
-    for active in session.attempts.values():
+    for active in attempts:
         if active.started_at is None or active.stopping:
             continue
         since = active.last_step_at if active.last_step_at is not None else active.started_at
@@ -82,8 +66,9 @@ def expired(orphans: list[Orphan], now: float) -> list[Orphan]:
 
 
 class Supervisor(UsesRuntime):
-    def __init__(self, runtime: Runtime, config: LivenessConfig) -> None:
+    def __init__(self, runtime: Runtime, attempts: Attempts, config: LivenessConfig) -> None:
         super().__init__(runtime)
+        self.attempts = attempts
         self.config = config
         self._probed: dict[tuple[str, int], float] = {}
 
@@ -102,17 +87,14 @@ class Supervisor(UsesRuntime):
         sessions = list(self.cluster.sessions.values())
         for session in lapsed(sessions, now, self.config.lease_seconds):
             session.lost = f"no heartbeat for {now - session.last_heard:.1f}s"
-            log.warning("node %s lost: %s", session.info.name, session.lost)
-            self.cluster.disconnect(session)  # the gateway re-queues what it held
-        for session in self.cluster.sessions.values():
-            for active in hung(session, now, self.config):
+            log.warning("node %s lost: %s", session.name, session.lost)
+            self.cluster.disconnect(session)  # its stream ends; what it held is lost
+        for session in list(self.cluster.sessions.values()):
+            held = self.attempts.held(session.node_id)
+            for active in hung(held, session.last_heard, now, self.config):
                 await self._fence_hung(session, active, now)
-        for orphan in expired(list(self.cluster.orphans.values()), now):
-            if self.cluster.orphans.get(orphan.active.job_id) is orphan:
-                del self.cluster.orphans[orphan.active.job_id]
-                await requeue_lost(
-                    self, orphan.active, f"{orphan.why}; not back within the lease", failure=True
-                )
+        for orphan in expired(self.attempts.orphans(), now):
+            await self.attempts.expire(orphan)
         for session in self.cluster.sessions.values():
             session.send(PingCommand())
             self._probe_unhealthy(session, now)
@@ -121,14 +103,11 @@ class Supervisor(UsesRuntime):
         since = active.last_step_at if active.last_step_at is not None else active.started_at
         silent = now - (since or now)
         reason = (
-            f"{session.info.name} GPU {active.gpu_index}: no progress for {silent:.0f}s "
+            f"{session.name} GPU {active.gpu_index}: no progress for {silent:.0f}s "
             f"(deadline {progress_deadline(self.config, active):.0f}s); the card may be hung"
         )
-        log.warning("job %s attempt %d fenced: %s", active.job_id, active.attempt, reason)
-        del session.attempts[active.job_id]
         session.unhealthy[active.gpu_index] = reason
-        session.send(StopCommand(active.job_id, active.attempt, "missed its progress deadline"))
-        await requeue(self, active, AttemptOutcome.FAILED, reason, failure=True)
+        await self.attempts.fence_hung(session, active, reason)
 
     def _probe_unhealthy(self, session: NodeSession, now: float) -> None:
         for index in session.unhealthy:
@@ -145,39 +124,7 @@ class Supervisor(UsesRuntime):
         if healthy:
             del session.unhealthy[gpu_index]
             self._probed.pop((session.node_id, gpu_index), None)
-            log.info("%s GPU %d is healthy again: %s", session.info.name, gpu_index, detail)
-            self.dispatcher.wake()
+            log.info("%s GPU %d is healthy again: %s", session.name, gpu_index, detail)
+            self.wake()
         else:
             session.unhealthy[gpu_index] = f"health probe failed: {detail}"
-
-
-async def requeue(
-    runtime: UsesRuntime,
-    active: ActiveAttempt,
-    outcome: AttemptOutcome,
-    reason: str,
-    *,
-    failure: bool,
-) -> None:
-    """Ends an attempt the scheduler gave up on and puts its job back in the
-    queue (or fails it, after max_attempts failures)."""
-    events = await runtime.db.run(
-        runtime.db.store.requeue,
-        active.job_id,
-        active.attempt,
-        outcome,
-        reason,
-        count_failure=failure,
-    )
-    if events:
-        what = "failed" if events[-1].terminal else "re-queued"
-        log.info("job %s attempt %d %s: %s", active.job_id, active.attempt, what, reason)
-        runtime.hub.publish(events)
-    runtime.dispatcher.wake()
-
-
-async def requeue_lost(
-    runtime: UsesRuntime, active: ActiveAttempt, reason: str, *, failure: bool
-) -> None:
-    """Re-queues an attempt whose node went away or forgot it."""
-    await requeue(runtime, active, AttemptOutcome.LOST, reason, failure=failure)

@@ -9,9 +9,9 @@ import re
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from scheduler.errors import InvalidArgument
+from sdmesh.errors import InvalidArgument
+from sdmesh.wire import USER_METADATA_KEY
 
-USER_METADATA_KEY = "x-sdmesh-user"
 ANONYMOUS = "anonymous"
 USER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
 

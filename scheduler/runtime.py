@@ -1,18 +1,36 @@
-"""What the scheduler's two services share while it runs: the store, the
-picture of connected agents, the event hub, the dispatcher, the image files
-and the clock. The server builds one; each service takes it whole."""
+"""What the scheduler's parts share while it runs: the store, the picture
+of connected agents, the event hub, the image files, the learned estimates,
+the clock, and the wake-up call that starts a dispatch pass. The server
+builds one; each part takes it whole."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from scheduler.cluster import Cluster
-from scheduler.dispatcher import Dispatcher
 from scheduler.estimator import EstimateBook
 from scheduler.events import EventHub
 from scheduler.images import ImageStore
 from scheduler.store import Database
+from sdmesh.waiting import wait_event
+
+
+class Wakeup:
+    """Tells the dispatcher that the queue or the cluster changed: a submit,
+    an attempt that ended, a node that came or went."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def __call__(self) -> None:
+        self._event.set()
+
+    async def wait(self, seconds: float) -> None:
+        """Until woken, or `seconds` at most."""
+        await wait_event(self._event, seconds)
+        self._event.clear()
 
 
 @dataclass(frozen=True)
@@ -20,20 +38,21 @@ class Runtime:
     db: Database
     cluster: Cluster
     hub: EventHub
-    dispatcher: Dispatcher
     images: ImageStore
     clock: Callable[[], float]
     estimates: EstimateBook
+    wake: Wakeup = field(default_factory=Wakeup)
 
 
 class UsesRuntime:
-    """Gives a service the runtime's parts as attributes."""
+    """Gives a part the runtime's parts as attributes."""
 
     def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
         self.db = runtime.db
         self.cluster = runtime.cluster
         self.hub = runtime.hub
-        self.dispatcher = runtime.dispatcher
         self.images = runtime.images
         self.clock = runtime.clock
         self.estimates = runtime.estimates
+        self.wake = runtime.wake

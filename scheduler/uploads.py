@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-from scheduler.domain import ImageMeta
+from sdmesh.domain import ImageChunk, ImageInfo
 
 MAX_IMAGE_BYTES = 64 * 2**20
 
@@ -15,28 +15,13 @@ class UploadError(Exception):
     pass
 
 
-@dataclass(frozen=True)
-class Chunk:
-    """One piece of one PNG; the last piece carries its digest and size."""
-
-    index: int
-    offset: int
-    data: bytes
-    seed: int
-    width: int
-    height: int
-    last: bool = False
-    sha256: str = ""
-    size_bytes: int = 0
-
-
 @dataclass
 class _Image:
     seed: int
     width: int
     height: int
     data: bytearray = field(default_factory=bytearray)
-    meta: ImageMeta | None = None  # set by the last chunk, once verified
+    meta: ImageInfo | None = None  # set by the last chunk, once verified
 
 
 class UploadBuffer:
@@ -46,7 +31,7 @@ class UploadBuffer:
         self._images: dict[int, _Image] = {}
         self.error: str | None = None  # the first problem; the upload is void after it
 
-    def add(self, chunk: Chunk) -> None:
+    def add(self, chunk: ImageChunk) -> None:
         if self.error is not None:
             raise UploadError(self.error)
         try:
@@ -55,7 +40,7 @@ class UploadBuffer:
             self.error = str(exc)
             raise
 
-    def _add(self, chunk: Chunk) -> None:
+    def _add(self, chunk: ImageChunk) -> None:
         index = chunk.index
         image = self._images.setdefault(index, _Image(chunk.seed, chunk.width, chunk.height))
         if image.meta is not None:
@@ -76,11 +61,11 @@ class UploadBuffer:
         digest = hashlib.sha256(image.data).hexdigest()
         if digest != chunk.sha256:
             raise UploadError(f"image {index}: sha256 {digest} does not match {chunk.sha256}")
-        image.meta = ImageMeta(
+        image.meta = ImageInfo(
             index, image.seed, digest, chunk.size_bytes, image.width, image.height
         )
 
-    def complete(self, expected: int) -> list[tuple[ImageMeta, bytes]]:
+    def complete(self, expected: int) -> list[tuple[ImageInfo, bytes]]:
         """All `expected` images, verified, by index; raises UploadError if
         any is missing or unfinished."""
         if self.error is not None:

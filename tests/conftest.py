@@ -1,11 +1,20 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Generator, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.databases import database
+
+# The suite's own thread settings, whatever the environment says, so that a
+# result never depends on the machine's defaults. Set before anything imports
+# torch, which reads them once. Agents the tests start as processes get one
+# thread each (harness.processes.process_env).
+SUITE_THREADS = "2"
+for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[variable] = SUITE_THREADS
 
 DATABASES = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 

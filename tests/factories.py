@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from scheduler.domain import DeviceInfo, ModelInfo, NodeInfo
 from scheduler.estimator import Need
 from scheduler.placement import Demand, GpuView
-from scheduler.spec import JobSpec, MemoryMode
-from scheduler.speeds import Speed
+from sdmesh.domain import DeviceInfo, ModelInfo, NodeInfo
+from sdmesh.spec import JobSpec, MemoryMode
+from sdmesh.speeds import Speed
 
 
 def make_spec(**overrides: Any) -> JobSpec:

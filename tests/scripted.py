@@ -101,6 +101,9 @@ class ScriptedAgent:
     def heartbeat(self) -> None:
         self._outbox.put_nowait(agent_pb2.AgentMessage(stats=agent_pb2.Stats()))
 
+    def leaving(self) -> None:
+        self._outbox.put_nowait(agent_pb2.AgentMessage(leaving=agent_pb2.Leaving()))
+
     def report_health(self, gpu_index: int, healthy: bool, detail: str = "") -> None:
         report = agent_pb2.HealthReport(gpu_index=gpu_index, healthy=healthy, detail=detail)
         self._outbox.put_nowait(agent_pb2.AgentMessage(health=report))

@@ -5,33 +5,17 @@ drain hands back what has not started."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from pathlib import Path
 
 import pytest
 
-from gpu_node.agent import Agent, AgentConfig, select_devices
-from gpu_node.messages import UPLOAD_CHUNK_BYTES, job_updates
+from gpu_node.agent import Agent, select_devices
+from gpu_node.config import AgentConfig
 from gpu_node.probe import CpuProbe
-from gpu_node.runner import ImageReady, WorkerEvent
 from protos import agent_pb2, common_pb2
-from scheduler.convert import spec_to_proto
-from scheduler.domain import DeviceInfo
+from sdmesh.convert import spec_to_proto
+from sdmesh.domain import DeviceInfo
 from tests.factories import make_spec
-
-
-def test_an_image_is_uploaded_in_chunks_with_its_digest() -> None:
-    png = bytes(range(256)) * (UPLOAD_CHUNK_BYTES // 256 * 2 + 3)
-    updates = job_updates(WorkerEvent("j", 2, ImageReady(1, 42, 64, 64, png)))
-    assert len(updates) == 3
-    assert [u.image.offset for u in updates] == [0, UPLOAD_CHUNK_BYTES, 2 * UPLOAD_CHUNK_BYTES]
-    assert b"".join(u.image.data for u in updates) == png
-    assert [u.image.last for u in updates] == [False, False, True]
-    assert updates[-1].image.sha256 == hashlib.sha256(png).hexdigest()
-    assert updates[-1].image.size_bytes == len(png)
-    assert {(u.job_id, u.attempt, u.image.index, u.image.seed) for u in updates} == {
-        ("j", 2, 1, 42)
-    }
 
 
 def test_assignments_run_and_a_drain_hands_back_what_waits(

@@ -4,6 +4,10 @@ never asserted here.)"""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from bench.placement import COLUMNS, JOBS, POLICIES, simulate, workload
@@ -27,3 +31,18 @@ def test_every_policy_finishes_every_job(policy: type) -> None:
     makespan = result["makespan_s"]
     assert makespan is not None
     assert makespan > 0
+
+
+@pytest.mark.parametrize("script", ["placement.py", "soak.py"])
+def test_a_benchmark_runs_as_a_file_as_well_as_a_module(script: str) -> None:
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    result = subprocess.run(
+        [sys.executable, str(bench / script), "--help"],
+        capture_output=True,
+        text=True,
+        cwd="/",  # nothing of the repository is on the path by accident
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from client.cli.main import build_parser
-from client.cli.servers import parse_duration
-from tests.processes import free_port, process_env, sdctl_command
+from harness.processes import free_port, process_env, sdctl_command
+from sdmesh.flags import parse_duration
 
 
 def sdctl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -70,3 +72,63 @@ def test_help_lists_the_commands() -> None:
     assert result.returncode == 0
     for command in ("submit", "watch", "jobs", "job", "images", "cancel", "nodes", "models", "up"):
         assert command in result.stdout
+
+
+GLOBAL = ["--scheduler", "h1:1,h2:2", "--user", "bob", "--reconnect-timeout", "5m", "-v"]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["jobs"], ["job", "J"], ["submit", "p", "--steps", "4"], ["health"], ["drain", "n1"]],
+)
+def test_global_flags_go_before_or_after_the_command(command: list[str]) -> None:
+    parser = build_parser()
+    before = parser.parse_args([*GLOBAL, "-o", "json", *command])
+    after = parser.parse_args([*command, *GLOBAL, "-o", "json"])
+    mixed = parser.parse_args(["--user", "bob", *command, "--scheduler", "h1:1,h2:2", "-v",
+                               "--reconnect-timeout", "5m", "--output", "json"])  # fmt: skip
+    assert vars(before) == vars(after) == vars(mixed)
+    assert (after.scheduler, after.user, after.reconnect_timeout, after.verbose, after.output) == (
+        "h1:1,h2:2", "bob", 300.0, True, "json",
+    )  # fmt: skip
+    # Left out, each keeps its default, wherever the others were given.
+    bare = parser.parse_args(command)
+    assert (bare.scheduler, bare.user, bare.reconnect_timeout, bare.verbose, bare.output) == (
+        None, None, 60.0, False, "table",
+    )  # fmt: skip
+
+
+def test_the_readme_s_node_line_parses() -> None:
+    args = build_parser().parse_args(
+        ["node", "--scheduler", "scheduler-host:50051", "--models-dir", "/models"]
+    )
+    assert (args.command, args.scheduler, str(args.models_dir)) == (
+        "node", "scheduler-host:50051", "/models",
+    )  # fmt: skip
+
+
+def test_server_flags_come_from_the_config_and_keep_its_defaults() -> None:
+    from dataclasses import fields
+
+    from client.cli.options import config_from
+    from gpu_node.config import AgentConfig
+    from scheduler.config import SchedulerConfig
+
+    parser = build_parser()
+    args = parser.parse_args(["scheduler", "--lease", "3s", "--heartbeat", "0.5", "--db", "x"])
+    config = config_from(SchedulerConfig, args, defaults={"data_dir": Path("/d")})
+    assert (config.lease_seconds, config.heartbeat_seconds, config.db_url) == (3.0, 0.5, "x")
+    assert config.max_attempts == SchedulerConfig.max_attempts  # not given: the declared default
+    # Every declared setting is a flag of its command.
+    for command, cls in (("scheduler", SchedulerConfig), ("node", AgentConfig)):
+        [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        dests = {action.dest for action in commands.choices[command]._actions}
+        declared = {f.name for f in fields(cls) if "help" in f.metadata}
+        assert declared <= dests, declared - dests
+    node = config_from(
+        AgentConfig,
+        parser.parse_args(["node", "--label", "pool=a", "--gpus", "0,1"]),
+        defaults={"data_dir": Path("/n")},
+        scheduler="s:1",
+    )
+    assert (node.labels, node.gpus, node.shutdown_timeout) == ({"pool": "a"}, (0, 1), 30.0)

@@ -17,7 +17,7 @@ from rich.console import Console
 
 from client import Device, Health, Node, ProgressEvent, StateEvent, UnavailableError
 from client.cli import render
-from client.cli.follow import Follower
+from client.cli.commands import Follower
 from client.cli.main import build_parser, run
 from tests.test_client_retry import STANDBY, FakeScheduler, nowhere, serving
 

@@ -28,11 +28,27 @@ from client import (
     StateEvent,
     UnavailableError,
 )
+from harness.processes import free_port
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from tests.processes import free_port
+from sdmesh.convert import spec_request_from_proto, spec_to_proto
+from sdmesh.spec import resolve
 
 Context = aio.ServicerContext[Any, Any]
 STANDBY = "standby replica r2 (127.0.0.1:2): no replica holds the leader lease yet"
+
+
+def job(
+    job_id: str,
+    state: common_pb2.JobState.ValueType = common_pb2.JOB_STATE_UNSPECIFIED,
+    spec: common_pb2.JobSpec | None = None,
+) -> scheduler_pb2.Job:
+    """A job as a scheduler sends it: its spec resolved, every field set."""
+    resolved = resolve(
+        spec_request_from_proto(spec or common_pb2.JobSpec(prompt="p")),
+        known_models=(),
+        random_seed=lambda: 7,
+    )
+    return scheduler_pb2.Job(id=job_id, state=state, spec=spec_to_proto(resolved))  # fmt: skip
 
 
 class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
@@ -61,8 +77,8 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         key = request.spec.request_id
         created = key not in self.jobs
         if created:
-            self.jobs[key] = scheduler_pb2.Job(
-                id=f"job-{len(self.jobs) + 1}", spec=request.spec, state=common_pb2.JOB_STATE_QUEUED
+            self.jobs[key] = job(
+                f"job-{len(self.jobs) + 1}", common_pb2.JOB_STATE_QUEUED, request.spec
             )
         return scheduler_pb2.SubmitJobResponse(job=self.jobs[key], created=created)
 
@@ -70,13 +86,13 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.GetJobRequest, context: Context
     ) -> scheduler_pb2.Job:
         await self._enter("GetJob", request, context)
-        return scheduler_pb2.Job(id=request.job_id, state=common_pb2.JOB_STATE_RUNNING)
+        return job(request.job_id, common_pb2.JOB_STATE_RUNNING)
 
     async def ListJobs(
         self, request: scheduler_pb2.ListJobsRequest, context: Context
     ) -> scheduler_pb2.ListJobsResponse:
         await self._enter("ListJobs", request, context)
-        return scheduler_pb2.ListJobsResponse(jobs=[scheduler_pb2.Job(id=f"from-{self.name}")])
+        return scheduler_pb2.ListJobsResponse(jobs=[job(f"from-{self.name}")])
 
     async def DrainNode(
         self, request: scheduler_pb2.DrainNodeRequest, context: Context
@@ -104,7 +120,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.CancelJobRequest, context: Context
     ) -> scheduler_pb2.Job:
         await self._enter("CancelJob", request, context)
-        return scheduler_pb2.Job(id=request.job_id, state=common_pb2.JOB_STATE_CANCELLED)
+        return job(request.job_id, common_pb2.JOB_STATE_CANCELLED)
 
     async def ListNodes(
         self, request: scheduler_pb2.ListNodesRequest, context: Context
@@ -246,7 +262,7 @@ def test_a_submit_that_timed_out_is_sent_again_with_the_same_request_id() -> Non
         ) -> scheduler_pb2.Job:
             await self._enter("GetJob", request, context)
             await asyncio.sleep(2)
-            return scheduler_pb2.Job(id=request.job_id)
+            return job(request.job_id)
 
     async def scenario() -> None:
         servicer = SlowFirstReply()
@@ -320,7 +336,7 @@ def test_a_watch_past_the_end_ends_without_reconnecting() -> None:
             self, request: scheduler_pb2.GetJobRequest, context: Context
         ) -> scheduler_pb2.Job:
             await self._enter("GetJob", request, context)
-            return scheduler_pb2.Job(id=request.job_id, state=common_pb2.JOB_STATE_SUCCEEDED)
+            return job(request.job_id, common_pb2.JOB_STATE_SUCCEEDED)
 
     async def scenario() -> None:
         servicer = Ended()

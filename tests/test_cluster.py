@@ -1,11 +1,17 @@
-"""The scheduler's picture of connected agents, as placement sees it."""
+"""The scheduler's picture of connected agents, as placement sees it, with
+the attempts bound to each GPU charged to it."""
 
 from __future__ import annotations
 
-from scheduler.cluster import ActiveAttempt, Cluster
-from scheduler.domain import DeviceStats, ModelInfo
-from scheduler.spec import MemoryMode
-from scheduler.speeds import Speed
+import pytest
+
+from scheduler.attempts import ActiveAttempt, count_by_owner
+from scheduler.cluster import Cluster
+from scheduler.commands import DrainCommand, ResumeCommand
+from scheduler.errors import FailedPrecondition, NotFound
+from sdmesh.domain import DeviceStats, ModelInfo
+from sdmesh.spec import MemoryMode
+from sdmesh.speeds import Speed
 from tests.factories import GIB, make_node, make_spec
 
 
@@ -29,14 +35,16 @@ def attempt(
 
 def test_free_memory_is_the_report_less_what_it_cannot_show_yet() -> None:
     cluster = Cluster()
-    session = cluster.connect(make_node("n1"), now=0.0)
+    cluster.connect(make_node("n1"), now=0.0)
     # Before any report, the whole card counts as free.
-    assert cluster.gpu_views(now=0.0)[0].free_bytes == 24 * GIB
+    assert cluster.gpu_views(now=0.0, held={})[0].free_bytes == 24 * GIB
     cluster.report_stats("n1", [DeviceStats(0, 24 * GIB, 20 * GIB, 4 * GIB, 50.0)], now=10.0)
-    session.attempts["running"] = attempt("running", gib=3, assigned_at=1.0, started_at=2.0)
-    session.attempts["waiting"] = attempt("waiting", gib=2, assigned_at=3.0, started_at=None)
-    session.attempts["fresh"] = attempt("fresh", gib=1, assigned_at=11.0, started_at=12.0)
-    [view] = cluster.gpu_views(now=14.0)
+    held = [
+        attempt("running", gib=3, assigned_at=1.0, started_at=2.0),
+        attempt("waiting", gib=2, assigned_at=3.0, started_at=None),
+        attempt("fresh", gib=1, assigned_at=11.0, started_at=12.0),
+    ]
+    [view] = cluster.gpu_views(now=14.0, held={"n1": held})
     # 20 reported free - 2 (not started) - 1 (started after the report) = 17;
     # the running job is already inside the report's numbers.
     assert view.free_bytes == 17 * GIB
@@ -46,7 +54,7 @@ def test_free_memory_is_the_report_less_what_it_cannot_show_yet() -> None:
     assert view.busy_seconds == 18.0
     assert view.utilization_percent == 50.0
     assert view.models == {"tiny"}
-    assert cluster.active_by_owner() == {"alice": 3}
+    assert count_by_owner(held) == {"alice": 3}
 
 
 def test_a_resident_model_counts_as_free_memory_and_speeds_pass_through() -> None:
@@ -57,7 +65,7 @@ def test_a_resident_model_counts_as_free_memory_and_speeds_pass_through() -> Non
     # 24 GiB card: SDXL resident (7 GiB) and 3 GiB of other use -> 14 GiB free.
     stats = DeviceStats(0, 24 * GIB, 14 * GIB, 10 * GIB, 0.0, (sdxl,), speeds)
     cluster.report_stats("n1", [stats], now=1.0, host_free_bytes=32 * GIB)
-    [view] = cluster.gpu_views(now=1.0)
+    [view] = cluster.gpu_views(now=1.0, held={})
     # The worker reuses or evicts it, so placement may count on 14 + 7 = 21 GiB.
     assert view.free_bytes == 21 * GIB
     assert view.resident == {"sdxl"}
@@ -69,24 +77,31 @@ def test_a_resident_model_counts_as_free_memory_and_speeds_pass_through() -> Non
 def test_connect_refuses_a_second_session_with_the_same_id() -> None:
     cluster = Cluster()
     first = cluster.connect(make_node("n1"), now=0.0)
-    try:
+    with pytest.raises(KeyError):
         cluster.connect(make_node("n1"), now=1.0)
-    except KeyError:
-        pass
-    else:
-        raise AssertionError("a second session with the same node id was accepted")
-    first.attempts["j"] = attempt("j", gib=1, assigned_at=0, started_at=None)
     cluster.disconnect(first)
     assert cluster.sessions == {}
-    assert [a.job_id for a in first.take_attempts()] == ["j"]
-    assert first.attempts == {}
     assert first.outbox.get_nowait() is None  # its stream is told to end
+    assert cluster.models() == {}
 
 
-def test_holder_finds_the_current_attempt_only() -> None:
+def test_nodes_are_found_by_id_or_name_and_drained() -> None:
     cluster = Cluster()
     session = cluster.connect(make_node("n1"), now=0.0)
-    session.attempts["j"] = attempt("j", gib=1, assigned_at=0, started_at=None)
-    assert cluster.holder("j", 1) is session
-    assert cluster.holder("j", 2) is None
+    assert cluster.find("n1") is session
+    assert cluster.find(session.name) is session
     assert cluster.models() == {"tiny": 2 * GIB}
+    assert cluster.holders() == {"tiny": ["n1"]}
+    with pytest.raises(NotFound, match="node n9 is not connected"):
+        cluster.find("n9")
+    cluster.connect(make_node("n2", name=session.name), now=0.0)
+    with pytest.raises(FailedPrecondition, match="names several nodes"):
+        cluster.find(session.name)
+    cluster.drain(session, 90.0)
+    assert session.draining
+    cluster.resume(session)
+    assert not session.draining
+    assert [session.outbox.get_nowait(), session.outbox.get_nowait()] == [
+        DrainCommand(90.0),
+        ResumeCommand(),
+    ]

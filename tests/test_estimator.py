@@ -16,7 +16,7 @@ from scheduler.estimator import (
     first_estimate,
     size_bucket,
 )
-from scheduler.spec import MemoryMode
+from sdmesh.spec import MemoryMode
 
 FULL, OFFLOAD, SEQUENTIAL = MemoryMode.FULL, MemoryMode.MODEL_OFFLOAD, MemoryMode.SEQUENTIAL_OFFLOAD
 SD15 = Shape("sd15", 512, 512, 1)

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import asyncio
 
-from scheduler.domain import JobEvent, Preview, Progress, StateChange
+from scheduler.domain import JobEvent, StateChange
 from scheduler.events import EventHub
 from scheduler.states import JobState
+from sdmesh.domain import Preview, Progress
 
 
 def progress(step: int, job: str = "j") -> JobEvent:

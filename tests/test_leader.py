@@ -10,10 +10,10 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from scheduler.spec import MemoryMode
 from scheduler.store import Store
 from scheduler.store.leader import LeaderLease, NotLeader
 from scheduler.store.schema import attempts, jobs
+from sdmesh.spec import MemoryMode
 from tests.factories import make_spec
 
 

@@ -3,10 +3,12 @@ orphans that outlived their wait, on the scheduler's clock."""
 
 from __future__ import annotations
 
-from scheduler.cluster import ActiveAttempt, NodeSession, Orphan
-from scheduler.domain import DeviceInfo, NodeInfo
-from scheduler.liveness import LivenessConfig, expired, hung, lapsed, progress_deadline
-from scheduler.spec import MemoryMode
+from scheduler.attempts import ActiveAttempt, Orphan
+from scheduler.cluster import NodeSession
+from scheduler.config import LivenessConfig
+from scheduler.liveness import expired, hung, lapsed, progress_deadline
+from sdmesh.domain import DeviceInfo, NodeInfo
+from sdmesh.spec import MemoryMode
 from tests.factories import make_spec
 
 CONFIG = LivenessConfig(heartbeat_seconds=1.0, lease_seconds=10.0, progress_deadline_seconds=60.0)
@@ -48,23 +50,21 @@ def test_the_deadline_is_the_floor_or_ten_steps_and_the_first_step_gets_twice_th
 
 
 def test_only_a_started_attempt_silent_past_its_deadline_is_hung() -> None:
-    node = session("n", last_heard=1000.0)
-    node.attempts = {
-        "stuck": attempt("stuck", started_at=0.0, last_step_at=900.0),
-        "stepping": attempt("stepping", started_at=0.0, last_step_at=990.0),
-        "loading": attempt("loading", started_at=900.0),  # 100 s < 2 x 60 s
-        "waiting": attempt("waiting"),  # behind another job on its worker
-        "stopping": attempt("stopping", started_at=0.0, last_step_at=0.0, stopping=True),
-    }
-    assert [a.job_id for a in hung(node, 1000.0, CONFIG)] == ["stuck"]
-    node.last_heard = 1021.0
-    assert [a.job_id for a in hung(node, 1021.0, CONFIG)] == ["stuck", "loading"]
+    held = [
+        attempt("stuck", started_at=0.0, last_step_at=900.0),
+        attempt("stepping", started_at=0.0, last_step_at=990.0),
+        attempt("loading", started_at=900.0),  # 100 s < 2 x 60 s
+        attempt("waiting"),  # behind another job on its worker
+        attempt("stopping", started_at=0.0, last_step_at=0.0, stopping=True),
+    ]
+    assert [a.job_id for a in hung(held, 1000.0, 1000.0, CONFIG)] == ["stuck"]
+    assert [a.job_id for a in hung(held, 1021.0, 1021.0, CONFIG)] == ["stuck", "loading"]
 
 
 def test_a_silent_agent_is_left_to_its_lease_not_called_hung() -> None:
-    node = session("n", last_heard=1000.0)
-    node.attempts = {"stuck": attempt("stuck", started_at=0.0, last_step_at=900.0)}
-    assert hung(node, 1002.5, CONFIG) == []  # over two heartbeats without a word
+    held = [attempt("stuck", started_at=0.0, last_step_at=900.0)]
+    # heard at 1000, asked at 1002.5: over two heartbeats without a word
+    assert hung(held, 1000.0, 1002.5, CONFIG) == []
 
 
 def test_orphans_expire_at_their_deadline() -> None:

@@ -14,10 +14,11 @@ import pytest
 import sqlalchemy as sa
 
 from client import AsyncClient
-from protos import agent_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from harness.waiting import until_async
+from protos import agent_pb2, agent_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.server import SchedulerServer
+from sdmesh.wire import is_standby, leader_hint
 from tests.scripted import ScriptedAgent, hello, running_scheduler
-from tests.test_scheduler_service import until
 
 FAST = {"heartbeat_seconds": 0.2, "lease_seconds": 1.0, "progress_deadline_seconds": 1.0}
 
@@ -48,7 +49,9 @@ def test_a_silent_agent_loses_its_lease_and_its_late_result_is_refused(tmp_path:
             agent.started(job)
             agent.step(job, 1)
             # ...and then nothing: the process was paused.
-            requeued = await until(handle.refresh, lambda j: j.state == "QUEUED", "re-queued")
+            requeued = await until_async(
+                handle.refresh, "re-queued", done=lambda j: j.state == "QUEUED"
+            )
             assert (requeued.attempt, requeued.failures) == (1, 1)
             assert requeued.attempts[0].outcome == "lost"
             assert requeued.attempts[0].reason.startswith("node host-n1 lost: no heartbeat for")
@@ -86,7 +89,9 @@ def test_a_hung_card_misses_its_deadline_and_recovers_after_a_health_probe(
             agent.step(job, 1)  # then the card stops; the agent keeps heartbeating
             stop = await next_of(agent, "stop")
             assert stop.stop.reason == "missed its progress deadline"
-            requeued = await until(handle.refresh, lambda j: j.state == "QUEUED", "re-queued")
+            requeued = await until_async(
+                handle.refresh, "re-queued", done=lambda j: j.state == "QUEUED"
+            )
             assert requeued.failures == 1
             assert "no progress for" in requeued.attempts[0].reason
             [node] = await client.list_nodes()
@@ -124,7 +129,9 @@ def test_drain_node_stops_new_work_until_undone(tmp_path: Path) -> None:
             drain = await next_of(agent, "drain")
             assert drain.drain.timeout_seconds == 45
             handle = await client.submit("p", width=64, height=64)
-            waiting = await until(handle.refresh, lambda j: "draining" in j.reason, "a reason")
+            waiting = await until_async(
+                handle.refresh, "a reason", done=lambda j: "draining" in j.reason
+            )
             assert waiting.state == "QUEUED"
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await stub.DrainNode(scheduler_pb2.DrainNodeRequest(node="nope"))
@@ -132,6 +139,37 @@ def test_drain_node_stops_new_work_until_undone(tmp_path: Path) -> None:
             await stub.DrainNode(scheduler_pb2.DrainNodeRequest(node="n1", undo=True))
             await next_of(agent, "resume")
             assert (await agent.assignment()).job_id == handle.id
+            await agent.close()
+
+    asyncio.run(main())
+
+
+def test_a_leaving_agent_gets_no_new_work_and_is_told_so_after_what_was_sent(
+    tmp_path: Path,
+) -> None:
+    async def main() -> None:
+        async with (
+            running_scheduler(tmp_path / "s", heartbeat_seconds=0.2) as server,
+            AsyncClient(f"127.0.0.1:{server.port}", user="alice") as client,
+        ):
+            agent = ScriptedAgent(server.port, "n1")
+            await agent.connect()
+            first = await client.submit("p", width=64, height=64)
+            assignment = await agent.assignment()
+            assert assignment.job_id == first.id
+            agent.leaving()  # SIGTERM on the agent
+            await next_of(agent, "drain")  # the scheduler's answer: nothing more comes
+            second = await client.submit("q", width=64, height=64)
+            waiting = await until_async(
+                second.refresh, "a reason", done=lambda j: "draining" in j.reason
+            )
+            assert waiting.state == "QUEUED"
+            # What it held it hands back, which is no failure.
+            agent.ended(assignment, agent_pb2.ATTEMPT_OUTCOME_RELEASED, "agent shutting down")
+            back = await until_async(
+                first.refresh, "the hand-back", done=lambda j: j.state == "QUEUED"
+            )
+            assert (back.attempt, back.failures) == (1, 0)
             await agent.close()
 
     asyncio.run(main())
@@ -155,6 +193,16 @@ def test_only_the_leader_serves_and_a_standby_takes_over(tmp_path: Path, db_url:
                 await b.ListJobs(scheduler_pb2.ListJobsRequest())
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert (refused.value.details() or "").startswith("standby replica")
+            # Agents and clients read that from the trailing metadata, not the text.
+            assert is_standby(refused.value)
+            assert leader_hint(refused.value) == leader.address
+            # A stream an agent opens is turned away the same way.
+            stream = agent_pb2_grpc.AgentGatewayStub(
+                grpc.aio.insecure_channel(standby.address)
+            ).Connect(iter([hello("n1")]))
+            with pytest.raises(grpc.aio.AioRpcError) as turned_away:
+                await stream.read()
+            assert is_standby(turned_away.value)
             async with AsyncClient(f"{standby.address},{leader.address}") as client:
                 handle = await client.submit("p", width=64, height=64)
             await leader.stop(grace=0.5)  # hands the lease over

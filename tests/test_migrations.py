@@ -7,9 +7,9 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from scheduler.spec import MemoryMode
 from scheduler.store import Store, downgrade, migrate
 from scheduler.store.schema import metadata
+from sdmesh.spec import MemoryMode
 from tests.factories import make_spec
 
 HEAD = "0003"

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gpu_node.identity import DataDirInUse, DataDirLock, default_name, load_identity
-from scheduler.domain import DeviceInfo
+from gpu_node.identity import default_name, load_identity
+from sdmesh.datadir import DataDirInUse, DataDirLock
+from sdmesh.domain import DeviceInfo
 
 GPU = DeviceInfo(0, "RTX", "GPU-0", "cuda", 1)
 GPU1 = DeviceInfo(1, "RTX", "GPU-1", "cuda", 1)

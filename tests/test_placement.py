@@ -4,12 +4,17 @@ jobs that wait too long, and rejection of jobs that can never run."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from scheduler.estimator import GIB, Need
 from scheduler.placement import (
+    Decision,
     GpuView,
     Placed,
+    Reason,
+    Rejection,
     Reserved,
     SeenGpu,
     Unplaced,
@@ -19,7 +24,7 @@ from scheduler.placement import (
     unresolvable,
 )
 from scheduler.placement.scores import fit_score, utilization_score
-from scheduler.spec import MemoryMode
+from sdmesh.spec import MemoryMode
 from tests.factories import make_demand, make_gpu
 
 FULL, OFFLOAD, SEQUENTIAL = MemoryMode.FULL, MemoryMode.MODEL_OFFLOAD, MemoryMode.SEQUENTIAL_OFFLOAD
@@ -27,6 +32,11 @@ FULL, OFFLOAD, SEQUENTIAL = MemoryMode.FULL, MemoryMode.MODEL_OFFLOAD, MemoryMod
 
 def need(mode: MemoryMode, vram_gib: float, host_gib: float = 0) -> Need:
     return Need(mode, int(vram_gib * GIB), int(host_gib * GIB))
+
+
+def reason(decision: Decision) -> str:
+    assert isinstance(decision, Unplaced), decision
+    return decision.reason
 
 
 @pytest.mark.parametrize(
@@ -51,6 +61,33 @@ def test_each_filter_says_why(gpu: GpuView, kind: str, detail: str) -> None:
     assert (found.kind, found.detail) == (kind, detail)
 
 
+@pytest.mark.parametrize(
+    ("gpu", "expected"),
+    [
+        # 7.8 GiB free on a 24 GiB card: it may fit later, when work ends.
+        (make_gpu(free_gib=7.8), Rejection(Reason.INSUFFICIENT_VRAM, int(9.1 * GIB),
+                                           int(7.8 * GIB), 24 * GIB, False, "full")),
+        # An 8 GiB card less the 0.5 GiB CUDA context: 7.5 < 9.1, never.
+        (make_gpu(free_gib=8, total_gib=8), Rejection(Reason.INSUFFICIENT_VRAM, int(9.1 * GIB),
+                                                      8 * GIB, 8 * GIB, True, "full")),
+        # Two jobs bound, two slots: needs 1 slot, 0 free of 2.
+        (make_gpu(active=2), Rejection(Reason.BUSY, 1, 0, 2)),
+        (make_gpu(labels={"pool": "flux"}),
+         Rejection(Reason.SELECTOR_MISMATCH, unresolvable=True, subject="pool=sdxl")),
+        (make_gpu(models=("sdxl",), labels={"pool": "sdxl"}),
+         Rejection(Reason.MODEL_MISSING, unresolvable=True, subject="tiny")),
+        (make_gpu(draining=True), Rejection(Reason.DRAINING)),
+    ],
+)  # fmt: skip
+def test_a_rejection_carries_its_numbers_and_whether_waiting_helps(
+    gpu: GpuView, expected: Rejection
+) -> None:
+    selector = {} if expected.reason is Reason.INSUFFICIENT_VRAM else {"pool": "sdxl"}
+    if expected.reason in (Reason.BUSY, Reason.DRAINING):
+        gpu = replace(gpu, labels={"pool": "sdxl"})
+    assert rejection(make_demand(vram_gib=9.1, selector=selector), gpu) == expected
+
+
 def test_offload_is_the_fallback_when_full_does_not_fit() -> None:
     demand = make_demand(needs=(need(FULL, 27), need(OFFLOAD, 19, 23), need(SEQUENTIAL, 5, 23)))
     # 24 GiB free: full (27) does not fit, model offload (19) does.
@@ -68,9 +105,13 @@ def test_offload_is_the_fallback_when_full_does_not_fit() -> None:
     found = rejection(demand, make_gpu(free_gib=12, total_gib=12, host_free_gib=16))
     assert found is not None
     assert found.kind == "insufficient host RAM"
+    # 23 GiB of weights to hold in host RAM, 16 free; the card itself would do.
+    assert (found.reason, found.needed, found.available, found.unresolvable) == (
+        Reason.INSUFFICIENT_HOST_RAM, 23 * GIB, 16 * GIB, False,
+    )  # fmt: skip
     # A job pinned to full mode never falls back.
     pinned = make_demand(needs=(need(FULL, 27),))
-    assert place(pinned, [make_gpu(free_gib=24)]) == Unplaced(
+    assert reason(place(pinned, [make_gpu(free_gib=24)])) == (
         "0/1 GPUs: 1 insufficient VRAM (needs 27.0 GiB, 24.0 GiB free)"
     )
 
@@ -142,10 +183,10 @@ def test_an_unplaced_job_gets_a_summary_with_numbers() -> None:
         make_gpu("c", free_gib=6),
         make_gpu("d", draining=True),
     ]
-    assert place(make_demand(vram_gib=9.1), gpus) == Unplaced(
+    assert reason(place(make_demand(vram_gib=9.1), gpus)) == (
         "0/4 GPUs: 3 insufficient VRAM (needs 9.1 GiB, 7.8 GiB free), 1 draining"
     )
-    assert place(make_demand(), []) == Unplaced("no GPUs connected")
+    assert reason(place(make_demand(), [])) == ("no GPUs connected")
 
 
 def test_plan_charges_each_placement_before_the_next() -> None:
@@ -160,14 +201,14 @@ def test_plan_charges_each_placement_before_the_next() -> None:
         [gpu],
     )
     assert [type(d).__name__ for _, d in decisions] == ["Placed", "Placed", "Unplaced"]
-    assert decisions[2][1] == Unplaced("0/1 GPUs: 1 busy (2 jobs)")
+    assert reason(decisions[2][1]) == ("0/1 GPUs: 1 busy (2 jobs)")
     # A worker runs one job at a time, so the job bound second gets the
     # whole 24 GiB when its turn comes, not 24 - 20 = 4.
     decisions = plan([make_demand("j1", vram_gib=20), make_demand("j2", vram_gib=20)], [gpu])
     assert [type(d).__name__ for _, d in decisions] == ["Placed", "Placed"]
     # A GPU with 10 GiB of running work and 14 GiB free has 24 GiB of room.
     running = make_gpu("a", free_gib=14, active=1, bound_bytes=10 * GIB)
-    assert place(make_demand(vram_gib=25), [running]) == Unplaced(
+    assert reason(place(make_demand(vram_gib=25), [running])) == (
         "0/1 GPUs: 1 insufficient VRAM (needs 25.0 GiB, 24.0 GiB free)"
     )
     # Two idle GPUs: the second job goes where nothing is bound yet.
@@ -218,7 +259,10 @@ SEEN = [
 
 def test_a_job_no_gpu_could_ever_take_is_rejected() -> None:
     pinned_full = make_demand(needs=(need(FULL, 20),))
-    assert unresolvable(pinned_full, SEEN) == (
+    problem = unresolvable(pinned_full, SEEN)
+    assert problem is not None
+    assert (problem.needed_bytes, problem.mode, problem.biggest) == (20 * GIB, FULL, SEEN[1])
+    assert problem.text == (
         "fits no GPU seen recently: needs at least 20.0 GiB (full; allowed modes: full), "
         "and the biggest GPU is big gpu 0 with 16.0 GiB"
     )
@@ -239,7 +283,7 @@ def test_a_job_waits_for_a_busy_gpu_that_would_still_finish_it_sooner() -> None:
     slow = make_gpu("slow", speeds={"tiny": 0.5}, resident=("tiny",))
     demands = [make_demand(f"j{n}", work=30.0) for n in range(1, 6)]
     decisions = [decision for _, decision in plan(demands, [fast, slow])]
-    assert decisions[0] == Unplaced(
+    assert reason(decisions[0]) == (
         "waiting for host-fast gpu 0: expected to finish there in 15s, "
         "against 60s on host-slow gpu 0 now"
     )

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from gpu_node.preview import Previewer, latents_to_png
-from scheduler.domain import Preview
+from sdmesh.domain import Preview
 
 
 @pytest.mark.parametrize(("side", "expected"), [(8, 8), (64, 64), (128, 128), (256, 128)])

@@ -16,5 +16,7 @@ def test_generated_code_is_not_stale(tmp_path: Path) -> None:
 
 
 def test_the_contract_is_versioned() -> None:
-    for proto in (REPO_ROOT / "protos").glob("*.proto"):
+    protos = sorted((REPO_ROOT / "protos").glob("*.proto"))
+    assert [proto.name for proto in protos] == ["agent.proto", "common.proto", "scheduler.proto"]
+    for proto in protos:
         assert "package sdmesh.v1;" in proto.read_text(), proto.name

@@ -5,7 +5,7 @@ retries, watch replay, identity and input checks."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from client import (
     RejectedError,
     StateEvent,
 )
+from harness.waiting import until_async
 from protos import agent_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.scripted import ScriptedAgent, hello, running_scheduler
 
@@ -45,15 +46,6 @@ def run(
             await scenario(server.port, client)
 
     asyncio.run(main())
-
-
-async def until(check: Callable[[], Awaitable[Job]], done: Callable[[Job], bool], what: str) -> Job:
-    for _ in range(200):
-        job = await check()
-        if done(job):
-            return job
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}; last: {job}")
 
 
 async def events_of(client: AsyncClient, job_id: str, after_seq: int = 0) -> list[Event]:
@@ -103,7 +95,7 @@ def test_watch_resumes_after_a_sequence_number_and_late_watchers_get_the_preview
         await agent.connect()
         handle = await client.submit("p", width=64, height=64, steps=4)
         agent.succeed(await agent.assignment(), [PNG])
-        await until(handle.refresh, lambda j: j.done, "the job to end")
+        await until_async(handle.refresh, "the job to end", done=lambda j: j.done)
         everything = await events_of(client, handle.id)
         # A late watcher still sees the last picture, just before the end.
         assert isinstance(everything[-2], PreviewEvent)
@@ -125,9 +117,9 @@ def test_a_stale_attempt_is_stopped_and_changes_nothing(tmp_path: Path, db_url: 
         handle = await client.submit("p", width=64, height=64, steps=4)
         old = await first.assignment()
         first.started(old)
-        await until(handle.refresh, lambda j: j.state == "RUNNING", "RUNNING")
+        await until_async(handle.refresh, "RUNNING", done=lambda j: j.state == "RUNNING")
         await first.close()  # the node is lost: the job goes back with a failure
-        requeued = await until(handle.refresh, lambda j: j.state == "QUEUED", "re-queue")
+        requeued = await until_async(handle.refresh, "re-queue", done=lambda j: j.state == "QUEUED")
         assert (requeued.failures, requeued.attempt) == (1, 1)
         assert "disconnected" in requeued.reason
 
@@ -147,7 +139,7 @@ def test_a_stale_attempt_is_stopped_and_changes_nothing(tmp_path: Path, db_url: 
         returning.ended(old, SUCCEEDED)
 
         second.succeed(new, [PNG])
-        final = await until(handle.refresh, lambda j: j.done, "the end")
+        final = await until_async(handle.refresh, "the end", done=lambda j: j.done)
         assert (final.state, final.attempt, final.node_id) == ("SUCCEEDED", 2, "n2")
         [image] = await handle.images()
         assert image.data == PNG
@@ -171,7 +163,7 @@ def test_cancel_stops_the_agent_and_a_late_result_is_dropped(tmp_path: Path) -> 
         job = await agent.assignment()
         agent.started(job)
         agent.step(job, 1)
-        await until(handle.refresh, lambda j: j.state == "RUNNING", "RUNNING")
+        await until_async(handle.refresh, "RUNNING", done=lambda j: j.state == "RUNNING")
         cancelled = await handle.cancel()
         assert cancelled.state == "CANCELLED"
         assert cancelled.reason == "cancelled by alice"
@@ -211,7 +203,7 @@ def test_failures_retry_and_then_fail_the_job_with_each_reason(tmp_path: Path) -
         agent.ended(job, FAILED, "CUDA out of memory", "oom")
         job = await agent.assignment()
         agent.ended(job, FAILED, "RuntimeError: boom", "error")
-        final = await until(handle.refresh, lambda j: j.done, "the end")
+        final = await until_async(handle.refresh, "the end", done=lambda j: j.done)
         assert (final.state, final.failures, final.attempt) == ("FAILED", 3, 3)
         assert final.reason.startswith("failed 3 times; attempt 1: host-n1: image 0: sha256")
         assert (
@@ -294,7 +286,7 @@ def test_who_is_asking_comes_from_metadata(tmp_path: Path) -> None:
 def test_a_waiting_job_says_why_and_listing_pages(tmp_path: Path) -> None:
     async def scenario(port: int, client: AsyncClient) -> None:
         handles = [await client.submit(f"p{i}", width=64, height=64) for i in range(5)]
-        waiting = await until(handles[0].refresh, lambda j: j.reason != "", "a reason")
+        waiting = await until_async(handles[0].refresh, "a reason", done=lambda j: j.reason != "")
         assert waiting.reason == "waiting: no GPUs connected"
         listed = await client.list_jobs(limit=3)
         assert [j.id for j in listed] == [h.id for h in reversed(handles)][:3]
@@ -318,7 +310,7 @@ def _run_in_first_life(tmp_path: Path) -> str:
             async with AsyncClient(f"127.0.0.1:{server.port}") as client:
                 handle = await client.submit("p", width=64, height=64)
                 agent.started(await agent.assignment())
-                await until(handle.refresh, lambda j: j.state == "RUNNING", "RUNNING")
+                await until_async(handle.refresh, "RUNNING", done=lambda j: j.state == "RUNNING")
         await agent.close()  # the scheduler stopped first, with the job running
         return handle.id
 
@@ -336,7 +328,7 @@ def test_after_a_restart_the_agent_reattaches_its_job_and_delivers_the_result(
         agent = ScriptedAgent(port, "n1")
         await agent.connect(hello("n1", held=((job_id, 1),)))
         agent.succeed(held_attempt(job), [PNG])
-        final = await until(lambda: client.get_job(job_id), lambda j: j.done, "the end")
+        final = await until_async(lambda: client.get_job(job_id), "the end", done=lambda j: j.done)
         assert (final.state, final.attempt, final.failures) == ("SUCCEEDED", 1, 0)
         await agent.close()
 
@@ -355,7 +347,7 @@ def test_after_a_restart_an_agent_back_without_its_job_has_it_requeued(tmp_path:
         assert job.failures == 1
         assert job.attempts[0].reason == "node host-n1 came back without it (the agent restarted)"
         agent.succeed(assigned, [PNG])
-        final = await until(lambda: client.get_job(job_id), lambda j: j.done, "the end")
+        final = await until_async(lambda: client.get_job(job_id), "the end", done=lambda j: j.done)
         assert final.state == "SUCCEEDED"
         await agent.close()
 
@@ -375,7 +367,7 @@ def test_watching_past_the_end_still_ends(tmp_path: Path) -> None:
         handle = await client.submit("p", width=64, height=64, steps=4)
         job = await agent.assignment()
         agent.started(job)
-        await until(handle.refresh, lambda j: j.state == "RUNNING", "RUNNING")
+        await until_async(handle.refresh, "RUNNING", done=lambda j: j.state == "RUNNING")
         watching = asyncio.create_task(events_of(client, handle.id, after_seq=50))
         agent.succeed(job, [PNG])
         assert [e for e in await asyncio.wait_for(watching, 10) if e.seq] == []
@@ -428,7 +420,7 @@ def test_a_selector_sends_a_job_to_the_nodes_labelled_for_it(tmp_path: Path) -> 
         assert dict(job.spec.selector) == {"pool": "sdxl"}
         # Nobody has the "flux" pool: the job waits, and says why.
         waiting = await client.submit("q", width=64, height=64, selector={"pool": "flux"})
-        job_waiting = await until(waiting.refresh, lambda j: j.reason != "", "a reason")
+        job_waiting = await until_async(waiting.refresh, "a reason", done=lambda j: j.reason != "")
         assert job_waiting.reason == "waiting: 0/2 GPUs: 2 selector mismatch (pool=flux)"
         with pytest.raises(InvalidArgumentError, match=r"selector\[pool\]: value 'a b'"):
             await client.submit("p", selector={"pool": "a b"})
@@ -456,7 +448,7 @@ def test_a_job_that_can_no_longer_fit_any_gpu_fails_instead_of_waiting(tmp_path:
                 profile=agent_pb2.AttemptProfile(peak_vram_bytes=20 * 2**30),
             ),
         )
-        final = await until(handle.refresh, lambda j: j.done, "the end")
+        final = await until_async(handle.refresh, "the end", done=lambda j: j.done)
         assert final.state == "FAILED"
         assert final.reason.startswith("fits no GPU seen recently: needs at least 26.2 GiB")
         assert final.reason.endswith("the biggest GPU is host-n1 gpu 0 with 24.0 GiB")

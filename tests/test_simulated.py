@@ -12,15 +12,15 @@ import torch
 
 from gpu_node.catalog import Catalog
 from gpu_node.profiles import CUDA_CONTEXT_BYTES, PROFILES, profile_for, true_peak
-from gpu_node.runner import DeviceWorker, Ended, ImageReady, StepDone, Task, WorkerEvent
+from gpu_node.runner import DeviceWorker, Task
 from gpu_node.simulated import (
     SimulatedProbe,
     parse_models,
     parse_sizes,
     parse_speeds,
 )
-from scheduler.domain import AttemptOutcome
-from scheduler.spec import MemoryMode
+from sdmesh.domain import AttemptOutcome, AttemptUpdate, Ended, ImageReady, Progress
+from sdmesh.spec import MemoryMode
 from tests.factories import make_spec
 
 GIB = 2**30
@@ -48,19 +48,19 @@ def catalog(tiny_data_dir: Path) -> Catalog:
 
 def run(
     probe: SimulatedProbe, catalog: Catalog, tasks: list[Task], index: int = 0
-) -> list[WorkerEvent]:
-    events: queue.Queue[WorkerEvent] = queue.Queue()
+) -> list[AttemptUpdate]:
+    events: queue.Queue[AttemptUpdate] = queue.Queue()
     worker = DeviceWorker(probe.devices()[index], probe.backend(index, catalog), events.put)
     for task in tasks:
         worker.submit(task)
-    got: list[WorkerEvent] = []
+    got: list[AttemptUpdate] = []
     while sum(isinstance(e.body, Ended) for e in got) < len(tasks):
         got.append(events.get(timeout=120))
     worker.close(timeout=60)
     return got
 
 
-def ended(events: list[WorkerEvent]) -> list[Ended]:
+def ended(events: list[AttemptUpdate]) -> list[Ended]:
     return [e.body for e in events if isinstance(e.body, Ended)]
 
 
@@ -74,7 +74,7 @@ def test_a_synthetic_model_runs_on_the_timing_model_and_holds_memory(catalog: Ca
     assert result.outcome is AttemptOutcome.SUCCEEDED
     peak = true_peak(PROFILES["sdxl"], 1024, 1024, 1, MemoryMode.FULL)
     assert result.profile.peak_vram_bytes == peak
-    assert [b.step for b in (e.body for e in events) if isinstance(b, StepDone)] == [1, 2, 3, 4, 5]
+    assert [b.step for b in (e.body for e in events) if isinstance(b, Progress)] == [1, 2, 3, 4, 5]
     [image] = [e.body for e in events if isinstance(e.body, ImageReady)]
     assert (image.width, image.height) == (1024, 1024)
     # After the job, the model stays resident and its activations are freed.
@@ -105,7 +105,7 @@ def test_a_job_that_does_not_fit_raises_the_real_oom_inside_the_call(catalog: Ca
     assert first.profile.peak_vram_bytes == 8 * GIB - CUDA_CONTEXT_BYTES
     # The card recovers: the next job runs.
     assert second.outcome is AttemptOutcome.SUCCEEDED
-    assert not [e for e in events if e.job_id == "big" and isinstance(e.body, StepDone)]
+    assert not [e for e in events if e.job_id == "big" and isinstance(e.body, Progress)]
 
 
 def test_the_real_tiny_pipeline_runs_on_a_simulated_card(catalog: Catalog) -> None:

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from scheduler.errors import InvalidArgument
-from scheduler.samplers import SAMPLERS, find_sampler
-from scheduler.spec import MemoryMode, SpecRequest, infotext, resolve
+from sdmesh.errors import InvalidArgument
+from sdmesh.samplers import SAMPLERS, find_sampler
+from sdmesh.spec import MemoryMode, SpecRequest, infotext, resolve
 from tests.factories import make_spec
 
 

@@ -4,15 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.spec import MemoryMode
-from scheduler.speeds import (
-    Speed,
-    SpeedTable,
-    expected_speed,
-    load_seconds,
-    megapixel_steps,
-    run_seconds,
-)
+from scheduler.placement.timing import expected_speed, load_seconds, run_seconds
+from sdmesh.spec import MemoryMode
+from sdmesh.speeds import Speed, SpeedTable, megapixel_steps
 
 
 def test_a_job_is_measured_in_megapixel_steps_per_second() -> None:

@@ -6,11 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from scheduler.domain import AttemptOutcome, AttemptProfile, ImageMeta, StateChange
+from scheduler.domain import StateChange
 from scheduler.estimator import LearnedPeak
-from scheduler.spec import MemoryMode
 from scheduler.states import JobState
 from scheduler.store import Store
+from sdmesh.domain import AttemptOutcome, AttemptProfile, ImageInfo
+from sdmesh.spec import MemoryMode
 from tests.factories import make_node, make_spec
 
 
@@ -48,7 +49,7 @@ def assign(store: Store, job_id: str = "job1", expected_attempt: int = 0) -> Non
     assert events is not None
 
 
-IMAGE = ImageMeta(index=0, seed=1234, sha256="ab" * 32, size_bytes=100, width=64, height=64)
+IMAGE = ImageInfo(index=0, seed=1234, sha256="ab" * 32, size_bytes=100, width=64, height=64)
 
 
 def states(store: Store, job_id: str = "job1") -> list[JobState]:

@@ -6,8 +6,9 @@ import hashlib
 
 import pytest
 
-from scheduler.domain import ImageMeta
-from scheduler.uploads import Chunk, UploadBuffer, UploadError
+from scheduler.uploads import UploadBuffer, UploadError
+from sdmesh.domain import ImageChunk as Chunk
+from sdmesh.domain import ImageInfo
 
 DATA = bytes(range(256)) * 40
 
@@ -33,7 +34,7 @@ def test_chunks_come_back_as_whole_verified_images() -> None:
     [(first, data0), (second, data1)] = buffer.complete(2)
     assert data0 == DATA
     assert data1 == DATA[:10]
-    assert first == ImageMeta(0, 7, hashlib.sha256(DATA).hexdigest(), len(DATA), 64, 64)
+    assert first == ImageInfo(0, 7, hashlib.sha256(DATA).hexdigest(), len(DATA), 64, 64)
     assert second.seed == 8
 
 

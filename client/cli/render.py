@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -53,14 +53,7 @@ def gib(count: int | None) -> str:
 
 
 def image_json(image: ImageInfo) -> dict[str, Any]:
-    return {
-        "index": image.index,
-        "seed": image.seed,
-        "sha256": image.sha256,
-        "size_bytes": image.size_bytes,
-        "width": image.width,
-        "height": image.height,
-    }
+    return asdict(image)
 
 
 def job_json(job: Job) -> dict[str, Any]:
@@ -86,23 +79,8 @@ def job_json(job: Job) -> dict[str, Any]:
         "created_at": _iso(job.created_at),
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
-        "spec": {
-            "prompt": spec.prompt,
-            "negative_prompt": spec.negative_prompt,
-            "model": spec.model,
-            "width": spec.width,
-            "height": spec.height,
-            "steps": spec.steps,
-            "cfg_scale": spec.cfg_scale,
-            "seed": spec.seed,
-            "seeds": spec.seeds,
-            "sampler_name": spec.sampler_name,
-            "batch_size": spec.batch_size,
-            "priority": spec.priority,
-            "memory_mode": spec.memory_mode,
-            "labels": spec.labels,
-            "selector": spec.selector,
-        },
+        # Every spec field, as the scheduler resolved it, and each image's seed.
+        "spec": {**spec.to_dict(), "seeds": spec.seeds},
         "attempts": [attempt_json(attempt) for attempt in job.attempts],
     }
 

@@ -1,6 +1,13 @@
-"""The server subcommands: `sdctl scheduler`, `sdctl node` and `sdctl up`.
-They import the scheduler and agent packages only when they run, so the
-user-facing commands start fast and never load torch."""
+"""The server subcommands: `sdctl scheduler`, `sdctl node` and `sdctl up`,
+and the one place sdctl starts the servers. Their flags come from the
+servers' config dataclasses (light modules); the servers themselves are
+imported only when they run, so the user-facing commands start fast and
+never load torch.
+
+Servers started by `sdctl up` (and by the test harness) end with their
+parent, even one killed with SIGKILL: each child inherits the read end of
+a pipe whose write end only the parent holds, and stops when it reads EOF.
+"""
 
 from __future__ import annotations
 
@@ -10,13 +17,31 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from client._config import resolve_address
 from client._errors import InvalidArgumentError, SdmeshError
-from client.cli.labels import parse_labels
+from client.cli.options import add_options, config_from
+from gpu_node.config import AgentConfig
+from scheduler.config import SchedulerConfig
+from sdmesh.datadir import DataDirInUse
 
 log = logging.getLogger("sdctl")
+
+PARENT_FD_ENV = "SDMESH_PARENT_FD"
+
+
+def add_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    add_options(command("scheduler", "run the scheduler"), SchedulerConfig)
+    add_options(command("node", "run a GPU node agent"), AgentConfig)
+    up = command("up", "run a scheduler and one local agent")
+    add_options(up, SchedulerConfig, only=("host", "port"))
+    up.add_argument("--data-dir", help="default ~/.local/share/sdmesh/up")
+    add_options(up, AgentConfig, only=("models_dir",))
 
 
 def default_data_dir(kind: str) -> Path:
@@ -37,105 +62,102 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def parse_duration(text: str) -> float:
-    """'90s', '15m', '24h', '2d' or plain seconds."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    try:
-        if text and text[-1] in units:
-            return float(text[:-1]) * units[text[-1]]
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected a duration like 90s, 15m or 24h, got {text!r}"
-        ) from None
+# ---- ending with the parent ------------------------------------------------
+
+
+def spawn_tied(command: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
+    """Starts `command` (an sdctl server) so that it stops when this process
+    ends, however it ends."""
+    read_end, _ = _parent_pipe()
+    env = dict(popen.pop("env", None) or os.environ)
+    env[PARENT_FD_ENV] = str(read_end)
+    return subprocess.Popen(command, env=env, pass_fds=(read_end,), **popen)
+
+
+_pipe: tuple[int, int] | None = None
+
+
+def _parent_pipe() -> tuple[int, int]:
+    """One pipe for every child: its write end stays open, unwritten, for as
+    long as this process lives."""
+    global _pipe
+    if _pipe is None:
+        read_end, write_end = os.pipe()
+        os.set_inheritable(write_end, False)
+        _pipe = (read_end, write_end)
+    return _pipe
+
+
+def _stop_with_parent() -> None:
+    """In a server started by `spawn_tied`: when the parent is gone, stop as
+    a second SIGTERM stops (at once, handing running work back), since
+    nobody is left to wait for."""
+    fd_text = os.environ.pop(PARENT_FD_ENV, "")
+    if not fd_text.isdigit():
+        return
+    fd = int(fd_text)
+
+    def watch() -> None:
+        try:
+            while os.read(fd, 1):
+                pass
+        except OSError:
+            pass
+        log.warning("the process that started this one is gone; stopping")
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+# ---- the servers -------------------------------------------------------------
 
 
 def run_scheduler(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
+    _stop_with_parent()
     import asyncio
 
-    from scheduler.server import SchedulerConfig, serve
+    from scheduler.server import serve
 
-    config = SchedulerConfig(
-        data_dir=Path(args.data_dir or default_data_dir("scheduler")),
-        host=args.host,
-        port=args.port,
-        db_url=args.db or "",
-        heartbeat_seconds=args.heartbeat,
-        lease_seconds=args.lease,
-        progress_deadline_seconds=args.progress_deadline,
-        advertise=args.advertise or "",
-        images_dir=Path(args.images_dir) if args.images_dir else None,
-        node_window_seconds=args.node_window,
-        max_attempts=args.max_attempts,
-        reserve_after_seconds=args.reserve_after,
+    config = config_from(
+        SchedulerConfig, args, defaults={"data_dir": default_data_dir("scheduler")}
     )
     try:
         asyncio.run(serve(config))
+    except DataDirInUse as exc:
+        raise SdmeshError(str(exc)) from None
     except (OSError, RuntimeError) as exc:
         raise SdmeshError(f"scheduler failed to start: {exc}") from None
     return 0
 
 
-def run_node(args: argparse.Namespace, scheduler: str) -> int:
+def run_node(args: argparse.Namespace) -> int:
     configure_logging(args.verbose)
+    _stop_with_parent()
     import asyncio
+    import gc
 
-    from gpu_node.agent import AgentConfig, run_agent
-    from gpu_node.identity import DataDirInUse
-    from gpu_node.probe import Probe
-    from gpu_node.simulated import (
-        CardFaults,
-        SimulatedProbe,
-        parse_hang,
-        parse_models,
-        parse_sizes,
-        parse_speeds,
+    from gpu_node.agent import run_agent
+
+    config = config_from(
+        AgentConfig,
+        args,
+        defaults={"data_dir": default_data_dir("node")},
+        scheduler=resolve_address(args.scheduler),
     )
-
     try:
-        probe: Probe | None = None
-        synthetic: dict[str, int] = {}
-        if args.simulate_gpus:
-            sizes = parse_sizes(args.simulate_gpus)
-            speeds = parse_speeds(args.simulate_speed, len(sizes))
-            hang_at, hang_seconds = parse_hang(args.simulate_hang) if args.simulate_hang else (0, 0)
-            faults = CardFaults(
-                step_delay=args.simulate_step_delay,
-                hang_at_step=hang_at,
-                hang_seconds=hang_seconds,
-                poison=args.simulate_poison or "",
-            )
-            probe = SimulatedProbe(sizes, speeds, args.simulate_time_scale, faults)
-            synthetic = parse_models(args.simulate_models) if args.simulate_models else {}
-        else:
-            for flag in ("simulate_models", "simulate_hang", "simulate_poison"):
-                if getattr(args, flag):
-                    name = "--" + flag.replace("_", "-")
-                    raise ValueError(f"{name} needs --simulate-gpus: only simulated GPUs have it")
-        config = AgentConfig(
-            scheduler=scheduler,
-            data_dir=Path(args.data_dir or default_data_dir("node")),
-            models_dir=Path(args.models_dir) if args.models_dir else None,
-            name=args.name,
-            labels=parse_labels(args.label),
-            gpus=parse_gpus(args.gpus) if args.gpus else None,
-            synthetic_models=synthetic,
-            shutdown_timeout=args.shutdown_timeout,
-        )
-        asyncio.run(run_agent(config, probe))
+        asyncio.run(run_agent(config))
+        # torch and diffusers leave some 330,000 objects behind, and the
+        # interpreter's last collections over them take about a second at
+        # exit. Nothing in them needs finalizing: keep them out of reach.
+        gc.freeze()
     except ValueError as exc:
         raise InvalidArgumentError(str(exc)) from None
     except (DataDirInUse, FileNotFoundError) as exc:
         raise SdmeshError(str(exc)) from None
     return 0
-
-
-def parse_gpus(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(","))
-    except ValueError:
-        raise ValueError(f"--gpus: expected indexes like 0,1, got {text!r}") from None
 
 
 def _wait_until_ready(
@@ -158,41 +180,84 @@ def _wait_until_ready(
     return False
 
 
+def _running_jobs(address: str) -> int:
+    """Jobs the local agent is running now, as the scheduler sees them."""
+    from client._sync import Client
+
+    try:
+        with Client(address, timeout=2.0, reconnect_timeout=0) as client:
+            return sum(d.active_jobs for node in client.list_nodes() for d in node.devices)
+    except SdmeshError:
+        return 0
+
+
+class _Stops:
+    """Counts Ctrl-C and SIGTERM while `sdctl up` runs."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self.count += 1
+
+
+def _stop_agent(
+    agent: subprocess.Popen[bytes], stops: _Stops, address: str, timeout: float
+) -> None:
+    """Asks the agent to stop and says so: its running job gets the shutdown
+    timeout to finish, unless a second Ctrl-C hands it back at once."""
+    running = _running_jobs(address)
+    agent.send_signal(signal.SIGTERM)
+    if running:
+        print(
+            f"stopping: the agent finishes its {running} running job(s) or hands them back, "
+            f"within {timeout:g}s; press Ctrl-C again to hand them back now",
+            file=sys.stderr,
+            flush=True,
+        )
+    seen = stops.count
+    started = time.monotonic()
+    while agent.poll() is None:
+        if stops.count > seen:
+            seen = stops.count
+            print("handing the running job(s) back now", file=sys.stderr, flush=True)
+            agent.send_signal(signal.SIGTERM)
+        if time.monotonic() - started > timeout + 60:
+            agent.kill()
+        time.sleep(0.1)
+
+
 def run_up(args: argparse.Namespace) -> int:
     """The embedded cluster: a scheduler with SQLite and one local agent, as
     two child processes in the foreground. Ctrl-C stops the agent first, so
     it hands its work back, then the scheduler."""
     data_dir = Path(args.data_dir or default_data_dir("up"))
-    connect_host = "127.0.0.1" if args.host in ("0.0.0.0", "::", "") else args.host
-    address = f"{connect_host}:{args.port}"
+    host = getattr(args, "host", SchedulerConfig.host)
+    port = getattr(args, "port", SchedulerConfig.port)
+    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    address = f"{connect_host}:{port}"
     command = [sys.executable, "-m", "client.cli"] + (["-v"] if args.verbose else [])
-    scheduler = subprocess.Popen(
+    stops = _Stops()
+    scheduler = spawn_tied(
         [
             *command,
             "scheduler",
             "--host",
-            args.host,
+            host,
             "--port",
-            str(args.port),
+            str(port),
             "--data-dir",
             str(data_dir / "scheduler"),
         ],
         start_new_session=True,
     )
     node_command = [*command, "--scheduler", address, "node", "--data-dir", str(data_dir / "node")]
-    if args.models_dir:
-        node_command += ["--models-dir", args.models_dir]
-    node = subprocess.Popen(node_command, start_new_session=True)
+    if getattr(args, "models_dir", None):
+        node_command += ["--models-dir", str(args.models_dir)]
+    node = spawn_tied(node_command, start_new_session=True)
     children = [node, scheduler]
-
-    stop_requested = False
-
-    def request_stop(signum: int, _frame: object) -> None:
-        nonlocal stop_requested
-        stop_requested = True
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
     try:
         if _wait_until_ready(address, children, timeout=300):
             print(
@@ -202,18 +267,26 @@ def run_up(args: argparse.Namespace) -> int:
                 file=sys.stderr,
                 flush=True,
             )
-        while not stop_requested and all(child.poll() is None for child in children):
+        while not stops.count and all(child.poll() is None for child in children):
             time.sleep(0.2)
     finally:
-        for child in children:  # the agent first, then the scheduler
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-                try:
-                    child.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
+        if node.poll() is None:
+            _stop_agent(node, stops, address, AgentConfig.shutdown_timeout)
+        if scheduler.poll() is None:
+            scheduler.send_signal(signal.SIGTERM)
+            try:
+                scheduler.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                scheduler.kill()
+                scheduler.wait()
     failed = [child for child in children if child.returncode not in (0, -signal.SIGTERM)]
-    if failed and not stop_requested:
+    if failed and not stops.count:
         raise SdmeshError("the embedded cluster stopped: a child process exited with an error")
     return 0
+
+
+SERVERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "scheduler": run_scheduler,
+    "node": run_node,
+    "up": run_up,
+}

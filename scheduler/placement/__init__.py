@@ -3,10 +3,11 @@ with no I/O and no clock, in the Kubernetes scheduler's shape: filters that
 say why not (with numbers), then weighted 0-100 scores."""
 
 from scheduler.placement.demand import allowed_modes, demand_for, shape_of
-from scheduler.placement.filters import FILTERS, fitting_need, rejection
+from scheduler.placement.filters import FILTERS, fitting_need, rejection, selector_mismatch
 from scheduler.placement.planner import (
     RESERVE_AFTER_SECONDS,
     SeenGpu,
+    Unresolvable,
     place,
     plan,
     summarize,
@@ -14,17 +15,20 @@ from scheduler.placement.planner import (
 )
 from scheduler.placement.scores import WEIGHTS
 from scheduler.placement.views import (
+    DEVICE_RESERVE_BYTES,
     MAX_ACTIVE_PER_GPU,
     Decision,
     Demand,
     GpuView,
     Placed,
+    Reason,
     Rejection,
     Reserved,
     Unplaced,
 )
 
 __all__ = [
+    "DEVICE_RESERVE_BYTES",
     "FILTERS",
     "MAX_ACTIVE_PER_GPU",
     "RESERVE_AFTER_SECONDS",
@@ -33,16 +37,19 @@ __all__ = [
     "Demand",
     "GpuView",
     "Placed",
+    "Reason",
     "Rejection",
     "Reserved",
     "SeenGpu",
     "Unplaced",
+    "Unresolvable",
     "allowed_modes",
     "demand_for",
     "fitting_need",
     "place",
     "plan",
     "rejection",
+    "selector_mismatch",
     "shape_of",
     "summarize",
     "unresolvable",

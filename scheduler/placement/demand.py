@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from scheduler.estimator import MODES, EstimateBook, Shape
 from scheduler.placement.views import Demand
-from scheduler.spec import JobSpec, MemoryMode
-from scheduler.speeds import megapixel_steps
+from sdmesh.spec import JobSpec, MemoryMode
+from sdmesh.speeds import megapixel_steps
 
 
 def allowed_modes(requested: MemoryMode) -> tuple[MemoryMode, ...]:

@@ -1,41 +1,58 @@
-"""Filters: can this GPU take this job at all, and if not, why not (with
-numbers). The memory filter also picks the memory mode: the most preferred
-one that fits."""
+"""Filters: can this GPU take this job at all, and if not, why not, with the
+numbers (see `Rejection`). The memory filter also picks the memory mode:
+the most preferred one that fits."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
-from scheduler.estimator import Need, format_bytes
-from scheduler.placement.views import MAX_ACTIVE_PER_GPU, Demand, GpuView, Rejection
+from scheduler.estimator import Need
+from scheduler.placement.views import (
+    DEVICE_RESERVE_BYTES,
+    MAX_ACTIVE_PER_GPU,
+    Demand,
+    GpuView,
+    Reason,
+    Rejection,
+)
 
 Filter = Callable[[Demand, GpuView], Rejection | None]
 
 
+def selector_mismatch(selector: Mapping[str, str], labels: Mapping[str, str]) -> str | None:
+    """The first `key=value` of the selector the labels lack, or None when
+    they have them all."""
+    for key, value in sorted(selector.items()):
+        if labels.get(key) != value:
+            return f"{key}={value}"
+    return None
+
+
 def node_usable(_: Demand, gpu: GpuView) -> Rejection | None:
     if not gpu.healthy:
-        return Rejection("unhealthy")
+        return Rejection(Reason.UNHEALTHY)
     if gpu.draining:
-        return Rejection("draining")
+        return Rejection(Reason.DRAINING)
     return None
 
 
 def labels_match(demand: Demand, gpu: GpuView) -> Rejection | None:
-    for key, value in sorted(demand.selector.items()):
-        if gpu.labels.get(key) != value:
-            return Rejection("selector mismatch", f"{key}={value}")
+    missing = selector_mismatch(demand.selector, gpu.labels)
+    if missing is not None:
+        return Rejection(Reason.SELECTOR_MISMATCH, unresolvable=True, subject=missing)
     return None
 
 
 def model_present(demand: Demand, gpu: GpuView) -> Rejection | None:
     if demand.model not in gpu.models:
-        return Rejection("model not on node", demand.model)
+        return Rejection(Reason.MODEL_MISSING, unresolvable=True, subject=demand.model)
     return None
 
 
 def slot_free(_: Demand, gpu: GpuView) -> Rejection | None:
     if gpu.active_jobs >= MAX_ACTIVE_PER_GPU:
-        return Rejection("busy", f"{gpu.active_jobs} jobs")
+        free_slots = max(0, MAX_ACTIVE_PER_GPU - gpu.active_jobs)
+        return Rejection(Reason.BUSY, 1, free_slots, MAX_ACTIVE_PER_GPU)
     return None
 
 
@@ -52,15 +69,22 @@ def memory_fits(demand: Demand, gpu: GpuView) -> Rejection | None:
     if fitting_need(demand, gpu) is not None:
         return None
     smallest = min(demand.needs, key=lambda need: need.vram_bytes)
+    mode = smallest.mode.value
     if smallest.vram_bytes <= gpu.room_bytes:  # the card would do, the host would not
         return Rejection(
-            "insufficient host RAM",
-            f"{smallest.mode.value} needs {format_bytes(smallest.host_bytes)}, "
-            f"{format_bytes(gpu.host_free_bytes)} free",
+            Reason.INSUFFICIENT_HOST_RAM,
+            smallest.host_bytes,
+            gpu.host_free_bytes,
+            subject=mode,
         )
+    usable = gpu.total_bytes - DEVICE_RESERVE_BYTES
     return Rejection(
-        "insufficient VRAM",
-        f"needs {format_bytes(smallest.vram_bytes)}, {format_bytes(gpu.room_bytes)} free",
+        Reason.INSUFFICIENT_VRAM,
+        smallest.vram_bytes,
+        gpu.room_bytes,
+        gpu.total_bytes,
+        unresolvable=smallest.vram_bytes > usable,
+        subject=mode,
     )
 
 

@@ -12,9 +12,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from scheduler.estimator import format_bytes
-from scheduler.placement.filters import STATIC_FILTERS, fitting_need, rejection
+from scheduler.placement.filters import (
+    STATIC_FILTERS,
+    fitting_need,
+    rejection,
+    selector_mismatch,
+)
 from scheduler.placement.scores import Candidate, candidate, combine, scores
 from scheduler.placement.views import (
+    DEVICE_RESERVE_BYTES,
     Decision,
     Demand,
     GpuView,
@@ -23,8 +29,8 @@ from scheduler.placement.views import (
     Reserved,
     Unplaced,
 )
-from scheduler.spec import MemoryMode
-from scheduler.speeds import Speed
+from sdmesh.spec import MemoryMode
+from sdmesh.speeds import Speed
 
 # A job that fits nowhere for this long gets a GPU held for it, so a stream
 # of small jobs cannot starve it.
@@ -32,9 +38,6 @@ RESERVE_AFTER_SECONDS = 120.0
 # A job waits for a busy GPU when it would finish there in at most this
 # share of the time a free GPU would take.
 PATIENCE = 0.8
-# What a process holds on a card before any model (the CUDA context), which
-# no job can have; used to judge whether a job could ever fit a card.
-DEVICE_RESERVE_BYTES = 512 * 2**20
 
 
 def summarize(total: int, rejections: Sequence[Rejection]) -> str:
@@ -71,7 +74,7 @@ def place(
         assert need is not None  # memory_fits passed
         options.append(candidate(demand, gpu, need, known))
     if not options:
-        return Unplaced(summarize(len(gpus), rejections))
+        return Unplaced(summarize(len(gpus), rejections), tuple(rejections))
     best_finish = min(option.finish_seconds for option in options)
     ranked = sorted(
         ((combine(scores(demand, o, best_finish)), o) for o in options),
@@ -188,24 +191,39 @@ class SeenGpu:
     labels: Mapping[str, str]
 
 
-def unresolvable(demand: Demand, seen: Sequence[SeenGpu]) -> str | None:
+@dataclass(frozen=True)
+class Unresolvable:
+    """A job no GPU seen recently could ever take: it needs `needed_bytes`
+    even in its smallest memory mode `mode`, and the biggest GPU that
+    matches its selector has `biggest.total_bytes`."""
+
+    needed_bytes: int
+    mode: MemoryMode
+    allowed: tuple[MemoryMode, ...]
+    biggest: SeenGpu
+
+    @property
+    def text(self) -> str:
+        modes = ", ".join(mode.value for mode in self.allowed)
+        gpu = self.biggest
+        return (
+            f"fits no GPU seen recently: needs at least {format_bytes(self.needed_bytes)} "
+            f"({self.mode.value}; allowed modes: {modes}), and the biggest GPU is "
+            f"{gpu.node_name} gpu {gpu.index} with {format_bytes(gpu.total_bytes)}"
+        )
+
+
+def unresolvable(demand: Demand, seen: Sequence[SeenGpu]) -> Unresolvable | None:
     """Why the job can never run on any GPU seen recently, or None when some
     GPU could take it (or none has been seen, or none matches its selector
     yet: a dedicated pool may simply not have started)."""
-    matching = [
-        gpu
-        for gpu in seen
-        if all(gpu.labels.get(key) == value for key, value in demand.selector.items())
-    ]
+    matching = [gpu for gpu in seen if selector_mismatch(demand.selector, gpu.labels) is None]
     if not matching:
         return None
     smallest = min(demand.needs, key=lambda need: need.vram_bytes)
     if any(smallest.vram_bytes <= gpu.total_bytes - DEVICE_RESERVE_BYTES for gpu in matching):
         return None
     biggest = max(matching, key=lambda gpu: (gpu.total_bytes, gpu.node_name, -gpu.index))
-    modes = ", ".join(need.mode.value for need in demand.needs)
-    return (
-        f"fits no GPU seen recently: needs at least {format_bytes(smallest.vram_bytes)} "
-        f"({smallest.mode.value}; allowed modes: {modes}), and the biggest GPU is "
-        f"{biggest.node_name} gpu {biggest.index} with {format_bytes(biggest.total_bytes)}"
+    return Unresolvable(
+        smallest.vram_bytes, smallest.mode, tuple(need.mode for need in demand.needs), biggest
     )

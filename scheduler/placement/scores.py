@@ -16,8 +16,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from scheduler.estimator import Need
+from scheduler.placement.timing import expected_speed, load_seconds, run_seconds
 from scheduler.placement.views import Demand, GpuView
-from scheduler.speeds import Speed, expected_speed, load_seconds, run_seconds
+from sdmesh.speeds import Speed
 
 WEIGHTS = {"finish": 5.0, "resident": 2.0, "fit": 1.0, "utilization": 1.0}
 

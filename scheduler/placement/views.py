@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
 
-from scheduler.estimator import Need
-from scheduler.speeds import Speed
+from scheduler.estimator import Need, format_bytes
+from sdmesh.speeds import Speed
 
 # Late binding: one job running and one prefetched per GPU; the rest wait
 # in the scheduler's queue, where priority and fair share can reorder them.
 MAX_ACTIVE_PER_GPU = 2
+# What a process holds on a card before any model (the CUDA context), which
+# no job can have; used to judge whether a job could ever fit a card.
+DEVICE_RESERVE_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,50 @@ class Demand:
     waited_seconds: float = 0.0
 
 
+class Reason(StrEnum):
+    """Why a GPU cannot take a job; the value is how a summary names it."""
+
+    UNHEALTHY = "unhealthy"
+    DRAINING = "draining"
+    SELECTOR_MISMATCH = "selector mismatch"
+    MODEL_MISSING = "model not on node"
+    BUSY = "busy"
+    INSUFFICIENT_VRAM = "insufficient VRAM"
+    INSUFFICIENT_HOST_RAM = "insufficient host RAM"
+
+
 @dataclass(frozen=True)
 class Rejection:
-    kind: str  # groups reasons in the summary: "insufficient VRAM", "busy", ...
-    detail: str = ""
+    """A filter's verdict, with its numbers, as Kubernetes' filters give
+    them: what the job needed, what the GPU had available and its capacity
+    (bytes; job slots for BUSY), and whether the GPU can never take the job
+    as the GPU is (Kubernetes' UnschedulableAndUnresolvable), so that
+    waiting for it is pointless. The text people read is rendered from
+    these."""
+
+    reason: Reason
+    needed: int = 0
+    available: int = 0
+    capacity: int = 0
+    unresolvable: bool = False
+    subject: str = ""  # the label, model or memory mode the numbers are about
+
+    @property
+    def kind(self) -> str:
+        return self.reason.value
+
+    @property
+    def detail(self) -> str:
+        if self.reason is Reason.BUSY:
+            return f"{self.capacity - self.available} jobs"
+        if self.reason is Reason.INSUFFICIENT_VRAM:
+            return f"needs {format_bytes(self.needed)}, {format_bytes(self.available)} free"
+        if self.reason is Reason.INSUFFICIENT_HOST_RAM:
+            return (
+                f"{self.subject} needs {format_bytes(self.needed)}, "
+                f"{format_bytes(self.available)} free"
+            )
+        return self.subject
 
 
 @dataclass(frozen=True)
@@ -76,6 +120,7 @@ class Placed:
 @dataclass(frozen=True)
 class Unplaced:
     reason: str
+    rejections: tuple[Rejection, ...] = ()  # one per GPU that could not take it
 
 
 @dataclass(frozen=True)

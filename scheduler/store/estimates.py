@@ -10,9 +10,9 @@ from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from scheduler.estimator import EstimateKey, LearnedPeak
-from scheduler.spec import MemoryMode
 from scheduler.store.leader import Fence
 from scheduler.store.schema import vram_estimates
+from sdmesh.spec import MemoryMode
 
 
 class EstimateRegistry:

@@ -9,9 +9,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from scheduler.domain import DeviceInfo, KnownModel, ModelInfo, NodeInfo, NodeRecord
+from scheduler.domain import KnownModel, NodeRecord
 from scheduler.store.leader import Fence
 from scheduler.store.schema import models, nodes
+from sdmesh.domain import DeviceInfo, ModelInfo, NodeInfo
 
 
 class NodeRegistry:

@@ -8,23 +8,16 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from scheduler.domain import (
-    AttemptProfile,
-    AttemptRecord,
-    EventBody,
-    ImageMeta,
-    Job,
-    JobEvent,
-    StateChange,
-)
-from scheduler.spec import JobSpec, MemoryMode
+from scheduler.domain import AttemptRecord, EventBody, Job, JobEvent, StateChange
 from scheduler.states import JobState
+from sdmesh.domain import AttemptProfile, ImageInfo
+from sdmesh.spec import JobSpec, MemoryMode
 
 
 def event_row(job_id: str, seq: int, attempt: int, now: float, body: EventBody) -> dict[str, Any]:
     if isinstance(body, StateChange):
         kind, payload = "state", {**asdict(body), "state": body.state.value}
-    elif isinstance(body, ImageMeta):
+    elif isinstance(body, ImageInfo):
         kind, payload = "image", asdict(body)
     else:
         raise TypeError(f"{type(body).__name__} events are not durable")
@@ -44,15 +37,15 @@ def event_from_row(row: sa.Row[Any]) -> JobEvent:
     if row.kind == "state":
         body = StateChange(**{**payload, "state": JobState(payload["state"])})
     else:
-        body = ImageMeta(**payload)
+        body = ImageInfo(**payload)
     return JobEvent(row.job_id, row.seq, row.attempt, row.created_at, body)
 
 
-def image_from_row(row: sa.Row[Any]) -> ImageMeta:
-    return ImageMeta(row.idx, row.seed, row.sha256, row.size_bytes, row.width, row.height)
+def image_from_row(row: sa.Row[Any]) -> ImageInfo:
+    return ImageInfo(row.idx, row.seed, row.sha256, row.size_bytes, row.width, row.height)
 
 
-def job_from_row(row: sa.Row[Any], images: Sequence[ImageMeta]) -> Job:
+def job_from_row(row: sa.Row[Any], images: Sequence[ImageInfo]) -> Job:
     return Job(
         id=row.id,
         owner=row.owner,

@@ -1,4 +1,8 @@
-"""The job store: the only module that opens database sessions.
+"""The job store: jobs, their attempts, events and images.
+
+The `scheduler.store` package is the only place that opens database
+connections: this module for jobs, `nodes` for remembered nodes and models,
+`estimates` for learned VRAM figures, `leader` for the lease and the fence.
 
 Every state change is one conditional UPDATE built from the state machine
 (`... WHERE id = ? [AND attempt = ?] AND state IN (sources of the target)`),
@@ -19,17 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from scheduler.domain import (
-    AttemptOutcome,
-    AttemptProfile,
-    AttemptRecord,
-    EventBody,
-    ImageMeta,
-    Job,
-    JobEvent,
-    StateChange,
-)
-from scheduler.spec import JobSpec, MemoryMode
+from scheduler.domain import AttemptRecord, EventBody, Job, JobEvent, StateChange
 from scheduler.states import ACTIVE, JobState, sources
 from scheduler.store.engine import create_engine, migrate
 from scheduler.store.estimates import EstimateRegistry
@@ -43,6 +37,8 @@ from scheduler.store.rows import (
     job_from_row,
 )
 from scheduler.store.schema import attempts, images, job_events, jobs
+from sdmesh.domain import AttemptOutcome, AttemptProfile, ImageInfo
+from sdmesh.spec import JobSpec, MemoryMode
 
 
 class Store:
@@ -65,7 +61,7 @@ class Store:
 
     def _jobs(self, conn: sa.Connection, rows: Sequence[sa.Row[Any]]) -> list[Job]:
         ids = [row.id for row in rows]
-        by_job: dict[str, list[ImageMeta]] = {job_id: [] for job_id in ids}
+        by_job: dict[str, list[ImageInfo]] = {job_id: [] for job_id in ids}
         if ids:
             for image in conn.execute(
                 sa.select(images).where(images.c.job_id.in_(ids)).order_by(images.c.idx)
@@ -155,7 +151,7 @@ class Store:
         with self.engine.connect() as conn:
             return [event_from_row(row) for row in conn.execute(query)]
 
-    def image(self, job_id: str, index: int) -> tuple[ImageMeta, str] | None:
+    def image(self, job_id: str, index: int) -> tuple[ImageInfo, str] | None:
         query = sa.select(images).where(images.c.job_id == job_id, images.c.idx == index)
         with self.engine.connect() as conn:
             row = conn.execute(query).first()
@@ -391,7 +387,7 @@ class Store:
         self,
         job_id: str,
         attempt: int,
-        stored: Sequence[tuple[ImageMeta, str]],
+        stored: Sequence[tuple[ImageInfo, str]],
         profile: AttemptProfile,
     ) -> list[JobEvent] | None:
         """-> SUCCEEDED with its images, their events and the attempt's

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
+from harness.processes import LocalCluster
 from tests.chaos.ledger import Ledger
 from tests.conftest import DATABASES
 from tests.databases import database
-from tests.processes import LocalCluster
 
 # Fast liveness for tests: agents heartbeat every 0.5 s and are lost after
 # 3 s of silence; a running job must report a step every 3 s.

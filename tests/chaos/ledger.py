@@ -6,28 +6,22 @@ in the database or on disk (none duplicated)."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import sqlalchemy as sa
 
 from client import Client, StateEvent
-from tests.processes import LocalCluster
+from harness.processes import LocalCluster
+from harness.waiting import until
 
 TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if condition():
-                return
-        except Exception:  # a replica is down right now: ask again
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    """`until` with the chaos suite's longer patience: a replica may be
+    down, or failing over, while it asks."""
+    until(condition, what, timeout=timeout)
 
 
 class Ledger:

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from harness.pgserver import ThrowawayPostgres
+from harness.pgserver import available as postgres_available
+from harness.processes import LocalCluster, Process
 from tests.chaos import netns
 from tests.chaos.conftest import AGENT_ARGS, Chaos
 from tests.chaos.ledger import Ledger, wait_until
-from tests.chaos.pgserver import ThrowawayPostgres
-from tests.chaos.pgserver import available as postgres_available
-from tests.processes import LocalCluster, Process
 
 
 def running_on(ledger: Ledger, job_id: str) -> str:

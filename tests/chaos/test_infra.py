@@ -13,9 +13,10 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from tests.chaos import netns, pgserver
+from harness import pgserver
+from harness.pgserver import ThrowawayPostgres
+from tests.chaos import netns
 from tests.chaos.netns import NetworkNamespace
-from tests.chaos.pgserver import ThrowawayPostgres
 
 
 @pytest.fixture

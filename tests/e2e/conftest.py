@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from harness.processes import LocalCluster
 from tests.conftest import DATABASES
 from tests.databases import database
-from tests.processes import LocalCluster
 
 
 @pytest.fixture(params=DATABASES)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from client import ProgressEvent, StateEvent, SubmitOptions
-from tests.processes import LocalCluster, process_env, sdctl_command
+from harness.processes import LocalCluster, process_env, sdctl_command
 
 pytestmark = pytest.mark.e2e
 

@@ -6,30 +6,19 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from client import Job
-from tests.processes import LocalCluster, free_port, process_env, sdctl_command
+from harness.processes import LocalCluster, free_port, process_env, sdctl_command
+from harness.waiting import until
 
 pytestmark = pytest.mark.e2e
 
 SLOW_STEPS = ("--simulate-gpus", "8GiB", "--simulate-step-delay", "0.2")  # 20 steps: about 4 s
 JOB = ("--width", "64", "--height", "64", "--steps", "20", "--no-wait", "-o", "json")
-
-
-def until(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def submitted(cluster: LocalCluster, *flags: str) -> str:
@@ -77,15 +66,15 @@ def test_a_drained_node_finishes_its_job_and_takes_no_new_one(cluster: LocalClus
     nodes = json.loads(cluster.sdctl("nodes", "-o", "json").stdout)
     assert [(n["name"], n["draining"]) for n in nodes] == [("agent-a", True)]
 
-    ended = until(lambda: (j := job(cluster, running)).done and j, "the running job")
+    ended = until(lambda: job(cluster, running), "the running job", done=lambda j: j.done)
     assert ended.state == "SUCCEEDED"
-    queued = until(lambda: (j := job(cluster, waiting)).reason and j, "a reason to wait")
+    queued = until(lambda: job(cluster, waiting), "a reason to wait", done=lambda j: j.reason != "")
     assert queued.state == "QUEUED", queued
 
     undrained = cluster.sdctl("undrain", "agent-a")
     assert undrained.returncode == 0, undrained.stderr
     assert undrained.stdout == "node agent-a takes work again\n"
-    ran = until(lambda: (j := job(cluster, waiting)).done and j, "the waiting job")
+    ran = until(lambda: job(cluster, waiting), "the waiting job", done=lambda j: j.done)
     assert ran.state == "SUCCEEDED"
 
 
@@ -95,10 +84,10 @@ def test_a_drain_timeout_hands_the_job_back_without_a_failure(cluster: LocalClus
     job_id = submitted(cluster)
     until(lambda: job(cluster, job_id).state == "RUNNING", "the job to run")
     assert cluster.sdctl("drain", "agent-a", "--timeout", "1s").returncode == 0
-    back = until(lambda: (j := job(cluster, job_id)).state == "QUEUED" and j, "the hand-back")
+    back = until(lambda: job(cluster, job_id), "the hand-back", done=lambda j: j.state == "QUEUED")
     assert (back.failures, back.attempt) == (0, 1)
     assert cluster.sdctl("undrain", "agent-a").returncode == 0
-    final = until(lambda: (j := job(cluster, job_id)).done and j, "the job", timeout=120)
+    final = until(lambda: job(cluster, job_id), "the job", done=lambda j: j.done, timeout=120)
     assert (final.state, final.failures, final.attempt) == ("SUCCEEDED", 0, 2)
 
 

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.processes import LocalCluster, free_port, process_env, sdctl_command
+from harness.processes import LocalCluster, alive, free_port, process_env, sdctl_command
+from harness.waiting import until
 
 pytestmark = pytest.mark.e2e
 
@@ -20,12 +21,6 @@ pytestmark = pytest.mark.e2e
 def children_of(pid: int) -> list[int]:
     found = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
     return [int(line) for line in found.stdout.split()]
-
-
-def alive(pid: int) -> bool:
-    return (
-        subprocess.run(["kill", "-0", str(pid)], capture_output=True, check=False).returncode == 0
-    )
 
 
 def test_up_runs_a_cluster_until_ctrl_c(tmp_path: Path) -> None:
@@ -85,16 +80,52 @@ def test_up_runs_a_cluster_until_ctrl_c(tmp_path: Path) -> None:
         cancelled = local.sdctl("cancel", job_id)
         assert cancelled.stdout.strip() == f"job {job_id} had already ended: SUCCEEDED"
 
+        # Ctrl-C during a job says what it waits for; a second one hands
+        # the job back at once instead of waiting for it to finish.
+        long_job = local.sdctl("submit", "a long one", "--steps", "150", "--no-wait", "-o", "json")
+        assert long_job.returncode == 0, long_job.stderr
+        long_id = json.loads(long_job.stdout)["job_id"]
+        with local.client() as client:
+            until(lambda: client.get_job(long_id).state == "RUNNING", "the long job to run")
         up.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        until(lambda: "press Ctrl-C again" in log.read_text(), "the stop to be explained")
+        up.send_signal(signal.SIGINT)
         assert up.wait(timeout=90) == 0
-        deadline = time.monotonic() + 10
-        while any(alive(pid) for pid in children) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not any(alive(pid) for pid in children)
-        assert "sdmesh is up" in log.read_text()
+        until(lambda: not any(alive(pid) for pid in children), "the children to exit", timeout=10)
+        said = log.read_text()
+        assert "sdmesh is up" in said
+        assert "handing the running job(s) back now" in said
+        assert f"job {long_id} attempt 1 released: agent stopped at once" in said
     finally:
         if up.poll() is None:
             up.kill()
             up.wait()
         for pid in children_of(up.pid):
+            subprocess.run(["kill", "-9", str(pid)], check=False)
+
+
+def test_up_killed_outright_takes_its_servers_with_it(tmp_path: Path) -> None:
+    """SIGKILL (or a closed terminal) gives `sdctl up` no chance to stop its
+    children; they notice it is gone and stop, freeing the port."""
+    port = free_port()
+    up = subprocess.Popen(
+        sdctl_command("up", "--port", str(port), "--data-dir", str(tmp_path / "up")),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=process_env(),
+    )  # fmt: skip
+    children: list[int] = []
+    try:
+        children = until(lambda: children_of(up.pid), "the scheduler and the agent",
+                         done=lambda found: len(found) == 2)  # fmt: skip
+        with LocalCluster(tmp_path, port=port).client() as client:
+            until(lambda: client.health().leader, "the scheduler to lead")
+        up.kill()
+        up.wait()
+        until(lambda: not any(alive(pid) for pid in children), "the orphans to stop", timeout=30)
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))  # nobody holds the port any more
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
+        for pid in children:
             subprocess.run(["kill", "-9", str(pid)], check=False)

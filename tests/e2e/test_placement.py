@@ -17,9 +17,9 @@ import pytest
 
 from client import Event, Job, RejectedError, StateEvent
 from gpu_node.profiles import CUDA_CONTEXT_BYTES, profile_for, true_peak
+from harness.processes import LocalCluster
 from scheduler.estimator import Shape, first_estimate
-from scheduler.spec import MemoryMode
-from tests.processes import LocalCluster
+from sdmesh.spec import MemoryMode
 
 pytestmark = pytest.mark.e2e
 

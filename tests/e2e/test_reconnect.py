@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from client import StateEvent
-from tests.processes import LocalCluster
+from harness.processes import LocalCluster
 
 pytestmark = pytest.mark.e2e
 

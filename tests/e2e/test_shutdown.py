@@ -8,8 +8,9 @@ import signal
 
 import pytest
 
-from tests.e2e.test_drain_cli import SLOW_STEPS, job, submitted, until
-from tests.processes import LocalCluster
+from harness.processes import LocalCluster
+from harness.waiting import until
+from tests.e2e.test_drain_cli import SLOW_STEPS, job, submitted
 
 pytestmark = pytest.mark.e2e
 
@@ -34,10 +35,10 @@ def test_sigterm_hands_back_a_job_that_outlasts_the_timeout(cluster: LocalCluste
     job_id = submitted(cluster)
     until(lambda: running(cluster, job_id), "the job to run")
     assert agent.stop(signal.SIGTERM, timeout=90) == 0
-    handed_back = until(lambda: (j := job(cluster, job_id)).state == "QUEUED" and j, "QUEUED")
+    handed_back = until(lambda: job(cluster, job_id), "QUEUED", done=lambda j: j.state == "QUEUED")
     assert (handed_back.failures, handed_back.attempts[0].outcome) == (0, "released")
     cluster.start_agent("agent-b", *SLOW_STEPS)
-    final = until(lambda: (j := job(cluster, job_id)).done and j, "the job", timeout=120)
+    final = until(lambda: job(cluster, job_id), "the job", done=lambda j: j.done, timeout=120)
     assert (final.state, final.attempt, final.failures) == ("SUCCEEDED", 2, 0)
 
 

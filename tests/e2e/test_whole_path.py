@@ -21,8 +21,8 @@ from client import (
     ProgressEvent,
     StateEvent,
 )
+from harness.processes import LocalCluster
 from scheduler.store import Store
-from tests.processes import LocalCluster
 
 pytestmark = pytest.mark.e2e
 

@@ -1,9 +1,12 @@
 """What a job asks for: A1111 defaults, the limits checked at submit, and the
 A1111 infotext written into every PNG.
 
-Pure code. The scheduler resolves a `SpecRequest` (fields the caller may have
-left unset) into a `JobSpec` (every field set, the seed fixed) before anything
-is queued; agents receive that resolved spec and write its infotext.
+Pure code, and the one place a job's fields are declared. The SDK builds a
+`SpecRequest` (fields the caller may leave unset); the scheduler resolves it
+into a `JobSpec` (every field set and checked, the seed fixed) before
+anything is queued; agents and clients receive that resolved spec. Adding a
+field means: the .proto, these two dataclasses, its check in `resolve`, and
+its `sdctl submit` flag; `tests/test_contract.py` fails until all agree.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from scheduler.errors import InvalidArgument
-from scheduler.samplers import find_sampler, sampler_names
+from sdmesh.errors import InvalidArgument
+from sdmesh.flags import option, parse_pairs
+from sdmesh.samplers import find_sampler, sampler_names
 
 TINY_MODEL = "tiny"
 
@@ -54,23 +58,54 @@ LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9_.\-]{0,61}[A-Za-z0-9])?)?$")
 
 @dataclass(frozen=True)
 class SpecRequest:
-    """A spec as submitted: None means "use the default"."""
+    """A spec as submitted: None means "use the default". Each field carries
+    its `sdctl submit` flag (see `sdmesh.flags`); the prompt is positional."""
 
-    prompt: str
-    negative_prompt: str = ""
-    model: str | None = None
-    width: int | None = None
-    height: int | None = None
-    steps: int | None = None
-    cfg_scale: float | None = None
-    seed: int | None = None
-    sampler_name: str | None = None
-    batch_size: int | None = None
-    priority: int = 0
-    memory_mode: MemoryMode = MemoryMode.AUTO
-    request_id: str = ""
-    labels: Mapping[str, str] = field(default_factory=dict)
-    selector: Mapping[str, str] = field(default_factory=dict)
+    prompt: str = option(help="what to generate")
+    negative_prompt: str = option("", flag="--negative", help="negative prompt")
+    model: str | None = option(None, help=f"model name (default {TINY_MODEL})")
+    width: int | None = option(
+        None, parse=int, help=f"pixels, a multiple of 8 (default {DEFAULT_WIDTH})"
+    )
+    height: int | None = option(
+        None, parse=int, help=f"pixels, a multiple of 8 (default {DEFAULT_HEIGHT})"
+    )
+    steps: int | None = option(None, parse=int, help=f"denoising steps (default {DEFAULT_STEPS})")
+    cfg_scale: float | None = option(
+        None, parse=float, help=f"guidance scale (default {DEFAULT_CFG_SCALE:g})"
+    )
+    seed: int | None = option(None, parse=int, help="-1 for random (default)")
+    sampler_name: str | None = option(
+        None, flag="--sampler", help=f'A1111 sampler name (default "{DEFAULT_SAMPLER}")'
+    )
+    batch_size: int | None = option(
+        None, parse=int, help=f"images per job (default {DEFAULT_BATCH_SIZE})"
+    )
+    priority: int = option(
+        0, parse=int, help=f"{MIN_PRIORITY}..{MAX_PRIORITY}, higher first (default 0)"
+    )
+    memory_mode: MemoryMode = option(
+        MemoryMode.AUTO,
+        parse=MemoryMode,
+        choices=[mode.value for mode in MemoryMode],
+        help="where the weights live while it runs (default auto)",
+    )
+    request_id: str = option("", help="makes a retried submit return the same job")
+    labels: Mapping[str, str] = option(
+        {},
+        flag="--label",
+        metavar="KEY=VALUE",
+        parse=parse_pairs,
+        repeat=True,
+        help="a label recorded on the job; repeatable",
+    )
+    selector: Mapping[str, str] = option(
+        {},
+        metavar="KEY=VALUE",
+        parse=parse_pairs,
+        repeat=True,
+        help="run only on nodes with this label; repeatable",
+    )
 
 
 @dataclass(frozen=True)

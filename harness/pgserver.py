@@ -19,7 +19,7 @@ import weakref
 from pathlib import Path
 from types import TracebackType
 
-from tests.processes import free_port
+from harness.processes import alive, free_port
 
 # fsync=off: committed data survives a crash of PostgreSQL (the OS still has
 # it), just not one of the machine.
@@ -51,15 +51,6 @@ def available() -> str | None:
         if shutil.which("runuser") is None:
             return "running as root and there is no `runuser` to run initdb as postgres"
     return None
-
-
-def _alive(pid: int) -> bool:
-    """Whether pid runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _as_owner(argv: list[str]) -> list[str]:
@@ -181,7 +172,7 @@ class ThrowawayPostgres:
             pid = int((self.data / "postmaster.pid").read_text().split()[0])
         except (OSError, ValueError, IndexError):
             return None
-        return pid if _alive(pid) else None
+        return pid if alive(pid) else None
 
     @property
     def running(self) -> bool:

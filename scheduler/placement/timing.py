@@ -1,10 +1,7 @@
-"""How fast models run on each device, and how long a job will take there.
-
-Speed is measured in megapixel-steps per second: a 512x512 image is 0.26
-megapixels, so 20 steps of it are 5.2 megapixel-steps. Agents measure it
-after every job (`SpeedTable`); placement turns it into expected seconds
-(`expected_seconds`), guessing for a model never run on a device from how that
-device compares with the others on the models it has run.
+"""How long a job will take on a GPU: measured speeds (`sdmesh.speeds`)
+turned into expected seconds, with a guess for a model never run on a
+device from how that device compares with the others on the models it has
+run, and a cold load when the model is not resident.
 
 Pure code: no I/O and no clock.
 """
@@ -12,11 +9,10 @@ Pure code: no I/O and no clock.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
-from scheduler.spec import MemoryMode
+from sdmesh.spec import MemoryMode
+from sdmesh.speeds import Speed
 
-MEGAPIXEL = 1_000_000
 # How much slower each memory mode runs than full (weights cross the bus).
 MODE_SLOWDOWN = {
     MemoryMode.FULL: 1.0,
@@ -26,47 +22,6 @@ MODE_SLOWDOWN = {
 }
 DEFAULT_SPEED = 1.0  # megapixel-steps/s, when nothing at all is known yet
 LOAD_BYTES_PER_SECOND = 1.0 * 2**30  # a cold load's guess: 1 GiB/s from disk
-SMOOTHING = 0.3  # weight of the newest measurement
-
-
-@dataclass(frozen=True)
-class Speed:
-    megapixel_steps_per_second: float
-    load_seconds: float = 0.0  # the last cold load seen; 0 when never measured
-    samples: int = 0
-
-
-def megapixel_steps(width: int, height: int, batch_size: int, steps: int) -> float:
-    return width * height * batch_size * steps / MEGAPIXEL
-
-
-class SpeedTable:
-    """One device's measured speeds, per model."""
-
-    def __init__(self) -> None:
-        self.speeds: dict[str, Speed] = {}
-
-    def record(
-        self,
-        model: str,
-        width: int,
-        height: int,
-        batch_size: int,
-        mean_step_seconds: float,
-        load_seconds: float,
-    ) -> Speed | None:
-        """Folds in one finished job, measured in full memory mode."""
-        if mean_step_seconds <= 0:
-            return None
-        measured = width * height * batch_size / MEGAPIXEL / mean_step_seconds
-        old = self.speeds.get(model)
-        if old is None:
-            speed = Speed(measured, load_seconds, 1)
-        else:
-            blended = (1 - SMOOTHING) * old.megapixel_steps_per_second + SMOOTHING * measured
-            speed = Speed(blended, load_seconds or old.load_seconds, old.samples + 1)
-        self.speeds[model] = speed
-        return speed
 
 
 def expected_speed(device: str, model: str, known: Mapping[str, Mapping[str, Speed]]) -> float:

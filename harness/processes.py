@@ -1,5 +1,7 @@
 """Starts the scheduler and agents as real OS processes on free loopback
-ports, the way users run them, and stops them at the end of a test."""
+ports, the way users run them, and stops them at the end of a test. Each
+one is tied to the process that started it (`spawn_tied`): if a test run is
+killed, its servers stop too, and no orphan holds a port."""
 
 from __future__ import annotations
 
@@ -8,20 +10,35 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from client import Client
+from client.cli.servers import spawn_tied
+from harness.waiting import until
 
 START_TIMEOUT = 180.0
+
+
+class ProcessExited(AssertionError):
+    """A server the wait depended on is gone."""
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def alive(pid: int) -> bool:
+    """Whether pid runs; a zombie (dead, not yet reaped by whoever adopted
+    it) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def sdctl_command(*args: str) -> list[str]:
@@ -100,7 +117,7 @@ class LocalCluster:
     def _spawn(self, name: str, args: list[str], wrap: list[str] | None = None) -> Process:
         log = self.root / f"{name}.log"
         with open(log, "ab") as handle:
-            popen = subprocess.Popen(
+            popen = spawn_tied(
                 [*(wrap or []), *sdctl_command(*args)],
                 stdout=handle,
                 stderr=subprocess.STDOUT,
@@ -123,7 +140,8 @@ class LocalCluster:
         return self._spawn(name, args)
 
     def start_agent(self, name: str, *extra: str, wrap: list[str] | None = None) -> Process:
-        args = ["--scheduler", self.addresses, "node", "--name", name]
+        # As the README has it: `sdctl node --scheduler HOST:PORT ...`.
+        args = ["node", "--scheduler", self.addresses, "--name", name]
         args += ["--data-dir", str(self.root / name), *extra]
         return self._spawn(name, args, wrap)
 
@@ -131,22 +149,29 @@ class LocalCluster:
         return Client(self.addresses, user=user, timeout=10.0)
 
     def wait_for(self, condition: Callable[[Client], bool], what: str) -> None:
-        deadline = time.monotonic() + START_TIMEOUT
+        """Until `condition` holds, failing at once if a process exits."""
+
+        def all_alive() -> None:
+            for process in self.processes:
+                if process.popen.poll() is not None:
+                    raise ProcessExited(
+                        f"{process.name} exited with {process.popen.returncode} "
+                        f"while waiting for {what}:\n{process.tail()}"
+                    )
+
         with self.client() as client:
-            while time.monotonic() < deadline:
-                for process in self.processes:
-                    if process.popen.poll() is not None:
-                        raise AssertionError(
-                            f"{process.name} exited with {process.popen.returncode} "
-                            f"while waiting for {what}:\n{process.tail()}"
-                        )
-                try:
-                    if condition(client):
-                        return
-                except Exception:  # not up yet
-                    pass
-                time.sleep(0.2)
-        raise AssertionError(f"timed out waiting for {what}\n" + self.logs())
+            try:
+                until(
+                    lambda: condition(client),
+                    what,
+                    timeout=START_TIMEOUT,
+                    interval=0.2,
+                    while_alive=all_alive,
+                )
+            except ProcessExited:
+                raise
+            except AssertionError as exc:  # timed out: every process's log helps
+                raise AssertionError(f"{exc}\n{self.logs()}") from None
 
     def wait_for_nodes(self, count: int) -> None:
         self.wait_for(

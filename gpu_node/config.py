@@ -1,0 +1,88 @@
+"""The agent's settings, each declared once with its `sdctl node` flag (see
+`sdmesh.flags`). Light on purpose: sdctl imports it to build its flags
+without loading torch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sdmesh.flags import option, parse_duration, parse_indexes, parse_pairs
+from sdmesh.wire import parse_addresses
+
+SHUTDOWN_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    # The scheduler's replicas, from sdctl's own --scheduler: one address,
+    # or several separated by commas.
+    scheduler: str = field(metadata={})
+    data_dir: Path = option(help="default ~/.local/share/sdmesh/node", parse=Path)
+    models_dir: Path | None = option(None, help="folder of diffusers model folders", parse=Path)
+    name: str | None = option(None, help="display name (default hostname-gpuN)")
+    labels: dict[str, str] = option(
+        {},
+        flag="--label",
+        metavar="KEY=VALUE",
+        parse=parse_pairs,
+        repeat=True,
+        help="a node label jobs can select with --selector; repeatable",
+    )
+    gpus: tuple[int, ...] | None = option(
+        None, parse=parse_indexes, help="device indexes to use, e.g. 0,1 (default: all)"
+    )
+    # SIGTERM lets running jobs finish for this long, then hands them back.
+    shutdown_timeout: float = option(
+        SHUTDOWN_TIMEOUT_SECONDS,
+        parse=parse_duration,
+        help="on SIGTERM, running jobs get this long to finish before they are handed back "
+        "(default 30s); a second SIGTERM hands them back at once",
+    )
+    # Simulated GPUs, for tests and benchmarks (see gpu_node.simulated).
+    simulate_gpus: str = option(
+        "", metavar="SIZES", help="simulated cards instead of real ones: 24GiB,12GiB"
+    )
+    simulate_speed: str = option("1.0", metavar="FACTORS", help="per card, e.g. 1.0,0.5")
+    simulate_models: str = option(
+        "", metavar="NAME=SIZE,...", help="synthetic models, e.g. sdxl=6.9GiB"
+    )
+    simulate_time_scale: float = option(
+        1.0,
+        parse=float,
+        help="multiplies every simulated wait (loads, steps); 0.01 for fast tests",
+    )
+    simulate_step_delay: float = option(
+        0.0,
+        parse=float,
+        metavar="SECONDS",
+        help="real seconds added to every simulated step, to keep jobs mid-flight in tests",
+    )
+    simulate_hang: str = option(
+        "",
+        metavar="STEP:SECONDS",
+        help="each simulated card hangs once, at this step, for this long",
+    )
+    simulate_poison: str = option(
+        "",
+        metavar="TEXT",
+        help="a job whose prompt holds TEXT kills this agent (SIGKILL) at its first step",
+    )
+
+    @property
+    def addresses(self) -> list[str]:
+        return parse_addresses(self.scheduler)
+
+    @property
+    def simulated(self) -> bool:
+        return bool(self.simulate_gpus)
+
+    def check(self) -> None:
+        """Raises ValueError for settings that contradict each other."""
+        if not self.addresses:
+            raise ValueError("--scheduler: no scheduler address given")
+        if not self.simulated:
+            for name in ("simulate_models", "simulate_hang", "simulate_poison"):
+                if getattr(self, name):
+                    flag = "--" + name.replace("_", "-")
+                    raise ValueError(f"{flag} needs --simulate-gpus: only simulated GPUs have it")

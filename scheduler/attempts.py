@@ -1,0 +1,516 @@
+"""In-flight attempts: every attempt that is out on an agent, or waiting for
+its agent to come back. `Attempts` is the one writer of their state, as
+vLLM's scheduler is of its requests: the dispatcher binds through it, the
+agent stream hands it what agents say, liveness hands it its verdicts, a
+cancel and a change of leader go through it. Nothing else edits an attempt,
+sends a stop or re-queues a job.
+
+Every state change it makes is a store transition (committed with its
+event, fenced by the attempt number and the leader epoch), then the events
+are published and the dispatcher is woken.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from scheduler.cluster import NodeSession
+from scheduler.commands import AssignCommand, StopCommand
+from scheduler.domain import Job, JobEvent
+from scheduler.estimator import format_bytes
+from scheduler.placement import Placed, shape_of
+from scheduler.placement.timing import run_seconds
+from scheduler.runtime import Runtime, UsesRuntime
+from scheduler.uploads import UploadBuffer, UploadError
+from sdmesh.domain import (
+    AttemptOutcome,
+    AttemptProfile,
+    AttemptUpdate,
+    Ended,
+    ImageChunk,
+    ImageInfo,
+    Preview,
+    Progress,
+    Started,
+)
+from sdmesh.spec import JobSpec, MemoryMode
+from sdmesh.speeds import megapixel_steps
+
+log = logging.getLogger(__name__)
+
+# Stale attempts a node was told to stop, remembered so that it is told
+# once, not once per message it still sends about them.
+STALE_REMEMBERED = 256
+
+
+@dataclass
+class ActiveAttempt:
+    job_id: str
+    attempt: int
+    gpu_index: int
+    owner: str
+    spec: JobSpec
+    memory_mode: MemoryMode  # the mode it was placed in
+    vram_bytes: int  # the estimate placement charged
+    expected_seconds: float  # placement's guess at its run, cold load included
+    assigned_at: float
+    started_at: float | None = None
+    last_step_at: float | None = None  # when it last reported a step
+    step_seconds: float = 0.0  # the expected time per step; 0 when unknown
+    stopping: bool = False  # a stop was sent; its progress is no longer news
+    uploads: UploadBuffer = field(default_factory=UploadBuffer)
+
+    def remaining_seconds(self, now: float) -> float:
+        if self.started_at is None:
+            return self.expected_seconds
+        return max(0.0, self.expected_seconds - (now - self.started_at))
+
+
+@dataclass
+class Orphan:
+    """An attempt whose agent is not connected: its stream dropped, or the
+    scheduler restarted. It waits for that agent to reconnect and re-attach
+    it until `deadline`, then it is re-queued as lost."""
+
+    active: ActiveAttempt
+    node_id: str
+    node_name: str
+    deadline: float
+    why: str
+
+
+def count_by_owner(attempts: Iterable[ActiveAttempt]) -> dict[str, int]:
+    """Attempts per user, which fair share counts against them."""
+    counts: dict[str, int] = {}
+    for active in attempts:
+        counts[active.owner] = counts.get(active.owner, 0) + 1
+    return counts
+
+
+def bound(job: Job, attempt: int, placed: Placed, now: float) -> ActiveAttempt:
+    """The attempt placement put on a GPU, with its expected step time."""
+    spec = job.spec
+    speed = placed.gpu.speeds.get(spec.model)
+    step_seconds = 0.0
+    if speed is not None and speed.megapixel_steps_per_second > 0:
+        work = megapixel_steps(spec.width, spec.height, spec.batch_size, 1)
+        step_seconds = run_seconds(work, speed.megapixel_steps_per_second, placed.need.mode)
+    return ActiveAttempt(
+        job_id=job.id,
+        attempt=attempt,
+        gpu_index=placed.gpu.index,
+        owner=job.owner,
+        spec=spec,
+        memory_mode=placed.need.mode,
+        vram_bytes=placed.need.vram_bytes,
+        expected_seconds=placed.expected_seconds,
+        assigned_at=now,
+        step_seconds=step_seconds,
+    )
+
+
+class Attempts(UsesRuntime):
+    def __init__(self, runtime: Runtime, *, lease_seconds: float) -> None:
+        super().__init__(runtime)
+        self.lease_seconds = lease_seconds
+        self._held: dict[str, dict[str, ActiveAttempt]] = {}  # node id -> job id -> attempt
+        self._orphans: dict[str, Orphan] = {}  # job id -> attempt waiting for its agent
+        self._stale: dict[str, OrderedDict[tuple[str, int], None]] = {}  # node id -> stopped
+        self._ending: dict[str, set[asyncio.Task[None]]] = {}  # node id -> attempts being closed
+        # Set while this replica stops leading (it shuts down or lost the
+        # lease): attempts stay as they are in the store, and the next
+        # leader waits for their agents to re-attach them.
+        self.closing = False
+
+    # ---- reads ---------------------------------------------------------------
+
+    def held(self, node_id: str) -> list[ActiveAttempt]:
+        return list(self._held.get(node_id, {}).values())
+
+    def held_by_node(self) -> dict[str, list[ActiveAttempt]]:
+        return {node_id: list(held.values()) for node_id, held in self._held.items()}
+
+    def orphans(self) -> list[Orphan]:
+        return list(self._orphans.values())
+
+    def current(self, node_id: str, job_id: str, attempt: int) -> ActiveAttempt | None:
+        active = self._held.get(node_id, {}).get(job_id)
+        return active if active is not None and active.attempt == attempt else None
+
+    def by_owner(self) -> dict[str, int]:
+        """Assigned and running jobs per user, for fair share."""
+        held = [a for attempts in self._held.values() for a in attempts.values()]
+        return count_by_owner([*held, *(orphan.active for orphan in self._orphans.values())])
+
+    def active_jobs(self, node_id: str) -> dict[int, int]:
+        """GPU index -> how many attempts are bound to it."""
+        counts: dict[int, int] = {}
+        for active in self.held(node_id):
+            counts[active.gpu_index] = counts.get(active.gpu_index, 0) + 1
+        return counts
+
+    # ---- binding -------------------------------------------------------------
+
+    async def assign(self, job: Job, placed: Placed) -> bool:
+        """Commits the job's next attempt on the GPU placement chose and
+        sends it to that GPU's agent. False when the job moved meanwhile
+        (cancelled, taken) or the agent left."""
+        gpu, need = placed.gpu, placed.need
+        session = self.cluster.sessions.get(gpu.node_id)
+        if session is None:  # it left while the dispatcher was planning
+            return False
+        events = await self.db.run(
+            self.db.store.assign,
+            job.id,
+            expected_attempt=job.attempt,
+            node_id=gpu.node_id,
+            node_name=gpu.node_name,
+            gpu_index=gpu.index,
+            memory_mode=need.mode,
+            placement=placed.explanation,
+            vram_estimate_bytes=need.vram_bytes,
+        )
+        if events is None:
+            return False
+        attempt = job.attempt + 1
+        self.hub.publish(events)
+        if self.cluster.sessions.get(gpu.node_id) is not session:
+            # The agent left during the write, and its disconnect did not
+            # see this attempt: hand it back here.
+            reason = f"node {gpu.node_name} disconnected before the assignment was sent"
+            await self._requeue(job.id, attempt, AttemptOutcome.LOST, reason, failure=False)
+            return False
+        self._held.setdefault(session.node_id, {})[job.id] = bound(
+            job, attempt, placed, self.clock()
+        )
+        session.send(AssignCommand(job.id, attempt, job.spec, gpu.index, need.mode))
+        log.info("job %s attempt %d -> %s", job.id, attempt, placed.explanation)
+        return True
+
+    async def reattach(self, session: NodeSession, held: Iterable[tuple[str, int]]) -> None:
+        """Takes back the attempts a (re)connecting agent still holds and the
+        scheduler still expects of it; stops the others. Attempts the
+        scheduler expected of it that it no longer holds (it restarted) are
+        lost."""
+        now, name = self.clock(), session.name
+        for job_id, attempt in held:
+            orphan = self._orphans.get(job_id)
+            if (
+                orphan is None
+                or orphan.node_id != session.node_id
+                or orphan.active.attempt != attempt
+            ):
+                self._stop_stale(session, job_id, attempt)
+            else:
+                del self._orphans[job_id]
+                active = orphan.active
+                active.uploads = UploadBuffer()  # the agent replays every image
+                active.last_step_at = now  # its progress clock starts again
+                self._held.setdefault(session.node_id, {})[job_id] = active
+                log.info("node %s re-attached job %s attempt %d", name, job_id, attempt)
+        for orphan in [o for o in self._orphans.values() if o.node_id == session.node_id]:
+            del self._orphans[orphan.active.job_id]
+            active = orphan.active
+            await self._requeue(
+                active.job_id,
+                active.attempt,
+                AttemptOutcome.LOST,
+                f"node {name} came back without it (the agent restarted)",
+                failure=active.started_at is not None,
+            )
+
+    # ---- what agents say -----------------------------------------------------
+
+    async def update(self, session: NodeSession, update: AttemptUpdate) -> None:
+        """One update from an agent. An update about an attempt this node
+        does not hold (a stale one) changes nothing, and the node is told to
+        stop that attempt."""
+        job_id, attempt, body = update.job_id, update.attempt, update.body
+        if isinstance(body, Ended):
+            # Ending an attempt writes files and commits; a closing stream
+            # must not cut that short. It runs as its own task, and the
+            # node's disconnect waits for it.
+            ending = asyncio.ensure_future(self._ended(session, job_id, attempt, body))
+            tasks = self._ending.setdefault(session.node_id, set())
+            tasks.add(ending)
+            ending.add_done_callback(tasks.discard)
+            await asyncio.shield(ending)
+            return
+        active = self.current(session.node_id, job_id, attempt)
+        if active is None:
+            self._stop_stale(session, job_id, attempt)
+            return
+        now = self.clock()
+        if isinstance(body, Progress | Preview):
+            if isinstance(body, Progress):
+                active.last_step_at = now
+            if not active.stopping:
+                self.hub.publish([JobEvent(job_id, 0, attempt, now, body)])
+        elif isinstance(body, Started):
+            active.started_at = now
+            events = await self.db.run(self.db.store.start, job_id, attempt)
+            if events is not None:
+                self.hub.publish(events)
+        elif isinstance(body, ImageChunk):
+            try:
+                active.uploads.add(body)
+            except UploadError as exc:
+                # The buffer remembers the error; the attempt fails when it ends.
+                log.warning("node %s: bad upload for %s: %s", session.name, job_id, exc)
+
+    async def _ended(self, session: NodeSession, job_id: str, attempt: int, ended: Ended) -> None:
+        active = self.current(session.node_id, job_id, attempt)
+        if active is None:
+            return  # stale, or already handled: its slot is free either way
+        try:
+            await self._learn(active, ended)
+            reason = ended.reason or ended.outcome.value
+            if ended.outcome is AttemptOutcome.SUCCEEDED:
+                if not active.stopping:  # else cancelled before it finished: not wanted
+                    await self._store_result(session, active, ended.profile)
+            elif ended.outcome is AttemptOutcome.FAILED:
+                await self._requeue(
+                    job_id,
+                    attempt,
+                    AttemptOutcome.FAILED,
+                    f"{session.name}: {reason}",
+                    failure=True,
+                    profile=ended.profile,
+                )
+            else:  # handed back or stopped: not a failure
+                await self._requeue(
+                    job_id,
+                    attempt,
+                    AttemptOutcome.RELEASED,
+                    reason,
+                    failure=False,
+                    profile=ended.profile,
+                )
+        finally:
+            # The slot frees once the outcome is written (or could not be).
+            held = self._held.get(session.node_id, {})
+            if held.get(job_id) is active:
+                del held[job_id]
+            self.wake()
+
+    async def _learn(self, active: ActiveAttempt, ended: Ended) -> None:
+        """Folds the attempt's measured peak into the VRAM estimates. After
+        an out-of-memory the figure rises above what the card had, so the
+        retry needs a card with more room or a lower memory mode. Learning
+        never keeps the outcome from being written."""
+        out_of_memory = ended.outcome is AttemptOutcome.FAILED and ended.error_kind == "oom"
+        if not out_of_memory and ended.outcome is not AttemptOutcome.SUCCEEDED:
+            return
+        shape = shape_of(active.spec)
+        try:
+            learned = self.estimates.learn(
+                shape,
+                active.memory_mode,
+                out_of_memory=out_of_memory,
+                peak_bytes=ended.profile.peak_vram_bytes,
+                estimate_bytes=active.vram_bytes,
+            )
+            if learned is None:
+                return
+            log.info(
+                "learned %s needs %s (%s, %s)",
+                shape,
+                format_bytes(learned.peak_bytes),
+                active.memory_mode.value,
+                "out of memory" if out_of_memory else "measured peak",
+            )
+            await self.db.run(self.db.store.estimates.save, shape.key(active.memory_mode), learned)
+        except Exception:
+            log.exception("learning from %s attempt %d failed", active.job_id, active.attempt)
+
+    async def _store_result(
+        self, session: NodeSession, active: ActiveAttempt, profile: AttemptProfile
+    ) -> None:
+        job_id, attempt = active.job_id, active.attempt
+        try:
+            images = active.uploads.complete(active.spec.batch_size)
+        except UploadError as exc:
+            reason = f"{session.name}: {exc}"
+            await self._requeue(
+                job_id, attempt, AttemptOutcome.FAILED, reason, failure=True, profile=profile
+            )
+            return
+        loop = asyncio.get_running_loop()
+        stored: list[tuple[ImageInfo, str]] = []
+        try:
+            for meta, data in images:
+                path = await loop.run_in_executor(
+                    None, self.images.write, job_id, attempt, meta.index, data
+                )
+                stored.append((meta, path))
+            events = await self.db.run(self.db.store.succeed, job_id, attempt, stored, profile)
+        except Exception as exc:  # a full disk, a lost database connection
+            log.exception("storing the result of %s attempt %d failed", job_id, attempt)
+            await loop.run_in_executor(None, self.images.remove, [path for _, path in stored])
+            reason = f"the scheduler could not store the result: {type(exc).__name__}: {exc}"
+            await self._requeue(
+                job_id, attempt, AttemptOutcome.FAILED, reason, failure=True, profile=profile
+            )
+            return
+        if events is None:  # cancelled meanwhile: the first terminal state won
+            await loop.run_in_executor(None, self.images.remove, [path for _, path in stored])
+            return
+        self.hub.publish(events)
+
+    # ---- stops and verdicts --------------------------------------------------
+
+    async def cancel(self, job_id: str, reason: str) -> bool:
+        """Cancels a job in any live state and stops its attempt, wherever it
+        is. False when there is no such job; a job that had already ended
+        is left as it was."""
+        result = await self.db.run(self.db.store.cancel, job_id, reason)
+        if result is None:
+            return False
+        before, events = result
+        if events is None:
+            return True
+        log.info("job %s %s", job_id, reason)
+        self.hub.publish(events)
+        self._orphans.pop(job_id, None)  # its agent is told if it comes back
+        for node_id, held in self._held.items():
+            active = held.get(job_id)
+            if active is not None and active.attempt == before.attempt:
+                active.stopping = True
+                self._send_stop(self.cluster.sessions.get(node_id), active, reason)
+        return True
+
+    async def fence_hung(self, session: NodeSession, active: ActiveAttempt, reason: str) -> None:
+        """An attempt that missed its progress deadline: fenced (its agent is
+        told to stop it), and its job re-queued as a failure."""
+        log.warning("job %s attempt %d fenced: %s", active.job_id, active.attempt, reason)
+        self._held.get(session.node_id, {}).pop(active.job_id, None)
+        self._send_stop(session, active, "missed its progress deadline")
+        await self._requeue(
+            active.job_id, active.attempt, AttemptOutcome.FAILED, reason, failure=True
+        )
+
+    def orphan(self, session: NodeSession, deadline: float, why: str) -> int:
+        """Moves what a node holds to the orphans, to wait for its agent to
+        come back until `deadline`. Returns how many."""
+        held = self._held.pop(session.node_id, {})
+        for active in held.values():
+            self._orphans[active.job_id] = Orphan(
+                active, session.node_id, session.name, deadline, why
+            )
+        return len(held)
+
+    async def node_gone(self, session: NodeSession) -> None:
+        """A node's stream ended. A lost node's attempts are lost now; an
+        agent whose stream merely dropped may come back for them within its
+        lease."""
+        ending = self._ending.pop(session.node_id, set())
+        if ending:
+            await asyncio.gather(*ending, return_exceptions=True)
+        self._stale.pop(session.node_id, None)
+        if self.closing:
+            self._held.pop(session.node_id, None)
+            return
+        if session.lost:
+            held = list(self._held.pop(session.node_id, {}).values())
+            log.info("node %s lost holding %d attempt(s)", session.name, len(held))
+            for active in held:
+                reason = f"node {session.name} lost: {session.lost}"
+                await self._requeue(
+                    active.job_id, active.attempt, AttemptOutcome.LOST, reason, failure=True
+                )
+        else:
+            deadline = session.last_heard + self.lease_seconds
+            count = self.orphan(session, deadline, f"node {session.name} disconnected")
+            log.info("node %s disconnected holding %d attempt(s)", session.name, count)
+
+    async def expire(self, orphan: Orphan) -> None:
+        """An orphan whose agent did not come back in time: lost."""
+        if self._orphans.get(orphan.active.job_id) is not orphan:
+            return  # re-attached or settled meanwhile
+        del self._orphans[orphan.active.job_id]
+        active = orphan.active
+        reason = f"{orphan.why}; not back within the lease"
+        await self._requeue(
+            active.job_id, active.attempt, AttemptOutcome.LOST, reason, failure=True
+        )
+
+    async def recover(self, deadline: float) -> None:
+        """After a restart or a change of leader: the jobs that were out on
+        agents wait for those agents to reconnect and re-attach them, until
+        `deadline`; then they are re-queued as lost."""
+        loop = asyncio.get_running_loop()
+        for job, record in await self.db.run(self.db.store.active_attempts):
+            # An active job has no committed images; files here are from a
+            # leader that died between writing a result and committing it.
+            await loop.run_in_executor(None, self.images.remove_job, job.id)
+            active = ActiveAttempt(
+                job_id=job.id,
+                attempt=job.attempt,
+                gpu_index=job.gpu_index,
+                owner=job.owner,
+                spec=job.spec,
+                memory_mode=record.memory_mode,
+                vram_bytes=record.vram_estimate_bytes,
+                expected_seconds=0.0,
+                assigned_at=record.assigned_at,
+                started_at=record.started_at,
+            )
+            self._orphans[job.id] = Orphan(
+                active, job.node_id, job.node_name, deadline, "the scheduler changed leader"
+            )
+        if self._orphans:
+            log.info("waiting for agents to re-attach %d job(s)", len(self._orphans))
+
+    def release_all(self) -> None:
+        """This replica stopped leading: it forgets every attempt, which the
+        store keeps for the next leader."""
+        self._held.clear()
+        self._orphans.clear()
+        self._stale.clear()
+
+    # ---- the few places that write -------------------------------------------
+
+    def _send_stop(self, session: NodeSession | None, active: ActiveAttempt, reason: str) -> None:
+        if session is not None:
+            session.send(StopCommand(active.job_id, active.attempt, reason))
+
+    def _stop_stale(self, session: NodeSession, job_id: str, attempt: int) -> None:
+        told = self._stale.setdefault(session.node_id, OrderedDict())
+        if (job_id, attempt) in told:
+            return
+        told[(job_id, attempt)] = None
+        while len(told) > STALE_REMEMBERED:
+            told.popitem(last=False)
+        log.info("node %s reported stale attempt %s/%d; stopping it", session.name, job_id, attempt)
+        session.send(StopCommand(job_id, attempt, "stale attempt: the job has moved on"))
+
+    async def _requeue(
+        self,
+        job_id: str,
+        attempt: int,
+        outcome: AttemptOutcome,
+        reason: str,
+        *,
+        failure: bool,
+        profile: AttemptProfile | None = None,
+    ) -> None:
+        """Ends an attempt that did not succeed and puts its job back in the
+        queue, or fails it after max_attempts failures."""
+        events = await self.db.run(
+            self.db.store.requeue,
+            job_id,
+            attempt,
+            outcome,
+            reason,
+            count_failure=failure,
+            profile=profile,
+        )
+        if events:
+            what = "failed" if events[-1].terminal else "re-queued"
+            log.info("job %s attempt %d %s: %s", job_id, attempt, what, reason)
+            self.hub.publish(events)
+        self.wake()

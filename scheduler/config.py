@@ -1,0 +1,97 @@
+"""The scheduler's settings, each declared once with its `sdctl scheduler`
+flag (see `sdmesh.flags`). Light on purpose: sdctl imports it to build its
+flags without loading the scheduler."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from scheduler.placement.planner import RESERVE_AFTER_SECONDS
+from sdmesh.flags import option, parse_duration
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    heartbeat_seconds: float = 2.0
+    lease_seconds: float = 10.0
+    # An attempt must report a step within max(this, deadline_steps x its
+    # expected step time); the first step, which includes loading the
+    # model, gets twice that.
+    progress_deadline_seconds: float = 60.0
+    deadline_steps: float = 10.0
+
+    @property
+    def probe_every_seconds(self) -> float:
+        return 2 * self.heartbeat_seconds
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    data_dir: Path = option(help="default ~/.local/share/sdmesh/scheduler", parse=Path)
+    host: str = option("127.0.0.1", help="listen address; 0.0.0.0 for other machines")
+    port: int = option(50051, help="listen port (0: any free port)", parse=int)
+    db_url: str = option(
+        "",
+        flag="--db",
+        metavar="URL",
+        help="postgresql+psycopg://... (default SQLite in the data dir)",
+    )
+    heartbeat_seconds: float = option(
+        2.0, flag="--heartbeat", parse=parse_duration, help="agent stats interval (default 2s)"
+    )
+    # Agents silent this long are lost; so is a leader that cannot renew.
+    lease_seconds: float = option(
+        10.0,
+        flag="--lease",
+        parse=parse_duration,
+        help="an agent silent this long is lost, its jobs re-queued; replicas hold the "
+        "leader lease for as long (default 10s)",
+    )
+    progress_deadline_seconds: float = option(
+        60.0,
+        flag="--progress-deadline",
+        parse=parse_duration,
+        help="a running job must report a step this often, or 10x its step time if longer; "
+        "else its GPU counts as hung (default 60s)",
+    )
+    node_window_seconds: float = option(
+        24 * 3600.0,
+        flag="--node-window",
+        parse=parse_duration,
+        help="how long a node's models count as known after it leaves (default 24h)",
+    )
+    max_attempts: int = option(
+        3, parse=int, help="failures (out of memory, crashes, lost nodes) before a job fails"
+    )
+    reserve_after_seconds: float = option(
+        RESERVE_AFTER_SECONDS,
+        flag="--reserve-after",
+        parse=parse_duration,
+        help="hold a GPU for a job that fits nowhere for this long (default 120s)",
+    )
+    advertise: str = option(
+        "",
+        metavar="HOST:PORT",
+        help="where agents and clients reach this replica (default --host:--port)",
+    )
+    # Replicas must share it (a network filesystem), so that the leader can
+    # serve images another replica stored. Default: images/ in the data dir.
+    images_dir: Path | None = option(
+        None,
+        parse=Path,
+        help="where images are stored; replicas on one database must share it "
+        "(default: images/ in the data dir)",
+    )
+
+    @property
+    def database_url(self) -> str:
+        return self.db_url or f"sqlite:///{self.data_dir / 'sdmesh.db'}"
+
+    @property
+    def liveness(self) -> LivenessConfig:
+        return LivenessConfig(
+            heartbeat_seconds=self.heartbeat_seconds,
+            lease_seconds=self.lease_seconds,
+            progress_deadline_seconds=self.progress_deadline_seconds,
+        )

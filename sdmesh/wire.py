@@ -1,0 +1,144 @@
+"""Wire facts every process agrees on: request metadata keys, how a standby
+replica says so, keepalive, the channel every caller dials through,
+reconnect backoff, scheduler address lists and the package version.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Sequence
+from importlib import metadata
+from typing import Any
+
+import grpc
+from grpc import aio
+
+# Who is calling, until authentication replaces it.
+USER_METADATA_KEY = "x-sdmesh-user"
+# A standby replica turns calls away with UNAVAILABLE and says so in these
+# trailing metadata keys, never in its message text.
+ROLE_METADATA_KEY = "x-sdmesh-role"
+LEADER_METADATA_KEY = "x-sdmesh-leader"
+STANDBY_ROLE = "standby"
+
+# Agents and the scheduler ping each other this often on an idle stream.
+KEEPALIVE_SECONDS = 5.0
+# Full-jitter-style backoff between dial attempts: agents redial from
+# 0.25 s up to 5 s (a new leader waits this much longer than a lease for
+# them), clients retry from 0.2 s up to 2 s.
+AGENT_FIRST_BACKOFF_SECONDS = 0.25
+AGENT_MAX_BACKOFF_SECONDS = 5.0
+CLIENT_FIRST_BACKOFF_SECONDS = 0.2
+CLIENT_MAX_BACKOFF_SECONDS = 2.0
+# PNGs travel in pieces well under gRPC's 4 MiB message limit, both ways.
+IMAGE_CHUNK_BYTES = 256 * 1024
+
+Options = list[tuple[str, Any]]
+
+
+def package_version() -> str:
+    """sdmesh's installed version; the scheduler reports it in its health,
+    agents in their hello."""
+    try:
+        return metadata.version("sdmesh")
+    except metadata.PackageNotFoundError:
+        return "dev"
+
+
+def parse_addresses(address: str | Sequence[str]) -> list[str]:
+    """The replicas of one scheduler, in order, from "host1:50051,host2:50051"
+    or a list of such strings. Blanks and repeats are dropped."""
+    parts = (
+        address.split(",")
+        if isinstance(address, str)
+        else [part for item in address for part in item.split(",")]
+    )
+    found: list[str] = []
+    for part in (part.strip() for part in parts):
+        if part and part not in found:
+            found.append(part)
+    return found
+
+
+class Backoff:
+    """Waits between passes over the addresses: doubling from `first` up to
+    `cap`, each jittered down by up to half, so that many callers that lost
+    the same scheduler do not all come back in step."""
+
+    def __init__(self, first: float, cap: float) -> None:
+        self.first = first
+        self.cap = cap
+        self._next = first
+
+    def reset(self) -> None:
+        self._next = self.first
+
+    def next(self) -> float:
+        delay = self._next
+        self._next = min(self.cap, self._next * 2)
+        return delay * random.uniform(0.5, 1.0)
+
+
+def server_options() -> Options:
+    # Agents ping every KEEPALIVE_SECONDS; the server must accept pings that
+    # often, or it answers with GOAWAY "too_many_pings".
+    millis = int(KEEPALIVE_SECONDS * 1000)
+    return [
+        ("grpc.keepalive_time_ms", millis),
+        ("grpc.keepalive_timeout_ms", millis),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", millis - 1000),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def agent_channel_options() -> Options:
+    millis = int(KEEPALIVE_SECONDS * 1000)
+    return [
+        ("grpc.keepalive_time_ms", millis),
+        ("grpc.keepalive_timeout_ms", millis),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+
+
+def client_channel_options() -> Options:
+    return [
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # gRPC's own reconnect backoff grows to two minutes; a scheduler that
+        # comes back should be found within our own backoff's cap.
+        ("grpc.initial_reconnect_backoff_ms", int(CLIENT_FIRST_BACKOFF_SECONDS * 1000)),
+        ("grpc.max_reconnect_backoff_ms", int(CLIENT_MAX_BACKOFF_SECONDS * 1000)),
+    ]
+
+
+def open_channel(address: str, options: Options) -> aio.Channel:
+    """The one place callers (agents, the SDK) dial a scheduler: where
+    transport security will plug in."""
+    return aio.insecure_channel(address, options=options)
+
+
+def standby_metadata(leader_address: str) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a standby's UNAVAILABLE."""
+    return ((ROLE_METADATA_KEY, STANDBY_ROLE), (LEADER_METADATA_KEY, leader_address))
+
+
+def _trailing(error: grpc.RpcError) -> Iterable[tuple[str, Any]]:
+    trailing = getattr(error, "trailing_metadata", None)
+    return (trailing() if callable(trailing) else None) or ()
+
+
+def is_standby(error: grpc.RpcError) -> bool:
+    """Whether a live standby replica answered: the leader is near."""
+    return any(
+        key == ROLE_METADATA_KEY and value == STANDBY_ROLE for key, value in _trailing(error)
+    )
+
+
+def leader_hint(error: grpc.RpcError) -> str:
+    """The leader's address a standby named, or "" when it knows none."""
+    for key, value in _trailing(error):
+        if key == LEADER_METADATA_KEY:
+            return str(value)
+    return ""
