@@ -30,17 +30,16 @@ from client._models import (
     Health,
     Image,
     ImageEvent,
-    ImageInfo,
     Job,
-    JobSpec,
     Model,
     Node,
     PreviewEvent,
-    Progress,
     ProgressEvent,
     StateEvent,
 )
 from client._sync import Client, JobHandle
+from sdmesh.domain import ImageInfo, Progress
+from sdmesh.spec import JobSpec
 
 __all__ = [
     "AsyncClient",

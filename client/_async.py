@@ -30,7 +30,6 @@ from client._models import (
     Event,
     Health,
     Image,
-    ImageInfo,
     Job,
     Model,
     Node,
@@ -38,7 +37,8 @@ from client._models import (
     event_from_proto,
 )
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from sdmesh.convert import image_from_proto, spec_request_to_proto
+from sdmesh.convert import from_message, spec_request_to_proto
+from sdmesh.domain import ImageInfo
 from sdmesh.spec import MemoryMode, SpecRequest
 from sdmesh.wire import (
     CLIENT_FIRST_BACKOFF_SECONDS,
@@ -355,7 +355,7 @@ class AsyncClient:
             try:
                 async for chunk in call:
                     if chunk.HasField("info"):
-                        info = image_from_proto(chunk.info)
+                        info = from_message(ImageInfo, chunk.info)
                     data += chunk.data
             except grpc.RpcError as error:
                 await self._retry_or_raise(retries, address, error)

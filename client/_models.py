@@ -14,32 +14,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from protos import common_pb2, scheduler_pb2
 from sdmesh.convert import (
-    image_from_proto,
+    from_message,
     memory_mode_from_proto,
-    progress_from_proto,
     spec_from_proto,
 )
-from sdmesh.domain import ImageInfo, Progress
+from sdmesh.domain import ImageInfo, Progress  # re-exported by client/__init__
 from sdmesh.spec import JobSpec, MemoryMode
-
-__all__ = [
-    "Attempt",
-    "Device",
-    "Event",
-    "Health",
-    "Image",
-    "ImageEvent",
-    "ImageInfo",
-    "Job",
-    "JobSpec",
-    "Model",
-    "Node",
-    "PreviewEvent",
-    "Progress",
-    "ProgressEvent",
-    "StateEvent",
-    "event_from_proto",
-]
 
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
@@ -92,20 +72,10 @@ class Attempt:
 
     @classmethod
     def from_proto(cls, attempt: scheduler_pb2.AttemptInfo) -> Attempt:
-        return cls(
-            attempt=attempt.attempt,
-            node_id=attempt.node_id,
-            node_name=attempt.node_name,
-            gpu_index=attempt.gpu_index,
+        return from_message(
+            cls,
+            attempt,
             memory_mode=memory_mode_from_proto(attempt.memory_mode),
-            outcome=attempt.outcome,
-            reason=attempt.reason,
-            placement=attempt.placement,
-            vram_estimate_bytes=attempt.vram_estimate_bytes,
-            queued_seconds=attempt.queued_seconds,
-            load_seconds=attempt.load_seconds,
-            mean_step_seconds=attempt.mean_step_seconds,
-            peak_vram_bytes=attempt.peak_vram_bytes,
             assigned_at=_time(attempt.assigned_at),
             started_at=_optional_time(attempt, "started_at"),
             ended_at=_optional_time(attempt, "ended_at"),
@@ -144,25 +114,18 @@ class Job:
 
     @classmethod
     def from_proto(cls, job: scheduler_pb2.Job) -> Job:
-        return cls(
-            id=job.id,
+        return from_message(
+            cls,
+            job,
             state=state_name(job.state),
-            owner=job.owner,
             spec=spec_from_proto(job.spec),
-            attempt=job.attempt,
-            failures=job.failures,
-            max_attempts=job.max_attempts,
-            node_id=job.node_id,
-            node_name=job.node_name,
-            gpu_index=job.gpu_index,
             memory_mode=memory_mode_from_proto(job.memory_mode),
-            reason=job.reason,
-            images=[image_from_proto(image) for image in job.images],
+            images=[from_message(ImageInfo, image) for image in job.images],
             created_at=_time(job.created_at),
             updated_at=_time(job.updated_at),
             started_at=_optional_time(job, "started_at"),
             finished_at=_optional_time(job, "finished_at"),
-            progress=progress_from_proto(job.progress) if job.HasField("progress") else None,
+            progress=from_message(Progress, job.progress) if job.HasField("progress") else None,
             attempts=[Attempt.from_proto(attempt) for attempt in job.attempts],
         )
 
@@ -219,7 +182,7 @@ def event_from_proto(event: common_pb2.JobEvent) -> Event:
         s = event.state
         return StateEvent(*base, state_name(s.state), s.reason, s.node_id, s.node_name, s.gpu_index)
     if kind == "image":
-        return ImageEvent(*base, image_from_proto(event.image))
+        return ImageEvent(*base, from_message(ImageInfo, event.image))
     if kind == "progress":
         return ProgressEvent(*base, event.progress.step, event.progress.total_steps)
     p = event.preview
@@ -282,17 +245,13 @@ class Node:
                     health_detail=device.health_detail,
                 )
             )
-        return cls(
-            id=node.id,
-            name=node.name,
-            hostname=node.hostname,
-            connected=node.connected,
+        return from_message(
+            cls,
+            node,
             devices=devices,
             models=list(node.models),
             labels=dict(node.labels),
-            agent_version=node.agent_version,
             last_seen=_time(node.last_seen),
-            draining=node.draining,
         )
 
 
@@ -317,14 +276,7 @@ class Health:
 
     @classmethod
     def from_proto(cls, health: scheduler_pb2.Health, address: str) -> Health:
-        return cls(
-            address=address,
-            role=ROLES.get(health.role, "unknown"),
-            epoch=health.epoch,
-            replica_id=health.replica_id,
-            leader_address=health.leader_address,
-            version=health.version,
-        )
+        return from_message(cls, health, address=address, role=ROLES.get(health.role, "unknown"))
 
 
 @dataclass(frozen=True)
@@ -337,10 +289,6 @@ class Model:
 
     @classmethod
     def from_proto(cls, model: scheduler_pb2.Model) -> Model:
-        return cls(
-            model.name,
-            model.weight_bytes,
-            model.dtype,
-            list(model.node_ids),
-            _time(model.last_seen),
+        return from_message(
+            cls, model, node_ids=list(model.node_ids), last_seen=_time(model.last_seen)
         )

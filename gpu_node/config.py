@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sdmesh.flags import option, parse_duration, parse_indexes, parse_pairs
+from sdmesh.flags import option, pairs_option, parse_duration, parse_indexes
 from sdmesh.wire import parse_addresses
 
 SHUTDOWN_TIMEOUT_SECONDS = 30.0
@@ -21,13 +21,8 @@ class AgentConfig:
     data_dir: Path = option(help="default ~/.local/share/sdmesh/node", parse=Path)
     models_dir: Path | None = option(None, help="folder of diffusers model folders", parse=Path)
     name: str | None = option(None, help="display name (default hostname-gpuN)")
-    labels: dict[str, str] = option(
-        {},
-        flag="--label",
-        metavar="KEY=VALUE",
-        parse=parse_pairs,
-        repeat=True,
-        help="a node label jobs can select with --selector; repeatable",
+    labels: dict[str, str] = pairs_option(
+        flag="--label", help="a node label jobs can select with --selector; repeatable"
     )
     gpus: tuple[int, ...] | None = option(
         None, parse=parse_indexes, help="device indexes to use, e.g. 0,1 (default: all)"

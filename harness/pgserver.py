@@ -17,7 +17,6 @@ import tempfile
 import time
 import weakref
 from pathlib import Path
-from types import TracebackType
 
 from harness.processes import alive, free_port
 
@@ -190,10 +189,5 @@ class ThrowawayPostgres:
             raise
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *_: object) -> None:
         self.close()

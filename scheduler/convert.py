@@ -20,14 +20,11 @@ from scheduler.commands import (
 from scheduler.domain import AttemptRecord, Job, JobEvent, KnownModel, StateChange
 from scheduler.states import JobState
 from sdmesh.convert import (
-    device_info_to_proto,
     device_stats_to_proto,
     enum_from_proto,
-    image_to_proto,
     memory_mode_to_proto,
-    preview_to_proto,
-    progress_to_proto,
     spec_to_proto,
+    to_message,
 )
 from sdmesh.domain import DeviceStats, ImageInfo, NodeInfo, Progress
 
@@ -56,6 +53,10 @@ def job_state_from_proto(value: int, field: str = "state") -> JobState:
     return enum_from_proto(_JOB_STATES_BACK, value, field, "job state", common_pb2.JobState)
 
 
+def timestamp_or_none(seconds: float | None) -> Timestamp | None:
+    return None if seconds is None else timestamp(seconds)
+
+
 def job_to_proto(
     job: Job,
     *,
@@ -66,31 +67,21 @@ def job_to_proto(
     """A job as clients see it: `progress` while it runs, `reason` when it
     has more to say than the stored one (why it waits), and its attempts
     when asked for one job."""
-    message = scheduler_pb2.Job(
-        id=job.id,
+    return to_message(
+        job,
+        scheduler_pb2.Job,
         spec=spec_to_proto(job.spec),
         state=job_state_to_proto(job.state),
-        owner=job.owner,
-        attempt=job.attempt,
-        failures=job.failures,
-        max_attempts=job.max_attempts,
-        node_id=job.node_id,
-        node_name=job.node_name,
-        gpu_index=job.gpu_index,
         reason=job.reason if reason is None else reason,
-        images=[image_to_proto(image) for image in job.images],
+        images=[to_message(image, common_pb2.ImageInfo) for image in job.images],
         attempts=[attempt_to_proto(attempt) for attempt in attempts],
         created_at=timestamp(job.created_at),
         updated_at=timestamp(job.updated_at),
+        started_at=timestamp_or_none(job.started_at),
+        finished_at=timestamp_or_none(job.finished_at),
+        progress=None if progress is None else to_message(progress, common_pb2.Progress),
         memory_mode=memory_mode_to_proto(job.memory_mode),
     )
-    if job.started_at is not None:
-        message.started_at.CopyFrom(timestamp(job.started_at))
-    if job.finished_at is not None:
-        message.finished_at.CopyFrom(timestamp(job.finished_at))
-    if progress is not None:
-        message.progress.CopyFrom(progress_to_proto(progress))
-    return message
 
 
 def event_to_proto(event: JobEvent) -> common_pb2.JobEvent:
@@ -100,20 +91,14 @@ def event_to_proto(event: JobEvent) -> common_pb2.JobEvent:
     body = event.body
     if isinstance(body, StateChange):
         message.state.CopyFrom(
-            common_pb2.StateChange(
-                state=job_state_to_proto(body.state),
-                reason=body.reason,
-                node_id=body.node_id,
-                node_name=body.node_name,
-                gpu_index=body.gpu_index,
-            )
+            to_message(body, common_pb2.StateChange, state=job_state_to_proto(body.state))
         )
     elif isinstance(body, ImageInfo):
-        message.image.CopyFrom(image_to_proto(body))
+        message.image.CopyFrom(to_message(body, common_pb2.ImageInfo))
     elif isinstance(body, Progress):
-        message.progress.CopyFrom(progress_to_proto(body))
+        message.progress.CopyFrom(to_message(body, common_pb2.Progress))
     else:
-        message.preview.CopyFrom(preview_to_proto(body))
+        message.preview.CopyFrom(to_message(body, common_pb2.Preview))
     return message
 
 
@@ -173,7 +158,7 @@ def node_to_proto(
     )
     for device in info.devices:
         entry = node.devices.add(
-            info=device_info_to_proto(device),
+            info=to_message(device, common_pb2.DeviceInfo),
             active_jobs=active_jobs.get(device.index, 0),
             healthy=device.index not in unhealthy,
             health_detail=unhealthy.get(device.index, ""),
@@ -184,34 +169,24 @@ def node_to_proto(
 
 
 def model_to_listing(model: KnownModel, connected_holders: list[str]) -> scheduler_pb2.Model:
-    return scheduler_pb2.Model(
-        name=model.name,
-        weight_bytes=model.weight_bytes,
-        dtype=model.dtype,
+    return to_message(
+        model,
+        scheduler_pb2.Model,
         node_ids=connected_holders,
         last_seen=timestamp(model.last_seen),
     )
 
 
 def attempt_to_proto(attempt: AttemptRecord) -> scheduler_pb2.AttemptInfo:
-    message = scheduler_pb2.AttemptInfo(
-        attempt=attempt.attempt,
-        node_id=attempt.node_id,
-        node_name=attempt.node_name,
-        gpu_index=attempt.gpu_index,
+    profile = attempt.profile
+    return to_message(
+        attempt,
+        scheduler_pb2.AttemptInfo,
         memory_mode=memory_mode_to_proto(attempt.memory_mode),
-        outcome=attempt.outcome,
-        reason=attempt.reason,
-        placement=attempt.placement,
-        vram_estimate_bytes=attempt.vram_estimate_bytes,
-        queued_seconds=attempt.queued_seconds,
-        load_seconds=attempt.profile.load_seconds,
-        mean_step_seconds=attempt.profile.mean_step_seconds,
-        peak_vram_bytes=attempt.profile.peak_vram_bytes,
+        load_seconds=profile.load_seconds,
+        mean_step_seconds=profile.mean_step_seconds,
+        peak_vram_bytes=profile.peak_vram_bytes,
         assigned_at=timestamp(attempt.assigned_at),
+        started_at=timestamp_or_none(attempt.started_at),
+        ended_at=timestamp_or_none(attempt.ended_at),
     )
-    if attempt.started_at is not None:
-        message.started_at.CopyFrom(timestamp(attempt.started_at))
-    if attempt.ended_at is not None:
-        message.ended_at.CopyFrom(timestamp(attempt.ended_at))
-    return message

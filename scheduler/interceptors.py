@@ -29,46 +29,36 @@ if TYPE_CHECKING:
 
 
 def _wrap(handler: Handler, guard: Guard) -> Handler:
+    """The same method handler, with its behaviour run inside `guard`."""
+    kind = (
+        f"{'stream' if handler.request_streaming else 'unary'}_"
+        f"{'stream' if handler.response_streaming else 'unary'}"
+    )  # unary_unary, unary_stream, stream_unary or stream_stream
+    behaviour = getattr(handler, kind)
+    wrapped: Callable[..., Any]
     if handler.response_streaming:
-        streaming = cast(
-            Callable[..., AsyncIterator[Any]],
-            handler.stream_stream if handler.request_streaming else handler.unary_stream,
-        )
 
-        async def stream_behaviour(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+        async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             async with guard(context):
-                async for response in streaming(request, context):
+                async for response in behaviour(request, context):
                     yield response
 
-        factory = (
-            grpc.stream_stream_rpc_method_handler
-            if handler.request_streaming
-            else grpc.unary_stream_rpc_method_handler
-        )
-        return factory(
-            stream_behaviour,
+        wrapped = streaming
+    else:
+
+        async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            async with guard(context):
+                return await behaviour(request, context)
+
+        wrapped = unary
+    factory = getattr(grpc, f"{kind}_rpc_method_handler")
+    return cast(
+        "Handler",
+        factory(
+            wrapped,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
-        )
-
-    unary = cast(
-        Callable[..., Awaitable[Any]],
-        handler.stream_unary if handler.request_streaming else handler.unary_unary,
-    )
-
-    async def unary_behaviour(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
-        async with guard(context):
-            return await unary(request, context)
-
-    unary_factory = (
-        grpc.stream_unary_rpc_method_handler
-        if handler.request_streaming
-        else grpc.unary_unary_rpc_method_handler
-    )
-    return unary_factory(
-        unary_behaviour,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
+        ),
     )
 
 

@@ -35,7 +35,7 @@ from scheduler.events import watch
 from scheduler.leadership import ReplicaState
 from scheduler.principal import current_principal
 from scheduler.runtime import Runtime, UsesRuntime
-from sdmesh.convert import image_to_proto, spec_request_from_proto
+from sdmesh.convert import spec_request_from_proto, to_message
 from sdmesh.errors import InvalidArgument
 from sdmesh.wire import package_version
 
@@ -165,7 +165,7 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         for number, data in enumerate(chunks):
             chunk = scheduler_pb2.ImageChunk(offset=offset, data=data)
             if number == 0:
-                chunk.info.CopyFrom(image_to_proto(meta))
+                chunk.info.CopyFrom(to_message(meta, common_pb2.ImageInfo))
             offset += len(data)
             yield chunk
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -24,7 +24,6 @@ from sdmesh.domain import (
     DeviceStats,
     Ended,
     ImageChunk,
-    ImageInfo,
     ImageReady,
     ModelInfo,
     NodeInfo,
@@ -38,6 +37,8 @@ from sdmesh.speeds import Speed
 from sdmesh.wire import IMAGE_CHUNK_BYTES
 
 E = TypeVar("E")
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 
 _MEMORY_MODES = {
     MemoryMode.AUTO: common_pb2.MEMORY_MODE_AUTO,
@@ -65,6 +66,23 @@ def enum_from_proto(table: Mapping[int, E], value: int, field: str, kind: str, n
         allowed = ", ".join(names.Name(v) for v in table)
         raise InvalidArgument(field, f"unknown {kind} {value}; allowed: {allowed}")
     return found
+
+
+def to_message(obj: Any, message_class: type[M], **overrides: Any) -> M:
+    """A message from a dataclass whose fields carry the message's own
+    names: each field the message has, then `overrides` for what needs
+    converting (a nested message, an enum). None leaves a field unset."""
+    names = {descriptor.name for descriptor in message_class.DESCRIPTOR.fields}
+    values = {f.name: getattr(obj, f.name) for f in fields(obj) if f.name in names}
+    values.update(overrides)
+    return message_class(**{name: value for name, value in values.items() if value is not None})
+
+
+def from_message(cls: type[T], message: Message, **overrides: Any) -> T:
+    """A dataclass from a message with the same field names; `overrides`
+    give the fields that need converting."""
+    values = {f.name: getattr(message, f.name) for f in fields(cls) if f.name not in overrides}  # type: ignore[arg-type]
+    return cls(**values, **overrides)
 
 
 def memory_mode_to_proto(mode: MemoryMode) -> common_pb2.MemoryMode.ValueType:
@@ -137,99 +155,29 @@ def spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
 # ---- images, progress, previews ----------------------------------------------
 
 
-def image_to_proto(image: ImageInfo) -> common_pb2.ImageInfo:
-    return common_pb2.ImageInfo(
-        index=image.index,
-        seed=image.seed,
-        sha256=image.sha256,
-        size_bytes=image.size_bytes,
-        width=image.width,
-        height=image.height,
-    )
-
-
-def image_from_proto(image: common_pb2.ImageInfo) -> ImageInfo:
-    return ImageInfo(
-        image.index, image.seed, image.sha256, image.size_bytes, image.width, image.height
-    )
-
-
-def progress_to_proto(progress: Progress) -> common_pb2.Progress:
-    return common_pb2.Progress(step=progress.step, total_steps=progress.total_steps)
-
-
-def progress_from_proto(progress: common_pb2.Progress) -> Progress:
-    return Progress(progress.step, progress.total_steps)
-
-
-def preview_to_proto(preview: Preview) -> common_pb2.Preview:
-    return common_pb2.Preview(
-        step=preview.step,
-        total_steps=preview.total_steps,
-        width=preview.width,
-        height=preview.height,
-        png=preview.png,
-    )
-
-
-def preview_from_proto(preview: common_pb2.Preview) -> Preview:
-    return Preview(preview.step, preview.total_steps, preview.width, preview.height, preview.png)
-
-
 # ---- devices, models, nodes --------------------------------------------------
 
 
-def model_to_proto(model: ModelInfo) -> common_pb2.ModelInfo:
-    return common_pb2.ModelInfo(name=model.name, weight_bytes=model.weight_bytes, dtype=model.dtype)
-
-
-def model_from_proto(model: common_pb2.ModelInfo) -> ModelInfo:
-    return ModelInfo(model.name, model.weight_bytes, model.dtype)
-
-
-def device_info_to_proto(device: DeviceInfo) -> common_pb2.DeviceInfo:
-    return common_pb2.DeviceInfo(
-        index=device.index,
-        name=device.name,
-        uuid=device.uuid,
-        kind=device.kind,
-        total_bytes=device.total_bytes,
-    )
-
-
-def device_info_from_proto(device: common_pb2.DeviceInfo) -> DeviceInfo:
-    return DeviceInfo(device.index, device.name, device.uuid, device.kind, device.total_bytes)
-
-
 def device_stats_to_proto(stats: DeviceStats) -> common_pb2.DeviceStats:
-    return common_pb2.DeviceStats(
-        index=stats.index,
-        total_bytes=stats.total_bytes,
-        free_bytes=stats.free_bytes,
-        used_bytes=stats.used_bytes,
-        utilization_percent=stats.utilization_percent,
-        resident_models=[model_to_proto(model) for model in stats.resident_models],
+    return to_message(
+        stats,
+        common_pb2.DeviceStats,
+        resident_models=[
+            to_message(model, common_pb2.ModelInfo) for model in stats.resident_models
+        ],
         model_speeds=[
-            common_pb2.ModelSpeed(
-                model=model,
-                megapixel_steps_per_second=speed.megapixel_steps_per_second,
-                load_seconds=speed.load_seconds,
-                samples=speed.samples,
-            )
+            common_pb2.ModelSpeed(model=model, **asdict(speed))
             for model, speed in sorted(stats.speeds.items())
         ],
     )
 
 
 def device_stats_from_proto(stats: common_pb2.DeviceStats) -> DeviceStats:
-    return DeviceStats(
-        stats.index,
-        stats.total_bytes,
-        stats.free_bytes,
-        stats.used_bytes,
-        stats.utilization_percent,
-        tuple(model_from_proto(model) for model in stats.resident_models),
-        {
+    return from_message(
+        DeviceStats,
+        stats,
+        resident_models=tuple(from_message(ModelInfo, model) for model in stats.resident_models),
+        speeds={
             speed.model: Speed(speed.megapixel_steps_per_second, speed.load_seconds, speed.samples)
             for speed in stats.model_speeds
         },
@@ -237,25 +185,20 @@ def device_stats_from_proto(stats: common_pb2.DeviceStats) -> DeviceStats:
 
 
 def hello_to_proto(node: NodeInfo) -> agent_pb2.Hello:
-    return agent_pb2.Hello(
-        node_id=node.node_id,
-        name=node.name,
-        hostname=node.hostname,
-        agent_version=node.agent_version,
-        devices=[device_info_to_proto(device) for device in node.devices],
-        models=[model_to_proto(model) for model in node.models],
-        labels=dict(node.labels),
+    return to_message(
+        node,
+        agent_pb2.Hello,
+        devices=[to_message(device, common_pb2.DeviceInfo) for device in node.devices],
+        models=[to_message(model, common_pb2.ModelInfo) for model in node.models],
     )
 
 
 def hello_from_proto(hello: agent_pb2.Hello) -> NodeInfo:
-    return NodeInfo(
-        node_id=hello.node_id,
-        name=hello.name,
-        hostname=hello.hostname,
-        agent_version=hello.agent_version,
-        devices=tuple(device_info_from_proto(device) for device in hello.devices),
-        models=tuple(model_from_proto(model) for model in hello.models),
+    return from_message(
+        NodeInfo,
+        hello,
+        devices=tuple(from_message(DeviceInfo, device) for device in hello.devices),
+        models=tuple(from_message(ModelInfo, model) for model in hello.models),
         labels=dict(hello.labels),
     )
 
@@ -270,18 +213,6 @@ def outcome_to_proto(outcome: AttemptOutcome) -> agent_pb2.AttemptOutcome.ValueT
 def outcome_from_proto(value: int) -> AttemptOutcome:
     """An outcome this version does not know counts as a failure."""
     return _OUTCOMES_BACK.get(value, AttemptOutcome.FAILED)
-
-
-def profile_to_proto(profile: AttemptProfile) -> agent_pb2.AttemptProfile:
-    return agent_pb2.AttemptProfile(
-        load_seconds=profile.load_seconds,
-        mean_step_seconds=profile.mean_step_seconds,
-        peak_vram_bytes=profile.peak_vram_bytes,
-    )
-
-
-def profile_from_proto(profile: agent_pb2.AttemptProfile) -> AttemptProfile:
-    return AttemptProfile(profile.load_seconds, profile.mean_step_seconds, profile.peak_vram_bytes)
 
 
 def image_chunks(image: ImageReady, chunk_bytes: int = IMAGE_CHUNK_BYTES) -> list[ImageChunk]:
@@ -307,20 +238,6 @@ def image_chunks(image: ImageReady, chunk_bytes: int = IMAGE_CHUNK_BYTES) -> lis
     return chunks
 
 
-def _chunk_to_proto(chunk: ImageChunk) -> agent_pb2.ImageUpload:
-    return agent_pb2.ImageUpload(
-        index=chunk.index,
-        seed=chunk.seed,
-        width=chunk.width,
-        height=chunk.height,
-        offset=chunk.offset,
-        data=chunk.data,
-        last=chunk.last,
-        sha256=chunk.sha256,
-        size_bytes=chunk.size_bytes,
-    )
-
-
 def update_to_protos(update: AttemptUpdate) -> list[agent_pb2.JobUpdate]:
     """The messages for one attempt update: an image takes one per chunk."""
     body = update.body
@@ -334,20 +251,19 @@ def update_to_protos(update: AttemptUpdate) -> list[agent_pb2.JobUpdate]:
         if isinstance(part, Started):
             message.started.SetInParent()
         elif isinstance(part, Progress):
-            message.progress.CopyFrom(progress_to_proto(part))
+            message.progress.CopyFrom(to_message(part, common_pb2.Progress))
         elif isinstance(part, Preview):
-            message.preview.CopyFrom(preview_to_proto(part))
+            message.preview.CopyFrom(to_message(part, common_pb2.Preview))
         elif isinstance(part, ImageChunk):
-            message.image.CopyFrom(_chunk_to_proto(part))
+            message.image.CopyFrom(to_message(part, agent_pb2.ImageUpload))
         else:
-            message.ended.CopyFrom(
-                agent_pb2.AttemptEnded(
-                    outcome=outcome_to_proto(part.outcome),
-                    reason=part.reason,
-                    error_kind=part.error_kind,
-                    profile=profile_to_proto(part.profile),
-                )
+            ended = to_message(
+                part,
+                agent_pb2.AttemptEnded,
+                outcome=outcome_to_proto(part.outcome),
+                profile=to_message(part.profile, agent_pb2.AttemptProfile),
             )
+            message.ended.CopyFrom(ended)
         messages.append(message)
     return messages
 
@@ -360,29 +276,18 @@ def update_from_proto(message: agent_pb2.JobUpdate) -> AttemptUpdate | None:
     if kind == "started":
         body = Started()
     elif kind == "progress":
-        body = progress_from_proto(message.progress)
+        body = from_message(Progress, message.progress)
     elif kind == "preview":
-        body = preview_from_proto(message.preview)
+        body = from_message(Preview, message.preview)
     elif kind == "image":
-        image = message.image
-        body = ImageChunk(
-            index=image.index,
-            offset=image.offset,
-            data=image.data,
-            seed=image.seed,
-            width=image.width,
-            height=image.height,
-            last=image.last,
-            sha256=image.sha256,
-            size_bytes=image.size_bytes,
-        )
+        body = from_message(ImageChunk, message.image)
     elif kind == "ended":
         ended = message.ended
-        body = Ended(
-            outcome_from_proto(ended.outcome),
-            ended.reason,
-            ended.error_kind,
-            profile_from_proto(ended.profile),
+        body = from_message(
+            Ended,
+            ended,
+            outcome=outcome_from_proto(ended.outcome),
+            profile=from_message(AttemptProfile, ended.profile),
         )
     else:
         return None

@@ -42,6 +42,12 @@ def option(
     return field(default=default, metadata=metadata)
 
 
+def pairs_option(*, help: str, flag: str = "") -> Any:
+    """A KEY=VALUE flag, repeatable, collected into a dict (labels, node
+    selectors)."""
+    return option({}, flag=flag, metavar="KEY=VALUE", parse=parse_pairs, repeat=True, help=help)
+
+
 def flag_of(config_field: Field[Any]) -> str:
     return str(config_field.metadata.get("flag") or "--" + config_field.name.replace("_", "-"))
 

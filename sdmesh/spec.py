@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Any
 
 from sdmesh.errors import InvalidArgument
-from sdmesh.flags import option, parse_pairs
+from sdmesh.flags import option, pairs_option
 from sdmesh.samplers import find_sampler, sampler_names
 
 TINY_MODEL = "tiny"
@@ -91,21 +91,10 @@ class SpecRequest:
         help="where the weights live while it runs (default auto)",
     )
     request_id: str = option("", help="makes a retried submit return the same job")
-    labels: Mapping[str, str] = option(
-        {},
-        flag="--label",
-        metavar="KEY=VALUE",
-        parse=parse_pairs,
-        repeat=True,
-        help="a label recorded on the job; repeatable",
+    labels: Mapping[str, str] = pairs_option(
+        flag="--label", help="a label recorded on the job; repeatable"
     )
-    selector: Mapping[str, str] = option(
-        {},
-        metavar="KEY=VALUE",
-        parse=parse_pairs,
-        repeat=True,
-        help="run only on nodes with this label; repeatable",
-    )
+    selector: Mapping[str, str] = pairs_option(help="run only on nodes with this label; repeatable")
 
 
 @dataclass(frozen=True)

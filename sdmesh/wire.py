@@ -79,27 +79,30 @@ class Backoff:
         return delay * random.uniform(0.5, 1.0)
 
 
-def server_options() -> Options:
-    # Agents ping every KEEPALIVE_SECONDS; the server must accept pings that
-    # often, or it answers with GOAWAY "too_many_pings".
+def _keepalive() -> Options:
+    """Both ends of an agent's stream ping every KEEPALIVE_SECONDS, and
+    give up on a peer that does not answer within as long."""
     millis = int(KEEPALIVE_SECONDS * 1000)
     return [
         ("grpc.keepalive_time_ms", millis),
         ("grpc.keepalive_timeout_ms", millis),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", millis - 1000),
+    ]
+
+
+def server_options() -> Options:
+    # The server must accept the agents' pings that often, or it answers
+    # with GOAWAY "too_many_pings".
+    margin_ms = int(KEEPALIVE_SECONDS * 1000) - 1000
+    return [
+        *_keepalive(),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", margin_ms),
         ("grpc.http2.max_ping_strikes", 0),
     ]
 
 
 def agent_channel_options() -> Options:
-    millis = int(KEEPALIVE_SECONDS * 1000)
-    return [
-        ("grpc.keepalive_time_ms", millis),
-        ("grpc.keepalive_timeout_ms", millis),
-        ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.max_pings_without_data", 0),
-    ]
+    return [*_keepalive(), ("grpc.http2.max_pings_without_data", 0)]
 
 
 def client_channel_options() -> Options:

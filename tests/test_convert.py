@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import pytest
 
@@ -68,6 +69,10 @@ def test_job_and_events() -> None:
     )  # fmt: skip
     assert message.created_at.ToNanoseconds() == 1_500_000_000
     assert not message.HasField("started_at")
+    assert (message.owner, message.node_name, message.gpu_index) == ("alice", "host", 0)
+    assert message.spec == spec_to_proto(make_spec())
+    assert job_to_proto(replace(job, reason="failed 1 time")).reason == "failed 1 time"
+    assert job_to_proto(job, reason="waiting: busy").reason == "waiting: busy"
     state = event_to_proto(
         JobEvent("j", 3, 2, 1.0, StateChange(JobState.RUNNING, node_name="host"))
     )

@@ -271,20 +271,14 @@ def models(args: argparse.Namespace, client: Client) -> int:
 
 
 def drain(args: argparse.Namespace, client: Client) -> int:
-    node = client.drain_node(args.node, timeout=args.timeout)
+    """`drain` and `undrain`: the command's name says which."""
+    undo = args.command == "undrain"
+    timeout = None if undo else args.timeout
+    node = client.drain_node(args.node, timeout=timeout, undo=undo)
     if args.output == "json":
         render.print_json(render.node_json(node))
     else:
-        print(render.drained_line(node, args.timeout))
-    return 0
-
-
-def undrain(args: argparse.Namespace, client: Client) -> int:
-    node = client.drain_node(args.node, undo=True)
-    if args.output == "json":
-        render.print_json(render.node_json(node))
-    else:
-        print(render.drained_line(node, None))
+        print(render.drained_line(node, timeout))
     return 0
 
 
@@ -322,6 +316,6 @@ COMMANDS: dict[str, Any] = {
     "nodes": nodes,
     "models": models,
     "drain": drain,
-    "undrain": undrain,
+    "undrain": drain,
     "health": health,
 }

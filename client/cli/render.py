@@ -15,7 +15,6 @@ from client._models import (
     Event,
     Health,
     ImageEvent,
-    ImageInfo,
     Job,
     Model,
     Node,
@@ -23,6 +22,7 @@ from client._models import (
     ProgressEvent,
     StateEvent,
 )
+from sdmesh.domain import ImageInfo
 
 GIB = 2**30
 
