@@ -12,13 +12,15 @@ from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from client._errors import SdmeshError
 from protos import common_pb2, scheduler_pb2
 from sdmesh.convert import (
     from_message,
     memory_mode_from_proto,
     spec_from_proto,
 )
-from sdmesh.domain import ImageInfo, Progress  # re-exported by client/__init__
+from sdmesh.domain import ImageInfo, Progress
+from sdmesh.errors import InvalidArgument  # re-exported by client/__init__
 from sdmesh.spec import JobSpec, MemoryMode
 
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
@@ -114,11 +116,17 @@ class Job:
 
     @classmethod
     def from_proto(cls, job: scheduler_pb2.Job) -> Job:
+        try:
+            spec = spec_from_proto(job.spec)
+        except InvalidArgument as exc:  # a resolved spec has every field
+            raise SdmeshError(
+                f"job {job.id}: the scheduler sent an incomplete spec: {exc}"
+            ) from None
         return from_message(
             cls,
             job,
             state=state_name(job.state),
-            spec=spec_from_proto(job.spec),
+            spec=spec,
             memory_mode=memory_mode_from_proto(job.memory_mode),
             images=[from_message(ImageInfo, image) for image in job.images],
             created_at=_time(job.created_at),

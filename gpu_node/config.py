@@ -15,9 +15,10 @@ SHUTDOWN_TIMEOUT_SECONDS = 30.0
 
 @dataclass(frozen=True)
 class AgentConfig:
-    # The scheduler's replicas, from sdctl's own --scheduler: one address,
-    # or several separated by commas.
-    scheduler: str = field(metadata={})
+    # The scheduler's replicas: one address, or several separated by commas.
+    # Not a flag of `sdctl node` (it has no help to declare one): it is
+    # sdctl's global --scheduler.
+    scheduler: str = field()
     data_dir: Path = option(help="default ~/.local/share/sdmesh/node", parse=Path)
     models_dir: Path | None = option(None, help="folder of diffusers model folders", parse=Path)
     name: str | None = option(None, help="display name (default hostname-gpuN)")

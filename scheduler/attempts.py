@@ -117,10 +117,12 @@ class Attempts(UsesRuntime):
     def __init__(self, runtime: Runtime, *, lease_seconds: float) -> None:
         super().__init__(runtime)
         self.lease_seconds = lease_seconds
-        self._held: dict[str, dict[str, ActiveAttempt]] = {}  # node id -> job id -> attempt
+        # By stream (a node that dials again gets a new session, while the
+        # old one may still be settling): session -> job id -> attempt.
+        self._held: dict[NodeSession, dict[str, ActiveAttempt]] = {}
         self._orphans: dict[str, Orphan] = {}  # job id -> attempt waiting for its agent
-        self._stale: dict[str, OrderedDict[tuple[str, int], None]] = {}  # node id -> stopped
-        self._ending: dict[str, set[asyncio.Task[None]]] = {}  # node id -> attempts being closed
+        self._stale: dict[NodeSession, OrderedDict[tuple[str, int], None]] = {}  # told to stop
+        self._ending: dict[NodeSession, set[asyncio.Task[None]]] = {}  # being closed
         # Set while this replica stops leading (it shuts down or lost the
         # lease): attempts stay as they are in the store, and the next
         # leader waits for their agents to re-attach them.
@@ -128,17 +130,18 @@ class Attempts(UsesRuntime):
 
     # ---- reads ---------------------------------------------------------------
 
-    def held(self, node_id: str) -> list[ActiveAttempt]:
-        return list(self._held.get(node_id, {}).values())
+    def held(self, session: NodeSession) -> list[ActiveAttempt]:
+        return list(self._held.get(session, {}).values())
 
     def held_by_node(self) -> dict[str, list[ActiveAttempt]]:
-        return {node_id: list(held.values()) for node_id, held in self._held.items()}
+        """What each connected node holds, by node id."""
+        return {s.node_id: self.held(s) for s in self.cluster.sessions.values()}
 
     def orphans(self) -> list[Orphan]:
         return list(self._orphans.values())
 
-    def current(self, node_id: str, job_id: str, attempt: int) -> ActiveAttempt | None:
-        active = self._held.get(node_id, {}).get(job_id)
+    def current(self, session: NodeSession, job_id: str, attempt: int) -> ActiveAttempt | None:
+        active = self._held.get(session, {}).get(job_id)
         return active if active is not None and active.attempt == attempt else None
 
     def by_owner(self) -> dict[str, int]:
@@ -146,10 +149,10 @@ class Attempts(UsesRuntime):
         held = [a for attempts in self._held.values() for a in attempts.values()]
         return count_by_owner([*held, *(orphan.active for orphan in self._orphans.values())])
 
-    def active_jobs(self, node_id: str) -> dict[int, int]:
+    def active_jobs(self, session: NodeSession) -> dict[int, int]:
         """GPU index -> how many attempts are bound to it."""
         counts: dict[int, int] = {}
-        for active in self.held(node_id):
+        for active in self.held(session):
             counts[active.gpu_index] = counts.get(active.gpu_index, 0) + 1
         return counts
 
@@ -178,15 +181,16 @@ class Attempts(UsesRuntime):
             return False
         attempt = job.attempt + 1
         self.hub.publish(events)
-        if self.cluster.sessions.get(gpu.node_id) is not session:
-            # The agent left during the write, and its disconnect did not
-            # see this attempt: hand it back here.
-            reason = f"node {gpu.node_name} disconnected before the assignment was sent"
+        gone = self.cluster.sessions.get(gpu.node_id) is not session
+        if gone or session.draining:
+            # The agent left during the write (its disconnect did not see
+            # this attempt), or began draining or leaving (its Drain went
+            # out before this assignment could): hand it back here.
+            what = "disconnected" if gone else "began draining"
+            reason = f"node {gpu.node_name} {what} before the assignment was sent"
             await self._requeue(job.id, attempt, AttemptOutcome.LOST, reason, failure=False)
             return False
-        self._held.setdefault(session.node_id, {})[job.id] = bound(
-            job, attempt, placed, self.clock()
-        )
+        self._held.setdefault(session, {})[job.id] = bound(job, attempt, placed, self.clock())
         session.send(AssignCommand(job.id, attempt, job.spec, gpu.index, need.mode))
         log.info("job %s attempt %d -> %s", job.id, attempt, placed.explanation)
         return True
@@ -210,9 +214,11 @@ class Attempts(UsesRuntime):
                 active = orphan.active
                 active.uploads = UploadBuffer()  # the agent replays every image
                 active.last_step_at = now  # its progress clock starts again
-                self._held.setdefault(session.node_id, {})[job_id] = active
+                self._held.setdefault(session, {})[job_id] = active
                 log.info("node %s re-attached job %s attempt %d", name, job_id, attempt)
         for orphan in [o for o in self._orphans.values() if o.node_id == session.node_id]:
+            if self._orphans.get(orphan.active.job_id) is not orphan:
+                continue  # cancelled or settled during an earlier write
             del self._orphans[orphan.active.job_id]
             active = orphan.active
             await self._requeue(
@@ -235,12 +241,12 @@ class Attempts(UsesRuntime):
             # must not cut that short. It runs as its own task, and the
             # node's disconnect waits for it.
             ending = asyncio.ensure_future(self._ended(session, job_id, attempt, body))
-            tasks = self._ending.setdefault(session.node_id, set())
+            tasks = self._ending.setdefault(session, set())
             tasks.add(ending)
             ending.add_done_callback(tasks.discard)
             await asyncio.shield(ending)
             return
-        active = self.current(session.node_id, job_id, attempt)
+        active = self.current(session, job_id, attempt)
         if active is None:
             self._stop_stale(session, job_id, attempt)
             return
@@ -263,7 +269,7 @@ class Attempts(UsesRuntime):
                 log.warning("node %s: bad upload for %s: %s", session.name, job_id, exc)
 
     async def _ended(self, session: NodeSession, job_id: str, attempt: int, ended: Ended) -> None:
-        active = self.current(session.node_id, job_id, attempt)
+        active = self.current(session, job_id, attempt)
         if active is None:
             return  # stale, or already handled: its slot is free either way
         try:
@@ -292,7 +298,7 @@ class Attempts(UsesRuntime):
                 )
         finally:
             # The slot frees once the outcome is written (or could not be).
-            held = self._held.get(session.node_id, {})
+            held = self._held.get(session, {})
             if held.get(job_id) is active:
                 del held[job_id]
             self.wake()
@@ -305,8 +311,8 @@ class Attempts(UsesRuntime):
         out_of_memory = ended.outcome is AttemptOutcome.FAILED and ended.error_kind == "oom"
         if not out_of_memory and ended.outcome is not AttemptOutcome.SUCCEEDED:
             return
-        shape = shape_of(active.spec)
         try:
+            shape = shape_of(active.spec)
             learned = self.estimates.learn(
                 shape,
                 active.memory_mode,
@@ -376,18 +382,18 @@ class Attempts(UsesRuntime):
         log.info("job %s %s", job_id, reason)
         self.hub.publish(events)
         self._orphans.pop(job_id, None)  # its agent is told if it comes back
-        for node_id, held in self._held.items():
+        for session, held in self._held.items():
             active = held.get(job_id)
             if active is not None and active.attempt == before.attempt:
                 active.stopping = True
-                self._send_stop(self.cluster.sessions.get(node_id), active, reason)
+                self._send_stop(session, active, reason)
         return True
 
     async def fence_hung(self, session: NodeSession, active: ActiveAttempt, reason: str) -> None:
         """An attempt that missed its progress deadline: fenced (its agent is
         told to stop it), and its job re-queued as a failure."""
         log.warning("job %s attempt %d fenced: %s", active.job_id, active.attempt, reason)
-        self._held.get(session.node_id, {}).pop(active.job_id, None)
+        self._held.get(session, {}).pop(active.job_id, None)
         self._send_stop(session, active, "missed its progress deadline")
         await self._requeue(
             active.job_id, active.attempt, AttemptOutcome.FAILED, reason, failure=True
@@ -396,7 +402,7 @@ class Attempts(UsesRuntime):
     def orphan(self, session: NodeSession, deadline: float, why: str) -> int:
         """Moves what a node holds to the orphans, to wait for its agent to
         come back until `deadline`. Returns how many."""
-        held = self._held.pop(session.node_id, {})
+        held = self._held.pop(session, {})
         for active in held.values():
             self._orphans[active.job_id] = Orphan(
                 active, session.node_id, session.name, deadline, why
@@ -407,15 +413,15 @@ class Attempts(UsesRuntime):
         """A node's stream ended. A lost node's attempts are lost now; an
         agent whose stream merely dropped may come back for them within its
         lease."""
-        ending = self._ending.pop(session.node_id, set())
+        ending = self._ending.pop(session, set())
         if ending:
             await asyncio.gather(*ending, return_exceptions=True)
-        self._stale.pop(session.node_id, None)
+        self._stale.pop(session, None)
         if self.closing:
-            self._held.pop(session.node_id, None)
+            self._held.pop(session, None)
             return
         if session.lost:
-            held = list(self._held.pop(session.node_id, {}).values())
+            held = list(self._held.pop(session, {}).values())
             log.info("node %s lost holding %d attempt(s)", session.name, len(held))
             for active in held:
                 reason = f"node {session.name} lost: {session.lost}"
@@ -474,12 +480,11 @@ class Attempts(UsesRuntime):
 
     # ---- the few places that write -------------------------------------------
 
-    def _send_stop(self, session: NodeSession | None, active: ActiveAttempt, reason: str) -> None:
-        if session is not None:
-            session.send(StopCommand(active.job_id, active.attempt, reason))
+    def _send_stop(self, session: NodeSession, active: ActiveAttempt, reason: str) -> None:
+        session.send(StopCommand(active.job_id, active.attempt, reason))
 
     def _stop_stale(self, session: NodeSession, job_id: str, attempt: int) -> None:
-        told = self._stale.setdefault(session.node_id, OrderedDict())
+        told = self._stale.setdefault(session, OrderedDict())
         if (job_id, attempt) in told:
             return
         told[(job_id, attempt)] = None

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from scheduler.attempts import ActiveAttempt
 
 
-@dataclass
+@dataclass(eq=False)  # one per stream, compared and hashed by identity
 class NodeSession:
     info: NodeInfo
     connected_at: float

@@ -7,8 +7,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from scheduler.placement.planner import RESERVE_AFTER_SECONDS
 from sdmesh.flags import option, parse_duration
+
+# A job that fits nowhere for this long gets a GPU held for it, so a stream
+# of small jobs cannot starve it.
+RESERVE_AFTER_SECONDS = 120.0
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,10 @@ from collections.abc import Mapping
 
 from scheduler.admission import Admission
 from scheduler.attempts import Attempts
+from scheduler.config import RESERVE_AFTER_SECONDS
 from scheduler.domain import Job
 from scheduler.estimator import EstimateBook
 from scheduler.placement import (
-    RESERVE_AFTER_SECONDS,
     Demand,
     Placed,
     demand_for,

@@ -149,9 +149,10 @@ class Leadership:
         self.db.store.fence.epoch = -1  # matches no epoch: every write is refused
         await self._step_down()
 
-    async def stop(self) -> None:
-        """Stops leading and contending. The lease is handed over at once,
-        rather than after it runs out."""
+    async def stop(self) -> int | None:
+        """Stops leading and contending; returns the epoch this replica led
+        at, if it led, for `release` once in-flight calls have finished
+        (their writes still pass the fence until then)."""
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
@@ -159,8 +160,13 @@ class Leadership:
         epoch = self.replica.epoch if self.replica.leading else None
         self.replica.leading = False
         await self._step_down()
-        if epoch is not None:
-            try:
-                await self.db.run(self.lease.release, epoch)
-            except Exception as exc:
-                log.info("could not hand the lease over: %s", exc)
+        return epoch
+
+    async def release(self, epoch: int | None) -> None:
+        """Hands the lease over at once, rather than after it runs out."""
+        if epoch is None:
+            return
+        try:
+            await self.db.run(self.lease.release, epoch)
+        except Exception as exc:
+            log.info("could not hand the lease over: %s", exc)

@@ -90,7 +90,7 @@ class Supervisor(UsesRuntime):
             log.warning("node %s lost: %s", session.name, session.lost)
             self.cluster.disconnect(session)  # its stream ends; what it held is lost
         for session in list(self.cluster.sessions.values()):
-            held = self.attempts.held(session.node_id)
+            held = self.attempts.held(session)
             for active in hung(held, session.last_heard, now, self.config):
                 await self._fence_hung(session, active, now)
         for orphan in expired(self.attempts.orphans(), now):

@@ -157,8 +157,9 @@ class SchedulerServer:
         if self._stopped:
             return
         self._stopped = True
-        await self.leadership.stop()
-        await self.server.stop(grace)
+        epoch = await self.leadership.stop()
+        await self.server.stop(grace)  # calls in flight finish, still fenced by the epoch
+        await self.leadership.release(epoch)
         self.db.close()
         self.lock.release()
         log.info("scheduler stopped")

@@ -21,6 +21,7 @@ from grpc import aio
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from scheduler.admission import Admission
 from scheduler.attempts import Attempts
+from scheduler.cluster import NodeSession
 from scheduler.convert import (
     event_to_proto,
     job_state_from_proto,
@@ -178,7 +179,7 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         records = await self.db.run(self.db.store.nodes.seen_since, since)
         connected = sorted(self.cluster.sessions.values(), key=lambda s: s.name)
         response = scheduler_pb2.ListNodesResponse(
-            nodes=[self._session_node(session.node_id) for session in connected]
+            nodes=[self._session_node(session) for session in connected]
         )
         for record in records:
             if record.info.node_id not in self.cluster.sessions:
@@ -193,14 +194,13 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
                 )
         return response
 
-    def _session_node(self, node_id: str) -> scheduler_pb2.Node:
-        session = self.cluster.sessions[node_id]
+    def _session_node(self, session: NodeSession) -> scheduler_pb2.Node:
         return node_to_proto(
             session.info,
             connected=True,
             last_seen=session.last_heard,
             stats=session.stats,
-            active_jobs=self.attempts.active_jobs(node_id),
+            active_jobs=self.attempts.active_jobs(session),
             draining=session.draining,
             unhealthy=session.unhealthy,
         )
@@ -221,7 +221,7 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         else:
             self.cluster.drain(session, request.timeout_seconds)
             log.info("node %s drained by %s", session.name, who)
-        return self._session_node(session.node_id)
+        return self._session_node(session)
 
     async def GetHealth(
         self, request: scheduler_pb2.GetHealthRequest, context: Context

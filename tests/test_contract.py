@@ -123,3 +123,13 @@ def test_address_lists_parse_the_same_for_agents_and_clients(
     text: str | list[str], addresses: list[str]
 ) -> None:
     assert parse_addresses(text) == addresses
+
+
+def test_a_job_without_a_resolved_spec_is_one_readable_error_in_the_sdk() -> None:
+    from client import Job, SdmeshError
+    from protos import scheduler_pb2
+
+    with pytest.raises(
+        SdmeshError, match="job j: the scheduler sent an incomplete spec: batch_size"
+    ):
+        Job.from_proto(scheduler_pb2.Job(id="j", spec=common_pb2.JobSpec(prompt="p")))

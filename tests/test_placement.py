@@ -71,7 +71,7 @@ def test_each_filter_says_why(gpu: GpuView, kind: str, detail: str) -> None:
         (make_gpu(free_gib=8, total_gib=8), Rejection(Reason.INSUFFICIENT_VRAM, int(9.1 * GIB),
                                                       8 * GIB, 8 * GIB, True, "full")),
         # Two jobs bound, two slots: needs 1 slot, 0 free of 2.
-        (make_gpu(active=2), Rejection(Reason.BUSY, 1, 0, 2)),
+        (make_gpu(active=2), Rejection(Reason.BUSY, 1, 0, 2, subject="2 jobs")),
         (make_gpu(labels={"pool": "flux"}),
          Rejection(Reason.SELECTOR_MISMATCH, unresolvable=True, subject="pool=sdxl")),
         (make_gpu(models=("sdxl",), labels={"pool": "sdxl"}),

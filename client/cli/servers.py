@@ -208,8 +208,9 @@ def _stop_agent(
 ) -> None:
     """Asks the agent to stop and says so: its running job gets the shutdown
     timeout to finish, unless a second Ctrl-C hands it back at once."""
-    running = _running_jobs(address)
+    seen = stops.count  # a Ctrl-C from now on hands the work back
     agent.send_signal(signal.SIGTERM)
+    running = _running_jobs(address)
     if running:
         print(
             f"stopping: the agent finishes its {running} running job(s) or hands them back, "
@@ -217,7 +218,6 @@ def _stop_agent(
             file=sys.stderr,
             flush=True,
         )
-    seen = stops.count
     started = time.monotonic()
     while agent.poll() is None:
         if stops.count > seen:

@@ -5,7 +5,6 @@ say why not (with numbers), then weighted 0-100 scores."""
 from scheduler.placement.demand import allowed_modes, demand_for, shape_of
 from scheduler.placement.filters import FILTERS, fitting_need, rejection, selector_mismatch
 from scheduler.placement.planner import (
-    RESERVE_AFTER_SECONDS,
     SeenGpu,
     Unresolvable,
     place,
@@ -31,7 +30,6 @@ __all__ = [
     "DEVICE_RESERVE_BYTES",
     "FILTERS",
     "MAX_ACTIVE_PER_GPU",
-    "RESERVE_AFTER_SECONDS",
     "WEIGHTS",
     "Decision",
     "Demand",

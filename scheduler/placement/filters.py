@@ -52,7 +52,9 @@ def model_present(demand: Demand, gpu: GpuView) -> Rejection | None:
 def slot_free(_: Demand, gpu: GpuView) -> Rejection | None:
     if gpu.active_jobs >= MAX_ACTIVE_PER_GPU:
         free_slots = max(0, MAX_ACTIVE_PER_GPU - gpu.active_jobs)
-        return Rejection(Reason.BUSY, 1, free_slots, MAX_ACTIVE_PER_GPU)
+        return Rejection(
+            Reason.BUSY, 1, free_slots, MAX_ACTIVE_PER_GPU, subject=f"{gpu.active_jobs} jobs"
+        )
     return None
 
 

@@ -11,6 +11,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
+from scheduler.config import RESERVE_AFTER_SECONDS
 from scheduler.estimator import format_bytes
 from scheduler.placement.filters import (
     STATIC_FILTERS,
@@ -32,9 +33,6 @@ from scheduler.placement.views import (
 from sdmesh.spec import MemoryMode
 from sdmesh.speeds import Speed
 
-# A job that fits nowhere for this long gets a GPU held for it, so a stream
-# of small jobs cannot starve it.
-RESERVE_AFTER_SECONDS = 120.0
 # A job waits for a busy GPU when it would finish there in at most this
 # share of the time a free GPU would take.
 PATIENCE = 0.8

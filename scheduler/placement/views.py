@@ -88,7 +88,7 @@ class Rejection:
     available: int = 0
     capacity: int = 0
     unresolvable: bool = False
-    subject: str = ""  # the label, model or memory mode the numbers are about
+    subject: str = ""  # the label, model, memory mode or job count the numbers are about
 
     @property
     def kind(self) -> str:
@@ -96,8 +96,6 @@ class Rejection:
 
     @property
     def detail(self) -> str:
-        if self.reason is Reason.BUSY:
-            return f"{self.capacity - self.available} jobs"
         if self.reason is Reason.INSUFFICIENT_VRAM:
             return f"needs {format_bytes(self.needed)}, {format_bytes(self.available)} free"
         if self.reason is Reason.INSUFFICIENT_HOST_RAM:
