@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -85,10 +85,7 @@ class Orphan:
 
 def count_by_owner(attempts: Iterable[ActiveAttempt]) -> dict[str, int]:
     """Attempts per user, which fair share counts against them."""
-    counts: dict[str, int] = {}
-    for active in attempts:
-        counts[active.owner] = counts.get(active.owner, 0) + 1
-    return counts
+    return dict(Counter(active.owner for active in attempts))
 
 
 def bound(job: Job, attempt: int, placed: Placed, now: float) -> ActiveAttempt:
@@ -151,10 +148,7 @@ class Attempts(UsesRuntime):
 
     def active_jobs(self, session: NodeSession) -> dict[int, int]:
         """GPU index -> how many attempts are bound to it."""
-        counts: dict[int, int] = {}
-        for active in self.held(session):
-            counts[active.gpu_index] = counts.get(active.gpu_index, 0) + 1
-        return counts
+        return dict(Counter(active.gpu_index for active in self.held(session)))
 
     # ---- binding -------------------------------------------------------------
 
@@ -278,22 +272,14 @@ class Attempts(UsesRuntime):
             if ended.outcome is AttemptOutcome.SUCCEEDED:
                 if not active.stopping:  # else cancelled before it finished: not wanted
                     await self._store_result(session, active, ended.profile)
-            elif ended.outcome is AttemptOutcome.FAILED:
+            else:  # a failure counts; a hand-back or a stop does not
+                failed = ended.outcome is AttemptOutcome.FAILED
                 await self._requeue(
                     job_id,
                     attempt,
-                    AttemptOutcome.FAILED,
-                    f"{session.name}: {reason}",
-                    failure=True,
-                    profile=ended.profile,
-                )
-            else:  # handed back or stopped: not a failure
-                await self._requeue(
-                    job_id,
-                    attempt,
-                    AttemptOutcome.RELEASED,
-                    reason,
-                    failure=False,
+                    AttemptOutcome.FAILED if failed else AttemptOutcome.RELEASED,
+                    f"{session.name}: {reason}" if failed else reason,
+                    failure=failed,
                     profile=ended.profile,
                 )
         finally:
@@ -337,13 +323,16 @@ class Attempts(UsesRuntime):
         self, session: NodeSession, active: ActiveAttempt, profile: AttemptProfile
     ) -> None:
         job_id, attempt = active.job_id, active.attempt
-        try:
-            images = active.uploads.complete(active.spec.batch_size)
-        except UploadError as exc:
-            reason = f"{session.name}: {exc}"
+
+        async def failed(reason: str) -> None:
             await self._requeue(
                 job_id, attempt, AttemptOutcome.FAILED, reason, failure=True, profile=profile
             )
+
+        try:
+            images = active.uploads.complete(active.spec.batch_size)
+        except UploadError as exc:
+            await failed(f"{session.name}: {exc}")
             return
         loop = asyncio.get_running_loop()
         stored: list[tuple[ImageInfo, str]] = []
@@ -357,10 +346,7 @@ class Attempts(UsesRuntime):
         except Exception as exc:  # a full disk, a lost database connection
             log.exception("storing the result of %s attempt %d failed", job_id, attempt)
             await loop.run_in_executor(None, self.images.remove, [path for _, path in stored])
-            reason = f"the scheduler could not store the result: {type(exc).__name__}: {exc}"
-            await self._requeue(
-                job_id, attempt, AttemptOutcome.FAILED, reason, failure=True, profile=profile
-            )
+            await failed(f"the scheduler could not store the result: {type(exc).__name__}: {exc}")
             return
         if events is None:  # cancelled meanwhile: the first terminal state won
             await loop.run_in_executor(None, self.images.remove, [path for _, path in stored])
@@ -386,7 +372,7 @@ class Attempts(UsesRuntime):
             active = held.get(job_id)
             if active is not None and active.attempt == before.attempt:
                 active.stopping = True
-                self._send_stop(session, active, reason)
+                self._stop(session, job_id, active.attempt, reason)
         return True
 
     async def fence_hung(self, session: NodeSession, active: ActiveAttempt, reason: str) -> None:
@@ -394,7 +380,7 @@ class Attempts(UsesRuntime):
         told to stop it), and its job re-queued as a failure."""
         log.warning("job %s attempt %d fenced: %s", active.job_id, active.attempt, reason)
         self._held.get(session, {}).pop(active.job_id, None)
-        self._send_stop(session, active, "missed its progress deadline")
+        self._stop(session, active.job_id, active.attempt, "missed its progress deadline")
         await self._requeue(
             active.job_id, active.attempt, AttemptOutcome.FAILED, reason, failure=True
         )
@@ -480,8 +466,9 @@ class Attempts(UsesRuntime):
 
     # ---- the few places that write -------------------------------------------
 
-    def _send_stop(self, session: NodeSession, active: ActiveAttempt, reason: str) -> None:
-        session.send(StopCommand(active.job_id, active.attempt, reason))
+    def _stop(self, session: NodeSession, job_id: str, attempt: int, reason: str) -> None:
+        """The one place a stop is sent."""
+        session.send(StopCommand(job_id, attempt, reason))
 
     def _stop_stale(self, session: NodeSession, job_id: str, attempt: int) -> None:
         told = self._stale.setdefault(session, OrderedDict())
@@ -491,7 +478,7 @@ class Attempts(UsesRuntime):
         while len(told) > STALE_REMEMBERED:
             told.popitem(last=False)
         log.info("node %s reported stale attempt %s/%d; stopping it", session.name, job_id, attempt)
-        session.send(StopCommand(job_id, attempt, "stale attempt: the job has moved on"))
+        self._stop(session, job_id, attempt, "stale attempt: the job has moved on")
 
     async def _requeue(
         self,
