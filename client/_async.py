@@ -46,6 +46,7 @@ from sdmesh.wire import (
     USER_METADATA_KEY,
     Backoff,
     client_channel_options,
+    leader_hint,
     open_channel,
 )
 
@@ -135,7 +136,7 @@ class _Retries:
             self._since = now
         self._failures[address] = rpc_detail(error)
         self._anybody_there = self._anybody_there or not nobody_there(error)
-        client._move_on(address)
+        client._move_on(address, leader_hint(error))
         self._in_pass += 1
         pass_done = self._in_pass >= len(client.addresses)
         if pass_done and not client._reached and not self._anybody_there:
@@ -212,9 +213,14 @@ class AsyncClient:
             self._channels[address] = (channel, scheduler_pb2_grpc.SchedulerStub(channel))
         return self._channels[address][1]
 
-    def _move_on(self, address: str) -> None:
-        """The next address, unless another call has moved on already."""
-        if self.address == address:
+    def _move_on(self, address: str, leader: str = "") -> None:
+        """The address a standby named as the leader's, if it is one of
+        ours; else the next. Unless another call has moved on already."""
+        if self.address != address:
+            return
+        if leader in self.addresses:
+            self._current = self.addresses.index(leader)
+        else:
             self._current = (self._current + 1) % len(self.addresses)
 
     async def _retry_or_raise(

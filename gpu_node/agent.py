@@ -48,6 +48,7 @@ from sdmesh.wire import (
     Backoff,
     agent_channel_options,
     is_standby,
+    leader_hint,
     open_channel,
     package_version,
 )
@@ -269,7 +270,10 @@ class Agent:
                     "scheduler %s: %s: %s", address, exc.code().name, exc.details() or "no details"
                 )
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
-                    position += 1  # down, or a standby: try the next replica
+                    # Down, or a standby: the leader it names if we know
+                    # that address, else the next replica.
+                    leader = leader_hint(exc)
+                    position = addresses.index(leader) if leader in addresses else position + 1
                     if is_standby(exc):
                         backoff.reset()  # a live replica: the leader is near
             if stopping.is_set():

@@ -32,6 +32,7 @@ from harness.processes import free_port
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from sdmesh.convert import spec_request_from_proto, spec_to_proto
 from sdmesh.spec import resolve
+from sdmesh.wire import standby_metadata
 
 Context = aio.ServicerContext[Any, Any]
 STANDBY = "standby replica r2 (127.0.0.1:2): no replica holds the leader lease yet"
@@ -55,16 +56,18 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     """A scheduler replica reduced to what the client's retries can see.
     Records every request by method; a standby answers only GetHealth."""
 
-    def __init__(self, name: str = "leader", *, standby: bool = False) -> None:
+    def __init__(self, name: str = "leader", *, standby: bool = False, leader: str = "") -> None:
         self.name = name
         self.standby = standby
+        self.leader = leader  # the address a standby names as the leader's
         self.requests: dict[str, list[Any]] = {}
         self.jobs: dict[str, scheduler_pb2.Job] = {}  # by request id
 
     async def _enter(self, method: str, request: Any, context: Context) -> None:
         self.requests.setdefault(method, []).append(request)
         if self.standby:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, STANDBY)
+            trailing = standby_metadata(self.leader) if self.leader else ()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, STANDBY, trailing_metadata=trailing)
 
     async def SubmitJob(
         self, request: scheduler_pb2.SubmitJobRequest, context: Context
@@ -201,6 +204,21 @@ def test_a_refused_address_is_skipped_for_the_next() -> None:
             assert address == dead
             assert str(error) == f"scheduler {dead} unreachable: connection refused"
             assert len(leader.requests["ListJobs"]) == 1
+
+    run(scenario())
+
+
+def test_a_standby_that_names_the_leader_sends_the_client_straight_there() -> None:
+    async def scenario() -> None:
+        leader, other = FakeScheduler(), FakeScheduler("other", standby=True)
+        async with serving(leader) as leading, serving(other) as second:
+            standby = FakeScheduler("standby", standby=True, leader=leading)
+            async with serving(standby) as first, AsyncClient([first, second, leading]) as client:
+                assert (await client.get_job("j")).state == "RUNNING"
+                assert client.address == leading
+            # The replica between the two was never asked.
+            assert other.requests == {}
+            assert len(standby.requests["GetJob"]) == 1
 
     run(scenario())
 
