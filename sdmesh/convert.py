@@ -1,9 +1,9 @@
 """The one conversion between the contract's dataclasses and the `common`
 and `agent` protos, used by the scheduler, the agents and the SDK alike.
 
-The job spec converts field by field by name, so a field added to the
-.proto and to `sdmesh.spec` needs no edit here; `tests/test_contract.py`
-checks that every side has every field.
+Dataclasses convert field by field by name (`to_message`, `from_message`),
+so a field added to the .proto and to `sdmesh.spec` needs no edit here;
+`tests/test_contract.py` checks that every side has every field.
 """
 
 from __future__ import annotations
@@ -96,21 +96,6 @@ def memory_mode_from_proto(value: int, field: str = "memory_mode") -> MemoryMode
 # ---- the job spec ------------------------------------------------------------
 
 
-def _spec_message(values: Mapping[str, Any]) -> common_pb2.JobSpec:
-    """A JobSpec message from field values; None leaves a field unset."""
-    message = common_pb2.JobSpec()
-    for name, value in values.items():
-        if value is None:
-            continue
-        if name == "memory_mode":
-            message.memory_mode = memory_mode_to_proto(value)
-        elif isinstance(value, Mapping):
-            getattr(message, name).update(value)
-        else:
-            setattr(message, name, value)
-    return message
-
-
 def _spec_values(message: common_pb2.JobSpec) -> dict[str, Any]:
     """Every field of a JobSpec message by name, None where an optional
     field is unset."""
@@ -130,7 +115,10 @@ def _spec_values(message: common_pb2.JobSpec) -> dict[str, Any]:
 
 
 def spec_request_to_proto(request: SpecRequest) -> common_pb2.JobSpec:
-    return _spec_message({f.name: getattr(request, f.name) for f in fields(SpecRequest)})
+    """Fields left None stay unset, so the scheduler applies its defaults."""
+    return to_message(
+        request, common_pb2.JobSpec, memory_mode=memory_mode_to_proto(request.memory_mode)
+    )
 
 
 def spec_request_from_proto(message: common_pb2.JobSpec) -> SpecRequest:
@@ -139,7 +127,7 @@ def spec_request_from_proto(message: common_pb2.JobSpec) -> SpecRequest:
 
 
 def spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
-    return _spec_message({f.name: getattr(spec, f.name) for f in fields(JobSpec)})
+    return to_message(spec, common_pb2.JobSpec, memory_mode=memory_mode_to_proto(spec.memory_mode))
 
 
 def spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:

@@ -37,8 +37,8 @@ def option(
         "repeat": repeat,
         "choices": choices,
     }
-    if isinstance(default, dict):
-        return field(default_factory=dict, metadata=metadata)
+    if isinstance(default, dict):  # each instance gets its own copy
+        return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
