@@ -193,6 +193,7 @@ def run_mesh(cluster: Any, case: Case, jobs: int) -> tuple[float, list[float]]:
 def start_cluster(root: Path) -> Any:
     from harness.processes import LocalCluster
 
+    root.mkdir(parents=True, exist_ok=True)
     cluster = LocalCluster(root)
     # `sdctl up` runs the scheduler with its default heartbeat; the harness's
     # short test heartbeat comes first on the command line and is overridden.
