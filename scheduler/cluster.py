@@ -109,12 +109,14 @@ class NodeSession:
 class Cluster:
     def __init__(self) -> None:
         self.sessions: dict[str, NodeSession] = {}
+        self.version = 0  # moves on whenever a node connects or disconnects
 
     def connect(self, info: NodeInfo, now: float, *, draining: bool = False) -> NodeSession:
         if info.node_id in self.sessions:
             raise KeyError(info.node_id)
         session = NodeSession(info=info, connected_at=now, last_heard=now, draining=draining)
         self.sessions[info.node_id] = session
+        self.version += 1
         return session
 
     def disconnect(self, session: NodeSession) -> None:
@@ -122,6 +124,7 @@ class Cluster:
         attempts' owner to settle."""
         if self.sessions.get(session.node_id) is session:
             del self.sessions[session.node_id]
+            self.version += 1
         session.close()
 
     def report_stats(

@@ -1,6 +1,7 @@
-"""The dispatcher: takes queued jobs in queue-policy order, asks placement
-where each should go, and has the attempts' owner bind each placed job to
-its GPU.
+"""The dispatcher: takes queued jobs in queue-policy order from the index in
+memory (`scheduler.queue`), asks placement where each should go, and has
+the attempts' owner bind each placed job to its GPU. A pass reads nothing
+from the database and stops as soon as no GPU can take another job.
 
 It runs as one task, so two passes never race each other; the store's
 conditional assign fences it against anything else (a cancel, a second
@@ -11,16 +12,19 @@ what lets a long wait turn into a reservation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import replace
 
 from scheduler.admission import Admission
 from scheduler.attempts import Attempts
 from scheduler.config import RESERVE_AFTER_SECONDS
 from scheduler.domain import Job
-from scheduler.estimator import EstimateBook
+from scheduler.estimator import EstimateBook, Need
 from scheduler.placement import (
     Demand,
     Placed,
+    Planner,
+    Unplaced,
     demand_for,
     plan,
     unresolvable,
@@ -32,6 +36,8 @@ from scheduler.states import JobState
 log = logging.getLogger(__name__)
 
 TICK_SECONDS = 2.0
+# How often the index's queued ids are checked against the store's.
+RESYNC_SECONDS = 60.0
 
 
 def queue_demands(
@@ -75,15 +81,30 @@ class Dispatcher(UsesRuntime):
         self.attempts = attempts
         self.admission = admission
         self.reserve_after_seconds = reserve_after_seconds
-        self.waiting: dict[str, str] = {}  # queued job id -> why it is not placed
+        self.waiting: dict[str, str] = {}  # queued job id -> why the last pass left it
+        self.planner: Planner | None = None  # the last pass, for why the others wait
+        self._demands: dict[str, tuple[tuple[int, int, int], Demand]] = {}
+        self._checked: dict[str, tuple[Need, ...]] = {}  # job id -> needs found resolvable
+        self._resynced = 0.0
 
     def reason_for(self, job: Job) -> str:
         """The job's reason, and for a queued job, why it waits."""
-        why = self.waiting.get(job.id) if job.state is JobState.QUEUED else None
+        why = self._why(job) if job.state is JobState.QUEUED else None
         if why is None:
             return job.reason
         # Keep why it came back to the queue, if it did, and say why it waits.
         return f"{job.reason}; waiting: {why}" if job.reason else f"waiting: {why}"
+
+    def _why(self, job: Job) -> str | None:
+        if job.id in self.waiting:
+            return self.waiting[job.id]
+        if self.planner is None or job.id not in self.queue:
+            return None
+        # Not reached by the last pass: no GPU could take any job by then.
+        decision = self.planner.why(self._demand(job, self.cluster.models(), self.clock()))
+        if isinstance(decision, Unplaced):
+            return decision.reason
+        return "every GPU that could take it is taken by jobs ahead of it in the queue"
 
     async def run(self) -> None:
         while True:
@@ -93,42 +114,102 @@ class Dispatcher(UsesRuntime):
             except Exception:
                 log.exception("dispatch pass failed; retrying on the next wake")
 
+    async def load(self) -> None:
+        """Reads the queue, and the jobs out on GPUs, as this replica starts
+        leading; from then on the index follows what is committed."""
+        queued = await self.db.run(self.db.store.queued_jobs, None, None)
+        active = await self.db.run(self.db.store.active_jobs)
+        self.queue.load(queued, active)
+        self._resynced = self.clock()
+        self.waiting.clear()
+        self.planner = None
+
+    async def _catch_up(self) -> None:
+        """Reads the jobs that came back to the queue without a copy in the
+        index, and, once in a while, checks that no queued job is missing."""
+        unknown = self.queue.take_unknown()
+        now = self.clock()
+        if now - self._resynced >= RESYNC_SECONDS:
+            self._resynced = now
+            missing = await self.db.run(self.db.store.queued_ids) - self.queue.ids()
+            if missing:
+                log.warning("%d queued job(s) were missing from the index", len(missing))
+            unknown |= missing
+        if unknown:
+            for job in await self.db.run(self.db.store.jobs_by_ids, unknown):
+                if job.state is JobState.QUEUED:
+                    self.queue.add(job)
+
+    def _demand(self, job: Job, weights: Mapping[str, int], now: float) -> Demand:
+        """What placement weighs for the job, worked out again only when its
+        attempt, its model's size or the learned estimates changed."""
+        weight = weights.get(job.spec.model, 0)
+        key = (job.attempt, weight, self.estimates.version)
+        cached = self._demands.get(job.id)
+        if cached is None or cached[0] != key:
+            cached = key, demand_for(job.id, job.spec, weight, self.estimates)
+            self._demands[job.id] = cached
+        # Since it last entered the queue: a retry starts its wait afresh.
+        return replace(cached[1], waited_seconds=now - job.updated_at)
+
+    def _forget_gone(self) -> None:
+        if len(self._demands) > 2 * len(self.queue) + 64:
+            self._demands = {k: v for k, v in self._demands.items() if k in self.queue}
+            self._checked = {k: v for k, v in self._checked.items() if k in self.queue}
+
     async def dispatch_once(self) -> int:
-        """One pass over the queue. Returns how many jobs were assigned."""
-        queued = await self.db.run(self.db.store.queued_jobs)
-        by_id = {job.id: job for job in queued}
-        self.waiting = {k: v for k, v in self.waiting.items() if k in by_id}
-        if not queued:
+        """One pass over the queue, as far as GPUs can take jobs. Returns
+        how many jobs were assigned."""
+        await self._catch_up()
+        self._forget_gone()
+        if not len(self.queue):
+            self.waiting, self.planner = {}, None
             return 0
         now = self.clock()
-        decisions = plan(
-            queue_demands(
-                queued, self.cluster.models(), self.attempts.by_owner(), self.estimates, now
-            ),
+        weights = self.cluster.models()
+        planner = Planner(
             self.cluster.gpu_views(now, self.attempts.held_by_node()),
             reserve_after_seconds=self.reserve_after_seconds,
         )
-        assigned = 0
+        jobs: dict[str, Job] = {}
+
+        def demands() -> Iterator[Demand]:
+            for job in self.queue.ordered(self.attempts.by_owner()):
+                jobs[job.id] = job
+                yield self._demand(job, weights, now)
+
+        decisions = plan(demands(), (), planner=planner)
+        self.planner, self.waiting = planner, {}
+        placed: list[tuple[Job, Placed]] = []
         unplaced = []
         for demand, decision in decisions:
-            if not isinstance(decision, Placed):
+            if isinstance(decision, Placed):
+                placed.append((jobs[demand.job_id], decision))
+            else:
                 self.waiting[demand.job_id] = decision.reason
                 unplaced.append(demand)
-                continue
-            self.waiting.pop(demand.job_id, None)
-            if await self.attempts.assign(by_id[demand.job_id], decision):
+        assigned = 0
+        for job, decision in placed:
+            if await self.attempts.assign(job, decision):
                 assigned += 1
+            elif job.id in self.queue:
+                self.queue.recheck(job.id)  # it moved meanwhile: read it again
         if unplaced:
             await self._fail_impossible(unplaced)
         return assigned
 
     async def _fail_impossible(self, unplaced: list[Demand]) -> None:
         """Fails queued jobs no GPU seen recently could ever take. A job can
-        become one after it ran out of memory and its estimate rose."""
+        become one after it ran out of memory and its estimate rose; each
+        job is checked once for each estimate it has."""
+        fresh = [d for d in unplaced if self._checked.get(d.job_id) != d.needs]
+        if not fresh:
+            return
         seen = await self.admission.seen_gpus()
-        for demand in unplaced:
+        for demand in fresh:
             problem = unresolvable(demand, seen)
             if problem is None:
+                self._checked[demand.job_id] = demand.needs
                 continue
             events = await self.db.run(self.db.store.fail, demand.job_id, problem.text)
             if events:

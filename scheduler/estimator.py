@@ -112,10 +112,12 @@ class EstimateBook:
 
     def __init__(self, learned: dict[EstimateKey, LearnedPeak] | None = None) -> None:
         self.learned: dict[EstimateKey, LearnedPeak] = dict(learned or {})
+        self.version = 0  # moves on whenever a figure changes
 
     def replace(self, learned: dict[EstimateKey, LearnedPeak]) -> None:
         """Takes the figures the database holds, which every replica saved to."""
         self.learned = dict(learned)
+        self.version += 1
 
     def need(self, weight_bytes: int, shape: Shape, mode: MemoryMode) -> Need:
         first = first_estimate(weight_bytes, shape, mode)
@@ -144,6 +146,7 @@ class EstimateBook:
         if old is not None and peak_bytes <= old.peak_bytes:
             return None
         self.learned[key] = LearnedPeak(peak_bytes, shape.pixels)
+        self.version += 1
         return self.learned[key]
 
     def learn(
@@ -173,4 +176,5 @@ class EstimateBook:
         old = self.learned.get(key)
         if old is None or raised.peak_bytes > old.peak_bytes:
             self.learned[key] = raised
+            self.version += 1
         return self.learned[key]

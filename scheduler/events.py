@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -84,6 +84,7 @@ class EventHub:
         self._live: dict[str, _Latest] = {}
         self._finished: OrderedDict[str, _Latest] = OrderedDict()
         self._retain_finished = retain_finished
+        self._listeners: list[Callable[[Sequence[JobEvent]], None]] = []
 
     def subscribe(self, job_id: str) -> Subscription:
         subscription = Subscription(self, job_id)
@@ -97,7 +98,15 @@ class EventHub:
             if not subscribers:
                 del self._subscriptions[subscription.job_id]
 
+    def listen(self, listener: Callable[[Sequence[JobEvent]], None]) -> None:
+        """Calls `listener` with every batch of events published, before any
+        watcher sees them (the queue index follows state changes so)."""
+        self._listeners.append(listener)
+
     def publish(self, events: Iterable[JobEvent]) -> None:
+        events = list(events)
+        for listener in self._listeners:
+            listener(events)
         for event in events:
             self._remember(event)
             for subscription in self._subscriptions.get(event.job_id, ()):

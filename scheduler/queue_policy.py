@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import heapq
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -25,29 +25,41 @@ class QueuedJob:
     created_at: float  # its age: a retried job keeps its place
 
 
-def order(jobs: Sequence[QueuedJob], active: Mapping[str, int] | None = None) -> list[QueuedJob]:
-    """The queue in the order placement should consider it. `active` counts
-    each user's assigned and running jobs."""
-    by_priority: dict[int, dict[str, list[QueuedJob]]] = defaultdict(lambda: defaultdict(list))
-    for job in jobs:
-        by_priority[job.priority][job.owner].append(job)
-    ordered: list[QueuedJob] = []
-    for priority in sorted(by_priority, reverse=True):
-        users = by_priority[priority]
-        for queue in users.values():
-            queue.sort(key=lambda job: (job.created_at, job.job_id))
+Lane = Sequence[QueuedJob]  # one user's queued jobs at one priority, oldest first
+
+
+def iter_order(
+    lanes: Mapping[int, Mapping[str, Lane]], active: Mapping[str, int] | None = None
+) -> Iterator[QueuedJob]:
+    """The queue in the order placement should consider it, lazily: a pass
+    that stops after a few jobs pays for those only. `lanes` maps each
+    priority to each user's jobs, each lane sorted by (created_at, job_id);
+    `active` counts each user's assigned and running jobs."""
+    for priority in sorted(lanes, reverse=True):
+        users = {user: lane for user, lane in lanes[priority].items() if lane}
         # (jobs this user has been given so far, its next job's age, its name)
         heap = [
-            ((active or {}).get(user, 0), queue[0].created_at, user, 0)
-            for user, queue in users.items()
+            ((active or {}).get(user, 0), lane[0].created_at, user, 0)
+            for user, lane in users.items()
         ]
         heapq.heapify(heap)
         while heap:
             served, _, user, position = heapq.heappop(heap)
-            queue = users[user]
-            ordered.append(queue[position])
-            if position + 1 < len(queue):
+            lane = users[user]
+            yield lane[position]
+            if position + 1 < len(lane):
                 heapq.heappush(
-                    heap, (served + 1, queue[position + 1].created_at, user, position + 1)
+                    heap, (served + 1, lane[position + 1].created_at, user, position + 1)
                 )
-    return ordered
+
+
+def order(jobs: Sequence[QueuedJob], active: Mapping[str, int] | None = None) -> list[QueuedJob]:
+    """The queue in the order placement should consider it. `active` counts
+    each user's assigned and running jobs."""
+    lanes: dict[int, dict[str, list[QueuedJob]]] = defaultdict(lambda: defaultdict(list))
+    for job in jobs:
+        lanes[job.priority][job.owner].append(job)
+    for users in lanes.values():
+        for lane in users.values():
+            lane.sort(key=lambda job: (job.created_at, job.job_id))
+    return list(iter_order(lanes, active))

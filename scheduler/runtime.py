@@ -1,7 +1,7 @@
 """What the scheduler's parts share while it runs: the store, the picture
 of connected agents, the event hub, the image files, the learned estimates,
-the clock, and the wake-up call that starts a dispatch pass. The server
-builds one; each part takes it whole."""
+the clock, the wake-up call that starts a dispatch pass, and the queue in
+memory. The server builds one; each part takes it whole."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from scheduler.cluster import Cluster
 from scheduler.estimator import EstimateBook
 from scheduler.events import EventHub
 from scheduler.images import ImageStore
+from scheduler.queue import QueueIndex
 from scheduler.store import Database
 from sdmesh.waiting import wait_event
 
@@ -42,6 +43,10 @@ class Runtime:
     clock: Callable[[], float]
     estimates: EstimateBook
     wake: Wakeup = field(default_factory=Wakeup)
+    queue: QueueIndex = field(default_factory=QueueIndex)
+
+    def __post_init__(self) -> None:
+        self.hub.listen(self.queue.observe)
 
 
 class UsesRuntime:
@@ -56,3 +61,4 @@ class UsesRuntime:
         self.clock = runtime.clock
         self.estimates = runtime.estimates
         self.wake = runtime.wake
+        self.queue = runtime.queue

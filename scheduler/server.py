@@ -132,6 +132,7 @@ class SchedulerServer:
         self.runtime.estimates.replace(await self.db.run(self.db.store.estimates.load))
         deadline = self.clock() + 2 * self.config.lease_seconds + AGENT_MAX_BACKOFF_SECONDS
         await self.attempts.recover(deadline)
+        await self.dispatcher.load()
         self._leading = [
             asyncio.create_task(self.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(self.supervisor.run(), name="liveness"),
@@ -152,6 +153,7 @@ class SchedulerServer:
         await self.gateway.drain_background()
         self.attempts.release_all()
         self.dispatcher.waiting.clear()
+        self.dispatcher.planner = None
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._stopped:

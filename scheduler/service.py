@@ -102,7 +102,9 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.SubmitJobResponse:
         spec = spec_request_from_proto(request.spec)
         job, created = await self.admission.submit(spec, current_principal().user)
-        return scheduler_pb2.SubmitJobResponse(job=self._job_message(job), created=created)
+        # A job just queued has not met a dispatch pass yet: no why to tell.
+        message = job_to_proto(job, progress=self.hub.progress_of(job), reason=job.reason)
+        return scheduler_pb2.SubmitJobResponse(job=message, created=created)
 
     async def GetJob(
         self, request: scheduler_pb2.GetJobRequest, context: Context

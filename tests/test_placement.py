@@ -13,6 +13,7 @@ from scheduler.placement import (
     Decision,
     GpuView,
     Placed,
+    Planner,
     Reason,
     Rejection,
     Reserved,
@@ -191,17 +192,19 @@ def test_an_unplaced_job_gets_a_summary_with_numbers() -> None:
 
 def test_plan_charges_each_placement_before_the_next() -> None:
     # One 24 GiB GPU with two slots: 10 + 10 fit, the third job finds it busy.
+    # The pass stops there: nothing else can be placed, and why the third
+    # waits is worked out against the views the pass left.
     gpu = make_gpu("a", free_gib=24)
+    planner = Planner([gpu])
+    third = make_demand("j3", vram_gib=1)
     decisions = plan(
-        [
-            make_demand("j1", vram_gib=10),
-            make_demand("j2", vram_gib=10),
-            make_demand("j3", vram_gib=1),
-        ],
+        [make_demand("j1", vram_gib=10), make_demand("j2", vram_gib=10), third],
         [gpu],
+        planner=planner,
     )
-    assert [type(d).__name__ for _, d in decisions] == ["Placed", "Placed", "Unplaced"]
-    assert reason(decisions[2][1]) == ("0/1 GPUs: 1 busy (2 jobs)")
+    assert [type(d).__name__ for _, d in decisions] == ["Placed", "Placed"]
+    assert not planner.open
+    assert reason(planner.why(third)) == ("0/1 GPUs: 1 busy (2 jobs)")
     # A worker runs one job at a time, so the job bound second gets the
     # whole 24 GiB when its turn comes, not 24 - 20 = 4.
     decisions = plan([make_demand("j1", vram_gib=20), make_demand("j2", vram_gib=20)], [gpu])
@@ -305,3 +308,29 @@ def test_a_job_never_waits_for_a_gpu_it_could_have_now() -> None:
     [(_, decision)] = plan([make_demand(vram_gib=1.9, work=10.0)], [tight, roomy])
     assert isinstance(decision, Placed)
     assert decision.gpu.node_id == "tight"
+
+
+def test_a_large_cluster_scores_a_rotating_sample() -> None:
+    # 600 idle GPUs: each decision scores 256 of them (SAMPLE_AT_LEAST), and
+    # the next decision's sample starts where the last one ended.
+    gpus = [make_gpu(f"n{i:03d}") for i in range(600)]
+    planner = Planner(gpus)
+    first = planner.decide(make_demand("j1"))
+    second = planner.decide(make_demand("j2"))
+    assert isinstance(first, Placed) and isinstance(second, Placed)
+    assert first.explanation.endswith("256/600 GPUs fit")
+    assert first.gpu.node_id < "n256" <= second.gpu.node_id
+    # A job only the last GPU can take is still found outside the sample.
+    only_last = [*gpus[:-1], make_gpu("n599", models=("rare",))]
+    decision = Planner(only_last).decide(make_demand("j3", model="rare"))
+    assert isinstance(decision, Placed) and decision.gpu.node_id == "n599"
+
+
+def test_alike_jobs_that_fit_nowhere_share_one_verdict() -> None:
+    planner = Planner([make_gpu("a", free_gib=4, total_gib=4)])
+    first = planner.decide(make_demand("j1", vram_gib=8))
+    assert isinstance(first, Unplaced)
+    assert planner.decide(make_demand("j2", vram_gib=8)) is first
+    # A placement changes the views, and with them the verdict.
+    assert isinstance(planner.decide(make_demand("small", vram_gib=1)), Placed)
+    assert planner.decide(make_demand("j3", vram_gib=8)) is not first

@@ -4,14 +4,8 @@ say why not (with numbers), then weighted 0-100 scores."""
 
 from scheduler.placement.demand import allowed_modes, demand_for, shape_of
 from scheduler.placement.filters import FILTERS, fitting_need, rejection, selector_mismatch
-from scheduler.placement.planner import (
-    SeenGpu,
-    Unresolvable,
-    place,
-    plan,
-    summarize,
-    unresolvable,
-)
+from scheduler.placement.planner import Planner, place, plan, summarize
+from scheduler.placement.resolvable import SeenGpu, Unresolvable, unresolvable
 from scheduler.placement.scores import WEIGHTS
 from scheduler.placement.views import (
     DEVICE_RESERVE_BYTES,
@@ -35,6 +29,7 @@ __all__ = [
     "Demand",
     "GpuView",
     "Placed",
+    "Planner",
     "Reason",
     "Rejection",
     "Reserved",

@@ -1,27 +1,34 @@
 """Where each queued job goes in this pass: filter, score, pick; charge the
 pick to its GPU before the next job; hold a GPU for a job that has waited
-too long; and tell, at submit, whether a job could ever run at all.
+too long.
 
-Pure functions over snapshots: no I/O and no clock.
+A pass costs what it can change, not what exists:
+- it stops as soon as no GPU can take another job (every slot bound or
+  held): the jobs behind cannot be placed this pass, and why each waits is
+  worked out when someone asks (`Planner.why`);
+- it scores only GPUs with a free slot, and in a large cluster only a
+  bounded, rotating sample of them (Kubernetes' `percentageOfNodesToScore`);
+- a job that cannot be placed is remembered by its shape until some GPU's
+  view changes, so a queue of a thousand alike jobs costs one evaluation;
+- speeds are compared through one `SpeedModel` per pass.
+
+Pure code over snapshots: no I/O and no clock.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
 from scheduler.config import RESERVE_AFTER_SECONDS
 from scheduler.estimator import format_bytes
-from scheduler.placement.filters import (
-    STATIC_FILTERS,
-    fitting_need,
-    rejection,
-    selector_mismatch,
-)
+from scheduler.placement.filters import STATIC_FILTERS, fitting_need, rejection
 from scheduler.placement.scores import Candidate, candidate, combine, scores
+from scheduler.placement.timing import SpeedModel, run_seconds
 from scheduler.placement.views import (
-    DEVICE_RESERVE_BYTES,
+    MAX_ACTIVE_PER_GPU,
     Decision,
     Demand,
     GpuView,
@@ -31,11 +38,16 @@ from scheduler.placement.views import (
     Unplaced,
 )
 from sdmesh.spec import MemoryMode
-from sdmesh.speeds import Speed
 
 # A job waits for a busy GPU when it would finish there in at most this
 # share of the time a free GPU would take.
 PATIENCE = 0.8
+# In a cluster larger than this, a decision scores a sample of the GPUs that
+# can take the job now: at least this many, or SAMPLE_SHARE of them. The
+# sample rotates, so every GPU is looked at in turn. bench/scale.py
+# measures what it costs in placement quality.
+SAMPLE_AT_LEAST = 256
+SAMPLE_SHARE = 0.05
 
 
 def summarize(total: int, rejections: Sequence[Rejection]) -> str:
@@ -51,16 +63,23 @@ def summarize(total: int, rejections: Sequence[Rejection]) -> str:
     return f"0/{total} GPUs: " + ", ".join(parts)
 
 
-def _known_speeds(gpus: Iterable[GpuView]) -> dict[str, Mapping[str, Speed]]:
-    return {gpu.key: gpu.speeds for gpu in gpus}
+def speed_model(gpus: Iterable[GpuView]) -> SpeedModel:
+    return SpeedModel({gpu.key: gpu.speeds for gpu in gpus})
 
 
 def place(
-    demand: Demand, gpus: Sequence[GpuView], every_gpu: Sequence[GpuView] | None = None
+    demand: Demand,
+    gpus: Sequence[GpuView],
+    every_gpu: Sequence[GpuView] | None = None,
+    *,
+    speeds: SpeedModel | None = None,
+    total: int | None = None,
 ) -> Decision:
     """The best GPU among `gpus` for the job. `every_gpu` (default: `gpus`)
-    is what speeds are compared across."""
-    known = _known_speeds(every_gpu if every_gpu is not None else gpus)
+    is what speeds are compared across; `total`, how many GPUs the
+    explanation says were considered."""
+    if speeds is None:
+        speeds = speed_model(every_gpu if every_gpu is not None else gpus)
     options: list[Candidate] = []
     rejections: list[Rejection] = []
     for gpu in gpus:
@@ -70,7 +89,7 @@ def place(
             continue
         need = fitting_need(demand, gpu)
         assert need is not None  # memory_fits passed
-        options.append(candidate(demand, gpu, need, known))
+        options.append(candidate(demand, gpu, need, speeds))
     if not options:
         return Unplaced(summarize(len(gpus), rejections), tuple(rejections))
     best_finish = min(option.finish_seconds for option in options)
@@ -87,31 +106,45 @@ def place(
         f"fit {parts['fit']:.0f}, utilization {parts['utilization']:.0f}); "
         f"needs {format_bytes(need.vram_bytes)} of {format_bytes(gpu.room_bytes)} free"
         f"{' (learned)' if need.learned else ''}; expected {chosen.run_seconds:.1f}s "
-        f"after {gpu.busy_seconds:.1f}s of bound work; {len(options)}/{len(gpus)} GPUs fit"
+        f"after {gpu.busy_seconds:.1f}s of bound work; "
+        f"{len(options)}/{len(gpus) if total is None else total} GPUs fit"
     )
     return Placed(gpu, need, chosen.run_seconds, score, explanation)
 
 
-def _later(
-    demand: Demand, gpu: GpuView, known: Mapping[str, Mapping[str, Speed]]
-) -> Candidate | None:
+def _later(demand: Demand, gpu: GpuView, speeds: SpeedModel) -> Candidate | None:
     """The job on this GPU once the work bound to it is done, if it would
     fit then: finishing after that work, in the best mode that fits."""
     if rejection(demand, gpu, STATIC_FILTERS) is not None:
         return None
     need = fitting_need(demand, gpu)
-    return None if need is None else candidate(demand, gpu, need, known)
+    return None if need is None else candidate(demand, gpu, need, speeds)
 
 
 def _soonest_later(
-    demand: Demand, gpus: Iterable[GpuView], known: Mapping[str, Mapping[str, Speed]]
+    demand: Demand, gpus: Iterable[GpuView], speeds: SpeedModel, before: float = math.inf
 ) -> Candidate | None:
-    options = [option for gpu in gpus if (option := _later(demand, gpu, known)) is not None]
-    return min(
-        options,
-        key=lambda o: (o.finish_seconds, o.gpu.node_id, o.gpu.index),
-        default=None,
-    )
+    """The GPU that would finish the job soonest after its bound work,
+    among those that could finish it within `before` seconds."""
+    best: Candidate | None = None
+    for gpu in gpus:
+        # Its bound work plus the job at full speed, with no load: no GPU
+        # finishes sooner than that, so most are ruled out here.
+        floor = gpu.busy_seconds + run_seconds(
+            demand.work, speeds.speed(gpu.key, demand.model), MemoryMode.FULL
+        )
+        if floor > before:
+            continue
+        option = _later(demand, gpu, speeds)
+        if option is None or option.finish_seconds > before:
+            continue
+        if best is None or (option.finish_seconds, gpu.node_id, gpu.index) < (
+            best.finish_seconds,
+            best.gpu.node_id,
+            best.gpu.index,
+        ):
+            best = option
+    return best
 
 
 def _charge(gpu: GpuView, demand: Demand, placed: Placed) -> GpuView:
@@ -127,14 +160,26 @@ def _charge(gpu: GpuView, demand: Demand, placed: Placed) -> GpuView:
     )
 
 
-def plan(
-    demands: Sequence[Demand],
-    gpus: Sequence[GpuView],
-    *,
-    reserve_after_seconds: float = RESERVE_AFTER_SECONDS,
-) -> list[tuple[Demand, Decision]]:
-    """Places jobs in queue order, charging each placement to its GPU's view
-    before the next job is considered.
+def _takes_now(gpu: GpuView) -> bool:
+    return gpu.healthy and not gpu.draining and gpu.active_jobs < MAX_ACTIVE_PER_GPU
+
+
+def sample_size(count: int) -> int:
+    """How many GPUs that can take a job now one decision scores."""
+    return max(SAMPLE_AT_LEAST, math.ceil(count * SAMPLE_SHARE))
+
+
+Shape = tuple[object, ...]
+
+
+def _shape(demand: Demand) -> Shape:
+    """What a job's feasibility depends on: alike jobs share one verdict."""
+    return (demand.model, demand.needs, tuple(sorted(demand.selector.items())))
+
+
+class Planner:
+    """One pass: places jobs in queue order against one snapshot, charging
+    each placement to its GPU's view before the next job is considered.
 
     A job also stays queued when a GPU that is busy now would still finish
     it sooner than any free one (an SDXL job waits for the 24 GiB card rather
@@ -144,84 +189,128 @@ def plan(
     A job that fits nowhere does not hold up the ones behind it, unless it
     has waited `reserve_after_seconds`: then the GPU that would finish it
     soonest is held for it."""
-    views = {gpu.key: gpu for gpu in gpus}
-    held: set[str] = set()
-    decisions: list[tuple[Demand, Decision]] = []
-    for demand in demands:
-        every = list(views.values())
-        open_gpus = [view for key, view in views.items() if key not in held]
-        decision = place(demand, open_gpus, every)
-        known = _known_speeds(every)
+
+    def __init__(
+        self, gpus: Sequence[GpuView], *, reserve_after_seconds: float = RESERVE_AFTER_SECONDS
+    ) -> None:
+        self.reserve_after_seconds = reserve_after_seconds
+        self.views = {gpu.key: gpu for gpu in gpus}
+        self.speeds = speed_model(gpus)
+        self.held: set[str] = set()
+        self._taking = [key for key, gpu in self.views.items() if _takes_now(gpu)]
+        self._cursor = 0  # where the next sample starts
+        self._later_cursor = 0
+        self._unplaced: dict[Shape, Unplaced] = {}  # until a view changes
+        self._why: dict[Shape, Decision] = {}  # likewise
+
+    @property
+    def open(self) -> bool:
+        """Whether any GPU could take a job now."""
+        return bool(self._taking)
+
+    def _update(self, gpu: GpuView) -> None:
+        self.views[gpu.key] = gpu
+        self._unplaced.clear()
+        self._why.clear()
+        if not _takes_now(gpu) and gpu.key in self._taking:
+            self._taking.remove(gpu.key)
+
+    def _hold(self, gpu: GpuView) -> None:
+        self.held.add(gpu.key)
+        self._unplaced.clear()
+        self._why.clear()
+        if gpu.key in self._taking:
+            self._taking.remove(gpu.key)
+
+    def _sample(self) -> list[GpuView]:
+        """The GPUs with a free slot this decision scores."""
+        keys, size = self._taking, sample_size(len(self._taking))
+        if len(keys) <= size:
+            return [self.views[key] for key in keys]
+        start = self._cursor % len(keys)
+        self._cursor = start + size
+        picked = keys[start : start + size] + keys[: max(0, start + size - len(keys))]
+        return [self.views[key] for key in picked]
+
+    def _busy_sample(self) -> list[GpuView]:
+        """GPUs that cannot take a job now, for the check that waiting for
+        one would be better: all of them, or a rotating sample."""
+        busy = [
+            gpu
+            for key, gpu in self.views.items()
+            if key not in self.held and not _takes_now(gpu) and gpu.healthy and not gpu.draining
+        ]
+        size = sample_size(len(busy))
+        if len(busy) <= size:
+            return busy
+        start = self._later_cursor % len(busy)
+        self._later_cursor = start + size
+        return busy[start : start + size] + busy[: max(0, start + size - len(busy))]
+
+    def why(self, demand: Demand) -> Decision:
+        """Why a job waits, against the views as the pass left them; for a
+        job the pass did not reach."""
+        shape = _shape(demand)
+        if shape not in self._why:
+            unheld = [gpu for key, gpu in self.views.items() if key not in self.held]
+            self._why[shape] = place(demand, unheld, speeds=self.speeds)
+        return self._why[shape]
+
+    def decide(self, demand: Demand) -> Decision:
+        remembered = self._unplaced.get(_shape(demand))
+        if remembered is not None:
+            return self._unplaced_or_held(demand, remembered)
+        sample = self._sample()
+        decision = place(demand, sample, speeds=self.speeds, total=len(self.views))
+        if not isinstance(decision, Placed) and len(sample) < len(self._taking):
+            # Nothing in the sample fits: look at every GPU that could.
+            taking = [self.views[key] for key in self._taking]
+            decision = place(demand, taking, speeds=self.speeds, total=len(self.views))
         if isinstance(decision, Placed):
-            # Only GPUs that cannot take it now: one that can was a candidate.
-            busy = (v for v in open_gpus if rejection(demand, v) is not None)
-            later = _soonest_later(demand, busy, known)
             now_finish = decision.gpu.busy_seconds + decision.expected_seconds
-            if later is not None and later.finish_seconds <= PATIENCE * now_finish:
+            later = _soonest_later(
+                demand, self._busy_sample(), self.speeds, before=PATIENCE * now_finish
+            )
+            if later is not None:
                 gpu = later.gpu
-                views[gpu.key] = replace(gpu, busy_seconds=gpu.busy_seconds + later.run_seconds)
-                decision = Unplaced(
+                self._update(replace(gpu, busy_seconds=gpu.busy_seconds + later.run_seconds))
+                return Unplaced(
                     f"waiting for {gpu.name}: expected to finish there in "
                     f"{later.finish_seconds:.0f}s, against {now_finish:.0f}s on "
                     f"{decision.gpu.name} now"
                 )
-            else:
-                views[decision.gpu.key] = _charge(decision.gpu, demand, decision)
-        elif demand.waited_seconds >= reserve_after_seconds:
-            later = _soonest_later(demand, open_gpus, known)
+            self._update(_charge(decision.gpu, demand, decision))
+            return decision
+        # Say why against every GPU not held, as people read it.
+        unplaced = self.why(demand)
+        assert isinstance(unplaced, Unplaced)
+        self._unplaced[_shape(demand)] = unplaced
+        return self._unplaced_or_held(demand, unplaced)
+
+    def _unplaced_or_held(self, demand: Demand, unplaced: Unplaced) -> Decision:
+        if demand.waited_seconds >= self.reserve_after_seconds:
+            open_gpus = [gpu for key, gpu in self.views.items() if key not in self.held]
+            later = _soonest_later(demand, open_gpus, self.speeds)
             if later is not None:
-                held.add(later.gpu.key)
-                assert isinstance(decision, Unplaced)
-                decision = Reserved(
-                    later.gpu, f"{decision.reason}; holding {later.gpu.name} for it"
-                )
-        decisions.append((demand, decision))
+                self._hold(later.gpu)
+                return Reserved(later.gpu, f"{unplaced.reason}; holding {later.gpu.name} for it")
+        return unplaced
+
+
+def plan(
+    demands: Iterable[Demand],
+    gpus: Sequence[GpuView],
+    *,
+    reserve_after_seconds: float = RESERVE_AFTER_SECONDS,
+    planner: Planner | None = None,
+) -> list[tuple[Demand, Decision]]:
+    """Decides jobs in queue order until no GPU can take another (see
+    `Planner`); the jobs after that get no decision this pass."""
+    if planner is None:
+        planner = Planner(gpus, reserve_after_seconds=reserve_after_seconds)
+    decisions: list[tuple[Demand, Decision]] = []
+    for demand in demands:
+        if not planner.open:
+            break
+        decisions.append((demand, planner.decide(demand)))
     return decisions
-
-
-@dataclass(frozen=True)
-class SeenGpu:
-    """A GPU some node reported within the node memory window."""
-
-    node_name: str
-    index: int
-    total_bytes: int
-    labels: Mapping[str, str]
-
-
-@dataclass(frozen=True)
-class Unresolvable:
-    """A job no GPU seen recently could ever take: it needs `needed_bytes`
-    even in its smallest memory mode `mode`, and the biggest GPU that
-    matches its selector has `biggest.total_bytes`."""
-
-    needed_bytes: int
-    mode: MemoryMode
-    allowed: tuple[MemoryMode, ...]
-    biggest: SeenGpu
-
-    @property
-    def text(self) -> str:
-        modes = ", ".join(mode.value for mode in self.allowed)
-        gpu = self.biggest
-        return (
-            f"fits no GPU seen recently: needs at least {format_bytes(self.needed_bytes)} "
-            f"({self.mode.value}; allowed modes: {modes}), and the biggest GPU is "
-            f"{gpu.node_name} gpu {gpu.index} with {format_bytes(gpu.total_bytes)}"
-        )
-
-
-def unresolvable(demand: Demand, seen: Sequence[SeenGpu]) -> Unresolvable | None:
-    """Why the job can never run on any GPU seen recently, or None when some
-    GPU could take it (or none has been seen, or none matches its selector
-    yet: a dedicated pool may simply not have started)."""
-    matching = [gpu for gpu in seen if selector_mismatch(demand.selector, gpu.labels) is None]
-    if not matching:
-        return None
-    smallest = min(demand.needs, key=lambda need: need.vram_bytes)
-    if any(smallest.vram_bytes <= gpu.total_bytes - DEVICE_RESERVE_BYTES for gpu in matching):
-        return None
-    biggest = max(matching, key=lambda gpu: (gpu.total_bytes, gpu.node_name, -gpu.index))
-    return Unresolvable(
-        smallest.vram_bytes, smallest.mode, tuple(need.mode for need in demand.needs), biggest
-    )

@@ -16,9 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from scheduler.estimator import Need
-from scheduler.placement.timing import expected_speed, load_seconds, run_seconds
+from scheduler.placement.timing import SpeedModel, load_seconds, run_seconds
 from scheduler.placement.views import Demand, GpuView
-from sdmesh.speeds import Speed
 
 WEIGHTS = {"finish": 5.0, "resident": 2.0, "fit": 1.0, "utilization": 1.0}
 
@@ -31,11 +30,8 @@ class Candidate:
     finish_seconds: float  # after the work already bound there
 
 
-def candidate(
-    demand: Demand, gpu: GpuView, need: Need, known: Mapping[str, Mapping[str, Speed]]
-) -> Candidate:
-    speed = expected_speed(gpu.key, demand.model, known)
-    seconds = run_seconds(demand.work, speed, need.mode)
+def candidate(demand: Demand, gpu: GpuView, need: Need, speeds: SpeedModel) -> Candidate:
+    seconds = run_seconds(demand.work, speeds.speed(gpu.key, demand.model), need.mode)
     if demand.model not in gpu.resident:
         seconds += load_seconds(gpu.speeds, demand.model, demand.weight_bytes)
     return Candidate(gpu, need, seconds, gpu.busy_seconds + seconds)

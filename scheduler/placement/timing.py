@@ -24,25 +24,52 @@ DEFAULT_SPEED = 1.0  # megapixel-steps/s, when nothing at all is known yet
 LOAD_BYTES_PER_SECOND = 1.0 * 2**30  # a cold load's guess: 1 GiB/s from disk
 
 
+class SpeedModel:
+    """Expected speeds over one snapshot of the cluster's measured speeds.
+    Each model's mean and each device's factor are worked out once, when
+    first asked for, so a placement pass costs what it asks, not GPUs x
+    GPUs. `known` maps each device to its measured speeds."""
+
+    def __init__(self, known: Mapping[str, Mapping[str, Speed]]) -> None:
+        self.known = known
+        self._means: dict[str, float | None] = {}
+        self._factors: dict[str, float] = {}
+
+    def model_mean(self, model: str) -> float | None:
+        if model not in self._means:
+            found = [
+                speeds[model].megapixel_steps_per_second
+                for speeds in self.known.values()
+                if model in speeds
+            ]
+            self._means[model] = sum(found) / len(found) if found else None
+        return self._means[model]
+
+    def device_factor(self, device: str) -> float:
+        """How this device compares with the others, on the models it ran."""
+        if device not in self._factors:
+            ratios = []
+            for name, speed in self.known.get(device, {}).items():
+                mean = self.model_mean(name)
+                if mean:
+                    ratios.append(speed.megapixel_steps_per_second / mean)
+            self._factors[device] = sum(ratios) / len(ratios) if ratios else 1.0
+        return self._factors[device]
+
+    def speed(self, device: str, model: str) -> float:
+        """Megapixel-steps/s of `model` on `device`. Unmeasured: the
+        model's mean over devices, scaled by how this device compares with
+        others on models both have run."""
+        mine = self.known.get(device)
+        if mine is not None and model in mine:
+            return mine[model].megapixel_steps_per_second
+        mean = self.model_mean(model)
+        return (DEFAULT_SPEED if mean is None else mean) * self.device_factor(device)
+
+
 def expected_speed(device: str, model: str, known: Mapping[str, Mapping[str, Speed]]) -> float:
-    """Megapixel-steps/s of `model` on `device`. `known` maps each device to
-    its measured speeds. Unmeasured: the model's mean over devices, scaled by
-    how this device compares with others on models both have run."""
-    mine = known.get(device, {})
-    if model in mine:
-        return mine[model].megapixel_steps_per_second
-    others = [
-        speeds[model].megapixel_steps_per_second for speeds in known.values() if model in speeds
-    ]
-    model_mean = sum(others) / len(others) if others else None
-    ratios = []
-    for name, speed in mine.items():
-        peers = [s[name].megapixel_steps_per_second for s in known.values() if name in s]
-        ratios.append(speed.megapixel_steps_per_second / (sum(peers) / len(peers)))
-    device_factor = sum(ratios) / len(ratios) if ratios else 1.0
-    if model_mean is not None:
-        return model_mean * device_factor
-    return DEFAULT_SPEED * device_factor
+    """Megapixel-steps/s of `model` on `device` (see `SpeedModel`)."""
+    return SpeedModel(known).speed(device, model)
 
 
 def run_seconds(work_megapixel_steps: float, speed: float, mode: MemoryMode) -> float:

@@ -1,7 +1,8 @@
 """The job store: jobs, their attempts, events and images.
 
 The `scheduler.store` package is the only place that opens database
-connections: this module for jobs, `nodes` for remembered nodes and models,
+connections: this module (with `reads`) for jobs, `nodes` for remembered
+nodes and models,
 `estimates` for learned VRAM figures, `leader` for the lease and the fence.
 
 Every state change is one conditional UPDATE built from the state machine
@@ -18,30 +19,57 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
 
-from scheduler.domain import AttemptRecord, EventBody, Job, JobEvent, StateChange
+from scheduler.domain import EventBody, Job, JobEvent, StateChange
 from scheduler.states import ACTIVE, JobState, sources
 from scheduler.store.engine import create_engine, migrate
 from scheduler.store.estimates import EstimateRegistry
 from scheduler.store.leader import Fence
 from scheduler.store.nodes import NodeRegistry
+from scheduler.store.reads import JobReads
 from scheduler.store.rows import (
-    attempt_from_row,
-    event_from_row,
     event_row,
-    image_from_row,
-    job_from_row,
 )
 from scheduler.store.schema import attempts, images, job_events, jobs
 from sdmesh.domain import AttemptOutcome, AttemptProfile, ImageInfo
 from sdmesh.spec import JobSpec, MemoryMode
 
 
-class Store:
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    owner: str
+    spec: JobSpec
+    max_attempts: int
+
+
+def _job_row(job: Job) -> dict[str, Any]:
+    spec = job.spec
+    return {
+        "id": job.id,
+        "owner": job.owner,
+        "state": job.state.value,
+        "priority": spec.priority,
+        "model": spec.model,
+        "spec": spec.to_dict(),
+        "request_id": spec.request_id or None,
+        "attempt": job.attempt,
+        "failures": job.failures,
+        "max_attempts": job.max_attempts,
+        "memory_mode": spec.memory_mode.value,
+        "reason": job.reason,
+        "last_seq": 1,
+        "created_at": job.created_at,
+        "updated_at": job.updated_at,
+    }
+
+
+class Store(JobReads):
     def __init__(self, url: str, *, clock: Callable[[], float] = time.time) -> None:
         self.url = url
         self.engine = create_engine(url)
@@ -57,162 +85,67 @@ class Store:
     def close(self) -> None:
         self.engine.dispose()
 
-    # ---- reads -------------------------------------------------------
-
-    def _jobs(self, conn: sa.Connection, rows: Sequence[sa.Row[Any]]) -> list[Job]:
-        ids = [row.id for row in rows]
-        by_job: dict[str, list[ImageInfo]] = {job_id: [] for job_id in ids}
-        if ids:
-            for image in conn.execute(
-                sa.select(images).where(images.c.job_id.in_(ids)).order_by(images.c.idx)
-            ):
-                by_job[image.job_id].append(image_from_row(image))
-        return [job_from_row(row, by_job[row.id]) for row in rows]
-
-    def get_job(self, job_id: str) -> Job | None:
-        with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).all()
-            found = self._jobs(conn, rows)
-        return found[0] if found else None
-
-    def list_jobs(
-        self,
-        *,
-        states: Iterable[JobState] = (),
-        owner: str = "",
-        limit: int = 50,
-        before: tuple[float, str] | None = None,
-    ) -> list[Job]:
-        """Newest first. `before` is the (created_at, id) of the last job of the
-        previous page."""
-        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
-        wanted = [state.value for state in states]
-        if wanted:
-            query = query.where(jobs.c.state.in_(wanted))
-        if owner:
-            query = query.where(jobs.c.owner == owner)
-        if before is not None:
-            created_at, job_id = before
-            query = query.where(
-                sa.or_(
-                    jobs.c.created_at < created_at,
-                    sa.and_(jobs.c.created_at == created_at, jobs.c.id < job_id),
-                )
-            )
-        with self.engine.connect() as conn:
-            return self._jobs(conn, conn.execute(query).all())
-
-    def queued_jobs(self, per_user: int = 200, limit: int = 5000) -> list[Job]:
-        """The head of each user's queue (by priority, then age), so that one
-        user's backlog never hides another user's jobs from the queue policy,
-        which orders them."""
-        rank = (
-            sa.func.row_number()
-            .over(
-                partition_by=jobs.c.owner,
-                order_by=(jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id),
-            )
-            .label("rank_in_user")
-        )
-        heads = sa.select(jobs, rank).where(jobs.c.state == JobState.QUEUED.value).subquery()
-        query = (
-            sa.select(*(heads.c[column.name] for column in jobs.columns))
-            .where(heads.c.rank_in_user <= per_user)
-            .order_by(heads.c.priority.desc(), heads.c.created_at, heads.c.id)
-            .limit(limit)
-        )
-        with self.engine.connect() as conn:
-            return self._jobs(conn, conn.execute(query).all())
-
-    def active_jobs(self) -> list[Job]:
-        query = sa.select(jobs).where(jobs.c.state.in_([state.value for state in ACTIVE]))
-        with self.engine.connect() as conn:
-            return self._jobs(conn, conn.execute(query).all())
-
-    def active_attempts(self) -> list[tuple[Job, AttemptRecord]]:
-        """Assigned and running jobs, each with its current attempt."""
-        query = (
-            sa.select(attempts)
-            .join(
-                jobs, sa.and_(jobs.c.id == attempts.c.job_id, jobs.c.attempt == attempts.c.attempt)
-            )
-            .where(jobs.c.state.in_([state.value for state in ACTIVE]))
-        )
-        with self.engine.connect() as conn:
-            records = {row.job_id: attempt_from_row(row) for row in conn.execute(query)}
-        return [(job, records[job.id]) for job in self.active_jobs() if job.id in records]
-
-    def events_after(self, job_id: str, after_seq: int) -> list[JobEvent]:
-        query = (
-            sa.select(job_events)
-            .where(job_events.c.job_id == job_id, job_events.c.seq > after_seq)
-            .order_by(job_events.c.seq)
-        )
-        with self.engine.connect() as conn:
-            return [event_from_row(row) for row in conn.execute(query)]
-
-    def image(self, job_id: str, index: int) -> tuple[ImageInfo, str] | None:
-        query = sa.select(images).where(images.c.job_id == job_id, images.c.idx == index)
-        with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-        return None if row is None else (image_from_row(row), row.path)
-
-    def attempts(self, job_id: str) -> list[AttemptRecord]:
-        query = sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)
-        with self.engine.connect() as conn:
-            return [attempt_from_row(row) for row in conn.execute(query)]
-
     # ---- writes ------------------------------------------------------
 
     def submit(self, job_id: str, owner: str, spec: JobSpec, max_attempts: int) -> tuple[Job, bool]:
         """Stores a new QUEUED job with its first event. With a request id
         already used by this owner, returns that job and False instead."""
-        if spec.request_id:
-            existing = self._by_request_id(owner, spec.request_id)
-            if existing is not None:
-                return existing, False
-        now = self.clock()
-        try:
-            with self.fence.begin() as conn:
-                conn.execute(
-                    sa.insert(jobs).values(
-                        id=job_id,
-                        owner=owner,
-                        state=JobState.QUEUED.value,
-                        priority=spec.priority,
-                        model=spec.model,
-                        spec=spec.to_dict(),
-                        request_id=spec.request_id or None,
-                        attempt=0,
-                        failures=0,
-                        max_attempts=max_attempts,
-                        memory_mode=spec.memory_mode.value,
-                        reason="",
-                        last_seq=1,
-                        created_at=now,
-                        updated_at=now,
-                    )
-                )
-                conn.execute(
-                    sa.insert(job_events).values(
-                        event_row(job_id, 1, 0, now, StateChange(JobState.QUEUED))
-                    )
-                )
-        except IntegrityError:
-            # Two submits with one request id raced; the other one committed.
-            existing = self._by_request_id(owner, spec.request_id) if spec.request_id else None
-            if existing is None:
-                raise
-            return existing, False
-        job = self.get_job(job_id)
-        assert job is not None
-        return job, True
+        return self.submit_many([Submission(job_id, owner, spec, max_attempts)])[0]
 
-    def _by_request_id(self, owner: str, request_id: str) -> Job | None:
-        query = sa.select(jobs).where(jobs.c.owner == owner, jobs.c.request_id == request_id)
-        with self.engine.connect() as conn:
-            found = self._jobs(conn, conn.execute(query).all())
-        return found[0] if found else None
+    def submit_many(self, submissions: Sequence[Submission]) -> list[tuple[Job, bool]]:
+        """Stores new QUEUED jobs with their first events, all in one
+        transaction (group commit: concurrent submits share it). A request
+        id this owner already used, in the store or earlier in the batch,
+        gives back that job and False."""
+        now = self.clock()
+        results: list[tuple[Job, bool] | None] = [None] * len(submissions)
+        existing = self._by_request_ids(
+            {(s.owner, s.spec.request_id) for s in submissions if s.spec.request_id}
+        )
+        new_jobs: list[Job] = []
+        for position, item in enumerate(submissions):
+            key = (item.owner, item.spec.request_id)
+            if item.spec.request_id and key in existing:
+                results[position] = existing[key], False
+                continue
+            job = Job(
+                id=item.job_id,
+                owner=item.owner,
+                spec=item.spec,
+                state=JobState.QUEUED,
+                attempt=0,
+                failures=0,
+                max_attempts=item.max_attempts,
+                created_at=now,
+                updated_at=now,
+                memory_mode=item.spec.memory_mode,
+            )
+            if item.spec.request_id:
+                existing[key] = job
+            new_jobs.append(job)
+            results[position] = job, True
+        if new_jobs:
+            try:
+                with self.fence.begin() as conn:
+                    conn.execute(sa.insert(jobs), [_job_row(job) for job in new_jobs])
+                    conn.execute(
+                        sa.insert(job_events),
+                        [
+                            event_row(job.id, 1, 0, now, StateChange(JobState.QUEUED))
+                            for job in new_jobs
+                        ],
+                    )
+            except IntegrityError:
+                if len(submissions) == 1:
+                    # Two submits with one request id raced; the other committed.
+                    item = submissions[0]
+                    found = self._by_request_ids({(item.owner, item.spec.request_id)})
+                    if not item.spec.request_id or not found:
+                        raise
+                    return [(next(iter(found.values())), False)]
+                # Someone else used one of these request ids meanwhile: one by one.
+                return [self.submit_many([item])[0] for item in submissions]
+        return [result for result in results if result is not None]
 
     def _transition(
         self,

@@ -1,0 +1,146 @@
+"""The job store's reads: jobs, pages of them, the queue, attempts, events
+and images. Each read is one short connection; `Store` adds the writes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import sqlalchemy as sa
+
+from scheduler.domain import AttemptRecord, Job, JobEvent
+from scheduler.states import ACTIVE, JobState
+from scheduler.store.rows import attempt_from_row, event_from_row, image_from_row, job_from_row
+from scheduler.store.schema import attempts, images, job_events, jobs
+from sdmesh.domain import ImageInfo
+
+
+class JobReads:
+    engine: sa.Engine
+
+    def _jobs(self, conn: sa.Connection, rows: Sequence[sa.Row[Any]]) -> list[Job]:
+        ids = [row.id for row in rows]
+        by_job: dict[str, list[ImageInfo]] = {job_id: [] for job_id in ids}
+        if ids:
+            for image in conn.execute(
+                sa.select(images).where(images.c.job_id.in_(ids)).order_by(images.c.idx)
+            ):
+                by_job[image.job_id].append(image_from_row(image))
+        return [job_from_row(row, by_job[row.id]) for row in rows]
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self.engine.connect() as conn:
+            rows = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).all()
+            found = self._jobs(conn, rows)
+        return found[0] if found else None
+
+    def list_jobs(
+        self,
+        *,
+        states: Iterable[JobState] = (),
+        owner: str = "",
+        limit: int = 50,
+        before: tuple[float, str] | None = None,
+    ) -> list[Job]:
+        """Newest first. `before` is the (created_at, id) of the last job of the
+        previous page."""
+        query = sa.select(jobs).order_by(jobs.c.created_at.desc(), jobs.c.id.desc()).limit(limit)
+        wanted = [state.value for state in states]
+        if wanted:
+            query = query.where(jobs.c.state.in_(wanted))
+        if owner:
+            query = query.where(jobs.c.owner == owner)
+        if before is not None:
+            created_at, job_id = before
+            query = query.where(
+                sa.or_(
+                    jobs.c.created_at < created_at,
+                    sa.and_(jobs.c.created_at == created_at, jobs.c.id < job_id),
+                )
+            )
+        with self.engine.connect() as conn:
+            return self._jobs(conn, conn.execute(query).all())
+
+    def queued_jobs(self, per_user: int | None = 200, limit: int | None = 5000) -> list[Job]:
+        """The head of each user's queue (by priority, then age), so that one
+        user's backlog never hides another user's jobs from the queue policy,
+        which orders them; every queued job with no limits."""
+        order = (jobs.c.priority.desc(), jobs.c.created_at, jobs.c.id)
+        queued = jobs.c.state == JobState.QUEUED.value
+        if per_user is None:
+            query = sa.select(jobs).where(queued).order_by(*order).limit(limit)
+        else:
+            rank = (
+                sa.func.row_number()
+                .over(partition_by=jobs.c.owner, order_by=order)
+                .label("rank_in_user")
+            )
+            heads = sa.select(jobs, rank).where(queued).subquery()
+            query = (
+                sa.select(*(heads.c[column.name] for column in jobs.columns))
+                .where(heads.c.rank_in_user <= per_user)
+                .order_by(heads.c.priority.desc(), heads.c.created_at, heads.c.id)
+                .limit(limit)
+            )
+        with self.engine.connect() as conn:
+            return self._jobs(conn, conn.execute(query).all())
+
+    def queued_ids(self) -> set[str]:
+        query = sa.select(jobs.c.id).where(jobs.c.state == JobState.QUEUED.value)
+        with self.engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
+    def jobs_by_ids(self, ids: Iterable[str]) -> list[Job]:
+        wanted = list(ids)
+        if not wanted:
+            return []
+        with self.engine.connect() as conn:
+            return self._jobs(
+                conn, conn.execute(sa.select(jobs).where(jobs.c.id.in_(wanted))).all()
+            )
+
+    def active_jobs(self) -> list[Job]:
+        query = sa.select(jobs).where(jobs.c.state.in_([state.value for state in ACTIVE]))
+        with self.engine.connect() as conn:
+            return self._jobs(conn, conn.execute(query).all())
+
+    def active_attempts(self) -> list[tuple[Job, AttemptRecord]]:
+        """Assigned and running jobs, each with its current attempt."""
+        query = (
+            sa.select(attempts)
+            .join(
+                jobs, sa.and_(jobs.c.id == attempts.c.job_id, jobs.c.attempt == attempts.c.attempt)
+            )
+            .where(jobs.c.state.in_([state.value for state in ACTIVE]))
+        )
+        with self.engine.connect() as conn:
+            records = {row.job_id: attempt_from_row(row) for row in conn.execute(query)}
+        return [(job, records[job.id]) for job in self.active_jobs() if job.id in records]
+
+    def events_after(self, job_id: str, after_seq: int) -> list[JobEvent]:
+        query = (
+            sa.select(job_events)
+            .where(job_events.c.job_id == job_id, job_events.c.seq > after_seq)
+            .order_by(job_events.c.seq)
+        )
+        with self.engine.connect() as conn:
+            return [event_from_row(row) for row in conn.execute(query)]
+
+    def image(self, job_id: str, index: int) -> tuple[ImageInfo, str] | None:
+        query = sa.select(images).where(images.c.job_id == job_id, images.c.idx == index)
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return None if row is None else (image_from_row(row), row.path)
+
+    def attempts(self, job_id: str) -> list[AttemptRecord]:
+        query = sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)
+        with self.engine.connect() as conn:
+            return [attempt_from_row(row) for row in conn.execute(query)]
+
+    def _by_request_ids(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Job]:
+        if not keys:
+            return {}
+        query = sa.select(jobs).where(sa.tuple_(jobs.c.owner, jobs.c.request_id).in_(sorted(keys)))
+        with self.engine.connect() as conn:
+            found = self._jobs(conn, conn.execute(query).all())
+        return {(job.owner, job.spec.request_id): job for job in found}
