@@ -17,16 +17,19 @@ previews on:
   PNG, on its own thread, at the same rate), then the PNG encode of the
   image with its infotext, as the agent does. No gRPC, no queue.
 - mesh: `sdctl scheduler` (SQLite, the default 2 s heartbeat, as `sdctl up`
-  runs it) and `sdctl node` as child processes on loopback; the jobs are
-  submitted through the SDK all at once after a warm-up job, so the
-  agent's queue is never empty and the scheduler's round trip overlaps
-  the job before.
+  runs it) and `sdctl node` as child processes on loopback; each round's
+  jobs are submitted through the SDK all at once, so the agent's queue is
+  never empty and the scheduler's round trip overlaps the job before.
 
-Figures, per case:
+The two take turns, round by round (`--rounds`, 3 by default), after a
+warm-up job each, so that other load on a shared machine falls on both
+alike. The jobs of a round have the same seeds on both paths. Figures, per
+case, over every round:
 - direct_jobs_per_s: jobs over the seconds their calls took, one after
   another;
-- mesh_jobs_per_s: (N - 1) over the time from the first job's finish to
-  the last one's, so that the first dispatch is not counted;
+- mesh_jobs_per_s: finishes after each round's first one, over the seconds
+  from each round's first finish to its last (so no dispatch of an idle
+  queue is counted);
 - ratio: mesh over direct;
 - overhead_p50_ms, overhead_p95_ms: per job, the attempt's time on the
   agent, from its start to its end as the scheduler recorded them, minus
@@ -67,14 +70,15 @@ class Case:
     name: str
     size: int
     steps: int
-    jobs: int
+    jobs: int  # per round
     quick_jobs: int
 
 
 CASES = (
-    Case("512px-20steps", 512, 20, 8, 3),
-    Case("64px-4steps", 64, 4, 60, 15),
+    Case("512px-20steps", 512, 20, 4, 3),
+    Case("64px-4steps", 64, 4, 30, 15),
 )
+ROUNDS = 3
 
 
 def progress(message: str) -> None:
@@ -144,18 +148,20 @@ class Direct:
         self.previews.shutdown(wait=True)
 
 
-def run_direct(direct: Direct, case: Case, jobs: int) -> list[float]:
-    direct.run(case.size, case.steps, FIRST_SEED - 1)  # warm-up, not counted
+def run_direct(direct: Direct, case: Case, seeds: list[int]) -> list[float]:
     seconds = []
-    for number in range(jobs):
-        seconds.append(direct.run(case.size, case.steps, FIRST_SEED + number))
-        if number % max(1, jobs // 5) == 0 or number == jobs - 1:
-            progress(f"  direct {case.name}: job {number + 1}/{jobs}: {seconds[-1] * 1e3:.0f} ms")
+    for number, seed in enumerate(seeds):
+        seconds.append(direct.run(case.size, case.steps, seed))
+        if number % max(1, len(seeds) // 3) == 0 or number == len(seeds) - 1:
+            progress(
+                f"  direct {case.name}: job {number + 1}/{len(seeds)}: {seconds[-1] * 1e3:.0f} ms"
+            )
     return seconds
 
 
-def run_mesh(cluster: Any, case: Case, jobs: int) -> tuple[float, list[float]]:
-    """(jobs per second with a backlog, each job's attempt seconds)."""
+def run_mesh(client: Any, case: Case, seeds: list[int]) -> tuple[float, list[float]]:
+    """Submits every job at once. Returns the seconds from the first job's
+    finish to the last one's, and each job's attempt seconds."""
     from client import SubmitOptions
 
     options = SubmitOptions(
@@ -165,29 +171,22 @@ def run_mesh(cluster: Any, case: Case, jobs: int) -> tuple[float, list[float]]:
         cfg_scale=CFG_SCALE,
         sampler_name=SAMPLER,
     )
-    with cluster.client() as client:
-        warm = client.submit(PROMPT, seed=FIRST_SEED - 1, **options).wait()
-        if not warm.succeeded:
-            raise RuntimeError(f"the warm-up job {warm.id} ended {warm.state}: {warm.reason}")
-        handles = [
-            client.submit(PROMPT, seed=FIRST_SEED + number, **options) for number in range(jobs)
-        ]
-        finished = []
-        for number, handle in enumerate(handles):
-            job = handle.wait()
-            if not job.succeeded:
-                raise RuntimeError(f"job {job.id} ended {job.state}: {job.reason}")
-            finished.append(client.get_job(job.id))
-            if number % max(1, jobs // 5) == 0 or number == jobs - 1:
-                progress(f"  mesh {case.name}: job {number + 1}/{jobs} done")
+    handles = [client.submit(PROMPT, seed=seed, **options) for seed in seeds]
+    finished = []
+    for number, handle in enumerate(handles):
+        job = handle.wait()
+        if not job.succeeded:
+            raise RuntimeError(f"job {job.id} ended {job.state}: {job.reason}")
+        finished.append(client.get_job(job.id))
+        if number % max(1, len(seeds) // 3) == 0 or number == len(seeds) - 1:
+            progress(f"  mesh {case.name}: job {number + 1}/{len(seeds)} done")
     ends = sorted(job.finished_at.timestamp() for job in finished if job.finished_at)
-    per_second = (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else float("nan")
     attempt_seconds = []
     for job in finished:
         attempt = job.attempts[-1]
         assert attempt.started_at is not None and attempt.ended_at is not None
         attempt_seconds.append((attempt.ended_at - attempt.started_at).total_seconds())
-    return per_second, attempt_seconds
+    return ends[-1] - ends[0], attempt_seconds
 
 
 def start_cluster(root: Path) -> Any:
@@ -203,47 +202,67 @@ def start_cluster(root: Path) -> Any:
     return cluster
 
 
-def measure(cases: list[Case], quick: bool, root: Path) -> list[dict[str, Any]]:
-    direct_seconds: dict[str, list[float]] = {}
-    progress("direct diffusers, 1 torch thread")
+@dataclass
+class Tally:
+    """One case's figures over every round."""
+
+    direct_seconds: list[float]
+    attempt_seconds: list[float]
+    mesh_intervals: int = 0  # finishes after a round's first one
+    mesh_span: float = 0.0  # seconds from a round's first finish to its last
+
+
+def measure(cases: list[Case], quick: bool, rounds: int, root: Path) -> list[dict[str, Any]]:
+    """Direct and mesh take turns, round by round, so that a change in the
+    machine's load (other work on a shared box) falls on both alike."""
+    progress("loading: the pipeline here, and a scheduler with one agent (OMP_NUM_THREADS=1)")
     direct = Direct(root / "direct" / "models")
-    try:
-        for case in cases:
-            direct_seconds[case.name] = run_direct(
-                direct, case, case.quick_jobs if quick else case.jobs
-            )
-    finally:
-        direct.close()
-    progress("sdmesh: a scheduler and one agent (OMP_NUM_THREADS=1)")
     cluster = start_cluster(root / "mesh")
-    rows = []
+    tallies = {case.name: Tally([], []) for case in cases}
     try:
-        for case in cases:
-            jobs = case.quick_jobs if quick else case.jobs
-            mesh_per_second, attempt_seconds = run_mesh(cluster, case, jobs)
-            alone = direct_seconds[case.name]
-            overheads = [
-                (mesh - single) * 1e3 for mesh, single in zip(attempt_seconds, alone, strict=True)
-            ]
-            direct_per_second = len(alone) / sum(alone)
-            rows.append(
-                {
-                    "name": case.name,
-                    "jobs": jobs,
-                    "direct_jobs_per_s": direct_per_second,
-                    "mesh_jobs_per_s": mesh_per_second,
-                    "ratio": mesh_per_second / direct_per_second,
-                    "direct_p50_ms": statistics.median(alone) * 1e3,
-                    "attempt_p50_ms": statistics.median(attempt_seconds) * 1e3,
-                    "overhead_p50_ms": percentile(overheads, 0.5),
-                    "overhead_p95_ms": percentile(overheads, 0.95),
-                }
-            )
+        with cluster.client() as client:
+            for case in cases:  # warm-ups, not counted
+                direct.run(case.size, case.steps, FIRST_SEED - 1)
+                run_mesh(client, case, [FIRST_SEED - 1])
+            for number in range(rounds):
+                for case in cases:
+                    jobs = case.quick_jobs if quick else case.jobs
+                    seeds = [FIRST_SEED + number * jobs + k for k in range(jobs)]
+                    progress(f"round {number + 1}/{rounds}, {case.name}: {jobs} jobs each way")
+                    tally = tallies[case.name]
+                    tally.direct_seconds += run_direct(direct, case, seeds)
+                    span, attempts = run_mesh(client, case, seeds)
+                    tally.attempt_seconds += attempts
+                    tally.mesh_intervals += jobs - 1
+                    tally.mesh_span += span
     except BaseException:
         progress(cluster.logs())
         raise
     finally:
         cluster.stop()
+        direct.close()
+    rows = []
+    for case in cases:
+        tally = tallies[case.name]
+        overheads = [
+            (mesh - alone) * 1e3
+            for mesh, alone in zip(tally.attempt_seconds, tally.direct_seconds, strict=True)
+        ]
+        direct_per_second = len(tally.direct_seconds) / sum(tally.direct_seconds)
+        mesh_per_second = tally.mesh_intervals / tally.mesh_span
+        rows.append(
+            {
+                "name": case.name,
+                "jobs": len(tally.direct_seconds),
+                "direct_jobs_per_s": direct_per_second,
+                "mesh_jobs_per_s": mesh_per_second,
+                "ratio": mesh_per_second / direct_per_second,
+                "direct_p50_ms": statistics.median(tally.direct_seconds) * 1e3,
+                "attempt_p50_ms": statistics.median(tally.attempt_seconds) * 1e3,
+                "overhead_p50_ms": percentile(overheads, 0.5),
+                "overhead_p95_ms": percentile(overheads, 0.95),
+            }
+        )
     return rows
 
 
@@ -272,7 +291,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="fewer jobs per case")
+    parser.add_argument("--quick", action="store_true", help="fewer jobs, in one round")
+    parser.add_argument(
+        "--rounds", type=int, help=f"turns of direct then mesh per case (default {ROUNDS})"
+    )
     parser.add_argument(
         "--case", choices=[c.name for c in CASES], action="append", help="only these cases"
     )
@@ -281,7 +303,8 @@ def main() -> None:
     cases = [c for c in CASES if not args.case or c.name in args.case]
     root = Path(tempfile.mkdtemp(prefix="sdmesh-overhead-"))
     try:
-        rows = measure(cases, args.quick, root)
+        rounds = args.rounds or (1 if args.quick else ROUNDS)
+        rows = measure(cases, args.quick, rounds, root)
     except BaseException:
         progress(f"failed; the process logs are in {root}")
         raise
@@ -289,7 +312,8 @@ def main() -> None:
     print("tiny model on the CPU, 1 torch thread, previews on")
     print(table(rows))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"quick": args.quick, "cases": rows}, indent=2) + "\n")
+    summary = {"quick": args.quick, "rounds": rounds, "cases": rows}
+    args.output.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.output}")
 
 
