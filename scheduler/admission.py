@@ -57,7 +57,7 @@ class Admission(UsesRuntime):
         job, created = await self._submit(Submission(new_job_id(), owner, spec, self.max_attempts))
         if created:
             self.queue.add(job)
-            log.info(
+            log.debug(
                 "job %s submitted by %s: %s %dx%d, %d steps",
                 job.id,
                 owner,

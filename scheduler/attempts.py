@@ -160,7 +160,7 @@ class Attempts(UsesRuntime):
         session = self.cluster.sessions.get(gpu.node_id)
         if session is None:  # it left while the dispatcher was planning
             return False
-        events = await self.db.run(
+        events = await self.db.write(
             self.db.store.assign,
             job.id,
             expected_attempt=job.attempt,
@@ -252,7 +252,7 @@ class Attempts(UsesRuntime):
                 self.hub.publish([JobEvent(job_id, 0, attempt, now, body)])
         elif isinstance(body, Started):
             active.started_at = now
-            events = await self.db.run(self.db.store.start, job_id, attempt)
+            events = await self.db.write(self.db.store.start, job_id, attempt)
             if events is not None:
                 self.hub.publish(events)
         elif isinstance(body, ImageChunk):
@@ -342,7 +342,7 @@ class Attempts(UsesRuntime):
                     None, self.images.write, job_id, attempt, meta.index, data
                 )
                 stored.append((meta, path))
-            events = await self.db.run(self.db.store.succeed, job_id, attempt, stored, profile)
+            events = await self.db.write(self.db.store.succeed, job_id, attempt, stored, profile)
         except Exception as exc:  # a full disk, a lost database connection
             log.exception("storing the result of %s attempt %d failed", job_id, attempt)
             await loop.run_in_executor(None, self.images.remove, [path for _, path in stored])
@@ -492,7 +492,7 @@ class Attempts(UsesRuntime):
     ) -> None:
         """Ends an attempt that did not succeed and puts its job back in the
         queue, or fails it after max_attempts failures."""
-        events = await self.db.run(
+        events = await self.db.write(
             self.db.store.requeue,
             job_id,
             attempt,

@@ -11,6 +11,7 @@ what lets a long wait turn into a reservation.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterator, Mapping
 from dataclasses import replace
@@ -188,12 +189,12 @@ class Dispatcher(UsesRuntime):
             else:
                 self.waiting[demand.job_id] = decision.reason
                 unplaced.append(demand)
-        assigned = 0
-        for job, decision in placed:
-            if await self.attempts.assign(job, decision):
-                assigned += 1
-            elif job.id in self.queue:
+        # Together, so that their writes share one transaction.
+        bound = await asyncio.gather(*(self.attempts.assign(job, d) for job, d in placed))
+        for (job, _), ok in zip(placed, bound, strict=True):
+            if not ok and job.id in self.queue:
                 self.queue.recheck(job.id)  # it moved meanwhile: read it again
+        assigned = sum(bound)
         if unplaced:
             await self._fail_impossible(unplaced)
         return assigned

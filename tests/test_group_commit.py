@@ -12,6 +12,7 @@ import pytest
 from scheduler.store import Database, Store
 from scheduler.store.group import GroupCommit
 from scheduler.store.store import Submission
+from sdmesh.spec import MemoryMode
 from tests.factories import make_spec
 
 
@@ -64,7 +65,7 @@ def test_a_bad_item_fails_alone(tmp_path: Path) -> None:
 
 def test_a_request_id_used_before_returns_the_stored_job(tmp_path: Path) -> None:
     jobs = store(tmp_path)
-    first, created = jobs.submit("j1", "alice", make_spec(request_id="same"), 3)
+    _, created = jobs.submit("j1", "alice", make_spec(request_id="same"), 3)
     assert created
     again = jobs.submit_many(
         [
@@ -76,3 +77,32 @@ def test_a_request_id_used_before_returns_the_stored_job(tmp_path: Path) -> None
     with pytest.raises(Exception):  # noqa: B017, PT011 - the same id twice is refused
         jobs.submit_many([Submission("j1", "carol", make_spec(), 3)])
     jobs.close()
+
+
+def test_state_changes_that_arrive_together_share_one_transaction(tmp_path: Path) -> None:
+    db = Database(store(tmp_path))
+    for n in range(3):
+        db.store.submit(f"j{n}", "alice", make_spec(), 3)
+
+    async def main() -> list[object]:
+        assigns = [
+            db.write(
+                db.store.assign,
+                f"j{n}",
+                expected_attempt=0,
+                node_id="n1",
+                node_name="host",
+                gpu_index=0,
+                memory_mode=MemoryMode.FULL,
+            )
+            for n in range(3)
+        ]
+        # j9 does not exist: its write changes nothing and the others stand.
+        return await asyncio.gather(*assigns, db.write(db.store.start, "j9", 1))
+
+    *assigned, missing = asyncio.run(main())
+    assert all(events for events in assigned)
+    assert missing is None
+    assert db._writes.batches == 1
+    assert {job.state.value for job in db.store.active_jobs()} == {"ASSIGNED"}
+    db.close()

@@ -202,6 +202,9 @@ class Planner:
         self._later_cursor = 0
         self._unplaced: dict[Shape, Unplaced] = {}  # until a view changes
         self._why: dict[Shape, Decision] = {}  # likewise
+        self._busy_cache: list[GpuView] | None = None  # likewise
+        self._busy_floor: float | None = None  # likewise
+        self._fastest_cache: dict[str, float] = {}  # speeds do not change in a pass
 
     @property
     def open(self) -> bool:
@@ -212,6 +215,7 @@ class Planner:
         self.views[gpu.key] = gpu
         self._unplaced.clear()
         self._why.clear()
+        self._busy_cache, self._busy_floor = None, None
         if not _takes_now(gpu) and gpu.key in self._taking:
             self._taking.remove(gpu.key)
 
@@ -219,6 +223,7 @@ class Planner:
         self.held.add(gpu.key)
         self._unplaced.clear()
         self._why.clear()
+        self._busy_cache, self._busy_floor = None, None
         if gpu.key in self._taking:
             self._taking.remove(gpu.key)
 
@@ -232,20 +237,44 @@ class Planner:
         picked = keys[start : start + size] + keys[: max(0, start + size - len(keys))]
         return [self.views[key] for key in picked]
 
-    def _busy_sample(self) -> list[GpuView]:
-        """GPUs that cannot take a job now, for the check that waiting for
-        one would be better: all of them, or a rotating sample."""
-        busy = [
-            gpu
-            for key, gpu in self.views.items()
-            if key not in self.held and not _takes_now(gpu) and gpu.healthy and not gpu.draining
-        ]
+    def _busy(self) -> list[GpuView]:
+        """GPUs that cannot take a job now but will: bound full, not held."""
+        if self._busy_cache is None:
+            self._busy_cache = [
+                gpu
+                for key, gpu in self.views.items()
+                if key not in self.held and gpu.healthy and not gpu.draining and not _takes_now(gpu)
+            ]
+        return self._busy_cache
+
+    def _busy_sample(self, demand: Demand, before: float) -> list[GpuView]:
+        """Busy GPUs worth asking whether waiting for one would be better:
+        none when even the least busy one at the fastest speed any GPU has
+        for the model could not finish within `before` (in a cluster of
+        alike cards, the usual case); else all of them, or a rotating
+        sample in a large cluster."""
+        busy = self._busy()
+        if not busy:
+            return []
+        if self._busy_floor is None:
+            self._busy_floor = min(gpu.busy_seconds for gpu in busy)
+        fastest = self._fastest(demand.model)
+        if self._busy_floor + run_seconds(demand.work, fastest, MemoryMode.FULL) > before:
+            return []
         size = sample_size(len(busy))
         if len(busy) <= size:
             return busy
         start = self._later_cursor % len(busy)
         self._later_cursor = start + size
         return busy[start : start + size] + busy[: max(0, start + size - len(busy))]
+
+    def _fastest(self, model: str) -> float:
+        """The fastest any GPU runs `model`, measured or expected."""
+        if model not in self._fastest_cache:
+            self._fastest_cache[model] = max(
+                (self.speeds.speed(key, model) for key in self.views), default=0.0
+            )
+        return self._fastest_cache[model]
 
     def why(self, demand: Demand) -> Decision:
         """Why a job waits, against the views as the pass left them; for a
@@ -268,8 +297,9 @@ class Planner:
             decision = place(demand, taking, speeds=self.speeds, total=len(self.views))
         if isinstance(decision, Placed):
             now_finish = decision.gpu.busy_seconds + decision.expected_seconds
+            before = PATIENCE * now_finish
             later = _soonest_later(
-                demand, self._busy_sample(), self.speeds, before=PATIENCE * now_finish
+                demand, self._busy_sample(demand, before), self.speeds, before=before
             )
             if later is not None:
                 gpu = later.gpu

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
-from scheduler.store.database import Database
+if TYPE_CHECKING:
+    from scheduler.store.database import Database
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -17,6 +17,7 @@ check is itself a write, which takes that lock.
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -61,12 +62,28 @@ class Fence:
         self.engine = engine
         self.epoch: int | None = None
         self.on_lost: Callable[[], None] | None = None
+        self._shared = threading.local()  # the transaction `together` opened
 
     @contextlib.contextmanager
     def begin(self) -> Iterator[sa.Connection]:
+        shared: sa.Connection | None = getattr(self._shared, "conn", None)
+        if shared is not None:
+            yield shared
+            return
         with self.engine.begin() as conn:
             self.check(conn)
             yield conn
+
+    @contextlib.contextmanager
+    def together(self) -> Iterator[None]:
+        """Every `begin` in this thread within the block joins one fenced
+        transaction, which commits at the end of the block or not at all."""
+        with self.begin() as conn:
+            self._shared.conn = conn
+            try:
+                yield
+            finally:
+                self._shared.conn = None
 
     def check(self, conn: sa.Connection) -> None:
         epoch = self.epoch

@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError
@@ -38,6 +38,8 @@ from scheduler.store.rows import (
 from scheduler.store.schema import attempts, images, job_events, jobs
 from sdmesh.domain import AttemptOutcome, AttemptProfile, ImageInfo
 from sdmesh.spec import JobSpec, MemoryMode
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,12 @@ class Store(JobReads):
         self.fence = Fence(self.engine)
         self.nodes = NodeRegistry(self.engine, self.fence, clock)
         self.estimates = EstimateRegistry(self.engine, self.fence, clock)
+
+    def write_many(self, calls: Sequence[Callable[[], T]]) -> list[T]:
+        """Runs several writes as one transaction: they commit together, or
+        none does (see `scheduler.store.group`)."""
+        with self.fence.together():
+            return [call() for call in calls]
 
     def migrate(self) -> None:
         migrate(self.engine)
