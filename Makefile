@@ -37,6 +37,7 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.placement
 	$(PY) -m bench.soak
+	$(PY) -m bench.scale
 	$(PY) -m bench.overhead
 
 protos: $(STAMP)
