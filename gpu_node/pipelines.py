@@ -4,8 +4,15 @@ One cache per device worker. Loading is offline: from local folders only.
 A pipeline is placed in the job's memory mode (the Forge "VRAM states"):
 all on the card, or offloaded with accelerate's model or sequential CPU
 offload. On a CPU device every mode is the same, since the weights already
-live in host memory. Samplers are applied per job from the model's own
-scheduler config, so one job's choice never leaks into the next.
+live in host memory. Samplers are built from the model's own scheduler
+config whenever a job asks for another one, so one job's options never leak
+into the next; a job that asks for the same one reuses it, as diffusers
+users do (every call starts with `set_timesteps`, which resets its state).
+
+Loading ends with `gc.freeze()`: the hundreds of thousands of objects that
+torch, diffusers and the weights leave live are moved out of the cycle
+collector's way, so that no collection during a job walks them. An unload
+unfreezes them first, so the old pipeline's cycles can be collected.
 """
 
 from __future__ import annotations
@@ -72,11 +79,16 @@ class PipelineCache:
         self._scheduler_config: Any = None
         self._own_scheduler: Any = None
         self._classic = True  # a noise-prediction model that A1111 samplers fit
+        self._sampler_name: str | None = None  # the one on the pipeline now
 
     def unload(self) -> None:
+        if self.pipeline is None:
+            return
         self.pipeline = None
         self.model_name = None
         self.memory_mode = None
+        self._sampler_name = None
+        gc.unfreeze()
         gc.collect()
         if self.device.startswith("cuda"):
             import torch
@@ -118,11 +130,14 @@ class PipelineCache:
             compatible = {cls.__name__ for cls in self.pipeline.scheduler.compatibles}
             self._classic = "EulerDiscreteScheduler" in compatible | {self._own_scheduler.__name__}
             self.model_name, self.memory_mode = model_name, mode
+            gc.collect()  # the loader's own garbage is not kept frozen
+            gc.freeze()
             load_seconds = time.monotonic() - started
             log.info(
                 "loaded %s on %s (%s) in %.2fs", model_name, self.device, mode.value, load_seconds
             )
-        self._apply_sampler(sampler_name)
+        if sampler_name != self._sampler_name:
+            self._apply_sampler(sampler_name)
         return self.pipeline, load_seconds
 
     def _load(self, path: Any, dtype: Any, mode: MemoryMode) -> Any:
@@ -153,3 +168,4 @@ class PipelineCache:
             )
             scheduler_class, options = self._own_scheduler, {}
         self.pipeline.scheduler = scheduler_class.from_config(self._scheduler_config, **options)
+        self._sampler_name = sampler_name
