@@ -35,8 +35,10 @@ class Backend(Protocol):
         what it had when it failed. 0 when the device cannot tell."""
         ...
 
-    def release(self) -> None:
-        """Gives cached memory back after a job, so free memory is real."""
+    def release(self, *, collect: bool = False) -> None:
+        """Gives cached memory back after a job, so free memory is real.
+        `collect`: run the cycle collector first, for an attempt that ended
+        by an exception, whose traceback may hold tensors in cycles."""
         ...
 
     def health_check(self) -> str:
@@ -70,11 +72,14 @@ class TorchBackend:
 
         return int(torch.cuda.max_memory_allocated(self.torch_device))
 
-    def release(self) -> None:
-        gc.collect()
+    def release(self, *, collect: bool = False) -> None:
+        if collect:
+            gc.collect()
         if self.cuda:
             import torch
 
+            # What NVML reports as free (and placement plans with) counts the
+            # allocator's cache as used: hand it back after every job.
             torch.cuda.empty_cache()
 
     def health_check(self) -> str:

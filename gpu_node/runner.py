@@ -1,10 +1,17 @@
 """Runs jobs on one device, in one worker thread, one job at a time.
 
 The thread is the only place that calls the diffusers pipeline for its
-device. Everything it learns goes out through `emit` as an `AttemptUpdate`
-(`sdmesh.domain`); the connection turns those into protobuf on the asyncio
-side. The step callback
-only checks for a stop, reports the step and hands latents to the previewer.
+device, and it does nothing else it can hand off: the step callback only
+checks for a stop, reports the step and hands latents to the previewer.
+A second thread per device, the publisher, encodes previews and the
+finished images and sends each attempt's ending, so the next job starts
+while the last one's PNGs are written. Everything goes out through `emit`
+as an `AttemptUpdate` (`sdmesh.domain`); the connection turns those into
+protobuf on the asyncio side.
+
+Ordering: an attempt's previews, its images and its `Ended` all go through
+the publisher, in that order; only `Started` and `Progress` come straight
+from the worker thread, and they come first.
 """
 
 from __future__ import annotations
@@ -106,7 +113,9 @@ class DeviceWorker:
         self._queue: queue.Queue[Task | _Probe | None] = queue.Queue()
         self._tasks: dict[tuple[str, int], Task] = {}
         self._lock = threading.Lock()
-        self._previews = ThreadPoolExecutor(1, thread_name_prefix=f"preview-{device.index}")
+        # One thread, so each attempt's previews, images and ending leave
+        # in the order they were handed over.
+        self._publisher = ThreadPoolExecutor(1, thread_name_prefix=f"publish-{device.index}")
         self._thread = threading.Thread(
             target=self._loop, name=f"worker-{device.index}", daemon=True
         )
@@ -147,44 +156,67 @@ class DeviceWorker:
     def close(self, timeout: float | None = None) -> None:
         self._queue.put(None)
         self._thread.join(timeout)
-        self._previews.shutdown(wait=True)
+        self._publisher.shutdown(wait=True)
 
     def _loop(self) -> None:
         while (task := self._queue.get()) is not None:
             if isinstance(task, _Probe):
                 self._probe()
                 continue
+            clean = False
             try:
-                self._run(task)
+                clean = self._run(task)
             except Exception as exc:  # a bug here must not kill the device's thread
                 log.exception("job %s attempt %d crashed the worker", task.job_id, task.attempt)
-                self._send(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
+                self._end(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
             finally:
                 with self._lock:
                     self._tasks.pop((task.job_id, task.attempt), None)
                 # Hand the allocator's cache back, so that the free memory
                 # NVML reports (and placement uses) is what is really free.
-                self.backend.release()
+                # Only an attempt that left the pipeline by an exception can
+                # have left reference cycles (a traceback's frames) holding
+                # tensors; a full collection costs a quarter of a second.
+                self.backend.release(collect=not clean)
 
     def _send(self, task: Task, body: UpdateBody) -> None:
         self._emit(AttemptUpdate(task.job_id, task.attempt, body))
 
+    def _end(self, task: Task, ended: Ended) -> None:
+        """Sends the ending after whatever the attempt handed the publisher."""
+        self._publisher.submit(self._send, task, ended)
+
+    def _publish(self, task: Task, images: list[Any], profile: AttemptProfile) -> None:
+        """On the publisher: a finished attempt's PNGs, then its ending."""
+        spec = task.spec
+        try:
+            for index, (image, seed) in enumerate(zip(images, spec.seeds, strict=True)):
+                png = encode_png(image, infotext(spec, seed))
+                self._send(task, ImageReady(index, seed, image.width, image.height, png))
+        except Exception as exc:
+            log.exception(
+                "job %s attempt %d: encoding its images failed", task.job_id, task.attempt
+            )
+            self._send(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
+            return
+        self._send(task, Ended(AttemptOutcome.SUCCEEDED, profile=profile))
+
     def _out_of_memory(self, task: Task, error: BaseException, load_seconds: float) -> None:
-        """Reports what the job had when it ran out, and frees the cache so
-        the device stays usable."""
+        """Reports what the job had when it ran out. The worker's loop frees
+        the cache after, so the device stays usable."""
         message = one_line(error)
-        del error  # drop the traceback's references to the tensors
-        self.backend.release()
         profile = AttemptProfile(load_seconds, 0.0, self.backend.peak_bytes())
-        self._send(task, Ended(AttemptOutcome.FAILED, message, "oom", profile))
+        self._end(task, Ended(AttemptOutcome.FAILED, message, "oom", profile))
 
     def _stopped(self, task: Task) -> Ended:
         return Ended(task.stop_outcome, task.stop_reason)
 
-    def _run(self, task: Task) -> None:
+    def _run(self, task: Task) -> bool:
+        """Runs one attempt. False when it left the pipeline by an exception,
+        whose traceback may hold tensors in reference cycles."""
         if task.stop_requested.is_set():
-            self._send(task, self._stopped(task))
-            return
+            self._end(task, self._stopped(task))
+            return True
         import torch
 
         self._send(task, Started())
@@ -195,19 +227,19 @@ class DeviceWorker:
                 spec.model, spec.sampler_name, task.memory_mode
             )
         except ModelUnavailable as exc:
-            self._send(task, Ended(AttemptOutcome.FAILED, str(exc), "model"))
-            return
+            self._end(task, Ended(AttemptOutcome.FAILED, str(exc), "model"))
+            return True
         except torch.OutOfMemoryError as exc:  # the weights alone did not fit
             self._out_of_memory(task, exc, 0.0)
-            return
+            return False
         except Exception as exc:
-            self._send(task, Ended(AttemptOutcome.FAILED, one_line(exc), "model"))
-            return
+            self._end(task, Ended(AttemptOutcome.FAILED, one_line(exc), "model"))
+            return False
         if task.stop_requested.is_set():
-            self._send(task, self._stopped(task))
-            return
+            self._end(task, self._stopped(task))
+            return True
 
-        previewer = Previewer(self._previews, lambda p: self._send(task, p))
+        previewer = Previewer(self._publisher, lambda p: self._send(task, p))
         step_times: list[float] = []
         started = time.monotonic()
 
@@ -236,16 +268,14 @@ class DeviceWorker:
                 callback_on_step_end_tensor_inputs=["latents"],
             )
         except AttemptStopped:
-            previewer.flush()
-            self._send(task, self._stopped(task))
-            return
+            self._end(task, self._stopped(task))
+            return False
         except torch.OutOfMemoryError as exc:
             self._out_of_memory(task, exc, load_seconds)
-            return
+            return False
         except Exception as exc:
-            self._send(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
-            return
-        previewer.flush()
+            self._end(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
+            return False
         # Between the first and last callbacks, so that prompt encoding and
         # the first step's warm-up do not count.
         if len(step_times) >= 2:
@@ -257,7 +287,5 @@ class DeviceWorker:
             self.speeds.record(
                 spec.model, spec.width, spec.height, spec.batch_size, mean_step, load_seconds
             )
-        for index, (image, seed) in enumerate(zip(result.images, spec.seeds, strict=True)):
-            png = encode_png(image, infotext(spec, seed))
-            self._send(task, ImageReady(index, seed, image.width, image.height, png))
-        self._send(task, Ended(AttemptOutcome.SUCCEEDED, profile=profile))
+        self._publisher.submit(self._publish, task, list(result.images), profile)
+        return True

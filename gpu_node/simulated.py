@@ -307,7 +307,7 @@ class SimulatedBackend:
     def peak_bytes(self) -> int:
         return self.card.last_peak
 
-    def release(self) -> None:
+    def release(self, *, collect: bool = False) -> None:
         pass
 
     def health_check(self) -> str:
