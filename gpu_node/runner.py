@@ -4,14 +4,15 @@ The thread is the only place that calls the diffusers pipeline for its
 device, and it does nothing else it can hand off: the step callback only
 checks for a stop, reports the step and hands latents to the previewer.
 A second thread per device, the publisher, encodes previews and the
-finished images and sends each attempt's ending, so the next job starts
-while the last one's PNGs are written. Everything goes out through `emit`
-as an `AttemptUpdate` (`sdmesh.domain`); the connection turns those into
+finished images and sends every update, so the next job starts while the
+last one's PNGs are written. Everything goes out through `emit` as an
+`AttemptUpdate` (`sdmesh.domain`); the connection turns those into
 protobuf on the asyncio side.
 
-Ordering: an attempt's previews, its images and its `Ended` all go through
-the publisher, in that order; only `Started` and `Progress` come straight
-from the worker thread, and they come first.
+Ordering: every update of the device leaves through the one publisher
+thread in the order it was handed over, so an attempt's start, steps,
+previews, images and end arrive in that order (the next attempt may start
+before the last one's images are out).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ class DeviceWorker:
                 clean = self._run(task)
             except Exception as exc:  # a bug here must not kill the device's thread
                 log.exception("job %s attempt %d crashed the worker", task.job_id, task.attempt)
-                self._end(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
+                self._post(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
             finally:
                 with self._lock:
                     self._tasks.pop((task.job_id, task.attempt), None)
@@ -182,9 +183,11 @@ class DeviceWorker:
     def _send(self, task: Task, body: UpdateBody) -> None:
         self._emit(AttemptUpdate(task.job_id, task.attempt, body))
 
-    def _end(self, task: Task, ended: Ended) -> None:
-        """Sends the ending after whatever the attempt handed the publisher."""
-        self._publisher.submit(self._send, task, ended)
+    def _post(self, task: Task, body: UpdateBody) -> None:
+        """From the worker thread: sends `body` through the publisher, after
+        whatever was handed to it before. Waking the asyncio loop costs the
+        sender a GIL hand-off; the publisher pays it, not the compute."""
+        self._publisher.submit(self._send, task, body)
 
     def _publish(self, task: Task, images: list[Any], profile: AttemptProfile) -> None:
         """On the publisher: a finished attempt's PNGs, then its ending."""
@@ -206,7 +209,7 @@ class DeviceWorker:
         the cache after, so the device stays usable."""
         message = one_line(error)
         profile = AttemptProfile(load_seconds, 0.0, self.backend.peak_bytes())
-        self._end(task, Ended(AttemptOutcome.FAILED, message, "oom", profile))
+        self._post(task, Ended(AttemptOutcome.FAILED, message, "oom", profile))
 
     def _stopped(self, task: Task) -> Ended:
         return Ended(task.stop_outcome, task.stop_reason)
@@ -215,11 +218,11 @@ class DeviceWorker:
         """Runs one attempt. False when it left the pipeline by an exception,
         whose traceback may hold tensors in reference cycles."""
         if task.stop_requested.is_set():
-            self._end(task, self._stopped(task))
+            self._post(task, self._stopped(task))
             return True
         import torch
 
-        self._send(task, Started())
+        self._post(task, Started())
         spec = task.spec
         self.backend.begin_job()
         try:
@@ -227,16 +230,16 @@ class DeviceWorker:
                 spec.model, spec.sampler_name, task.memory_mode
             )
         except ModelUnavailable as exc:
-            self._end(task, Ended(AttemptOutcome.FAILED, str(exc), "model"))
+            self._post(task, Ended(AttemptOutcome.FAILED, str(exc), "model"))
             return True
         except torch.OutOfMemoryError as exc:  # the weights alone did not fit
             self._out_of_memory(task, exc, 0.0)
             return False
         except Exception as exc:
-            self._end(task, Ended(AttemptOutcome.FAILED, one_line(exc), "model"))
+            self._post(task, Ended(AttemptOutcome.FAILED, one_line(exc), "model"))
             return False
         if task.stop_requested.is_set():
-            self._end(task, self._stopped(task))
+            self._post(task, self._stopped(task))
             return True
 
         previewer = Previewer(self._publisher, lambda p: self._send(task, p))
@@ -248,7 +251,7 @@ class DeviceWorker:
             if task.stop_requested.is_set():
                 raise AttemptStopped
             total = int(getattr(pipe, "num_timesteps", 0) or spec.steps)
-            self._send(task, Progress(index + 1, total))
+            self._post(task, Progress(index + 1, total))
             previewer.offer(index + 1, total, tensors.get("latents"))
             return tensors
 
@@ -268,13 +271,13 @@ class DeviceWorker:
                 callback_on_step_end_tensor_inputs=["latents"],
             )
         except AttemptStopped:
-            self._end(task, self._stopped(task))
+            self._post(task, self._stopped(task))
             return False
         except torch.OutOfMemoryError as exc:
             self._out_of_memory(task, exc, load_seconds)
             return False
         except Exception as exc:
-            self._end(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
+            self._post(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
             return False
         # Between the first and last callbacks, so that prompt encoding and
         # the first step's warm-up do not count.
