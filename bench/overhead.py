@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -302,6 +303,7 @@ def main() -> None:
     args = parser.parse_args()
     cases = [c for c in CASES if not args.case or c.name in args.case]
     root = Path(tempfile.mkdtemp(prefix="sdmesh-overhead-"))
+    load_before = os.getloadavg()[0]
     try:
         rounds = args.rounds or (1 if args.quick else ROUNDS)
         rows = measure(cases, args.quick, rounds, root)
@@ -309,10 +311,16 @@ def main() -> None:
         progress(f"failed; the process logs are in {root}")
         raise
     shutil.rmtree(root, ignore_errors=True)
-    print("tiny model on the CPU, 1 torch thread, previews on")
+    # Other work on the machine shows here: the figures are only as steady
+    # as the machine was.
+    load = {"before": load_before, "after": os.getloadavg()[0], "cpus": os.cpu_count()}
+    print(
+        f"tiny model on the CPU, 1 torch thread, previews on; {rounds} round(s); "
+        f"load average {load['before']:.1f} -> {load['after']:.1f} on {load['cpus']} CPUs"
+    )
     print(table(rows))
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    summary = {"quick": args.quick, "rounds": rounds, "cases": rows}
+    summary = {"quick": args.quick, "rounds": rounds, "load_average": load, "cases": rows}
     args.output.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.output}")
 
