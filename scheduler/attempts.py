@@ -15,11 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from scheduler.cluster import NodeSession
-from scheduler.commands import AssignCommand, StopCommand
+from scheduler.commands import AssignCommand, BatchPartner, StopCommand
 from scheduler.domain import Job, JobEvent
 from scheduler.estimator import format_bytes
 from scheduler.placement import Placed, shape_of
@@ -62,6 +62,7 @@ class ActiveAttempt:
     last_step_at: float | None = None  # when it last reported a step
     step_seconds: float = 0.0  # the expected time per step; 0 when unknown
     stopping: bool = False  # a stop was sent; its progress is no longer news
+    batch: str = ""  # the first job of the batch it runs in, if it runs in one
     uploads: UploadBuffer = field(default_factory=UploadBuffer)
 
     def remaining_seconds(self, now: float) -> float:
@@ -88,13 +89,19 @@ def count_by_owner(attempts: Iterable[ActiveAttempt]) -> dict[str, int]:
     return dict(Counter(active.owner for active in attempts))
 
 
-def bound(job: Job, attempt: int, placed: Placed, now: float) -> ActiveAttempt:
-    """The attempt placement put on a GPU, with its expected step time."""
+def bound(
+    job: Job, attempt: int, placed: Placed, now: float, batch: Sequence[Job] = ()
+) -> ActiveAttempt:
+    """The attempt placement put on a GPU, with its expected step time. In
+    a batch (`batch`: every job in it), each job carries an even share of
+    the batch's memory and time, and a step takes the whole batch's."""
     spec = job.spec
+    members = batch or (job,)
     speed = placed.gpu.speeds.get(spec.model)
     step_seconds = 0.0
     if speed is not None and speed.megapixel_steps_per_second > 0:
-        work = megapixel_steps(spec.width, spec.height, spec.batch_size, 1)
+        images = sum(member.spec.batch_size for member in members)
+        work = megapixel_steps(spec.width, spec.height, images, 1)
         step_seconds = run_seconds(work, speed.megapixel_steps_per_second, placed.need.mode)
     return ActiveAttempt(
         job_id=job.id,
@@ -103,10 +110,11 @@ def bound(job: Job, attempt: int, placed: Placed, now: float) -> ActiveAttempt:
         owner=job.owner,
         spec=spec,
         memory_mode=placed.need.mode,
-        vram_bytes=placed.need.vram_bytes,
-        expected_seconds=placed.expected_seconds,
+        vram_bytes=placed.need.vram_bytes // len(members),
+        expected_seconds=placed.expected_seconds / len(members),
         assigned_at=now,
         step_seconds=step_seconds,
+        batch=members[0].id if len(members) > 1 else "",
     )
 
 
@@ -152,29 +160,39 @@ class Attempts(UsesRuntime):
 
     # ---- binding -------------------------------------------------------------
 
-    async def assign(self, job: Job, placed: Placed) -> bool:
-        """Commits the job's next attempt on the GPU placement chose and
-        sends it to that GPU's agent. False when the job moved meanwhile
-        (cancelled, taken) or the agent left."""
+    async def assign(self, job: Job, placed: Placed, partners: Sequence[Job] = ()) -> set[str]:
+        """Commits the next attempt of the job (and of the partners it runs
+        with as one batch) on the GPU placement chose, and sends them to
+        that GPU's agent in one assignment. Returns the ids of the jobs
+        bound: not those that moved meanwhile (cancelled, taken), none when
+        the agent left."""
         gpu, need = placed.gpu, placed.need
         session = self.cluster.sessions.get(gpu.node_id)
         if session is None:  # it left while the dispatcher was planning
-            return False
-        events = await self.db.write(
-            self.db.store.assign,
-            job.id,
-            expected_attempt=job.attempt,
-            node_id=gpu.node_id,
-            node_name=gpu.node_name,
-            gpu_index=gpu.index,
-            memory_mode=need.mode,
-            placement=placed.explanation,
-            vram_estimate_bytes=need.vram_bytes,
+            return set()
+        members = [job, *partners]
+        written = await asyncio.gather(
+            *(
+                self.db.write(
+                    self.db.store.assign,
+                    member.id,
+                    expected_attempt=member.attempt,
+                    node_id=gpu.node_id,
+                    node_name=gpu.node_name,
+                    gpu_index=gpu.index,
+                    memory_mode=need.mode,
+                    placement=placed.explanation,
+                    vram_estimate_bytes=need.vram_bytes // len(members),
+                )
+                for member in members
+            )
         )
-        if events is None:
-            return False
-        attempt = job.attempt + 1
-        self.hub.publish(events)
+        batch = [member for member, events in zip(members, written, strict=True) if events]
+        for events in written:
+            if events:
+                self.hub.publish(events)
+        if not batch:
+            return set()
         gone = self.cluster.sessions.get(gpu.node_id) is not session
         if gone or session.draining:
             # The agent left during the write (its disconnect did not see
@@ -182,12 +200,28 @@ class Attempts(UsesRuntime):
             # out before this assignment could): hand it back here.
             what = "disconnected" if gone else "began draining"
             reason = f"node {gpu.node_name} {what} before the assignment was sent"
-            await self._requeue(job.id, attempt, AttemptOutcome.LOST, reason, failure=False)
-            return False
-        self._held.setdefault(session, {})[job.id] = bound(job, attempt, placed, self.clock())
-        session.send(AssignCommand(job.id, attempt, job.spec, gpu.index, need.mode))
-        log.info("job %s attempt %d -> %s", job.id, attempt, placed.explanation)
-        return True
+            for member in batch:
+                await self._requeue(
+                    member.id, member.attempt + 1, AttemptOutcome.LOST, reason, failure=False
+                )
+            return set()
+        now, held = self.clock(), self._held.setdefault(session, {})
+        for member in batch:
+            held[member.id] = bound(member, member.attempt + 1, placed, now, batch)
+        lead, *rest = batch
+        session.send(
+            AssignCommand(
+                lead.id,
+                lead.attempt + 1,
+                lead.spec,
+                gpu.index,
+                need.mode,
+                partners=tuple(BatchPartner(m.id, m.attempt + 1, m.spec) for m in rest),
+            )
+        )
+        for member in batch:
+            log.info("job %s attempt %d -> %s", member.id, member.attempt + 1, placed.explanation)
+        return {member.id for member in batch}
 
     async def reattach(self, session: NodeSession, held: Iterable[tuple[str, int]]) -> None:
         """Takes back the attempts a (re)connecting agent still holds and the

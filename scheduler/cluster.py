@@ -90,7 +90,8 @@ class NodeSession:
                     index=device.index,
                     total_bytes=device.total_bytes,
                     free_bytes=free - pending,
-                    active_jobs=len(on_gpu),
+                    # A batch runs as one job: it takes one slot.
+                    active_jobs=len({a.batch or a.job_id for a in on_gpu}),
                     bound_bytes=sum(a.vram_bytes for a in on_gpu),
                     busy_seconds=sum(a.remaining_seconds(now) for a in on_gpu),
                     models=models,

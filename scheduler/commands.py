@@ -9,12 +9,23 @@ from sdmesh.spec import JobSpec, MemoryMode
 
 
 @dataclass(frozen=True)
+class BatchPartner:
+    """A job that runs in one pipeline call with the job it is assigned
+    with (cross-request batching)."""
+
+    job_id: str
+    attempt: int
+    spec: JobSpec
+
+
+@dataclass(frozen=True)
 class AssignCommand:
     job_id: str
     attempt: int
     spec: JobSpec
     gpu_index: int
     memory_mode: MemoryMode
+    partners: tuple[BatchPartner, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,18 @@ class LivenessConfig:
         return 2 * self.heartbeat_seconds
 
 
+# Alike jobs one GPU runs as one pipeline call, in images. Four SD-class
+# images at 512 px fit any card that fits one with room to spare, and most
+# of the gain on a GPU comes by then.
+BATCH_MAX_IMAGES = 4
+
+
+def _at_least(low: int, value: int) -> int:
+    if value < low:
+        raise ValueError(f"must be at least {low}, got {value}")
+    return value
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     data_dir: Path = option(help="default ~/.local/share/sdmesh/scheduler", parse=Path)
@@ -72,6 +84,20 @@ class SchedulerConfig:
         flag="--reserve-after",
         parse=parse_duration,
         help="hold a GPU for a job that fits nowhere for this long (default 120s)",
+    )
+    batch_max_images: int = option(
+        BATCH_MAX_IMAGES,
+        flag="--batch-max",
+        parse=lambda text: _at_least(1, int(text)),
+        help="images one GPU may run as one batch of alike jobs; 1 turns batching off "
+        f"(default {BATCH_MAX_IMAGES})",
+    )
+    batch_wait_seconds: float = option(
+        0.0,
+        flag="--batch-wait",
+        parse=parse_duration,
+        help="how long a job that could run now may wait for an alike job to batch with "
+        "(default 0: batch only what is already queued)",
     )
     advertise: str = option(
         "",

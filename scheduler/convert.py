@@ -11,6 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from protos import agent_pb2, common_pb2, scheduler_pb2
 from scheduler.commands import (
     AssignCommand,
+    BatchPartner,
     Command,
     DrainCommand,
     HealthCheckCommand,
@@ -104,16 +105,19 @@ def event_to_proto(event: JobEvent) -> common_pb2.JobEvent:
 
 def command_to_proto(command: Command) -> agent_pb2.SchedulerMessage:
     if isinstance(command, AssignCommand):
+        members: tuple[AssignCommand | BatchPartner, ...] = (command, *command.partners)
         return agent_pb2.SchedulerMessage(
             assign=agent_pb2.Assignment(
                 gpu_index=command.gpu_index,
+                # One job, or several that run as one batch.
                 jobs=[
                     agent_pb2.AssignedJob(
-                        job_id=command.job_id,
-                        attempt=command.attempt,
-                        spec=spec_to_proto(command.spec),
+                        job_id=job.job_id,
+                        attempt=job.attempt,
+                        spec=spec_to_proto(job.spec),
                         memory_mode=memory_mode_to_proto(command.memory_mode),
                     )
+                    for job in members
                 ],
             )
         )

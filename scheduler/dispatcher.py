@@ -18,6 +18,7 @@ from dataclasses import replace
 
 from scheduler.admission import Admission
 from scheduler.attempts import Attempts
+from scheduler.batching import BatchPolicy, QueueBatcher
 from scheduler.config import RESERVE_AFTER_SECONDS
 from scheduler.domain import Job
 from scheduler.estimator import EstimateBook, Need
@@ -77,8 +78,10 @@ class Dispatcher(UsesRuntime):
         admission: Admission,
         *,
         reserve_after_seconds: float = RESERVE_AFTER_SECONDS,
+        batching: BatchPolicy | None = None,
     ) -> None:
         super().__init__(runtime)
+        self.batching = batching or BatchPolicy()
         self.attempts = attempts
         self.admission = admission
         self.reserve_after_seconds = reserve_after_seconds
@@ -168,9 +171,17 @@ class Dispatcher(UsesRuntime):
             return 0
         now = self.clock()
         weights = self.cluster.models()
+        batcher = QueueBatcher(
+            self.batching,
+            self.queue,
+            self.estimates,
+            lambda model: weights.get(model, 0),
+            lambda job: self._demand(job, weights, now),
+        )
         planner = Planner(
             self.cluster.gpu_views(now, self.attempts.held_by_node()),
             reserve_after_seconds=self.reserve_after_seconds,
+            batcher=batcher,
         )
         jobs: dict[str, Job] = {}
 
@@ -181,20 +192,27 @@ class Dispatcher(UsesRuntime):
 
         decisions = plan(demands(), (), planner=planner)
         self.planner, self.waiting = planner, {}
-        placed: list[tuple[Job, Placed]] = []
+        placed: list[tuple[Job, Placed, list[Job]]] = []
         unplaced = []
         for demand, decision in decisions:
             if isinstance(decision, Placed):
-                placed.append((jobs[demand.job_id], decision))
+                riders = [self.queue.get(partner.job_id) for partner in decision.batch]
+                placed.append(
+                    (jobs[demand.job_id], decision, [job for job in riders if job is not None])
+                )
             else:
                 self.waiting[demand.job_id] = decision.reason
                 unplaced.append(demand)
         # Together, so that their writes share one transaction.
-        bound = await asyncio.gather(*(self.attempts.assign(job, d) for job, d in placed))
-        for (job, _), ok in zip(placed, bound, strict=True):
-            if not ok and job.id in self.queue:
-                self.queue.recheck(job.id)  # it moved meanwhile: read it again
-        assigned = sum(bound)
+        bound = await asyncio.gather(
+            *(self.attempts.assign(job, d, partners) for job, d, partners in placed)
+        )
+        assigned = 0
+        for (job, _, partners), ids in zip(placed, bound, strict=True):
+            assigned += len(ids)
+            for member in (job, *partners):
+                if member.id not in ids and member.id in self.queue:
+                    self.queue.recheck(member.id)  # it moved meanwhile: read it again
         if unplaced:
             await self._fail_impossible(unplaced)
         return assigned

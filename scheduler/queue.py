@@ -23,6 +23,7 @@ from dataclasses import replace
 from scheduler.domain import Job, JobEvent, StateChange
 from scheduler.queue_policy import QueuedJob, iter_order
 from scheduler.states import JobState
+from sdmesh.spec import BatchKey, batch_key
 
 
 def _entry(job: Job) -> QueuedJob:
@@ -42,6 +43,8 @@ class QueueIndex:
         # without reading the store.
         self._out: dict[str, Job] = {}
         self._unknown: set[str] = set()  # returned to QUEUED, never seen here
+        # Jobs that may run as one batch, by `batch_key`, oldest first.
+        self._alike: dict[BatchKey, dict[str, None]] = {}
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -61,6 +64,7 @@ class QueueIndex:
         self._jobs.clear()
         self._lanes.clear()
         self._unknown.clear()
+        self._alike.clear()
         self._out = {job.id: job for job in out}
         for job in queued:
             self.add(job)
@@ -72,6 +76,7 @@ class QueueIndex:
         self._jobs[job.id] = job
         lane = self._lanes.setdefault(job.spec.priority, {}).setdefault(job.owner, [])
         bisect.insort(lane, _entry(job), key=_key)
+        self._alike.setdefault(batch_key(job.spec), {})[job.id] = None
 
     def discard(self, job_id: str) -> Job | None:
         job = self._jobs.pop(job_id, None)
@@ -87,6 +92,11 @@ class QueueIndex:
             del users[job.owner]
             if not users:
                 del self._lanes[job.spec.priority]
+        key = batch_key(job.spec)
+        alike = self._alike[key]
+        del alike[job_id]
+        if not alike:
+            del self._alike[key]
         return job
 
     def observe(self, events: Iterable[JobEvent]) -> None:
@@ -133,6 +143,12 @@ class QueueIndex:
         caller to read from the store and `add`."""
         unknown, self._unknown = self._unknown, set()
         return unknown
+
+    def alike(self, key: BatchKey) -> Iterator[Job]:
+        """Queued jobs that may run as one batch, in the order they joined
+        the queue. Do not change the index while iterating."""
+        for job_id in self._alike.get(key, ()):
+            yield self._jobs[job_id]
 
     def ordered(self, active: Mapping[str, int]) -> Iterator[Job]:
         """Queued jobs in queue-policy order, lazily. Do not change the

@@ -21,6 +21,7 @@ from protos import agent_pb2_grpc, scheduler_pb2_grpc
 from scheduler.admission import Admission
 from scheduler.agents import AgentGateway
 from scheduler.attempts import Attempts
+from scheduler.batching import BatchPolicy
 from scheduler.cluster import Cluster
 from scheduler.config import SchedulerConfig
 from scheduler.dispatcher import Dispatcher
@@ -71,6 +72,7 @@ class SchedulerServer:
             self.attempts,
             self.admission,
             reserve_after_seconds=config.reserve_after_seconds,
+            batching=BatchPolicy(config.batch_max_images, config.batch_wait_seconds),
         )
         self.supervisor = Supervisor(runtime, self.attempts, config.liveness)
         self.gateway = AgentGateway(runtime, self.attempts, self.supervisor)

@@ -134,6 +134,25 @@ class JobSpec:
         return cls(**{**data, "memory_mode": MemoryMode(data["memory_mode"])})
 
 
+BatchKey = tuple[object, ...]
+
+
+def batch_key(spec: JobSpec) -> BatchKey:
+    """What jobs must share to run as one batch, in one pipeline call: the
+    same model, size, steps, sampler, guidance, memory mode and node
+    selector. Prompts, seeds and image counts may differ."""
+    return (
+        spec.model,
+        spec.width,
+        spec.height,
+        spec.steps,
+        spec.sampler_name,
+        spec.cfg_scale,
+        spec.memory_mode,
+        tuple(sorted(spec.selector.items())),
+    )
+
+
 def _number(value: int | float) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 

@@ -58,7 +58,7 @@ def test_an_old_stream_that_ends_late_leaves_the_new_one_s_attempts_alone(tmp_pa
         old = cluster.connect(make_node("n1"), NOW)
         placed = place(make_demand("j1"), [make_gpu("n1")])
         assert isinstance(placed, Placed)
-        assert await attempts.assign(await queued_job(attempts), placed)
+        assert await attempts.assign(await queued_job(attempts), placed) == {"j1"}
         # The node dials again while its old stream looks open but silent:
         # the old stream's attempts wait for it, and the new one takes them.
         cluster.disconnect(old)
@@ -99,5 +99,28 @@ def test_a_node_that_began_draining_during_the_write_gets_no_assignment(tmp_path
         command = session.outbox.get_nowait()
         assert isinstance(command, AssignCommand)
         assert (command.job_id, command.attempt) == ("j1", 2)
+
+    run(scenario, tmp_path)
+
+
+def test_a_batch_goes_out_as_one_assignment_and_takes_one_slot(tmp_path: Path) -> None:
+    async def scenario(attempts: Attempts) -> None:
+        session = attempts.cluster.connect(make_node("n1"), NOW)
+        lead, rider, gone = [await queued_job(attempts, name) for name in ("j1", "j2", "j3")]
+        await attempts.db.run(attempts.db.store.cancel, "j3", "cancelled")  # moved meanwhile
+        placed = place(make_demand("j1", vram_gib=3), [make_gpu("n1")])
+        assert isinstance(placed, Placed)
+        assert await attempts.assign(lead, placed, [rider, gone]) == {"j1", "j2"}
+        command = session.outbox.get_nowait()
+        assert isinstance(command, AssignCommand)
+        assert command.job_id == "j1"
+        assert [(p.job_id, p.attempt) for p in command.partners] == [("j2", 1)]
+        held = {a.job_id: a for a in attempts.held(session)}
+        assert {a.batch for a in held.values()} == {"j1"}
+        # Each carries an even share of the batch's memory and time.
+        assert held["j1"].vram_bytes + held["j2"].vram_bytes == placed.need.vram_bytes
+        [view] = attempts.cluster.gpu_views(NOW, attempts.held_by_node())
+        assert view.active_jobs == 1
+        assert view.bound_bytes == placed.need.vram_bytes
 
     run(scenario, tmp_path)

@@ -12,6 +12,9 @@ A pass costs what it can change, not what exists:
   view changes, so a queue of a thousand alike jobs costs one evaluation;
 - speeds are compared through one `SpeedModel` per pass.
 
+A placement may grow into a batch (`Batcher`): alike queued jobs that run
+with it in one pipeline call; they are charged with it and skipped after.
+
 Pure code over snapshots: no I/O and no clock.
 """
 
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 
 from scheduler.config import RESERVE_AFTER_SECONDS
@@ -171,6 +174,12 @@ def sample_size(count: int) -> int:
 
 Shape = tuple[object, ...]
 
+# Grows a placement into a batch: given the job placed, its placement and
+# the jobs already taken this pass, the placement with its partners, as it
+# was, or Unplaced while the job waits for a partner. See
+# scheduler/batching.py.
+Batcher = Callable[[Demand, Placed, set[str]], Decision]
+
 
 def _shape(demand: Demand) -> Shape:
     """What a job's feasibility depends on: alike jobs share one verdict."""
@@ -191,9 +200,15 @@ class Planner:
     soonest is held for it."""
 
     def __init__(
-        self, gpus: Sequence[GpuView], *, reserve_after_seconds: float = RESERVE_AFTER_SECONDS
+        self,
+        gpus: Sequence[GpuView],
+        *,
+        reserve_after_seconds: float = RESERVE_AFTER_SECONDS,
+        batcher: Batcher | None = None,
     ) -> None:
         self.reserve_after_seconds = reserve_after_seconds
+        self.batcher = batcher
+        self.taken: set[str] = set()  # jobs placed this pass, leading a batch or in one
         self.views = {gpu.key: gpu for gpu in gpus}
         self.speeds = speed_model(gpus)
         self.held: set[str] = set()
@@ -309,6 +324,13 @@ class Planner:
                     f"{later.finish_seconds:.0f}s, against {now_finish:.0f}s on "
                     f"{decision.gpu.name} now"
                 )
+            if self.batcher is not None:
+                grown = self.batcher(demand, decision, self.taken)
+                if not isinstance(grown, Placed):
+                    return grown
+                decision = grown
+                self.taken.add(demand.job_id)
+                self.taken.update(partner.job_id for partner in decision.batch)
             self._update(_charge(decision.gpu, demand, decision))
             return decision
         # Say why against every GPU not held, as people read it.
@@ -342,5 +364,7 @@ def plan(
     for demand in demands:
         if not planner.open:
             break
+        if demand.job_id in planner.taken:
+            continue  # it rides in a batch placed earlier in this pass
         decisions.append((demand, planner.decide(demand)))
     return decisions

@@ -109,10 +109,11 @@ class Rejection:
 @dataclass(frozen=True)
 class Placed:
     gpu: GpuView
-    need: Need
-    expected_seconds: float  # its own run, with a cold load if needed
+    need: Need  # for the whole batch, when there is one
+    expected_seconds: float  # its own run (the batch's), with a cold load if needed
     score: float
     explanation: str
+    batch: tuple[Demand, ...] = ()  # queued jobs that run with it, in one pipeline call
 
 
 @dataclass(frozen=True)

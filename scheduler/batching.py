@@ -1,0 +1,97 @@
+"""Cross-request batching: a job placed on a GPU takes alike queued jobs
+with it (`sdmesh.spec.batch_key`: same model, size, steps, sampler,
+guidance, memory mode and selector), and the agent runs them as one
+pipeline call with each job's prompts and seeds. On a GPU that is not
+saturated by one image, several images in one call cost little more than
+one.
+
+- A batch grows only while the estimated VRAM of all its images fits the
+  GPU's room in the placed memory mode, up to `max_images` images.
+- Partners are the oldest alike jobs: a job never waits for a partner
+  longer than `wait_seconds` (default 0: only what is already queued).
+- Each job keeps its own attempt; the batch counts as one job on the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+from scheduler.config import BATCH_MAX_IMAGES
+from scheduler.domain import Job
+from scheduler.estimator import EstimateBook, Need, Shape
+from scheduler.placement import Decision, Demand, Placed, Unplaced
+from scheduler.queue import QueueIndex
+from sdmesh.spec import batch_key
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_images: int = BATCH_MAX_IMAGES
+    wait_seconds: float = 0.0
+
+
+class QueueBatcher:
+    """The placement planner's `Batcher` over the queue index, for one pass."""
+
+    def __init__(
+        self,
+        policy: BatchPolicy,
+        queue: QueueIndex,
+        estimates: EstimateBook,
+        weight_of: Callable[[str], int],
+        demand_of: Callable[[Job], Demand],
+    ) -> None:
+        self.policy = policy
+        self.queue = queue
+        self.estimates = estimates
+        self.weight_of = weight_of
+        self.demand_of = demand_of
+
+    def __call__(self, demand: Demand, placed: Placed, taken: set[str]) -> Decision:
+        lead = self.queue.get(demand.job_id)
+        if lead is None or self.policy.max_images <= 1:
+            return placed
+        spec = lead.spec
+        images, need = spec.batch_size, placed.need
+        partners: list[Demand] = []
+        for job in self.queue.alike(batch_key(spec)):
+            if images >= self.policy.max_images:
+                break
+            if job.id == lead.id or job.id in taken:
+                continue
+            more = images + job.spec.batch_size
+            if more > self.policy.max_images:
+                continue
+            grown = self._need(lead, more, placed)
+            if grown is None:
+                break  # a larger batch would not fit this GPU either
+            partners.append(self.demand_of(job))
+            images, need = more, grown
+        if not partners:
+            if demand.waited_seconds < self.policy.wait_seconds:
+                return Unplaced(
+                    f"waiting up to {self.policy.wait_seconds:g}s for an alike job to batch with"
+                )
+            return placed
+        work = demand.work + sum(partner.work for partner in partners)
+        return replace(
+            placed,
+            need=need,
+            # The run grows with the work; a cold load does not, so this errs long.
+            expected_seconds=placed.expected_seconds * work / max(demand.work, 1e-9),
+            batch=tuple(partners),
+            explanation=f"{placed.explanation}; batched with {len(partners)} alike "
+            f"job(s), {images} images",
+        )
+
+    def _need(self, lead: Job, images: int, placed: Placed) -> Need | None:
+        """What `images` images of the lead's shape need in the placed
+        mode, if the GPU has room for it."""
+        spec = lead.spec
+        shape = Shape(spec.model, spec.width, spec.height, images)
+        need = self.estimates.need(self.weight_of(spec.model), shape, placed.need.mode)
+        gpu = placed.gpu
+        if need.vram_bytes > gpu.room_bytes or need.host_bytes > gpu.host_free_bytes:
+            return None
+        return need
