@@ -387,7 +387,10 @@ def summarize_profile(raw: Path, top: int = 15) -> dict[str, Any]:
         samples += count
         own[frames[-1]] += count
         where = frames[-1].rpartition(" (")[2]
-        package[where.split("/")[0].split(".")[0].rstrip(")")] += count
+        where = where.rstrip(")")
+        # "<string>" (code dataclasses generate), "<sqlalchemy generated ...>"
+        name = where[1:].split()[0].rstrip(">") if where.startswith("<") else where
+        package[name.split("/")[0].split(".")[0]] += count
         for frame in set(frames):
             if any(f"({root}" in frame for root in PROJECT):
                 total[frame] += count

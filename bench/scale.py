@@ -11,7 +11,7 @@ grows, submits a second, and the time of one placement decision.
    agent process. Every job is the synthetic model `synth` (10 MiB: the
    built-in tiny profile), 256x256, 4 steps; --simulate-time-scale makes
    a warm card take 0.5 s a job, so ideal = cards / 0.5 s (128 jobs/s at
-   64 cards). Threads in this process keep 2 x cards + max(4, cards) jobs
+   64 cards). Threads in this process keep 2 x cards + max(8, cards) jobs
    outstanding. After a warm-up (3 x cards jobs ended; the cards' speeds
    are learned from them) it counts the jobs that succeeded in a fixed
    window (their finished_at in the database) and reads every process's
@@ -127,7 +127,7 @@ class Rig:
 def phase(rig: Rig, users: list[str], window: float, spy_to: Path | None = None) -> dict[str, Any]:
     """Keeps the backlog topped up; after the warm-up, one measured window."""
     cards = rig.cards
-    topup = drive.TopUp(rig.cluster.address, rig.db, users, 2 * cards + max(4, cards))
+    topup = drive.TopUp(rig.cluster.address, rig.db, users, 2 * cards + max(8, cards))
     topup.start()
     try:
         begun, warm = time.monotonic(), max(3 * cards, 4)
