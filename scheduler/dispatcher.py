@@ -201,7 +201,8 @@ class Dispatcher(UsesRuntime):
                     (jobs[demand.job_id], decision, [job for job in riders if job is not None])
                 )
             else:
-                self.waiting[demand.job_id] = decision.reason
+                if decision.reason:  # else worked out when someone asks
+                    self.waiting[demand.job_id] = decision.reason
                 unplaced.append(demand)
         # Together, so that their writes share one transaction.
         bound = await asyncio.gather(

@@ -211,15 +211,19 @@ class Planner:
         self.taken: set[str] = set()  # jobs placed this pass, leading a batch or in one
         self.views = {gpu.key: gpu for gpu in gpus}
         self.speeds = speed_model(gpus)
+        self.speeds.prepare()
         self.held: set[str] = set()
         self._taking = [key for key, gpu in self.views.items() if _takes_now(gpu)]
         self._cursor = 0  # where the next sample starts
         self._later_cursor = 0
-        self._unplaced: dict[Shape, Unplaced] = {}  # until a view changes
+        # Shapes no GPU can take now. Views only lose room and slots as a
+        # pass goes on, so a shape stays unplaceable for the rest of it.
+        self._unplaced: dict[Shape, Unplaced] = {}
         self._why: dict[Shape, Decision] = {}  # likewise
-        self._busy_cache: list[GpuView] | None = None  # likewise
-        self._busy_floor: float | None = None  # likewise
-        self._fastest_cache: dict[str, float] = {}  # speeds do not change in a pass
+        self._busy = {key: None for key, gpu in self.views.items() if self._is_busy(gpu)}
+        # No busy GPU has less bound work than this; it only grows in a
+        # pass, so an old floor is still a floor.
+        self._busy_floor = min((self.views[key].busy_seconds for key in self._busy), default=0.0)
 
     @property
     def open(self) -> bool:
@@ -228,17 +232,17 @@ class Planner:
 
     def _update(self, gpu: GpuView) -> None:
         self.views[gpu.key] = gpu
-        self._unplaced.clear()
+        if self._is_busy(gpu) and gpu.key not in self._busy:
+            self._busy[gpu.key] = None
+            self._busy_floor = min(self._busy_floor, gpu.busy_seconds)
         self._why.clear()
-        self._busy_cache, self._busy_floor = None, None
         if not _takes_now(gpu) and gpu.key in self._taking:
             self._taking.remove(gpu.key)
 
     def _hold(self, gpu: GpuView) -> None:
         self.held.add(gpu.key)
-        self._unplaced.clear()
+        self._busy.pop(gpu.key, None)
         self._why.clear()
-        self._busy_cache, self._busy_floor = None, None
         if gpu.key in self._taking:
             self._taking.remove(gpu.key)
 
@@ -252,15 +256,9 @@ class Planner:
         picked = keys[start : start + size] + keys[: max(0, start + size - len(keys))]
         return [self.views[key] for key in picked]
 
-    def _busy(self) -> list[GpuView]:
-        """GPUs that cannot take a job now but will: bound full, not held."""
-        if self._busy_cache is None:
-            self._busy_cache = [
-                gpu
-                for key, gpu in self.views.items()
-                if key not in self.held and gpu.healthy and not gpu.draining and not _takes_now(gpu)
-            ]
-        return self._busy_cache
+    def _is_busy(self, gpu: GpuView) -> bool:
+        """Cannot take a job now but will: its slots are bound, not held."""
+        return gpu.key not in self.held and gpu.healthy and not gpu.draining and not _takes_now(gpu)
 
     def _busy_sample(self, demand: Demand, before: float) -> list[GpuView]:
         """Busy GPUs worth asking whether waiting for one would be better:
@@ -268,28 +266,18 @@ class Planner:
         for the model could not finish within `before` (in a cluster of
         alike cards, the usual case); else all of them, or a rotating
         sample in a large cluster."""
-        busy = self._busy()
-        if not busy:
+        if not self._busy:
             return []
-        if self._busy_floor is None:
-            self._busy_floor = min(gpu.busy_seconds for gpu in busy)
-        fastest = self._fastest(demand.model)
+        fastest = self.speeds.fastest(demand.model)
         if self._busy_floor + run_seconds(demand.work, fastest, MemoryMode.FULL) > before:
             return []
+        busy = [self.views[key] for key in self._busy]
         size = sample_size(len(busy))
         if len(busy) <= size:
             return busy
         start = self._later_cursor % len(busy)
         self._later_cursor = start + size
         return busy[start : start + size] + busy[: max(0, start + size - len(busy))]
-
-    def _fastest(self, model: str) -> float:
-        """The fastest any GPU runs `model`, measured or expected."""
-        if model not in self._fastest_cache:
-            self._fastest_cache[model] = max(
-                (self.speeds.speed(key, model) for key in self.views), default=0.0
-            )
-        return self._fastest_cache[model]
 
     def why(self, demand: Demand) -> Decision:
         """Why a job waits, against the views as the pass left them; for a
@@ -333,9 +321,10 @@ class Planner:
                 self.taken.update(partner.job_id for partner in decision.batch)
             self._update(_charge(decision.gpu, demand, decision))
             return decision
-        # Say why against every GPU not held, as people read it.
-        unplaced = self.why(demand)
-        assert isinstance(unplaced, Unplaced)
+        # Why it waits, against every GPU, costs what the whole cluster is,
+        # and most waiting jobs are never asked about: `why` works it out
+        # when someone asks. The reason stays empty until then.
+        unplaced = Unplaced("")
         self._unplaced[_shape(demand)] = unplaced
         return self._unplaced_or_held(demand, unplaced)
 
@@ -344,8 +333,10 @@ class Planner:
             open_gpus = [gpu for key, gpu in self.views.items() if key not in self.held]
             later = _soonest_later(demand, open_gpus, self.speeds)
             if later is not None:
+                why = self.why(demand)
+                reason = why.reason if isinstance(why, Unplaced) else "fits no GPU now"
                 self._hold(later.gpu)
-                return Reserved(later.gpu, f"{unplaced.reason}; holding {later.gpu.name} for it")
+                return Reserved(later.gpu, f"{reason}; holding {later.gpu.name} for it")
         return unplaced
 
 

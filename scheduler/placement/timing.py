@@ -34,6 +34,8 @@ class SpeedModel:
         self.known = known
         self._means: dict[str, float | None] = {}
         self._factors: dict[str, float] = {}
+        self._fastest: dict[str, float] | None = None
+        self._top_factor = 0.0
 
     def model_mean(self, model: str) -> float | None:
         if model not in self._means:
@@ -55,6 +57,26 @@ class SpeedModel:
                     ratios.append(speed.megapixel_steps_per_second / mean)
             self._factors[device] = sum(ratios) / len(ratios) if ratios else 1.0
         return self._factors[device]
+
+    def prepare(self) -> dict[str, float]:
+        """One pass over the table: every device's factor, and each model's
+        fastest measured speed. Done once, before any decision needs it."""
+        if self._fastest is None:
+            top: dict[str, float] = {}
+            top_factor = 0.0
+            for device, speeds in self.known.items():
+                top_factor = max(top_factor, self.device_factor(device))
+                for name, speed in speeds.items():
+                    top[name] = max(top.get(name, 0.0), speed.megapixel_steps_per_second)
+            self._fastest, self._top_factor = top, top_factor
+        return self._fastest
+
+    def fastest(self, model: str) -> float:
+        """No device runs `model` faster than this, measured or expected."""
+        measured = self.prepare().get(model, 0.0)
+        mean = self.model_mean(model)
+        expected = (DEFAULT_SPEED if mean is None else mean) * self._top_factor
+        return max(measured, expected)
 
     def speed(self, device: str, model: str) -> float:
         """Megapixel-steps/s of `model` on `device`. Unmeasured: the

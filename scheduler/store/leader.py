@@ -53,6 +53,18 @@ def database_now(conn: sa.Connection) -> float:
     return float(conn.exec_driver_sql(query).scalar_one())
 
 
+# The fence's statements, built once: every write transaction runs one.
+# PostgreSQL: the epoch, under a share lock that a takeover must wait for.
+_EPOCH_SHARED = sa.select(leader.c.epoch).where(leader.c.id == 1).with_for_update(read=True)
+# SQLite: a no-op write of the row if the epoch is still ours, which takes
+# the database's one write lock.
+_TOUCH_IF_EPOCH = (
+    sa.update(leader)
+    .where(leader.c.id == 1, leader.c.epoch == sa.bindparam("held_epoch"))
+    .values(epoch=leader.c.epoch)
+)
+
+
 class Fence:
     """Opens write transactions that commit only while `epoch` is the
     leader's. With no epoch set (tools, tests, a single scheduler before its
@@ -90,19 +102,9 @@ class Fence:
         if epoch is None:
             return
         if conn.dialect.name == "postgresql":
-            current = conn.execute(
-                sa.select(leader.c.epoch).where(leader.c.id == 1).with_for_update(read=True)
-            ).scalar()
-            held = current == epoch
+            held = conn.execute(_EPOCH_SHARED).scalar() == epoch
         else:
-            held = (
-                conn.execute(
-                    sa.update(leader)
-                    .where(leader.c.id == 1, leader.c.epoch == epoch)
-                    .values(epoch=leader.c.epoch)
-                ).rowcount
-                == 1
-            )
+            held = conn.execute(_TOUCH_IF_EPOCH, {"held_epoch": epoch}).rowcount == 1
         if not held:
             if self.on_lost is not None:
                 self.on_lost()

@@ -9,9 +9,22 @@ from typing import Any
 import sqlalchemy as sa
 
 from scheduler.domain import AttemptRecord, Job, JobEvent
-from scheduler.states import ACTIVE, JobState
+from scheduler.states import JobState
 from scheduler.store.rows import attempt_from_row, event_from_row, image_from_row, job_from_row
-from scheduler.store.schema import attempts, images, job_events, jobs
+from scheduler.store.schema import jobs
+from scheduler.store.statements import (
+    ACTIVE_ATTEMPTS,
+    ACTIVE_JOBS,
+    ATTEMPTS_OF_JOB,
+    EVENTS_AFTER,
+    IMAGE,
+    IMAGES_OF_JOB,
+    IMAGES_OF_JOBS,
+    JOB,
+    JOBS_BY_IDS,
+    JOBS_BY_REQUEST_IDS,
+    QUEUED_IDS,
+)
 from sdmesh.domain import ImageInfo
 
 
@@ -21,16 +34,19 @@ class JobReads:
     def _jobs(self, conn: sa.Connection, rows: Sequence[sa.Row[Any]]) -> list[Job]:
         ids = [row.id for row in rows]
         by_job: dict[str, list[ImageInfo]] = {job_id: [] for job_id in ids}
-        if ids:
-            for image in conn.execute(
-                sa.select(images).where(images.c.job_id.in_(ids)).order_by(images.c.idx)
-            ):
-                by_job[image.job_id].append(image_from_row(image))
+        if not ids:
+            return []
+        if len(ids) == 1:  # get_job's: no IN list to render
+            found = conn.execute(IMAGES_OF_JOB, {"job_id": ids[0]})
+        else:
+            found = conn.execute(IMAGES_OF_JOBS, {"job_ids": ids})
+        for image in found:
+            by_job[image.job_id].append(image_from_row(image))
         return [job_from_row(row, by_job[row.id]) for row in rows]
 
     def get_job(self, job_id: str) -> Job | None:
         with self.engine.connect() as conn:
-            rows = conn.execute(sa.select(jobs).where(jobs.c.id == job_id)).all()
+            rows = conn.execute(JOB, {"job_id": job_id}).all()
             found = self._jobs(conn, rows)
         return found[0] if found else None
 
@@ -86,61 +102,45 @@ class JobReads:
             return self._jobs(conn, conn.execute(query).all())
 
     def queued_ids(self) -> set[str]:
-        query = sa.select(jobs.c.id).where(jobs.c.state == JobState.QUEUED.value)
         with self.engine.connect() as conn:
-            return set(conn.execute(query).scalars())
+            return set(conn.execute(QUEUED_IDS).scalars())
 
     def jobs_by_ids(self, ids: Iterable[str]) -> list[Job]:
         wanted = list(ids)
         if not wanted:
             return []
         with self.engine.connect() as conn:
-            return self._jobs(
-                conn, conn.execute(sa.select(jobs).where(jobs.c.id.in_(wanted))).all()
-            )
+            return self._jobs(conn, conn.execute(JOBS_BY_IDS, {"job_ids": wanted}).all())
 
     def active_jobs(self) -> list[Job]:
-        query = sa.select(jobs).where(jobs.c.state.in_([state.value for state in ACTIVE]))
         with self.engine.connect() as conn:
-            return self._jobs(conn, conn.execute(query).all())
+            return self._jobs(conn, conn.execute(ACTIVE_JOBS).all())
 
     def active_attempts(self) -> list[tuple[Job, AttemptRecord]]:
         """Assigned and running jobs, each with its current attempt."""
-        query = (
-            sa.select(attempts)
-            .join(
-                jobs, sa.and_(jobs.c.id == attempts.c.job_id, jobs.c.attempt == attempts.c.attempt)
-            )
-            .where(jobs.c.state.in_([state.value for state in ACTIVE]))
-        )
         with self.engine.connect() as conn:
-            records = {row.job_id: attempt_from_row(row) for row in conn.execute(query)}
+            records = {row.job_id: attempt_from_row(row) for row in conn.execute(ACTIVE_ATTEMPTS)}
         return [(job, records[job.id]) for job in self.active_jobs() if job.id in records]
 
     def events_after(self, job_id: str, after_seq: int) -> list[JobEvent]:
-        query = (
-            sa.select(job_events)
-            .where(job_events.c.job_id == job_id, job_events.c.seq > after_seq)
-            .order_by(job_events.c.seq)
-        )
         with self.engine.connect() as conn:
-            return [event_from_row(row) for row in conn.execute(query)]
+            rows = conn.execute(EVENTS_AFTER, {"job_id": job_id, "after": after_seq})
+            return [event_from_row(row) for row in rows]
 
     def image(self, job_id: str, index: int) -> tuple[ImageInfo, str] | None:
-        query = sa.select(images).where(images.c.job_id == job_id, images.c.idx == index)
         with self.engine.connect() as conn:
-            row = conn.execute(query).first()
+            row = conn.execute(IMAGE, {"job_id": job_id, "index": index}).first()
         return None if row is None else (image_from_row(row), row.path)
 
     def attempts(self, job_id: str) -> list[AttemptRecord]:
-        query = sa.select(attempts).where(attempts.c.job_id == job_id).order_by(attempts.c.attempt)
         with self.engine.connect() as conn:
-            return [attempt_from_row(row) for row in conn.execute(query)]
+            rows = conn.execute(ATTEMPTS_OF_JOB, {"job_id": job_id})
+            return [attempt_from_row(row) for row in rows]
 
     def _by_request_ids(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Job]:
         if not keys:
             return {}
-        query = sa.select(jobs).where(sa.tuple_(jobs.c.owner, jobs.c.request_id).in_(sorted(keys)))
         with self.engine.connect() as conn:
-            found = self._jobs(conn, conn.execute(query).all())
+            rows = conn.execute(JOBS_BY_REQUEST_IDS, {"keys": sorted(keys)}).all()
+            found = self._jobs(conn, rows)
         return {(job.owner, job.spec.request_id): job for job in found}

@@ -32,10 +32,22 @@ from scheduler.store.estimates import EstimateRegistry
 from scheduler.store.leader import Fence
 from scheduler.store.nodes import NodeRegistry
 from scheduler.store.reads import JobReads
-from scheduler.store.rows import (
-    event_row,
+from scheduler.store.rows import event_row
+from scheduler.store.statements import (
+    COUNTED_FAILURES,
+    END_ATTEMPT,
+    FIRST_START,
+    INSERT_ATTEMPT,
+    INSERT_EVENTS,
+    INSERT_IMAGES,
+    INSERT_JOBS,
+    LAST_FAILURE,
+    NEXT_ATTEMPT,
+    NOT_LAST_FAILURE,
+    ONE_MORE_FAILURE,
+    UPDATE_ATTEMPT,
+    transition,
 )
-from scheduler.store.schema import attempts, images, job_events, jobs
 from sdmesh.domain import AttemptOutcome, AttemptProfile, ImageInfo
 from sdmesh.spec import JobSpec, MemoryMode
 
@@ -135,9 +147,9 @@ class Store(JobReads):
         if new_jobs:
             try:
                 with self.fence.begin() as conn:
-                    conn.execute(sa.insert(jobs), [_job_row(job) for job in new_jobs])
+                    conn.execute(INSERT_JOBS, [_job_row(job) for job in new_jobs])
                     conn.execute(
-                        sa.insert(job_events),
+                        INSERT_EVENTS,
                         [
                             event_row(job.id, 1, 0, now, StateChange(JobState.QUEUED))
                             for job in new_jobs
@@ -171,31 +183,30 @@ class Store(JobReads):
         """The one conditional UPDATE every state change goes through. Writes
         the `before` events and then the state event, with consecutive seqs.
         Returns the events, or None when the job was not in a state (or at
-        the attempt) that allows the move."""
+        the attempt) that allows the move.
+
+        `values` are plain values or the expressions in
+        `scheduler.store.statements`, and `where` holds conditions from
+        there too: the statement is built once for each combination."""
         allowed = sources(target)
         if from_states is not None:
             allowed = allowed & frozenset(from_states)
         now = self.clock()
-        query = (
-            sa.update(jobs)
-            .where(jobs.c.id == job_id, jobs.c.state.in_([state.value for state in allowed]))
-            .where(*where)
-            .values(
-                state=target.value,
-                reason=reason,
-                updated_at=now,
-                last_seq=jobs.c.last_seq + len(before) + 1,
-                **(values or {}),
-            )
-            .returning(
-                jobs.c.last_seq, jobs.c.attempt, jobs.c.node_id, jobs.c.node_name, jobs.c.gpu_index
+        values = values or {}
+        expressions = tuple(
+            sorted(
+                (name, value if isinstance(value, sa.ColumnElement) else None)
+                for name, value in values.items()
             )
         )
+        query = transition(target, allowed, attempt is not None, tuple(where), expressions)
+        params = {
+            name: value for name, value in values.items() if not isinstance(value, sa.ColumnElement)
+        }
+        params.update(job_id=job_id, now=now, seq_step=len(before) + 1, reason=reason)
         if attempt is not None:
-            query = query.where(jobs.c.attempt == attempt)
-        if target.terminal:
-            query = query.values(finished_at=now)
-        row = conn.execute(query).first()
+            params["expected_attempt"] = attempt
+        row = conn.execute(query, params).first()
         if row is None:
             return None
         first_seq = row.last_seq - len(before)
@@ -211,7 +222,7 @@ class Store(JobReads):
             for offset, body in enumerate([*before, state])
         ]
         conn.execute(
-            sa.insert(job_events),
+            INSERT_EVENTS,
             [event_row(e.job_id, e.seq, e.attempt, e.time, e.body) for e in events],
         )
         return events
@@ -228,6 +239,8 @@ class Store(JobReads):
         profile: AttemptProfile | None = None,
     ) -> None:
         values: dict[str, Any] = {
+            "attempt_job_id": job_id,
+            "attempt_number": attempt,
             "outcome": outcome.value,
             "reason": reason,
             "counted_failure": counted_failure,
@@ -239,15 +252,7 @@ class Store(JobReads):
                 mean_step_seconds=profile.mean_step_seconds,
                 peak_vram_bytes=profile.peak_vram_bytes or None,
             )
-        conn.execute(
-            sa.update(attempts)
-            .where(
-                attempts.c.job_id == job_id,
-                attempts.c.attempt == attempt,
-                attempts.c.outcome.is_(None),
-            )
-            .values(**values)
-        )
+        conn.execute(END_ATTEMPT, values)
 
     def assign(
         self,
@@ -272,7 +277,7 @@ class Store(JobReads):
                 JobState.ASSIGNED,
                 attempt=expected_attempt,
                 values={
-                    "attempt": jobs.c.attempt + 1,
+                    "attempt": NEXT_ATTEMPT,
                     "node_id": node_id,
                     "node_name": node_name,
                     "gpu_index": gpu_index,
@@ -281,27 +286,25 @@ class Store(JobReads):
             )
             if events is None:
                 return None
-            queued_since = conn.execute(
-                sa.select(job_events.c.created_at)
-                .where(job_events.c.job_id == job_id, job_events.c.seq < events[0].seq)
-                .order_by(job_events.c.seq.desc())
-                .limit(1)
-            ).scalar()
             conn.execute(
-                sa.insert(attempts).values(
-                    job_id=job_id,
-                    attempt=expected_attempt + 1,
-                    node_id=node_id,
-                    node_name=node_name,
-                    gpu_index=gpu_index,
-                    memory_mode=memory_mode.value,
-                    placement=placement,
-                    vram_estimate_bytes=vram_estimate_bytes or None,
-                    queued_seconds=None if queued_since is None else now - queued_since,
-                    reason="",
-                    counted_failure=False,
-                    assigned_at=now,
-                )
+                INSERT_ATTEMPT,
+                {
+                    "job_id": job_id,
+                    "attempt": expected_attempt + 1,
+                    "node_id": node_id,
+                    "node_name": node_name,
+                    "gpu_index": gpu_index,
+                    "memory_mode": memory_mode.value,
+                    "placement": placement,
+                    "vram_estimate_bytes": vram_estimate_bytes or None,
+                    # queued_seconds: now minus the time of the event before these
+                    "now": now,
+                    "event_job_id": job_id,
+                    "assigned_seq": events[0].seq,
+                    "reason": "",
+                    "counted_failure": False,
+                    "assigned_at": now,
+                },
             )
         return events
 
@@ -314,13 +317,12 @@ class Store(JobReads):
                 job_id,
                 JobState.RUNNING,
                 attempt=attempt,
-                values={"started_at": sa.func.coalesce(jobs.c.started_at, now)},
+                values={"started_at": FIRST_START},
             )
             if events is not None:
                 conn.execute(
-                    sa.update(attempts)
-                    .where(attempts.c.job_id == job_id, attempts.c.attempt == attempt)
-                    .values(started_at=now)
+                    UPDATE_ATTEMPT,
+                    {"attempt_job_id": job_id, "attempt_number": attempt, "started_at": now},
                 )
         return events
 
@@ -345,7 +347,7 @@ class Store(JobReads):
             if events is None:
                 return None
             conn.execute(
-                sa.insert(images),
+                INSERT_IMAGES,
                 [
                     {
                         "job_id": job_id,
@@ -390,8 +392,8 @@ class Store(JobReads):
                     JobState.FAILED,
                     attempt=attempt,
                     from_states=ACTIVE,
-                    where=[jobs.c.failures + 1 >= jobs.c.max_attempts],
-                    values={"failures": jobs.c.failures + 1},
+                    where=[LAST_FAILURE],
+                    values={"failures": ONE_MORE_FAILURE},
                     reason=history,
                 )
             if events is None:
@@ -400,8 +402,8 @@ class Store(JobReads):
                     job_id,
                     JobState.QUEUED,
                     attempt=attempt,
-                    where=[jobs.c.failures + 1 < jobs.c.max_attempts] if count_failure else [],
-                    values={"failures": jobs.c.failures + int(count_failure)},
+                    where=[NOT_LAST_FAILURE] if count_failure else [],
+                    values={"failures": ONE_MORE_FAILURE} if count_failure else {},
                     reason=reason,
                 )
             if events is None:
@@ -418,12 +420,8 @@ class Store(JobReads):
         return events
 
     def _failure_history(self, conn: sa.Connection, job_id: str, attempt: int, reason: str) -> str:
-        query = (
-            sa.select(attempts.c.attempt, attempts.c.reason)
-            .where(attempts.c.job_id == job_id, attempts.c.counted_failure.is_(True))
-            .order_by(attempts.c.attempt)
-        )
-        earlier = [(row.attempt, row.reason) for row in conn.execute(query)]
+        rows = conn.execute(COUNTED_FAILURES, {"job_id": job_id})
+        earlier = [(row.attempt, row.reason) for row in rows]
         lines = [f"attempt {n}: {why}" for n, why in [*earlier, (attempt, reason)]]
         return f"failed {len(lines)} times; " + "; ".join(lines)
 
