@@ -28,7 +28,7 @@ from dataclasses import replace
 from scheduler.config import RESERVE_AFTER_SECONDS
 from scheduler.estimator import format_bytes
 from scheduler.placement.filters import STATIC_FILTERS, fitting_need, rejection
-from scheduler.placement.scores import Candidate, candidate, combine, scores
+from scheduler.placement.scores import Candidate, candidate, combine, combined_score, scores
 from scheduler.placement.timing import SpeedModel, run_seconds
 from scheduler.placement.views import (
     MAX_ACTIVE_PER_GPU,
@@ -96,12 +96,12 @@ def place(
     if not options:
         return Unplaced(summarize(len(gpus), rejections), tuple(rejections))
     best_finish = min(option.finish_seconds for option in options)
-    ranked = sorted(
-        ((combine(scores(demand, o, best_finish)), o) for o in options),
-        key=lambda pair: (-pair[0], pair[1].gpu.node_id, pair[1].gpu.index),
+    chosen = min(
+        options,
+        key=lambda o: (-combined_score(demand, o, best_finish), o.gpu.node_id, o.gpu.index),
     )
-    score, chosen = ranked[0]
     parts = scores(demand, chosen, best_finish)
+    score = combine(parts)
     gpu, need = chosen.gpu, chosen.need
     explanation = (
         f"{gpu.name} in {need.mode.value} mode, score {score:.0f} "

@@ -65,5 +65,19 @@ def scores(demand: Demand, option: Candidate, best_finish_seconds: float) -> dic
     }
 
 
+_TOTAL_WEIGHT = sum(WEIGHTS.values())
+
+
+def combined_score(demand: Demand, option: Candidate, best_finish_seconds: float) -> float:
+    """`combine(scores(...))` without building the parts: the same sum in
+    the same order, so the same float, at a fraction of the cost."""
+    return (
+        WEIGHTS["finish"] * finish_score(option, best_finish_seconds)
+        + WEIGHTS["resident"] * resident_score(demand, option.gpu)
+        + WEIGHTS["fit"] * fit_score(option.gpu, option.need)
+        + WEIGHTS["utilization"] * utilization_score(option.gpu)
+    ) / _TOTAL_WEIGHT
+
+
 def combine(parts: Mapping[str, float]) -> float:
     return sum(WEIGHTS[name] * value for name, value in parts.items()) / sum(WEIGHTS.values())
