@@ -1,5 +1,6 @@
 """What a device worker runs jobs through: it hands out a pipeline for a
-model in a memory mode, and reports the peak memory a job used.
+model in a memory mode, evicts idle resident models when a job needs their
+room, and reports the peak memory a job used.
 
 `TorchBackend` is the real thing: diffusers pipelines on a CUDA card or the
 CPU, with torch's own peak counter. Simulated cards (`gpu_node.simulated`)
@@ -24,7 +25,10 @@ class Backend(Protocol):
         seconds spent loading the model (0 when it was resident)."""
         ...
 
-    def resident(self) -> tuple[ModelInfo, ...]: ...
+    def resident(self) -> tuple[ModelInfo, ...]:
+        """The models whose weights are on the device, least recently used
+        first."""
+        ...
 
     def begin_job(self) -> None:
         """Resets the peak-memory counter."""
@@ -32,7 +36,19 @@ class Backend(Protocol):
 
     def peak_bytes(self) -> int:
         """The most memory the job had: its peak, or, after an out-of-memory,
-        what it had when it failed. 0 when the device cannot tell."""
+        what it had when it failed; the weights of other resident models are
+        not counted. 0 when the device cannot tell."""
+        ...
+
+    def make_room(self, model: str, peak_bytes: int) -> bool:
+        """Before a job of `model` that last peaked at `peak_bytes` (its
+        weights included): evicts other resident models, least recently used
+        first, until it fits. True when it evicted any."""
+        ...
+
+    def evict_others(self, model: str) -> bool:
+        """Evicts every resident model but `model`, after a job ran out of
+        memory beside them. True when it evicted any."""
         ...
 
     def release(self, *, collect: bool = False) -> None:
@@ -48,13 +64,19 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    def __init__(self, torch_device: str, catalog: Catalog) -> None:
+    def __init__(
+        self, torch_device: str, catalog: Catalog, budget_bytes: int | None = None
+    ) -> None:
         self.torch_device = torch_device
-        self.pipelines = PipelineCache(torch_device, catalog)
+        self.pipelines = PipelineCache(torch_device, catalog, budget_bytes)
         self.cuda = torch_device.startswith("cuda")
+        self._model: str | None = None  # the running job's
 
     def pipeline(self, model: str, sampler: str, mode: MemoryMode) -> tuple[Any, float]:
-        return self.pipelines.get(model, sampler, mode)
+        self._model = model
+        pipeline, load_seconds = self.pipelines.get(model, sampler, mode)
+        self.begin_job()  # the job's peak, not the load's
+        return pipeline, load_seconds
 
     def resident(self) -> tuple[ModelInfo, ...]:
         return self.pipelines.resident()
@@ -70,7 +92,32 @@ class TorchBackend:
             return 0
         import torch
 
-        return int(torch.cuda.max_memory_allocated(self.torch_device))
+        others = self.pipelines.resident_bytes(besides=self._model)
+        return max(0, int(torch.cuda.max_memory_allocated(self.torch_device)) - others)
+
+    def make_room(self, model: str, peak_bytes: int) -> bool:
+        if not self.cuda or peak_bytes <= 0:
+            return False  # host memory is the host's to manage
+        import torch
+
+        own = self.pipelines.resident_bytes() - self.pipelines.resident_bytes(besides=model)
+        evicted = False
+        while True:
+            free, _ = torch.cuda.mem_get_info(self.torch_device)
+            cached = torch.cuda.memory_reserved(self.torch_device) - torch.cuda.memory_allocated(
+                self.torch_device
+            )
+            if free + cached >= peak_bytes - own or not self.pipelines.evict_least_used(keep=model):
+                if evicted:
+                    self.begin_job()  # the evicted weights were in the counter's start
+                return evicted
+            evicted = True
+
+    def evict_others(self, model: str) -> bool:
+        evicted = False
+        while self.pipelines.evict_least_used(keep=model):
+            evicted = True
+        return evicted
 
     def release(self, *, collect: bool = False) -> None:
         if collect:

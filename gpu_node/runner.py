@@ -97,6 +97,26 @@ def encode_png(image: Any, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
+def arguments(spec: JobSpec, on_step_end: Callable[..., Any]) -> dict[str, Any]:
+    """The diffusers text-to-image call for a job."""
+    import torch
+
+    return {
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt or None,
+        "width": spec.width,
+        "height": spec.height,
+        "num_inference_steps": spec.steps,
+        "guidance_scale": spec.cfg_scale,
+        "num_images_per_prompt": spec.batch_size,
+        # Noise from a CPU generator per image: the same seed gives the same
+        # picture on any card, and image i uses seed + i.
+        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in spec.seeds],
+        "callback_on_step_end": on_step_end,
+        "callback_on_step_end_tensor_inputs": ["latents"],
+    }
+
+
 class DeviceWorker:
     def __init__(
         self,
@@ -114,8 +134,10 @@ class DeviceWorker:
         self._queue: queue.Queue[Task | _Probe | None] = queue.Queue()
         self._tasks: dict[tuple[str, int], Task] = {}
         self._lock = threading.Lock()
-        # One thread, so each attempt's previews, images and ending leave
-        # in the order they were handed over.
+        # The last peak of each job shape (model, width, height, batch), so
+        # idle models can be evicted before a job that needs their room.
+        self._peaks: dict[tuple[str, int, int, int], int] = {}
+        # One thread, so updates leave in the order they were handed over.
         self._publisher = ThreadPoolExecutor(1, thread_name_prefix=f"publish-{device.index}")
         self._thread = threading.Thread(
             target=self._loop, name=f"worker-{device.index}", daemon=True
@@ -204,10 +226,9 @@ class DeviceWorker:
             return
         self._send(task, Ended(AttemptOutcome.SUCCEEDED, profile=profile))
 
-    def _out_of_memory(self, task: Task, error: BaseException, load_seconds: float) -> None:
+    def _out_of_memory(self, task: Task, message: str, load_seconds: float) -> None:
         """Reports what the job had when it ran out. The worker's loop frees
         the cache after, so the device stays usable."""
-        message = one_line(error)
         profile = AttemptProfile(load_seconds, 0.0, self.backend.peak_bytes())
         self._post(task, Ended(AttemptOutcome.FAILED, message, "oom", profile))
 
@@ -233,7 +254,7 @@ class DeviceWorker:
             self._post(task, Ended(AttemptOutcome.FAILED, str(exc), "model"))
             return True
         except torch.OutOfMemoryError as exc:  # the weights alone did not fit
-            self._out_of_memory(task, exc, 0.0)
+            self._out_of_memory(task, one_line(exc), 0.0)
             return False
         except Exception as exc:
             self._post(task, Ended(AttemptOutcome.FAILED, one_line(exc), "model"))
@@ -242,6 +263,8 @@ class DeviceWorker:
             self._post(task, self._stopped(task))
             return True
 
+        shape = (spec.model, spec.width, spec.height, spec.batch_size)
+        self.backend.make_room(spec.model, self._peaks.get(shape, 0))
         previewer = Previewer(self._publisher, lambda p: self._send(task, p))
         step_times: list[float] = []
         started = time.monotonic()
@@ -255,29 +278,31 @@ class DeviceWorker:
             previewer.offer(index + 1, total, tensors.get("latents"))
             return tensors
 
-        try:
-            result = pipeline(
-                prompt=spec.prompt,
-                negative_prompt=spec.negative_prompt or None,
-                width=spec.width,
-                height=spec.height,
-                num_inference_steps=spec.steps,
-                guidance_scale=spec.cfg_scale,
-                num_images_per_prompt=spec.batch_size,
-                # Noise from a CPU generator per image: the same seed gives
-                # the same picture on any card, and image i uses seed + i.
-                generator=[torch.Generator("cpu").manual_seed(s) for s in spec.seeds],
-                callback_on_step_end=on_step_end,
-                callback_on_step_end_tensor_inputs=["latents"],
-            )
-        except AttemptStopped:
-            self._post(task, self._stopped(task))
-            return False
-        except torch.OutOfMemoryError as exc:
-            self._out_of_memory(task, exc, load_seconds)
-            return False
-        except Exception as exc:
-            self._post(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
+        for tries in (1, 2):
+            out_of_memory = ""
+            try:
+                result = pipeline(**arguments(spec, on_step_end))
+                break
+            except AttemptStopped:
+                self._post(task, self._stopped(task))
+                return False
+            except torch.OutOfMemoryError as exc:
+                out_of_memory = one_line(exc)
+            except Exception as exc:
+                self._post(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
+                return False
+            # Out of the handler, the failed call's tensors are free.
+            if tries == 1 and self.backend.evict_others(spec.model):
+                log.warning(
+                    "job %s attempt %d ran out of memory beside other resident models; "
+                    "evicted them and running it again",
+                    task.job_id,
+                    task.attempt,
+                )
+                self.backend.begin_job()
+                step_times.clear()
+                continue
+            self._out_of_memory(task, out_of_memory, load_seconds)
             return False
         # Between the first and last callbacks, so that prompt encoding and
         # the first step's warm-up do not count.
@@ -286,6 +311,8 @@ class DeviceWorker:
         else:
             mean_step = step_times[0] - started if step_times else 0.0
         profile = AttemptProfile(load_seconds, mean_step, self.backend.peak_bytes())
+        if profile.peak_vram_bytes:
+            self._peaks[shape] = profile.peak_vram_bytes
         if task.memory_mode in (MemoryMode.AUTO, MemoryMode.FULL):
             self.speeds.record(
                 spec.model, spec.width, spec.height, spec.batch_size, mean_step, load_seconds

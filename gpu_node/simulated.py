@@ -5,10 +5,12 @@
 behave like real ones where the scheduler can see it:
 
 - each card charges a job its true peak from `gpu_node.profiles` (never the
-  scheduler's estimate), and holds it, and the resident model, while the
-  job runs;
-- when the peak does not fit, the real `torch.OutOfMemoryError` is raised
-  from inside the pipeline call, at the first step;
+  scheduler's estimate), and holds it while the job runs;
+- several models stay resident, each charged its weights, while they fit
+  the card: a model that does not fit beside them, or a job whose peak
+  does not, evicts the least recently used idle ones first;
+- when the peak does not fit even then, the real `torch.OutOfMemoryError`
+  is raised from inside the pipeline call, at the first step;
 - the work is the real pipeline on the CPU for real models (`tiny`), or a
   timing model for synthetic ones: steps x per-step time, scaled by pixels
   and card speed, plus a cold load for a model that is not resident.
@@ -30,6 +32,7 @@ import re
 import signal
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -106,7 +109,7 @@ def parse_hang(text: str, flag: str = "--simulate-hang") -> tuple[int, float]:
 
 
 class SimulatedCard:
-    """One card's memory: the CUDA context, the resident model's weights and
+    """One card's memory: the CUDA context, the resident models' weights and
     the running job's allocations."""
 
     def __init__(
@@ -124,32 +127,62 @@ class SimulatedCard:
         self.faults = faults or CardFaults()
         self._hung = False
         self._lock = threading.Lock()
-        self.resident: tuple[str, int] | None = None  # (model, weight bytes)
+        # model -> weight bytes, least recently used first
+        self.residents: OrderedDict[str, int] = OrderedDict()
         self.running_bytes = 0
         self.last_peak = 0
 
+    @property
+    def resident(self) -> tuple[str, int] | None:
+        """The model used last and its weight bytes; None when none is."""
+        with self._lock:
+            if not self.residents:
+                return None
+            name = next(reversed(self.residents))
+            return name, self.residents[name]
+
+    def resident_models(self) -> list[tuple[str, int]]:
+        """Every resident model and its weight bytes, least recently used first."""
+        with self._lock:
+            return list(self.residents.items())
+
+    def _free(self) -> int:
+        held = sum(self.residents.values())
+        return self.total_bytes - CUDA_CONTEXT_BYTES - held - self.running_bytes
+
     def free_bytes(self) -> int:
         with self._lock:
-            resident = self.resident[1] if self.resident else 0
-            return self.total_bytes - CUDA_CONTEXT_BYTES - resident - self.running_bytes
+            return self._free()
+
+    def _evict_for(self, needed: int, keep: str) -> None:
+        """Under the lock: evicts the least recently used models but `keep`
+        until `needed` bytes are free, or none is left to evict."""
+        for name in [name for name in self.residents if name != keep]:
+            if self._free() >= needed:
+                return
+            del self.residents[name]
+            log.info("simulated GPU %d evicted %s", self.index, name)
 
     def wait(self, seconds: float) -> None:
         time.sleep(seconds * self.time_scale)
 
     def load(self, model: str, profile: ModelProfile) -> float:
-        """Makes `model` resident, evicting another; returns the load time."""
+        """Makes `model` resident, evicting the least recently used others
+        while it does not fit; returns the load time."""
         with self._lock:
-            if self.resident is not None and self.resident[0] == model:
+            if model in self.residents:
+                self.residents.move_to_end(model)
                 return 0.0
-            self.resident = None
+            self._evict_for(profile.weight_bytes, keep=model)
         self.wait(profile.load_seconds)
         with self._lock:
-            self.resident = (model, profile.weight_bytes)
+            self.residents[model] = profile.weight_bytes
         return profile.load_seconds * self.time_scale
 
     def evict(self) -> None:
+        """Evicts every model: a job run offloaded needs the card's room."""
         with self._lock:
-            self.resident = None
+            self.residents.clear()
 
     def step(self, index: int, prompt: str) -> None:
         """Runs on the worker's thread after each step: the slow-step delay,
@@ -170,16 +203,16 @@ class SimulatedCard:
 
     @contextmanager
     def allocate(self, peak_bytes: int, model: str) -> Iterator[None]:
-        """Holds a job's memory while it runs, or raises the out-of-memory
-        error a real card raises. The resident weights of `model` are part
-        of its peak already."""
+        """Holds a job's memory while it runs, evicting idle models it needs
+        the room of, or raises the out-of-memory error a real card raises.
+        The resident weights of `model` are part of its peak already."""
         import torch
 
         with self._lock:
-            reused = self.resident[1] if self.resident and self.resident[0] == model else 0
-            resident = self.resident[1] if self.resident else 0
-            free = self.total_bytes - CUDA_CONTEXT_BYTES - resident - self.running_bytes
+            reused = self.residents.get(model, 0)
             extra = peak_bytes - reused
+            self._evict_for(extra, keep=model)
+            free = self._free()
             if extra > free:
                 self.last_peak = reused + max(free, 0)  # what it had when it failed
                 raise torch.OutOfMemoryError(
@@ -297,15 +330,24 @@ class SimulatedBackend:
         return SimulatedPipeline(self.card, profile, mode, inner), load_seconds
 
     def resident(self) -> tuple[ModelInfo, ...]:
-        resident = self.card.resident
-        model = self.catalog.get(resident[0]) if resident else None
-        return (model.info,) if model is not None else ()
+        infos = []
+        for name, weight_bytes in self.card.resident_models():
+            model = self.catalog.get(name)
+            if model is not None:
+                infos.append(ModelInfo(name, weight_bytes, model.dtype))
+        return tuple(infos)
 
     def begin_job(self) -> None:
         self.card.last_peak = 0
 
     def peak_bytes(self) -> int:
         return self.card.last_peak
+
+    def make_room(self, model: str, peak_bytes: int) -> bool:
+        return False  # the card makes room when the job allocates its peak
+
+    def evict_others(self, model: str) -> bool:
+        return False  # nor does it run out while an idle model could go
 
     def release(self, *, collect: bool = False) -> None:
         pass

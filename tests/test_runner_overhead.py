@@ -12,6 +12,7 @@ import gc
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -260,13 +261,21 @@ def test_a_reused_sampler_carries_nothing_into_the_next_job(catalog: Catalog) ->
     assert differing == []
 
 
-def test_loading_freezes_what_it_leaves_and_an_unload_thaws_it(catalog: Catalog) -> None:
+def test_loading_freezes_what_it_leaves_and_an_eviction_still_collects_it(
+    catalog: Catalog,
+) -> None:
     gc.unfreeze()
     cache = PipelineCache("cpu", catalog)
-    cache.get("tiny", "Euler a")
+    pipeline, _ = cache.get("tiny", "Euler a")
     assert gc.get_freeze_count() > 10_000  # torch, diffusers and the weights
+    # A reference cycle through the frozen model: only a thawed collection
+    # can free it.
+    pipeline.unet.loop = [pipeline.unet]
+    unet = weakref.ref(pipeline.unet)
+    del pipeline
     cache.unload()
-    assert gc.get_freeze_count() == 0
+    assert unet() is None
+    assert cache.resident() == ()
     cache.unload()  # nothing loaded: nothing to do
 
 
