@@ -496,7 +496,8 @@ Global___DeviceStats: _TypeAlias = DeviceStats  # noqa: Y015
 @_typing.final
 class ModelSpeed(_message.Message):
     """How fast a model runs on one device: megapixels x steps per second
-    (a 512x512 image is 0.26 megapixels), in full memory mode.
+    (a 512x512 image is 0.26 megapixels), in full memory mode, and in each
+    offloaded mode once a job has run so there (0: not measured yet).
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -505,11 +506,15 @@ class ModelSpeed(_message.Message):
     MEGAPIXEL_STEPS_PER_SECOND_FIELD_NUMBER: _builtins.int
     LOAD_SECONDS_FIELD_NUMBER: _builtins.int
     SAMPLES_FIELD_NUMBER: _builtins.int
+    MODEL_OFFLOAD_MEGAPIXEL_STEPS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    SEQUENTIAL_OFFLOAD_MEGAPIXEL_STEPS_PER_SECOND_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     megapixel_steps_per_second: _builtins.float
     load_seconds: _builtins.float
     """the last cold load; 0 when not measured"""
     samples: _builtins.int
+    model_offload_megapixel_steps_per_second: _builtins.float
+    sequential_offload_megapixel_steps_per_second: _builtins.float
     def __init__(
         self,
         *,
@@ -517,10 +522,12 @@ class ModelSpeed(_message.Message):
         megapixel_steps_per_second: _builtins.float = ...,
         load_seconds: _builtins.float = ...,
         samples: _builtins.int = ...,
+        model_offload_megapixel_steps_per_second: _builtins.float = ...,
+        sequential_offload_megapixel_steps_per_second: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_seconds", b"load_seconds", "megapixel_steps_per_second", b"megapixel_steps_per_second", "model", b"model", "samples", b"samples"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["load_seconds", b"load_seconds", "megapixel_steps_per_second", b"megapixel_steps_per_second", "model", b"model", "model_offload_megapixel_steps_per_second", b"model_offload_megapixel_steps_per_second", "samples", b"samples", "sequential_offload_megapixel_steps_per_second", b"sequential_offload_megapixel_steps_per_second"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

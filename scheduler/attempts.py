@@ -23,7 +23,7 @@ from scheduler.commands import AssignCommand, BatchPartner, StopCommand
 from scheduler.domain import Job, JobEvent
 from scheduler.estimator import format_bytes
 from scheduler.placement import Placed, shape_of
-from scheduler.placement.timing import run_seconds
+from scheduler.placement.timing import seconds_at
 from scheduler.runtime import Runtime, UsesRuntime
 from scheduler.uploads import UploadBuffer, UploadError
 from sdmesh.domain import (
@@ -97,12 +97,10 @@ def bound(
     the batch's memory and time, and a step takes the whole batch's."""
     spec = job.spec
     members = batch or (job,)
-    speed = placed.gpu.speeds.get(spec.model)
-    step_seconds = 0.0
-    if speed is not None and speed.megapixel_steps_per_second > 0:
-        images = sum(member.spec.batch_size for member in members)
-        work = megapixel_steps(spec.width, spec.height, images, 1)
-        step_seconds = run_seconds(work, speed.megapixel_steps_per_second, placed.need.mode)
+    images = sum(member.spec.batch_size for member in members)
+    work = megapixel_steps(spec.width, spec.height, images, 1)
+    measured = seconds_at(placed.gpu.speeds.get(spec.model), work, placed.need.mode)
+    step_seconds = measured or 0.0
     return ActiveAttempt(
         job_id=job.id,
         attempt=attempt,

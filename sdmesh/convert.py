@@ -165,10 +165,7 @@ def device_stats_from_proto(stats: common_pb2.DeviceStats) -> DeviceStats:
         DeviceStats,
         stats,
         resident_models=tuple(from_message(ModelInfo, model) for model in stats.resident_models),
-        speeds={
-            speed.model: Speed(speed.megapixel_steps_per_second, speed.load_seconds, speed.samples)
-            for speed in stats.model_speeds
-        },
+        speeds={speed.model: from_message(Speed, speed) for speed in stats.model_speeds},
     )
 
 

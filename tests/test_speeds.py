@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.placement.timing import expected_speed, load_seconds, run_seconds
+from scheduler.placement.timing import (
+    MODE_SLOWDOWN,
+    SpeedModel,
+    expected_speed,
+    load_seconds,
+    run_seconds,
+)
 from sdmesh.spec import MemoryMode
 from sdmesh.speeds import Speed, SpeedTable, megapixel_steps
 
@@ -49,3 +55,27 @@ def test_unmeasured_speeds_are_guessed_from_the_others() -> None:
 def test_cold_loads_as_measured_or_guessed_from_size() -> None:
     assert load_seconds({"sdxl": Speed(1.0, 8.0, 1)}, "sdxl", 7 * 2**30) == 8.0
     assert load_seconds({}, "sdxl", 7 * 2**30) == 7.0  # 1 GiB/s
+
+
+def test_offloaded_modes_are_measured_and_used_once_known() -> None:
+    table = SpeedTable()
+    # 512x512 is 0.262 MP: 0.5 s a step in full mode, 2 s model-offloaded.
+    table.record("sdxl", 512, 512, 1, 0.5, 3.0)
+    speed = table.record("sdxl", 512, 512, 1, 2.0, 0.0, MemoryMode.MODEL_OFFLOAD)
+    assert speed is not None
+    assert speed.megapixel_steps_per_second == pytest.approx(0.262144 / 0.5)
+    assert speed.model_offload_megapixel_steps_per_second == pytest.approx(0.262144 / 2.0)
+    assert (speed.load_seconds, speed.samples) == (3.0, 1)  # offloaded runs leave these
+    assert speed.sequential_offload_megapixel_steps_per_second == 0.0
+    model = SpeedModel({"gpu": table.speeds})
+    work = 0.262144 * 20
+    # Measured: 4x slower than full here, not the 1.5x default.
+    assert model.run_seconds("gpu", "sdxl", work, MemoryMode.MODEL_OFFLOAD) == pytest.approx(40.0)
+    # Not measured: full speed with the mode's default slowdown.
+    assert model.run_seconds("gpu", "sdxl", work, MemoryMode.SEQUENTIAL_OFFLOAD) == pytest.approx(
+        10.0 * MODE_SLOWDOWN[MemoryMode.SEQUENTIAL_OFFLOAD]
+    )
+    # A device that ran the model only offloaded has no full speed to share.
+    only = SpeedTable()
+    only.record("sdxl", 512, 512, 1, 2.0, 0.0, MemoryMode.MODEL_OFFLOAD)
+    assert SpeedModel({"a": only.speeds}).model_mean("sdxl") is None

@@ -16,7 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from scheduler.estimator import Need
-from scheduler.placement.timing import SpeedModel, load_seconds, run_seconds
+from scheduler.placement.timing import SpeedModel, load_seconds
 from scheduler.placement.views import Demand, GpuView
 
 WEIGHTS = {"finish": 5.0, "resident": 2.0, "fit": 1.0, "utilization": 1.0}
@@ -31,7 +31,7 @@ class Candidate:
 
 
 def candidate(demand: Demand, gpu: GpuView, need: Need, speeds: SpeedModel) -> Candidate:
-    seconds = run_seconds(demand.work, speeds.speed(gpu.key, demand.model), need.mode)
+    seconds = speeds.run_seconds(gpu.key, demand.model, demand.work, need.mode)
     if demand.model not in gpu.resident:
         seconds += load_seconds(gpu.speeds, demand.model, demand.weight_bytes)
     return Candidate(gpu, need, seconds, gpu.busy_seconds + seconds)

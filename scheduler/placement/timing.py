@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from sdmesh.spec import MemoryMode
 from sdmesh.speeds import Speed
 
-# How much slower each memory mode runs than full (weights cross the bus).
+# How much slower each memory mode runs than full (weights cross the bus),
+# until a device has measured it for a model.
 MODE_SLOWDOWN = {
     MemoryMode.FULL: 1.0,
     MemoryMode.AUTO: 1.0,
@@ -42,7 +43,7 @@ class SpeedModel:
             found = [
                 speeds[model].megapixel_steps_per_second
                 for speeds in self.known.values()
-                if model in speeds
+                if model in speeds and speeds[model].megapixel_steps_per_second > 0
             ]
             self._means[model] = sum(found) / len(found) if found else None
         return self._means[model]
@@ -53,7 +54,7 @@ class SpeedModel:
             ratios = []
             for name, speed in self.known.get(device, {}).items():
                 mean = self.model_mean(name)
-                if mean:
+                if mean and speed.megapixel_steps_per_second > 0:
                     ratios.append(speed.megapixel_steps_per_second / mean)
             self._factors[device] = sum(ratios) / len(ratios) if ratios else 1.0
         return self._factors[device]
@@ -83,10 +84,31 @@ class SpeedModel:
         model's mean over devices, scaled by how this device compares with
         others on models both have run."""
         mine = self.known.get(device)
-        if mine is not None and model in mine:
+        if mine is not None and model in mine and mine[model].megapixel_steps_per_second > 0:
             return mine[model].megapixel_steps_per_second
         mean = self.model_mean(model)
         return (DEFAULT_SPEED if mean is None else mean) * self.device_factor(device)
+
+    def run_seconds(self, device: str, model: str, work: float, mode: MemoryMode) -> float:
+        """Seconds `work` megapixel-steps take on `device` in `mode`: at the
+        speed measured in that mode there, else at the full-mode speed with
+        the mode's default slowdown."""
+        return seconds_at((self.known.get(device) or {}).get(model), work, mode) or run_seconds(
+            work, self.speed(device, model), mode
+        )
+
+
+def seconds_at(speed: Speed | None, work: float, mode: MemoryMode) -> float | None:
+    """Seconds `work` takes at a device's measured `speed` in `mode`, or
+    None when that mode (or, offloaded, full mode) was never measured."""
+    if speed is None:
+        return None
+    measured = speed.in_mode(mode)
+    if measured > 0:
+        return work / measured
+    if speed.megapixel_steps_per_second > 0:
+        return run_seconds(work, speed.megapixel_steps_per_second, mode)
+    return None
 
 
 def expected_speed(device: str, model: str, known: Mapping[str, Mapping[str, Speed]]) -> float:
