@@ -11,8 +11,8 @@ grows, submits a second, and the time of one placement decision.
    agent process. Every job is the synthetic model `synth` (10 MiB: the
    built-in tiny profile), 256x256, 4 steps; --simulate-time-scale makes
    a warm card take 0.5 s a job, so ideal = cards / 0.5 s (128 jobs/s at
-   64 cards). Threads in this process keep 2 x cards + max(8, cards) jobs
-   outstanding. After a warm-up (3 x cards jobs ended; the cards' speeds
+   64 cards). Threads in this process keep 9 x cards + 8 jobs outstanding
+   (two slots a card, each up to a batch of 4 alike jobs, and a queue). After a warm-up (3 x cards jobs ended; the cards' speeds
    are learned from them) it counts the jobs that succeeded in a fixed
    window (their finished_at in the database) and reads every process's
    CPU from /proc over the same window; once for one user, once for five.
@@ -70,6 +70,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import sys
 import tempfile
@@ -92,6 +93,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 JOB_SECONDS = 0.5
 CARDS_PER_AGENT = 8
 SCHEDULER_ARGS = ("--heartbeat", "2s")  # the default, not the harness's 0.5 s
+# Jobs outstanding per card: each GPU has two slots, and the scheduler
+# sends up to --batch-max (4) alike jobs in one; all of this benchmark's
+# jobs are alike.
+BACKLOG_PER_CARD = 9
 USERS = [f"user-{n}" for n in range(1, 6)]
 GIB, MIB = 2**30, 2**20
 
@@ -127,7 +132,7 @@ class Rig:
 def phase(rig: Rig, users: list[str], window: float, spy_to: Path | None = None) -> dict[str, Any]:
     """Keeps the backlog topped up; after the warm-up, one measured window."""
     cards = rig.cards
-    topup = drive.TopUp(rig.cluster.address, rig.db, users, 2 * cards + max(8, cards))
+    topup = drive.TopUp(rig.cluster.address, rig.db, users, BACKLOG_PER_CARD * cards + 8)
     topup.start()
     try:
         begun, warm = time.monotonic(), max(3 * cards, 4)
@@ -187,7 +192,7 @@ def run_agents(args: argparse.Namespace, logs: Path, out: dict[str, Any]) -> Non
     for cards in args.cards:
         root = logs / f"cards-{cards}"
         root.mkdir()
-        cluster = LocalCluster(root, scheduler_args=SCHEDULER_ARGS)
+        cluster = LocalCluster(root, scheduler_args=args.scheduler_args)
         try:
             scheduler = cluster.start_scheduler()
             agents = [
@@ -297,7 +302,7 @@ def run_submit(args: argparse.Namespace, logs: Path, out: dict[str, Any]) -> Non
                 url = found
             root = logs / f"submit-{backend}"
             root.mkdir()
-            cluster = LocalCluster(root, db_url=url, scheduler_args=SCHEDULER_ARGS)
+            cluster = LocalCluster(root, db_url=url, scheduler_args=args.scheduler_args)
             try:
                 scheduler = cluster.start_scheduler()
                 flags = drive.agent_flags(1, drive.time_scale_for(JOB_SECONDS))
@@ -377,6 +382,9 @@ def main() -> None:
         help="seconds per placement case, 4x at 1,000 GPUs (default 30; quick 1)",
     )
     parser.add_argument("--profile", action="store_true", help="py-spy the scheduler at most cards")
+    parser.add_argument(
+        "--scheduler-args", default="", help="more `sdctl scheduler` flags, e.g. '--batch-max 1'"
+    )
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--output", type=Path)
     args = parser.parse_args()
@@ -385,6 +393,7 @@ def main() -> None:
     args.window = args.window or (3.0 if quick else 15.0)
     args.submits = args.submits or (200 if quick else 2000)
     args.budget = args.budget or (1.0 if quick else 30.0)
+    args.scheduler_args = (*SCHEDULER_ARGS, *shlex.split(args.scheduler_args))
     output = args.output or RESULTS / ("scale-quick.json" if quick else "scale.json")
     out: dict[str, Any] = {}
     if args.only and output.exists():
@@ -399,6 +408,7 @@ def main() -> None:
         cards=args.cards,
         cards_per_agent=args.cards_per_agent,
         window_s=args.window,
+        scheduler_args=" ".join(args.scheduler_args),
         cpu_cores=len(os.sched_getaffinity(0)),
         quick=quick,
     )
