@@ -115,6 +115,7 @@ class Sdmesh:
     uses: `queue_demands` (queue policy and estimates) and `plan`."""
 
     name = "sdmesh"
+    keeps_several = True  # the agent keeps several models per card while they fit
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -151,10 +152,8 @@ class Sdmesh:
     def _report(self, gpu: SimGpu) -> None:
         """What the agent's stats message would say now."""
         free = gpu.free_bytes()
-        resident = (
-            (ModelInfo(gpu.resident, PROFILES[gpu.resident].weight_bytes, "float16"),)
-            if gpu.resident
-            else ()
+        resident = tuple(
+            ModelInfo(model, PROFILES[model].weight_bytes, "float16") for model in gpu.resident
         )
         stats = DeviceStats(0, gpu.total_bytes, free, gpu.total_bytes - free, 100.0 if gpu.running else 0.0,
                             resident, dict(gpu.speeds.speeds))  # fmt: skip
@@ -230,7 +229,7 @@ class Policy(Protocol):
 
 
 def simulate(policy_type: type[Policy], seed: int) -> dict[str, float | None]:
-    engine = Engine(CARDS)
+    engine = Engine(CARDS, keeps_several=getattr(policy_type, "keeps_several", False))
     policy = policy_type(engine)  # type: ignore[call-arg]
     engine.on_finish = policy.finished
     jobs = workload(seed)
@@ -267,7 +266,21 @@ def simulate(policy_type: type[Policy], seed: int) -> dict[str, float | None]:
     }
 
 
-POLICIES: list[type[Any]] = [RoundRobin, LeastBusy, RoundRobinOffload, LeastBusyOffload, Sdmesh]
+class SdmeshOneModel(Sdmesh):
+    """sdmesh on cards that keep one model each: what keeping several saves."""
+
+    name = "sdmesh, one model per card"
+    keeps_several = False
+
+
+POLICIES: list[type[Any]] = [
+    RoundRobin,
+    LeastBusy,
+    RoundRobinOffload,
+    LeastBusyOffload,
+    SdmeshOneModel,
+    Sdmesh,
+]
 
 
 def _median(values: list[float | None]) -> float | None:

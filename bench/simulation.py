@@ -56,7 +56,11 @@ class SimGpu:
     index: int
     total_bytes: int
     speed: float
-    resident: str | None = None
+    # Models whose weights are on the card, least recently used first. A
+    # card keeps several while they fit beside the job that runs
+    # (`keeps_several`, as sdmesh's agent does), or one, as a web UI does.
+    resident: list[str] = field(default_factory=list)
+    keeps_several: bool = False
     waiting: deque[Run] = field(default_factory=deque)  # bound, not started
     running: Run | None = None
     busy_seconds: float = 0.0
@@ -73,12 +77,13 @@ class SimGpu:
     def free_bytes(self) -> int:
         """What NVML would report: the resident weights and the running
         job's allocations are in use."""
-        used = PROFILES[self.resident].weight_bytes if self.resident else 0
+        weights = {model: PROFILES[model].weight_bytes for model in self.resident}
+        used = sum(weights.values())
         if self.running is not None and self.running.started is not None:
             run = self.running
-            used = max(
-                used, true_peak(PROFILES[run.job.model], run.job.size, run.job.size, 1, run.mode)
-            )
+            # Its peak holds its own weights when they are resident.
+            peak = true_peak(PROFILES[run.job.model], run.job.size, run.job.size, 1, run.mode)
+            used += peak - weights.get(run.job.model, 0)
         return self.usable_bytes - used
 
 
@@ -93,8 +98,11 @@ class Outcome:
 
 
 class Engine:
-    def __init__(self, cards: list[tuple[int, float]]) -> None:
-        self.gpus = [SimGpu(i, size * GIB, speed) for i, (size, speed) in enumerate(cards)]
+    def __init__(self, cards: list[tuple[int, float]], *, keeps_several: bool = False) -> None:
+        self.gpus = [
+            SimGpu(i, size * GIB, speed, keeps_several=keeps_several)
+            for i, (size, speed) in enumerate(cards)
+        ]
         self.now = 0.0
         self._events: list[tuple[float, int, Callable[[], None]]] = []
         self._sequence = 0
@@ -131,12 +139,19 @@ class Engine:
             )
         full = run.mode is MemoryMode.FULL
         load = 0.0
-        if not (full and gpu.resident == job.model):
+        if not (full and job.model in gpu.resident):
             load = profile.load_seconds
             self.model_loads += 1
-        gpu.resident = job.model if full else None
         run.started = self.now + load
         peak = true_peak(profile, job.size, job.size, 1, run.mode)
+        # Idle models give way, least recently used first, while the job
+        # would not fit beside them.
+        others = (
+            [model for model in gpu.resident if model != job.model] if gpu.keeps_several else []
+        )
+        while others and sum(PROFILES[m].weight_bytes for m in others) + peak > gpu.usable_bytes:
+            others.pop(0)
+        gpu.resident = others + ([job.model] if full else [])
         work = run_seconds(profile, job.size, job.size, 1, job.steps, run.mode, gpu.speed)
         step = work / job.steps
         out_of_memory = peak > gpu.usable_bytes

@@ -313,9 +313,11 @@ class DeviceWorker:
         profile = AttemptProfile(load_seconds, mean_step, self.backend.peak_bytes())
         if profile.peak_vram_bytes:
             self._peaks[shape] = profile.peak_vram_bytes
-        if task.memory_mode in (MemoryMode.AUTO, MemoryMode.FULL):
-            self.speeds.record(
-                spec.model, spec.width, spec.height, spec.batch_size, mean_step, load_seconds
-            )
+        # Every memory mode is measured: offloaded speeds are what placement
+        # weighs a job that only fits offloaded by.
+        mode = MemoryMode.FULL if task.memory_mode is MemoryMode.AUTO else task.memory_mode
+        self.speeds.record(
+            spec.model, spec.width, spec.height, spec.batch_size, mean_step, load_seconds, mode
+        )
         self._publisher.submit(self._publish, task, list(result.images), profile)
         return True

@@ -78,11 +78,10 @@ class NodeSession:
                 free = stats.free_bytes + stats.resident_bytes
                 resident = tuple(model.name for model in stats.resident_models)
                 speeds, utilization = dict(stats.speeds), stats.utilization_percent
-            if on_gpu:
-                # When a new job's turn comes, the last job bound here has
-                # loaded its model (or, run offloaded, none).
-                last = max(on_gpu, key=lambda a: a.assigned_at)
-                resident = (last.spec.model,) if last.memory_mode is MemoryMode.FULL else ()
+            # When a new job's turn comes, the jobs bound here have loaded
+            # their models too (those run in full mode): a worker keeps
+            # several while they fit, evicting the least recently used.
+            resident += tuple(a.spec.model for a in on_gpu if a.memory_mode is MemoryMode.FULL)
             views.append(
                 GpuView(
                     node_id=self.node_id,

@@ -157,9 +157,11 @@ def _charge(gpu: GpuView, demand: Demand, placed: Placed) -> GpuView:
         free_bytes=gpu.free_bytes - placed.need.vram_bytes,
         bound_bytes=gpu.bound_bytes + placed.need.vram_bytes,
         busy_seconds=gpu.busy_seconds + placed.expected_seconds,
-        # Workers keep one model, and only in full mode: after the bound
-        # work, it is this one, or none when this job runs offloaded.
-        resident=frozenset({demand.model}) if placed.need.mode is MemoryMode.FULL else frozenset(),
+        # Workers keep several models while they fit: after the bound work,
+        # this one too when it runs in full mode.
+        resident=gpu.resident | {demand.model}
+        if placed.need.mode is MemoryMode.FULL
+        else gpu.resident,
     )
 
 
