@@ -24,10 +24,11 @@ NOW = sa.bindparam("now", type_=sa.Float)
 # ---- jobs: state changes (`Store._transition`) ----------------------------
 
 # What a state change may set or require besides plain values. They are
-# constants because `transition` caches its statements by them.
+# constants because `transition` caches its statements by them. FIRST_START
+# binds :first_start (the time of the first start, kept on a restart).
 NEXT_ATTEMPT = jobs.c.attempt + 1
 ONE_MORE_FAILURE = jobs.c.failures + 1
-FIRST_START = sa.func.coalesce(jobs.c.started_at, NOW)
+FIRST_START = sa.func.coalesce(jobs.c.started_at, sa.bindparam("first_start", type_=sa.Float))
 LAST_FAILURE = jobs.c.failures + 1 >= jobs.c.max_attempts
 NOT_LAST_FAILURE = jobs.c.failures + 1 < jobs.c.max_attempts
 

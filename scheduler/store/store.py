@@ -177,6 +177,7 @@ class Store(JobReads):
         from_states: Iterable[JobState] | None = None,
         values: dict[str, Any] | None = None,
         where: Sequence[sa.ColumnElement[bool]] = (),
+        params: dict[str, Any] | None = None,
         reason: str = "",
         before: Sequence[EventBody] = (),
     ) -> list[JobEvent] | None:
@@ -185,9 +186,9 @@ class Store(JobReads):
         Returns the events, or None when the job was not in a state (or at
         the attempt) that allows the move.
 
-        `values` are plain values or the expressions in
-        `scheduler.store.statements`, and `where` holds conditions from
-        there too: the statement is built once for each combination."""
+        `values` are plain values or expressions, and `where` conditions,
+        from `scheduler.store.statements`: the statement is built once for
+        each combination. `params` binds their parameters."""
         allowed = sources(target)
         if from_states is not None:
             allowed = allowed & frozenset(from_states)
@@ -200,13 +201,14 @@ class Store(JobReads):
             )
         )
         query = transition(target, allowed, attempt is not None, tuple(where), expressions)
-        params = {
+        bound = {
             name: value for name, value in values.items() if not isinstance(value, sa.ColumnElement)
         }
-        params.update(job_id=job_id, now=now, seq_step=len(before) + 1, reason=reason)
+        bound.update(params or {})
+        bound.update(job_id=job_id, now=now, seq_step=len(before) + 1, reason=reason)
         if attempt is not None:
-            params["expected_attempt"] = attempt
-        row = conn.execute(query, params).first()
+            bound["expected_attempt"] = attempt
+        row = conn.execute(query, bound).first()
         if row is None:
             return None
         first_seq = row.last_seq - len(before)
@@ -318,6 +320,7 @@ class Store(JobReads):
                 JobState.RUNNING,
                 attempt=attempt,
                 values={"started_at": FIRST_START},
+                params={"first_start": now},
             )
             if events is not None:
                 conn.execute(
