@@ -41,6 +41,7 @@ from sdmesh.convert import (
 )
 from sdmesh.datadir import DataDirLock
 from sdmesh.domain import AttemptOutcome, AttemptUpdate, DeviceInfo, DeviceStats, Ended, NodeInfo
+from sdmesh.spec import batch_key
 from sdmesh.waiting import wait_event
 from sdmesh.wire import (
     AGENT_FIRST_BACKOFF_SECONDS,
@@ -179,7 +180,10 @@ class Agent:
     # ---- scheduler messages ---------------------------------------------
 
     def _assign(self, assignment: agent_pb2.Assignment) -> None:
+        """One job, or alike jobs the scheduler batched: those run as one
+        pipeline call, each with its own attempt."""
         worker = self.workers.get(assignment.gpu_index)
+        tasks: list[Task] = []
         for job in assignment.jobs:
             self._live.add((job.job_id, job.attempt))
             self._idle.clear()
@@ -205,6 +209,20 @@ class Agent:
                 job.attempt,
                 assignment.gpu_index,
             )
+            tasks.append(task)
+        if worker is None or not tasks:
+            return
+        lead = tasks[0]
+        alike = all(
+            batch_key(task.spec) == batch_key(lead.spec) and task.memory_mode is lead.memory_mode
+            for task in tasks
+        )
+        if len(tasks) > 1 and alike:
+            for task in tasks:
+                task.batch = lead.job_id
+            worker.submit_batch(tasks)
+            return
+        for task in tasks:  # not alike after all: one after another
             worker.submit(task)
 
     def _tasks(self) -> list[Task]:
@@ -223,8 +241,11 @@ class Agent:
         finish for `timeout` seconds before handing it back too."""
         self.draining = True
         for worker in self.workers.values():
-            for position, task in enumerate(worker.tasks()):
-                if position > 0:
+            tasks = worker.tasks()
+            for position, task in enumerate(tasks):
+                # What waits behind the running job, or the batch running.
+                running = position == 0 or (task.batch and task.batch == tasks[0].batch)
+                if not running:
                     task.stop(AttemptOutcome.RELEASED, "node is draining")
         timeout = self.config.shutdown_timeout if timeout is None else timeout
         if self._drain_timer is not None:

@@ -1,4 +1,5 @@
-"""Runs jobs on one device, in one worker thread, one job at a time.
+"""Runs jobs on one device, in one worker thread, one job (or one batch of
+alike jobs, run as one pipeline call) at a time.
 
 The thread is the only place that calls the diffusers pipeline for its
 device, and it does nothing else it can hand off: the step callback only
@@ -22,7 +23,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ from sdmesh.domain import (
     DeviceInfo,
     Ended,
     ImageReady,
+    Preview,
     Progress,
     Started,
     UpdateBody,
@@ -56,6 +58,7 @@ class Task:
     stop_requested: threading.Event = field(default_factory=threading.Event)
     stop_outcome: AttemptOutcome = AttemptOutcome.STOPPED
     stop_reason: str = ""
+    batch: str = ""  # the first job of the batch it runs in, if it runs in one
 
     def stop(self, outcome: AttemptOutcome, reason: str) -> None:
         if not self.stop_requested.is_set():
@@ -97,21 +100,34 @@ def encode_png(image: Any, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
-def arguments(spec: JobSpec, on_step_end: Callable[..., Any]) -> dict[str, Any]:
-    """The diffusers text-to-image call for a job."""
+def arguments(specs: Sequence[JobSpec], on_step_end: Callable[..., Any]) -> dict[str, Any]:
+    """The diffusers text-to-image call for a job, or for alike jobs run as
+    one batch: each job's prompts, negative prompts and seeds, in order."""
     import torch
 
+    lead = specs[0]
+    if len(specs) == 1:
+        prompt: str | list[str] = lead.prompt
+        negative: str | list[str] | None = lead.negative_prompt or None
+        per_prompt = lead.batch_size
+    else:
+        prompt = [spec.prompt for spec in specs for _ in range(spec.batch_size)]
+        negatives = [spec.negative_prompt for spec in specs for _ in range(spec.batch_size)]
+        negative = negatives if any(negatives) else None
+        per_prompt = 1
     return {
-        "prompt": spec.prompt,
-        "negative_prompt": spec.negative_prompt or None,
-        "width": spec.width,
-        "height": spec.height,
-        "num_inference_steps": spec.steps,
-        "guidance_scale": spec.cfg_scale,
-        "num_images_per_prompt": spec.batch_size,
+        "prompt": prompt,
+        "negative_prompt": negative,
+        "width": lead.width,
+        "height": lead.height,
+        "num_inference_steps": lead.steps,
+        "guidance_scale": lead.cfg_scale,
+        "num_images_per_prompt": per_prompt,
         # Noise from a CPU generator per image: the same seed gives the same
-        # picture on any card, and image i uses seed + i.
-        "generator": [torch.Generator("cpu").manual_seed(seed) for seed in spec.seeds],
+        # picture on any card, alone or in a batch, and image i uses seed + i.
+        "generator": [
+            torch.Generator("cpu").manual_seed(seed) for spec in specs for seed in spec.seeds
+        ],
         "callback_on_step_end": on_step_end,
         "callback_on_step_end_tensor_inputs": ["latents"],
     }
@@ -131,7 +147,7 @@ class DeviceWorker:
         self._emit = emit
         self._report_health = report_health
         self._probing = False
-        self._queue: queue.Queue[Task | _Probe | None] = queue.Queue()
+        self._queue: queue.Queue[list[Task] | _Probe | None] = queue.Queue()
         self._tasks: dict[tuple[str, int], Task] = {}
         self._lock = threading.Lock()
         # The last peak of each job shape (model, width, height, batch), so
@@ -145,9 +161,16 @@ class DeviceWorker:
         self._thread.start()
 
     def submit(self, task: Task) -> None:
+        self.submit_batch([task])
+
+    def submit_batch(self, tasks: list[Task]) -> None:
+        """Runs alike jobs (`sdmesh.spec.batch_key`) as one pipeline call,
+        each with its own attempt: its own prompts, seeds, progress,
+        previews, images and end."""
         with self._lock:
-            self._tasks[(task.job_id, task.attempt)] = task
-        self._queue.put(task)
+            for task in tasks:
+                self._tasks[(task.job_id, task.attempt)] = task
+        self._queue.put(tasks)
 
     def tasks(self) -> list[Task]:
         with self._lock:
@@ -182,25 +205,45 @@ class DeviceWorker:
         self._publisher.shutdown(wait=True)
 
     def _loop(self) -> None:
-        while (task := self._queue.get()) is not None:
-            if isinstance(task, _Probe):
+        while (batch := self._queue.get()) is not None:
+            if isinstance(batch, _Probe):
                 self._probe()
                 continue
             clean = False
             try:
-                clean = self._run(task)
+                clean = self._run(batch)
             except Exception as exc:  # a bug here must not kill the device's thread
-                log.exception("job %s attempt %d crashed the worker", task.job_id, task.attempt)
-                self._post(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
+                log.exception(
+                    "job %s attempt %d crashed the worker", batch[0].job_id, batch[0].attempt
+                )
+                self._end_all(batch, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
             finally:
                 with self._lock:
-                    self._tasks.pop((task.job_id, task.attempt), None)
+                    for task in batch:
+                        self._tasks.pop((task.job_id, task.attempt), None)
                 # Hand the allocator's cache back, so that the free memory
                 # NVML reports (and placement uses) is what is really free.
                 # Only an attempt that left the pipeline by an exception can
                 # have left reference cycles (a traceback's frames) holding
                 # tensors; a full collection costs a quarter of a second.
                 self.backend.release(collect=not clean)
+
+    def _sender(self, task: Task) -> Callable[[Preview], None]:
+        return lambda preview: self._send(task, preview)
+
+    def _end_all(self, tasks: Sequence[Task], ended: Ended) -> None:
+        for task in tasks:
+            self._post(task, ended)
+
+    def _wanted(self, tasks: Sequence[Task]) -> list[Task]:
+        """The tasks not stopped; each stopped one is told it ended."""
+        wanted = []
+        for task in tasks:
+            if task.stop_requested.is_set():
+                self._post(task, self._stopped(task))
+            else:
+                wanted.append(task)
+        return wanted
 
     def _send(self, task: Task, body: UpdateBody) -> None:
         self._emit(AttemptUpdate(task.job_id, task.attempt, body))
@@ -226,83 +269,101 @@ class DeviceWorker:
             return
         self._send(task, Ended(AttemptOutcome.SUCCEEDED, profile=profile))
 
-    def _out_of_memory(self, task: Task, message: str, load_seconds: float) -> None:
-        """Reports what the job had when it ran out. The worker's loop frees
-        the cache after, so the device stays usable."""
-        profile = AttemptProfile(load_seconds, 0.0, self.backend.peak_bytes())
-        self._post(task, Ended(AttemptOutcome.FAILED, message, "oom", profile))
+    def _out_of_memory(self, tasks: Sequence[Task], message: str, load_seconds: float) -> None:
+        """Reports what the jobs had when they ran out, each failing its own
+        attempt. The worker's loop frees the cache after, so the device
+        stays usable. A batch's peak is no one job's: none is reported."""
+        peak = self.backend.peak_bytes() if len(tasks) == 1 else 0
+        profile = AttemptProfile(load_seconds, 0.0, peak)
+        self._end_all(tasks, Ended(AttemptOutcome.FAILED, message, "oom", profile))
 
     def _stopped(self, task: Task) -> Ended:
         return Ended(task.stop_outcome, task.stop_reason)
 
-    def _run(self, task: Task) -> bool:
-        """Runs one attempt. False when it left the pipeline by an exception,
-        whose traceback may hold tensors in reference cycles."""
-        if task.stop_requested.is_set():
-            self._post(task, self._stopped(task))
+    def _run(self, batch: list[Task]) -> bool:
+        """Runs one attempt, or alike attempts as one batch. False when the
+        call left the pipeline by an exception, whose traceback may hold
+        tensors in reference cycles."""
+        wanted = self._wanted(batch)
+        if not wanted:
             return True
         import torch
 
-        self._post(task, Started())
-        spec = task.spec
+        for task in wanted:
+            self._post(task, Started())
+        lead = wanted[0]
+        spec = lead.spec
         self.backend.begin_job()
         try:
             pipeline, load_seconds = self.backend.pipeline(
-                spec.model, spec.sampler_name, task.memory_mode
+                spec.model, spec.sampler_name, lead.memory_mode
             )
         except ModelUnavailable as exc:
-            self._post(task, Ended(AttemptOutcome.FAILED, str(exc), "model"))
+            self._end_all(wanted, Ended(AttemptOutcome.FAILED, str(exc), "model"))
             return True
         except torch.OutOfMemoryError as exc:  # the weights alone did not fit
-            self._out_of_memory(task, one_line(exc), 0.0)
+            self._out_of_memory(wanted, one_line(exc), 0.0)
             return False
         except Exception as exc:
-            self._post(task, Ended(AttemptOutcome.FAILED, one_line(exc), "model"))
+            self._end_all(wanted, Ended(AttemptOutcome.FAILED, one_line(exc), "model"))
             return False
-        if task.stop_requested.is_set():
-            self._post(task, self._stopped(task))
+        # The pipeline's batch, in order. A job stopped mid-way keeps its
+        # place in it (the call's tensors are sized), and its share is dropped.
+        running = self._wanted(wanted)
+        if not running:
             return True
-
-        shape = (spec.model, spec.width, spec.height, spec.batch_size)
+        images = sum(task.spec.batch_size for task in running)
+        offsets = [sum(t.spec.batch_size for t in running[:i]) for i in range(len(running))]
+        shape = (spec.model, spec.width, spec.height, images)
         self.backend.make_room(spec.model, self._peaks.get(shape, 0))
-        previewer = Previewer(self._publisher, lambda p: self._send(task, p))
+        previewers = [Previewer(self._publisher, self._sender(task)) for task in running]
+        still = set(range(len(running)))
         step_times: list[float] = []
         started = time.monotonic()
 
         def on_step_end(pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> Any:
             step_times.append(time.monotonic())
-            if task.stop_requested.is_set():
+            for position in list(still):
+                task = running[position]
+                if task.stop_requested.is_set():
+                    still.discard(position)
+                    self._post(task, self._stopped(task))
+            if not still:
                 raise AttemptStopped
             total = int(getattr(pipe, "num_timesteps", 0) or spec.steps)
-            self._post(task, Progress(index + 1, total))
-            previewer.offer(index + 1, total, tensors.get("latents"))
+            latents = tensors.get("latents")
+            for position in sorted(still):
+                task, offset = running[position], offsets[position]
+                self._post(task, Progress(index + 1, total))
+                share = None if latents is None else latents[offset : offset + task.spec.batch_size]
+                previewers[position].offer(index + 1, total, share)
             return tensors
 
         for tries in (1, 2):
             out_of_memory = ""
             try:
-                result = pipeline(**arguments(spec, on_step_end))
+                result = pipeline(**arguments([task.spec for task in running], on_step_end))
                 break
             except AttemptStopped:
-                self._post(task, self._stopped(task))
-                return False
+                return False  # each was told when it stopped
             except torch.OutOfMemoryError as exc:
                 out_of_memory = one_line(exc)
             except Exception as exc:
-                self._post(task, Ended(AttemptOutcome.FAILED, one_line(exc), "error"))
+                failed = Ended(AttemptOutcome.FAILED, one_line(exc), "error")
+                self._end_all([running[p] for p in sorted(still)], failed)
                 return False
             # Out of the handler, the failed call's tensors are free.
             if tries == 1 and self.backend.evict_others(spec.model):
                 log.warning(
                     "job %s attempt %d ran out of memory beside other resident models; "
                     "evicted them and running it again",
-                    task.job_id,
-                    task.attempt,
+                    lead.job_id,
+                    lead.attempt,
                 )
                 self.backend.begin_job()
                 step_times.clear()
                 continue
-            self._out_of_memory(task, out_of_memory, load_seconds)
+            self._out_of_memory([running[p] for p in sorted(still)], out_of_memory, load_seconds)
             return False
         # Between the first and last callbacks, so that prompt encoding and
         # the first step's warm-up do not count.
@@ -310,14 +371,20 @@ class DeviceWorker:
             mean_step = (step_times[-1] - step_times[0]) / (len(step_times) - 1)
         else:
             mean_step = step_times[0] - started if step_times else 0.0
-        profile = AttemptProfile(load_seconds, mean_step, self.backend.peak_bytes())
-        if profile.peak_vram_bytes:
-            self._peaks[shape] = profile.peak_vram_bytes
+        peak = self.backend.peak_bytes()
+        if peak:
+            self._peaks[shape] = peak
         # Every memory mode is measured: offloaded speeds are what placement
-        # weighs a job that only fits offloaded by.
-        mode = MemoryMode.FULL if task.memory_mode is MemoryMode.AUTO else task.memory_mode
+        # weighs a job that only fits offloaded by. A step moves every image.
+        mode = MemoryMode.FULL if lead.memory_mode is MemoryMode.AUTO else lead.memory_mode
         self.speeds.record(
-            spec.model, spec.width, spec.height, spec.batch_size, mean_step, load_seconds, mode
+            spec.model, spec.width, spec.height, images, mean_step, load_seconds, mode
         )
-        self._publisher.submit(self._publish, task, list(result.images), profile)
+        # A batch's peak is no one job's: the scheduler learns peaks per job.
+        profile = AttemptProfile(load_seconds, mean_step, peak if len(running) == 1 else 0)
+        outputs = list(result.images)
+        for position, task in enumerate(running):
+            if position in still:
+                mine = outputs[offsets[position] : offsets[position] + task.spec.batch_size]
+                self._publisher.submit(self._publish, task, mine, profile)
         return True

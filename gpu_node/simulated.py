@@ -248,7 +248,12 @@ class SimulatedPipeline:
 
     def __call__(self, **kwargs: Any) -> Any:
         width, height = kwargs["width"], kwargs["height"]
-        batch = kwargs.get("num_images_per_prompt") or 1
+        prompts = kwargs.get("prompt") or ""
+        # One prompt, or a batch of jobs' prompts, each image its own.
+        batch = (kwargs.get("num_images_per_prompt") or 1) * (
+            len(prompts) if isinstance(prompts, list) else 1
+        )
+        prompt = " ".join(prompts) if isinstance(prompts, list) else prompts
         steps = kwargs["num_inference_steps"]
         self.num_timesteps = steps
         peak = true_peak(self.profile, width, height, batch, self.mode)
@@ -257,7 +262,7 @@ class SimulatedPipeline:
             if self.inner is not None:
                 return self._real(kwargs, peak, callback, held)
             held.enter_context(self.card.allocate(peak, self.profile.name))
-            return self._timed(width, height, batch, steps, callback, kwargs.get("prompt") or "")
+            return self._timed(width, height, batch, steps, callback, prompt)
 
     def _real(
         self,
@@ -269,7 +274,8 @@ class SimulatedPipeline:
         def on_step_end(pipe: Any, index: int, timestep: Any, tensors: dict[str, Any]) -> Any:
             if index == 0:  # the first step is where a real card runs out
                 held.enter_context(self.card.allocate(peak, self.profile.name))
-            self.card.step(index, kwargs.get("prompt") or "")
+            prompts = kwargs.get("prompt") or ""
+            self.card.step(index, " ".join(prompts) if isinstance(prompts, list) else prompts)
             return callback(pipe, index, timestep, tensors) if callback else tensors
 
         return self.inner(**{**kwargs, "callback_on_step_end": on_step_end})

@@ -7,15 +7,18 @@ one.
 
 - A batch grows only while the estimated VRAM of all its images fits the
   GPU's room in the placed memory mode, up to `max_images` images.
-- Partners are the oldest alike jobs: a job never waits for a partner
-  longer than `wait_seconds` (default 0: only what is already queued).
+- Partners are chosen as the queue policy would: users take turns, the
+  one with the fewest jobs on GPUs first, each user's oldest first. A job
+  never waits for a partner longer than `wait_seconds` (default 0: only
+  what is already queued).
 - Each job keeps its own attempt; the batch counts as one job on the GPU.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from itertools import islice, zip_longest
 
 from scheduler.config import BATCH_MAX_IMAGES
 from scheduler.domain import Job
@@ -23,6 +26,9 @@ from scheduler.estimator import EstimateBook, Need, Shape
 from scheduler.placement import Decision, Demand, Placed, Unplaced
 from scheduler.queue import QueueIndex
 from sdmesh.spec import batch_key
+
+# How many of the oldest alike queued jobs a batch is chosen from.
+CANDIDATE_WINDOW = 64
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,10 @@ class QueueBatcher:
         estimates: EstimateBook,
         weight_of: Callable[[str], int],
         demand_of: Callable[[Job], Demand],
+        active: Mapping[str, int] | None = None,
     ) -> None:
         self.policy = policy
+        self.active = active or {}  # each user's jobs on GPUs, as fair share counts them
         self.queue = queue
         self.estimates = estimates
         self.weight_of = weight_of
@@ -55,11 +63,9 @@ class QueueBatcher:
         spec = lead.spec
         images, need = spec.batch_size, placed.need
         partners: list[Demand] = []
-        for job in self.queue.alike(batch_key(spec)):
+        for job in self._candidates(lead, taken):
             if images >= self.policy.max_images:
                 break
-            if job.id == lead.id or job.id in taken:
-                continue
             more = images + job.spec.batch_size
             if more > self.policy.max_images:
                 continue
@@ -84,6 +90,19 @@ class QueueBatcher:
             explanation=f"{placed.explanation}; batched with {len(partners)} alike "
             f"job(s), {images} images",
         )
+
+    def _candidates(self, lead: Job, taken: set[str]) -> list[Job]:
+        """Alike queued jobs, in the queue policy's spirit: users take
+        turns, the one with the fewest jobs on GPUs first, each user's
+        oldest first. Only the oldest CANDIDATE_WINDOW alike jobs are
+        looked at: a batch never costs a scan of the whole queue."""
+        by_owner: dict[str, list[Job]] = {}
+        for job in islice(self.queue.alike(batch_key(lead.spec)), CANDIDATE_WINDOW):
+            if job.id != lead.id and job.id not in taken:
+                by_owner.setdefault(job.owner, []).append(job)
+        owners = sorted(by_owner, key=lambda o: (self.active.get(o, 0), by_owner[o][0].created_at))
+        turns = [by_owner[owner] for owner in owners]
+        return [job for row in zip_longest(*turns) for job in row if job is not None]
 
     def _need(self, lead: Job, images: int, placed: Placed) -> Need | None:
         """What `images` images of the lead's shape need in the placed

@@ -171,12 +171,14 @@ class Dispatcher(UsesRuntime):
             return 0
         now = self.clock()
         weights = self.cluster.models()
+        active = self.attempts.by_owner()
         batcher = QueueBatcher(
             self.batching,
             self.queue,
             self.estimates,
             lambda model: weights.get(model, 0),
             lambda job: self._demand(job, weights, now),
+            active,
         )
         planner = Planner(
             self.cluster.gpu_views(now, self.attempts.held_by_node()),
@@ -186,7 +188,7 @@ class Dispatcher(UsesRuntime):
         jobs: dict[str, Job] = {}
 
         def demands() -> Iterator[Demand]:
-            for job in self.queue.ordered(self.attempts.by_owner()):
+            for job in self.queue.ordered(active):
                 jobs[job.id] = job
                 yield self._demand(job, weights, now)
 

@@ -30,15 +30,14 @@ def test_assignments_run_and_a_drain_hands_back_what_waits(
         outbox: asyncio.Queue[agent_pb2.AgentMessage | None] = asyncio.Queue()
         agent._outbox = outbox
         spec = spec_to_proto(make_spec(steps=3))
-        agent._assign(
-            agent_pb2.Assignment(
-                gpu_index=0,
-                jobs=[
-                    agent_pb2.AssignedJob(job_id=job_id, attempt=1, spec=spec)
-                    for job_id in ("first", "second")
-                ],
+        # Two assignments: the second waits behind the first. (Several jobs
+        # in one assignment are a batch, which runs as one.)
+        for job_id in ("first", "second"):
+            agent._assign(
+                agent_pb2.Assignment(
+                    gpu_index=0, jobs=[agent_pb2.AssignedJob(job_id=job_id, attempt=1, spec=spec)]
+                )
             )
-        )
         agent._drain()
         agent._assign(
             agent_pb2.Assignment(

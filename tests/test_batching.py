@@ -7,7 +7,7 @@ from __future__ import annotations
 from scheduler.batching import BatchPolicy, QueueBatcher
 from scheduler.domain import Job
 from scheduler.estimator import GIB, EstimateBook
-from scheduler.placement import Placed, Planner, Unplaced, demand_for, plan
+from scheduler.placement import Demand, Placed, Planner, Unplaced, demand_for, plan
 from scheduler.queue import QueueIndex
 from scheduler.states import JobState
 from tests.factories import make_gpu, make_spec
@@ -15,10 +15,10 @@ from tests.factories import make_gpu, make_spec
 WEIGHT = 2 * GIB
 
 
-def job(job_id: str, created_at: float, **spec: object) -> Job:
+def job(job_id: str, created_at: float, owner: str = "alice", **spec: object) -> Job:
     return Job(
         id=job_id,
-        owner="alice",
+        owner=owner,
         spec=make_spec(**spec),
         state=JobState.QUEUED,
         attempt=0,
@@ -29,12 +29,17 @@ def job(job_id: str, created_at: float, **spec: object) -> Job:
     )
 
 
-def run(jobs: list[Job], free_gib: float = 24, policy: BatchPolicy | None = None) -> list[object]:
+def run(
+    jobs: list[Job],
+    free_gib: float = 24,
+    policy: BatchPolicy | None = None,
+    active: dict[str, int] | None = None,
+) -> list[object]:
     index, book = QueueIndex(), EstimateBook()
     for queued in jobs:
         index.add(queued)
 
-    def demand(queued: Job) -> object:
+    def demand(queued: Job) -> Demand:
         return demand_for(queued.id, queued.spec, WEIGHT, book, waited_seconds=0.0)
 
     batcher = QueueBatcher(
@@ -42,11 +47,13 @@ def run(jobs: list[Job], free_gib: float = 24, policy: BatchPolicy | None = None
         index,
         book,
         lambda _: WEIGHT,
-        demand,  # type: ignore[arg-type]
+        demand,
+        active,
     )
     gpus = [make_gpu(name, free_gib=free_gib, total_gib=free_gib) for name in ("a", "b")]
     planner = Planner(gpus, batcher=batcher)
-    return [d for _, d in plan((demand(j) for j in index.ordered({})), (), planner=planner)]  # type: ignore[misc]
+    lead_first = (demand(j) for j in index.ordered({}))  # the lead: the oldest job
+    return [d for _, d in plan(lead_first, (), planner=planner)]
 
 
 def members(decision: object) -> list[str]:
@@ -82,3 +89,10 @@ def test_batching_off_and_a_bounded_wait_for_a_partner() -> None:
     lonely = run([job("solo", 0)], policy=BatchPolicy(max_images=4, wait_seconds=5.0))
     assert isinstance(lonely[0], Unplaced)
     assert lonely[0].reason == "waiting up to 5s for an alike job to batch with"
+
+
+def test_partners_take_turns_between_users() -> None:
+    # Alice's a0 leads. Her backlog is older, but she has jobs on GPUs and
+    # Bob has none: Bob's alike job rides first, then Alice's oldest.
+    jobs = [job(f"a{n}", n) for n in range(6)] + [job("b0", 10, owner="bob")]
+    assert members(run(jobs, active={"alice": 2})[0]) == ["b0", "a1", "a2"]
