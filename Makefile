@@ -39,6 +39,7 @@ bench: $(STAMP)
 	$(PY) -m bench.soak
 	$(PY) -m bench.scale
 	$(PY) -m bench.overhead
+	$(PY) -m bench.batching
 
 protos: $(STAMP)
 	$(PY) -m protos.codegen
