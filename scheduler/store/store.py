@@ -193,21 +193,18 @@ class Store(JobReads):
         if from_states is not None:
             allowed = allowed & frozenset(from_states)
         now = self.clock()
-        values = values or {}
-        expressions = tuple(
-            sorted(
-                (name, value if isinstance(value, sa.ColumnElement) else None)
-                for name, value in values.items()
-            )
-        )
-        query = transition(target, allowed, attempt is not None, tuple(where), expressions)
-        bound = {
-            name: value for name, value in values.items() if not isinstance(value, sa.ColumnElement)
-        }
-        bound.update(params or {})
-        bound.update(job_id=job_id, now=now, seq_step=len(before) + 1, reason=reason)
+        bound: dict[str, Any] = {**(params or {}), "job_id": job_id, "now": now}
+        bound.update(seq_step=len(before) + 1, reason=reason)
         if attempt is not None:
             bound["expected_attempt"] = attempt
+        sets: list[tuple[str, sa.ColumnElement[Any] | None]] = []
+        for name, value in (values or {}).items():
+            if isinstance(value, sa.ColumnElement):
+                sets.append((name, value))
+            else:  # a plain value, bound under its column's name
+                sets.append((name, None))
+                bound[name] = value
+        query = transition(target, allowed, attempt is not None, tuple(where), tuple(sorted(sets)))
         row = conn.execute(query, bound).first()
         if row is None:
             return None
