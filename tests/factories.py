@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from scheduler.domain import Job
 from scheduler.estimator import Need
 from scheduler.placement import Demand, GpuView
+from scheduler.states import JobState
 from sdmesh.domain import DeviceInfo, ModelInfo, NodeInfo
 from sdmesh.spec import JobSpec, MemoryMode
 from sdmesh.speeds import Speed
@@ -82,4 +84,19 @@ def make_demand(
         work=work,
         needs=needs or (Need(MemoryMode.FULL, int(vram_gib * GIB), 0),),
         **overrides,
+    )
+
+
+def make_queued_job(job_id: str, owner: str = "alice", created_at: float = 0.0, **spec: Any) -> Job:
+    """A job as the store holds it QUEUED, before its first attempt."""
+    return Job(
+        id=job_id,
+        owner=owner,
+        spec=make_spec(**spec),
+        state=JobState.QUEUED,
+        attempt=0,
+        failures=0,
+        max_attempts=3,
+        created_at=created_at,
+        updated_at=created_at,
     )

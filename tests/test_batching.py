@@ -9,24 +9,13 @@ from scheduler.domain import Job
 from scheduler.estimator import GIB, EstimateBook
 from scheduler.placement import Demand, Placed, Planner, Unplaced, demand_for, plan
 from scheduler.queue import QueueIndex
-from scheduler.states import JobState
-from tests.factories import make_gpu, make_spec
+from tests.factories import make_gpu, make_queued_job
 
 WEIGHT = 2 * GIB
 
 
 def job(job_id: str, created_at: float, owner: str = "alice", **spec: object) -> Job:
-    return Job(
-        id=job_id,
-        owner=owner,
-        spec=make_spec(**spec),
-        state=JobState.QUEUED,
-        attempt=0,
-        failures=0,
-        max_attempts=3,
-        created_at=created_at,
-        updated_at=created_at,
-    )
+    return make_queued_job(job_id, owner, created_at, **spec)
 
 
 def run(

@@ -7,21 +7,11 @@ from __future__ import annotations
 from scheduler.domain import Job, JobEvent, StateChange
 from scheduler.queue import QueueIndex
 from scheduler.states import JobState
-from tests.factories import make_spec
+from tests.factories import make_queued_job
 
 
 def job(job_id: str, owner: str = "a", created_at: float = 0.0, priority: int = 0) -> Job:
-    return Job(
-        id=job_id,
-        owner=owner,
-        spec=make_spec(priority=priority),
-        state=JobState.QUEUED,
-        attempt=0,
-        failures=0,
-        max_attempts=3,
-        created_at=created_at,
-        updated_at=created_at,
-    )
+    return make_queued_job(job_id, owner, created_at, priority=priority)
 
 
 def change(job_id: str, state: JobState, attempt: int, at: float = 10.0) -> JobEvent:
