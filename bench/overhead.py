@@ -197,9 +197,13 @@ def start_cluster(root: Path) -> Any:
     cluster = LocalCluster(root)
     # `sdctl up` runs the scheduler with its default heartbeat; the harness's
     # short test heartbeat comes first on the command line and is overridden.
-    cluster.start_scheduler("--heartbeat", "2")
-    cluster.start_agent("agent")
-    cluster.wait_for_nodes(1)
+    try:
+        cluster.start_scheduler("--heartbeat", "2")
+        cluster.start_agent("agent")
+        cluster.wait_for_nodes(1)
+    except BaseException:
+        cluster.stop()
+        raise
     return cluster
 
 
