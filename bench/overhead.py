@@ -17,7 +17,8 @@ previews on:
   PNG, on its own thread, at the same rate), then the PNG encode of the
   image with its infotext, as the agent does. No gRPC, no queue.
 - mesh: `sdctl scheduler` (SQLite, the default 2 s heartbeat, as `sdctl up`
-  runs it) and `sdctl node` as child processes on loopback; each round's
+  runs it, with batching off so that each job is one pipeline call as on
+  the direct side) and `sdctl node` as child processes on loopback; each round's
   jobs are submitted through the SDK all at once, so the agent's queue is
   never empty and the scheduler's round trip overlaps the job before.
 
@@ -197,8 +198,10 @@ def start_cluster(root: Path) -> Any:
     cluster = LocalCluster(root)
     # `sdctl up` runs the scheduler with its default heartbeat; the harness's
     # short test heartbeat comes first on the command line and is overridden.
+    # Batching is off: this measures what the path costs each job, one
+    # pipeline call per job on both sides (bench.batching measures batches).
     try:
-        cluster.start_scheduler("--heartbeat", "2")
+        cluster.start_scheduler("--heartbeat", "2", "--batch-max", "1")
         cluster.start_agent("agent")
         cluster.wait_for_nodes(1)
     except BaseException:
