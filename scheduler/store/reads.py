@@ -140,7 +140,16 @@ class JobReads:
     def _by_request_ids(self, keys: set[tuple[str, str]]) -> dict[tuple[str, str], Job]:
         if not keys:
             return {}
+        by_owner: dict[str, list[str]] = {}
+        for owner, request_id in sorted(keys):
+            by_owner.setdefault(owner, []).append(request_id)
         with self.engine.connect() as conn:
-            rows = conn.execute(JOBS_BY_REQUEST_IDS, {"keys": sorted(keys)}).all()
+            rows = [
+                row
+                for owner, request_ids in by_owner.items()
+                for row in conn.execute(
+                    JOBS_BY_REQUEST_IDS, {"owner": owner, "request_ids": request_ids}
+                )
+            ]
             found = self._jobs(conn, rows)
         return {(job.owner, job.spec.request_id): job for job in found}

@@ -119,8 +119,11 @@ END_ATTEMPT = sa.update(attempts).where(*_THE_ATTEMPT, attempts.c.outcome.is_(No
 
 JOB = sa.select(jobs).where(jobs.c.id == sa.bindparam("job_id"))
 JOBS_BY_IDS = sa.select(jobs).where(jobs.c.id.in_(sa.bindparam("job_ids", expanding=True)))
+# One owner's request ids: the unique (owner, request_id) index serves it,
+# where a row-value IN over (owner, request_id) makes SQLite scan every job.
 JOBS_BY_REQUEST_IDS = sa.select(jobs).where(
-    sa.tuple_(jobs.c.owner, jobs.c.request_id).in_(sa.bindparam("keys", expanding=True))
+    jobs.c.owner == sa.bindparam("owner"),
+    jobs.c.request_id.in_(sa.bindparam("request_ids", expanding=True)),
 )
 ACTIVE_JOBS = sa.select(jobs).where(jobs.c.state.in_([state.value for state in ACTIVE]))
 QUEUED_IDS = sa.select(jobs.c.id).where(jobs.c.state == JobState.QUEUED.value)
