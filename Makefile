@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) -m bench.scale
 	$(PY) -m bench.overhead
 	$(PY) -m bench.batching
+	$(PY) -m bench.store_ops
 
 protos: $(STAMP)
 	$(PY) -m protos.codegen
