@@ -52,7 +52,7 @@ from bench.simulation import (
     SimJob,
 )
 from gpu_node.profiles import PROFILES, run_seconds
-from scheduler.attempts import ActiveAttempt, bound, count_by_owner
+from scheduler.attempt_state import ActiveAttempt, bound, count_by_owner
 from scheduler.cluster import Cluster
 from scheduler.dispatcher import queue_demands
 from scheduler.domain import Job

@@ -23,7 +23,7 @@ from sdmesh.spec import MemoryMode
 from sdmesh.speeds import Speed
 
 if TYPE_CHECKING:
-    from scheduler.attempts import ActiveAttempt
+    from scheduler.attempt_state import ActiveAttempt
 
 
 @dataclass(eq=False)  # one per stream, compared and hashed by identity

@@ -22,7 +22,8 @@ import asyncio
 import logging
 from collections.abc import Iterable
 
-from scheduler.attempts import ActiveAttempt, Attempts, Orphan
+from scheduler.attempt_state import ActiveAttempt, Orphan
+from scheduler.attempts import Attempts
 from scheduler.cluster import NodeSession
 from scheduler.commands import HealthCheckCommand, PingCommand
 from scheduler.config import LivenessConfig

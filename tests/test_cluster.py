@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from scheduler.attempts import ActiveAttempt, count_by_owner
+from scheduler.attempt_state import ActiveAttempt, count_by_owner
 from scheduler.cluster import Cluster
 from scheduler.commands import DrainCommand, ResumeCommand
 from scheduler.errors import FailedPrecondition, NotFound

@@ -3,7 +3,7 @@ orphans that outlived their wait, on the scheduler's clock."""
 
 from __future__ import annotations
 
-from scheduler.attempts import ActiveAttempt, Orphan
+from scheduler.attempt_state import ActiveAttempt, Orphan
 from scheduler.cluster import NodeSession
 from scheduler.config import LivenessConfig
 from scheduler.liveness import expired, hung, lapsed, progress_deadline
