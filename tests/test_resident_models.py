@@ -5,7 +5,6 @@ full mode), the same on real and simulated cards."""
 from __future__ import annotations
 
 import gc
-import queue
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,11 +18,12 @@ from gpu_node.backends import TorchBackend
 from gpu_node.catalog import Catalog
 from gpu_node.pipelines import PipelineCache, device_bytes
 from gpu_node.profiles import CUDA_CONTEXT_BYTES
-from gpu_node.runner import DeviceWorker, Task
+from gpu_node.runner import Task
 from gpu_node.simulated import SimulatedProbe
 from sdmesh.domain import AttemptOutcome, AttemptUpdate, DeviceInfo, Ended, Progress
 from sdmesh.spec import MemoryMode
 from tests.factories import make_spec
+from tests.workers import run_worker
 
 GIB = 2**30
 MIB = 2**20
@@ -187,15 +187,7 @@ def test_the_peak_leaves_out_other_models_and_room_is_made_for_a_known_peak(
 
 
 def run(backend: Any, tasks: list[Task]) -> list[AttemptUpdate]:
-    events: queue.Queue[AttemptUpdate] = queue.Queue()
-    worker = DeviceWorker(CPU, backend, events.put)
-    for task in tasks:
-        worker.submit(task)
-    got: list[AttemptUpdate] = []
-    while sum(isinstance(e.body, Ended) for e in got) < len(tasks):
-        got.append(events.get(timeout=120))
-    worker.close(timeout=60)
-    return got
+    return run_worker(CPU, backend, [[task] for task in tasks])
 
 
 def test_a_job_out_of_memory_beside_other_models_evicts_them_and_runs_again(

@@ -3,7 +3,6 @@ previews, images with infotext, stops, failures."""
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -17,7 +16,7 @@ from PIL import Image
 from gpu_node.backends import TorchBackend
 from gpu_node.catalog import Catalog
 from gpu_node.pipelines import PipelineCache, place
-from gpu_node.runner import DeviceWorker, Task
+from gpu_node.runner import Task
 from sdmesh.domain import (
     AttemptOutcome,
     AttemptUpdate,
@@ -31,6 +30,7 @@ from sdmesh.domain import (
 from sdmesh.samplers import SAMPLERS
 from sdmesh.spec import MemoryMode
 from tests.factories import make_spec
+from tests.workers import run_worker
 
 CPU = DeviceInfo(0, "CPU", "cpu-0", "cpu", 1)
 
@@ -48,23 +48,7 @@ def run(
     on_event: Callable[[AttemptUpdate], None] = lambda _: None,
 ) -> list[AttemptUpdate]:
     """Runs the tasks on a fresh worker and returns every event in order."""
-    events: queue.Queue[AttemptUpdate] = queue.Queue()
-
-    def emit(event: AttemptUpdate) -> None:
-        on_event(event)
-        events.put(event)
-
-    worker = DeviceWorker(CPU, TorchBackend("cpu", catalog), emit)
-    for task in tasks:
-        worker.submit(task)
-    got: list[AttemptUpdate] = []
-    ended = 0
-    while ended < len(tasks):
-        event = events.get(timeout=120)
-        got.append(event)
-        ended += isinstance(event.body, Ended)
-    worker.close(timeout=60)
-    return got
+    return run_worker(CPU, TorchBackend("cpu", catalog), [[t] for t in tasks], on_event)
 
 
 def task(job_id: str = "j1", **spec: Any) -> Task:

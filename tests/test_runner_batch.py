@@ -4,7 +4,6 @@ beyond float tolerance; a stop removes only that job's share."""
 
 from __future__ import annotations
 
-import queue
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +12,12 @@ import pytest
 
 from gpu_node.backends import TorchBackend
 from gpu_node.catalog import Catalog
-from gpu_node.runner import DeviceWorker, Task
+from gpu_node.runner import Task
 from sdmesh.domain import AttemptOutcome, AttemptUpdate, Ended, ImageReady, Preview, Progress
 from sdmesh.spec import MemoryMode
 from tests.factories import make_spec
 from tests.test_runner import CPU, MAX_LEVEL_DIFFERENCE, MAX_SHARE_DIFFERING, pixels
+from tests.workers import run_worker
 
 
 @pytest.fixture
@@ -36,23 +36,14 @@ def run_batch(
 ) -> list[AttemptUpdate]:
     """Runs each batch on a fresh worker; every event in order. With
     `stop_after` (job, step), that job is stopped once it reports the step."""
-    events: queue.Queue[AttemptUpdate] = queue.Queue()
     tasks = {t.job_id: t for batch in batches for t in batch}
 
-    def emit(event: AttemptUpdate) -> None:
+    def stop(event: AttemptUpdate) -> None:
         body = event.body
         if stop_after and isinstance(body, Progress) and (event.job_id, body.step) == stop_after:
             tasks[event.job_id].stop(AttemptOutcome.STOPPED, "cancelled")
-        events.put(event)
 
-    worker = DeviceWorker(CPU, TorchBackend("cpu", catalog), emit)
-    for batch in batches:
-        worker.submit_batch(batch)
-    got: list[AttemptUpdate] = []
-    while sum(isinstance(e.body, Ended) for e in got) < len(tasks):
-        got.append(events.get(timeout=120))
-    worker.close(timeout=60)
-    return got
+    return run_worker(CPU, TorchBackend("cpu", catalog), batches, stop)
 
 
 def of(events: list[AttemptUpdate], job_id: str, kind: type) -> list[Any]:

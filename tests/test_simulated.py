@@ -4,7 +4,6 @@ pipeline call, and times from the profile, never from the scheduler."""
 
 from __future__ import annotations
 
-import queue
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 
 from gpu_node.catalog import Catalog
 from gpu_node.profiles import CUDA_CONTEXT_BYTES, PROFILES, profile_for, true_peak
-from gpu_node.runner import DeviceWorker, Task
+from gpu_node.runner import Task
 from gpu_node.simulated import (
     SimulatedProbe,
     parse_models,
@@ -22,6 +21,7 @@ from gpu_node.simulated import (
 from sdmesh.domain import AttemptOutcome, AttemptUpdate, Ended, ImageReady, Progress
 from sdmesh.spec import MemoryMode
 from tests.factories import make_spec
+from tests.workers import run_worker
 
 GIB = 2**30
 
@@ -49,15 +49,8 @@ def catalog(tiny_data_dir: Path) -> Catalog:
 def run(
     probe: SimulatedProbe, catalog: Catalog, tasks: list[Task], index: int = 0
 ) -> list[AttemptUpdate]:
-    events: queue.Queue[AttemptUpdate] = queue.Queue()
-    worker = DeviceWorker(probe.devices()[index], probe.backend(index, catalog), events.put)
-    for task in tasks:
-        worker.submit(task)
-    got: list[AttemptUpdate] = []
-    while sum(isinstance(e.body, Ended) for e in got) < len(tasks):
-        got.append(events.get(timeout=120))
-    worker.close(timeout=60)
-    return got
+    backend = probe.backend(index, catalog)
+    return run_worker(probe.devices()[index], backend, [[task] for task in tasks])
 
 
 def ended(events: list[AttemptUpdate]) -> list[Ended]:
