@@ -39,13 +39,28 @@ class AgentGatewayStub:
                 request_serializer=protos_dot_agent__pb2.AgentMessage.SerializeToString,
                 response_deserializer=protos_dot_agent__pb2.SchedulerMessage.FromString,
                 _registered_method=True)
+        self.Enroll = channel.unary_unary(
+                '/sdmesh.v1.AgentGateway/Enroll',
+                request_serializer=protos_dot_agent__pb2.EnrollRequest.SerializeToString,
+                response_deserializer=protos_dot_agent__pb2.EnrollResponse.FromString,
+                _registered_method=True)
 
 
 class AgentGatewayServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Connect(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Every stream carries the node's own credential (`authorization: Bearer`
+        metadata) unless the scheduler runs with --no-auth.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Enroll(self, request, context):
+        """A new node presents a join token once and is issued its own credential,
+        which it keeps in its data dir and sends on every Connect from then on.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -57,6 +72,11 @@ def add_AgentGatewayServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=protos_dot_agent__pb2.AgentMessage.FromString,
                     response_serializer=protos_dot_agent__pb2.SchedulerMessage.SerializeToString,
+            ),
+            'Enroll': grpc.unary_unary_rpc_method_handler(
+                    servicer.Enroll,
+                    request_deserializer=protos_dot_agent__pb2.EnrollRequest.FromString,
+                    response_serializer=protos_dot_agent__pb2.EnrollResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -86,6 +106,33 @@ class AgentGateway:
             '/sdmesh.v1.AgentGateway/Connect',
             protos_dot_agent__pb2.AgentMessage.SerializeToString,
             protos_dot_agent__pb2.SchedulerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Enroll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdmesh.v1.AgentGateway/Enroll',
+            protos_dot_agent__pb2.EnrollRequest.SerializeToString,
+            protos_dot_agent__pb2.EnrollResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,11 +36,25 @@ class AgentGatewayStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentGatewayAsyncStub: ...
     Connect: _grpc.StreamStreamMultiCallable[_agent_pb2.AgentMessage, _agent_pb2.SchedulerMessage]
+    """Every stream carries the node's own credential (`authorization: Bearer`
+    metadata) unless the scheduler runs with --no-auth.
+    """
+    Enroll: _grpc.UnaryUnaryMultiCallable[_agent_pb2.EnrollRequest, _agent_pb2.EnrollResponse]
+    """A new node presents a join token once and is issued its own credential,
+    which it keeps in its data dir and sends on every Connect from then on.
+    """
 
 @_typing.type_check_only
 class AgentGatewayAsyncStub(AgentGatewayStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Connect: _aio.StreamStreamMultiCallable[_agent_pb2.AgentMessage, _agent_pb2.SchedulerMessage]  # type: ignore[assignment]
+    """Every stream carries the node's own credential (`authorization: Bearer`
+    metadata) unless the scheduler runs with --no-auth.
+    """
+    Enroll: _aio.UnaryUnaryMultiCallable[_agent_pb2.EnrollRequest, _agent_pb2.EnrollResponse]  # type: ignore[assignment]
+    """A new node presents a join token once and is issued its own credential,
+    which it keeps in its data dir and sends on every Connect from then on.
+    """
 
 class AgentGatewayServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -48,6 +62,19 @@ class AgentGatewayServicer(metaclass=_abc_1.ABCMeta):
         self,
         request_iterator: _MaybeAsyncIterator[_agent_pb2.AgentMessage],
         context: _ServicerContext,
-    ) -> _typing.Union[_abc.Iterator[_agent_pb2.SchedulerMessage], _abc.AsyncIterator[_agent_pb2.SchedulerMessage]]: ...
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.SchedulerMessage], _abc.AsyncIterator[_agent_pb2.SchedulerMessage]]:
+        """Every stream carries the node's own credential (`authorization: Bearer`
+        metadata) unless the scheduler runs with --no-auth.
+        """
+
+    @_abc_1.abstractmethod
+    def Enroll(
+        self,
+        request: _agent_pb2.EnrollRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.EnrollResponse, _abc.Awaitable[_agent_pb2.EnrollResponse]]:
+        """A new node presents a join token once and is issued its own credential,
+        which it keeps in its data dir and sends on every Connect from then on.
+        """
 
 def add_AgentGatewayServicer_to_server(servicer: AgentGatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from protos import common_pb2 as protos_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\tsdmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13protos/common.proto\"\xca\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.sdmesh.v1.JobSpec\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.sdmesh.v1.JobState\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x10\n\x08\x66\x61ilures\x18\x06 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x0f\n\x07node_id\x18\x08 \x01(\t\x12\x11\n\tnode_name\x18\t \x01(\t\x12\x11\n\tgpu_index\x18\n \x01(\x05\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12$\n\x06images\x18\x0c \x03(\x0b\x32\x14.sdmesh.v1.ImageInfo\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x08progress\x18\x11 \x01(\x0b\x32\x13.sdmesh.v1.Progress\x12*\n\x0bmemory_mode\x18\x12 \x01(\x0e\x32\x15.sdmesh.v1.MemoryMode\x12(\n\x08\x61ttempts\x18\x13 \x03(\x0b\x32\x16.sdmesh.v1.AttemptInfo\"\xc3\x03\n\x0b\x41ttemptInfo\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x11\n\tgpu_index\x18\x04 \x01(\x05\x12*\n\x0bmemory_mode\x18\x05 \x01(\x0e\x32\x15.sdmesh.v1.MemoryMode\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x11\n\tplacement\x18\x08 \x01(\t\x12\x1b\n\x13vram_estimate_bytes\x18\t \x01(\x03\x12\x16\n\x0equeued_seconds\x18\n \x01(\x01\x12\x14\n\x0cload_seconds\x18\x0b \x01(\x01\x12\x19\n\x11mean_step_seconds\x18\x0c \x01(\x01\x12\x17\n\x0fpeak_vram_bytes\x18\r \x01(\x03\x12/\n\x0b\x61ssigned_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"4\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.sdmesh.v1.JobSpec\"A\n\x11SubmitJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.sdmesh.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"h\n\x0fListJobsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.sdmesh.v1.JobState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.sdmesh.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"0\n\x0fGetImageRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\"N\n\nImageChunk\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.sdmesh.v1.ImageInfo\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x12\n\x10ListNodesRequest\"\xad\x02\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\"\n\x07\x64\x65vices\x18\x05 \x03(\x0b\x32\x11.sdmesh.v1.Device\x12\x0e\n\x06models\x18\x06 \x03(\t\x12+\n\x06labels\x18\x07 \x03(\x0b\x32\x1b.sdmesh.v1.Node.LabelsEntry\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12-\n\tlast_seen\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64raining\x18\n \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x01\n\x06\x44\x65vice\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.sdmesh.v1.DeviceInfo\x12%\n\x05stats\x18\x02 \x01(\x0b\x32\x16.sdmesh.v1.DeviceStats\x12\x13\n\x0b\x61\x63tive_jobs\x18\x03 \x01(\x05\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x15\n\rhealth_detail\x18\x05 \x01(\t\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.sdmesh.v1.Node\"\x13\n\x11ListModelsRequest\"{\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08node_ids\x18\x04 \x03(\t\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.sdmesh.v1.Model\"G\n\x10\x44rainNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\x12\x0c\n\x04undo\x18\x03 \x01(\x08\"\x12\n\x10GetHealthRequest\"s\n\x06Health\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.sdmesh.v1.Role\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\x16\n\x0eleader_address\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_LEADER\x10\x01\x12\x10\n\x0cROLE_STANDBY\x10\x02\x32\x91\x05\n\tScheduler\x12\x46\n\tSubmitJob\x12\x1b.sdmesh.v1.SubmitJobRequest\x1a\x1c.sdmesh.v1.SubmitJobResponse\x12\x32\n\x06GetJob\x12\x18.sdmesh.v1.GetJobRequest\x1a\x0e.sdmesh.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.sdmesh.v1.ListJobsRequest\x1a\x1b.sdmesh.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.sdmesh.v1.CancelJobRequest\x1a\x0e.sdmesh.v1.Job\x12=\n\x08WatchJob\x12\x1a.sdmesh.v1.WatchJobRequest\x1a\x13.sdmesh.v1.JobEvent0\x01\x12?\n\x08GetImage\x12\x1a.sdmesh.v1.GetImageRequest\x1a\x15.sdmesh.v1.ImageChunk0\x01\x12\x46\n\tListNodes\x12\x1b.sdmesh.v1.ListNodesRequest\x1a\x1c.sdmesh.v1.ListNodesResponse\x12I\n\nListModels\x12\x1c.sdmesh.v1.ListModelsRequest\x1a\x1d.sdmesh.v1.ListModelsResponse\x12\x39\n\tDrainNode\x12\x1b.sdmesh.v1.DrainNodeRequest\x1a\x0f.sdmesh.v1.Node\x12;\n\tGetHealth\x12\x1b.sdmesh.v1.GetHealthRequest\x1a\x11.sdmesh.v1.Healthb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16protos/scheduler.proto\x12\tsdmesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x13protos/common.proto\"\xca\x04\n\x03Job\x12\n\n\x02id\x18\x01 \x01(\t\x12 \n\x04spec\x18\x02 \x01(\x0b\x32\x12.sdmesh.v1.JobSpec\x12\"\n\x05state\x18\x03 \x01(\x0e\x32\x13.sdmesh.v1.JobState\x12\r\n\x05owner\x18\x04 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x05 \x01(\x05\x12\x10\n\x08\x66\x61ilures\x18\x06 \x01(\x05\x12\x14\n\x0cmax_attempts\x18\x07 \x01(\x05\x12\x0f\n\x07node_id\x18\x08 \x01(\t\x12\x11\n\tnode_name\x18\t \x01(\t\x12\x11\n\tgpu_index\x18\n \x01(\x05\x12\x0e\n\x06reason\x18\x0b \x01(\t\x12$\n\x06images\x18\x0c \x03(\x0b\x32\x14.sdmesh.v1.ImageInfo\x12.\n\ncreated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12%\n\x08progress\x18\x11 \x01(\x0b\x32\x13.sdmesh.v1.Progress\x12*\n\x0bmemory_mode\x18\x12 \x01(\x0e\x32\x15.sdmesh.v1.MemoryMode\x12(\n\x08\x61ttempts\x18\x13 \x03(\x0b\x32\x16.sdmesh.v1.AttemptInfo\"\xc3\x03\n\x0b\x41ttemptInfo\x12\x0f\n\x07\x61ttempt\x18\x01 \x01(\x05\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x11\n\tgpu_index\x18\x04 \x01(\x05\x12*\n\x0bmemory_mode\x18\x05 \x01(\x0e\x32\x15.sdmesh.v1.MemoryMode\x12\x0f\n\x07outcome\x18\x06 \x01(\t\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12\x11\n\tplacement\x18\x08 \x01(\t\x12\x1b\n\x13vram_estimate_bytes\x18\t \x01(\x03\x12\x16\n\x0equeued_seconds\x18\n \x01(\x01\x12\x14\n\x0cload_seconds\x18\x0b \x01(\x01\x12\x19\n\x11mean_step_seconds\x18\x0c \x01(\x01\x12\x17\n\x0fpeak_vram_bytes\x18\r \x01(\x03\x12/\n\x0b\x61ssigned_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"4\n\x10SubmitJobRequest\x12 \n\x04spec\x18\x01 \x01(\x0b\x32\x12.sdmesh.v1.JobSpec\"A\n\x11SubmitJobResponse\x12\x1b\n\x03job\x18\x01 \x01(\x0b\x32\x0e.sdmesh.v1.Job\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"h\n\x0fListJobsRequest\x12#\n\x06states\x18\x01 \x03(\x0e\x32\x13.sdmesh.v1.JobState\x12\r\n\x05owner\x18\x02 \x01(\t\x12\r\n\x05limit\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"I\n\x10ListJobsResponse\x12\x1c\n\x04jobs\x18\x01 \x03(\x0b\x32\x0e.sdmesh.v1.Job\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\"\n\x10\x44\x65leteJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"+\n\x11\x44\x65leteJobResponse\x12\x16\n\x0eimages_deleted\x18\x01 \x01(\x05\"4\n\x0fWatchJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"0\n\x0fGetImageRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\"N\n\nImageChunk\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.sdmesh.v1.ImageInfo\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x12\n\x10ListNodesRequest\"\xad\x02\n\x04Node\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x10\n\x08hostname\x18\x03 \x01(\t\x12\x11\n\tconnected\x18\x04 \x01(\x08\x12\"\n\x07\x64\x65vices\x18\x05 \x03(\x0b\x32\x11.sdmesh.v1.Device\x12\x0e\n\x06models\x18\x06 \x03(\t\x12+\n\x06labels\x18\x07 \x03(\x0b\x32\x1b.sdmesh.v1.Node.LabelsEntry\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12-\n\tlast_seen\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x64raining\x18\n \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x91\x01\n\x06\x44\x65vice\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.sdmesh.v1.DeviceInfo\x12%\n\x05stats\x18\x02 \x01(\x0b\x32\x16.sdmesh.v1.DeviceStats\x12\x13\n\x0b\x61\x63tive_jobs\x18\x03 \x01(\x05\x12\x0f\n\x07healthy\x18\x04 \x01(\x08\x12\x15\n\rhealth_detail\x18\x05 \x01(\t\"3\n\x11ListNodesResponse\x12\x1e\n\x05nodes\x18\x01 \x03(\x0b\x32\x0f.sdmesh.v1.Node\"\x13\n\x11ListModelsRequest\"{\n\x05Model\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x02 \x01(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x10\n\x08node_ids\x18\x04 \x03(\t\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"6\n\x12ListModelsResponse\x12 \n\x06models\x18\x01 \x03(\x0b\x32\x10.sdmesh.v1.Model\"G\n\x10\x44rainNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\x12\x0c\n\x04undo\x18\x03 \x01(\x08\"\x12\n\x10GetHealthRequest\"s\n\x06Health\x12\x1d\n\x04role\x18\x01 \x01(\x0e\x32\x0f.sdmesh.v1.Role\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12\x12\n\nreplica_id\x18\x03 \x01(\t\x12\x16\n\x0eleader_address\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_LEADER\x10\x01\x12\x10\n\x0cROLE_STANDBY\x10\x02\x32\xd9\x05\n\tScheduler\x12\x46\n\tSubmitJob\x12\x1b.sdmesh.v1.SubmitJobRequest\x1a\x1c.sdmesh.v1.SubmitJobResponse\x12\x32\n\x06GetJob\x12\x18.sdmesh.v1.GetJobRequest\x1a\x0e.sdmesh.v1.Job\x12\x43\n\x08ListJobs\x12\x1a.sdmesh.v1.ListJobsRequest\x1a\x1b.sdmesh.v1.ListJobsResponse\x12\x38\n\tCancelJob\x12\x1b.sdmesh.v1.CancelJobRequest\x1a\x0e.sdmesh.v1.Job\x12\x46\n\tDeleteJob\x12\x1b.sdmesh.v1.DeleteJobRequest\x1a\x1c.sdmesh.v1.DeleteJobResponse\x12=\n\x08WatchJob\x12\x1a.sdmesh.v1.WatchJobRequest\x1a\x13.sdmesh.v1.JobEvent0\x01\x12?\n\x08GetImage\x12\x1a.sdmesh.v1.GetImageRequest\x1a\x15.sdmesh.v1.ImageChunk0\x01\x12\x46\n\tListNodes\x12\x1b.sdmesh.v1.ListNodesRequest\x1a\x1c.sdmesh.v1.ListNodesResponse\x12I\n\nListModels\x12\x1c.sdmesh.v1.ListModelsRequest\x1a\x1d.sdmesh.v1.ListModelsResponse\x12\x39\n\tDrainNode\x12\x1b.sdmesh.v1.DrainNodeRequest\x1a\x0f.sdmesh.v1.Node\x12;\n\tGetHealth\x12\x1b.sdmesh.v1.GetHealthRequest\x1a\x11.sdmesh.v1.Healthb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,8 +35,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODE_LABELSENTRY']._loaded_options = None
   _globals['_NODE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_ROLE']._serialized_start=2626
-  _globals['_ROLE']._serialized_end=2689
+  _globals['_ROLE']._serialized_start=2707
+  _globals['_ROLE']._serialized_end=2770
   _globals['_JOB']._serialized_start=92
   _globals['_JOB']._serialized_end=678
   _globals['_ATTEMPTINFO']._serialized_start=681
@@ -53,34 +53,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTJOBSRESPONSE']._serialized_end=1467
   _globals['_CANCELJOBREQUEST']._serialized_start=1469
   _globals['_CANCELJOBREQUEST']._serialized_end=1503
-  _globals['_WATCHJOBREQUEST']._serialized_start=1505
-  _globals['_WATCHJOBREQUEST']._serialized_end=1557
-  _globals['_GETIMAGEREQUEST']._serialized_start=1559
-  _globals['_GETIMAGEREQUEST']._serialized_end=1607
-  _globals['_IMAGECHUNK']._serialized_start=1609
-  _globals['_IMAGECHUNK']._serialized_end=1687
-  _globals['_LISTNODESREQUEST']._serialized_start=1689
-  _globals['_LISTNODESREQUEST']._serialized_end=1707
-  _globals['_NODE']._serialized_start=1710
-  _globals['_NODE']._serialized_end=2011
-  _globals['_NODE_LABELSENTRY']._serialized_start=1966
-  _globals['_NODE_LABELSENTRY']._serialized_end=2011
-  _globals['_DEVICE']._serialized_start=2014
-  _globals['_DEVICE']._serialized_end=2159
-  _globals['_LISTNODESRESPONSE']._serialized_start=2161
-  _globals['_LISTNODESRESPONSE']._serialized_end=2212
-  _globals['_LISTMODELSREQUEST']._serialized_start=2214
-  _globals['_LISTMODELSREQUEST']._serialized_end=2233
-  _globals['_MODEL']._serialized_start=2235
-  _globals['_MODEL']._serialized_end=2358
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2360
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2414
-  _globals['_DRAINNODEREQUEST']._serialized_start=2416
-  _globals['_DRAINNODEREQUEST']._serialized_end=2487
-  _globals['_GETHEALTHREQUEST']._serialized_start=2489
-  _globals['_GETHEALTHREQUEST']._serialized_end=2507
-  _globals['_HEALTH']._serialized_start=2509
-  _globals['_HEALTH']._serialized_end=2624
-  _globals['_SCHEDULER']._serialized_start=2692
-  _globals['_SCHEDULER']._serialized_end=3349
+  _globals['_DELETEJOBREQUEST']._serialized_start=1505
+  _globals['_DELETEJOBREQUEST']._serialized_end=1539
+  _globals['_DELETEJOBRESPONSE']._serialized_start=1541
+  _globals['_DELETEJOBRESPONSE']._serialized_end=1584
+  _globals['_WATCHJOBREQUEST']._serialized_start=1586
+  _globals['_WATCHJOBREQUEST']._serialized_end=1638
+  _globals['_GETIMAGEREQUEST']._serialized_start=1640
+  _globals['_GETIMAGEREQUEST']._serialized_end=1688
+  _globals['_IMAGECHUNK']._serialized_start=1690
+  _globals['_IMAGECHUNK']._serialized_end=1768
+  _globals['_LISTNODESREQUEST']._serialized_start=1770
+  _globals['_LISTNODESREQUEST']._serialized_end=1788
+  _globals['_NODE']._serialized_start=1791
+  _globals['_NODE']._serialized_end=2092
+  _globals['_NODE_LABELSENTRY']._serialized_start=2047
+  _globals['_NODE_LABELSENTRY']._serialized_end=2092
+  _globals['_DEVICE']._serialized_start=2095
+  _globals['_DEVICE']._serialized_end=2240
+  _globals['_LISTNODESRESPONSE']._serialized_start=2242
+  _globals['_LISTNODESRESPONSE']._serialized_end=2293
+  _globals['_LISTMODELSREQUEST']._serialized_start=2295
+  _globals['_LISTMODELSREQUEST']._serialized_end=2314
+  _globals['_MODEL']._serialized_start=2316
+  _globals['_MODEL']._serialized_end=2439
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2441
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2495
+  _globals['_DRAINNODEREQUEST']._serialized_start=2497
+  _globals['_DRAINNODEREQUEST']._serialized_end=2568
+  _globals['_GETHEALTHREQUEST']._serialized_start=2570
+  _globals['_GETHEALTHREQUEST']._serialized_end=2588
+  _globals['_HEALTH']._serialized_start=2590
+  _globals['_HEALTH']._serialized_end=2705
+  _globals['_SCHEDULER']._serialized_start=2773
+  _globals['_SCHEDULER']._serialized_end=3502
 # @@protoc_insertion_point(module_scope)

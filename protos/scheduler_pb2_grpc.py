@@ -55,6 +55,11 @@ class SchedulerStub:
                 request_serializer=protos_dot_scheduler__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=protos_dot_scheduler__pb2.Job.FromString,
                 _registered_method=True)
+        self.DeleteJob = channel.unary_unary(
+                '/sdmesh.v1.Scheduler/DeleteJob',
+                request_serializer=protos_dot_scheduler__pb2.DeleteJobRequest.SerializeToString,
+                response_deserializer=protos_dot_scheduler__pb2.DeleteJobResponse.FromString,
+                _registered_method=True)
         self.WatchJob = channel.unary_stream(
                 '/sdmesh.v1.Scheduler/WatchJob',
                 request_serializer=protos_dot_scheduler__pb2.WatchJobRequest.SerializeToString,
@@ -110,6 +115,14 @@ class SchedulerServicer:
 
     def CancelJob(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteJob(self, request, context):
+        """Removes a job with its events and images; one still queued or running
+        is cancelled first. Only its owner (or an admin) may.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -179,6 +192,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=protos_dot_scheduler__pb2.CancelJobRequest.FromString,
                     response_serializer=protos_dot_scheduler__pb2.Job.SerializeToString,
+            ),
+            'DeleteJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteJob,
+                    request_deserializer=protos_dot_scheduler__pb2.DeleteJobRequest.FromString,
+                    response_serializer=protos_dot_scheduler__pb2.DeleteJobResponse.SerializeToString,
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
@@ -319,6 +337,33 @@ class Scheduler:
             '/sdmesh.v1.Scheduler/CancelJob',
             protos_dot_scheduler__pb2.CancelJobRequest.SerializeToString,
             protos_dot_scheduler__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sdmesh.v1.Scheduler/DeleteJob',
+            protos_dot_scheduler__pb2.DeleteJobRequest.SerializeToString,
+            protos_dot_scheduler__pb2.DeleteJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -36,6 +36,10 @@ class SchedulerStub:
     GetJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.GetJobRequest, _scheduler_pb2.Job]
     ListJobs: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.ListJobsRequest, _scheduler_pb2.ListJobsResponse]
     CancelJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.CancelJobRequest, _scheduler_pb2.Job]
+    DeleteJob: _grpc.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteJobRequest, _scheduler_pb2.DeleteJobResponse]
+    """Removes a job with its events and images; one still queued or running
+    is cancelled first. Only its owner (or an admin) may.
+    """
     WatchJob: _grpc.UnaryStreamMultiCallable[_scheduler_pb2.WatchJobRequest, _common_pb2.JobEvent]
     """Replays the durable events after `after_seq`, then follows live ones.
     The stream ends after the job's terminal state.
@@ -60,6 +64,10 @@ class SchedulerAsyncStub(SchedulerStub):
     GetJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
     ListJobs: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.ListJobsRequest, _scheduler_pb2.ListJobsResponse]  # type: ignore[assignment]
     CancelJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.CancelJobRequest, _scheduler_pb2.Job]  # type: ignore[assignment]
+    DeleteJob: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.DeleteJobRequest, _scheduler_pb2.DeleteJobResponse]  # type: ignore[assignment]
+    """Removes a job with its events and images; one still queued or running
+    is cancelled first. Only its owner (or an admin) may.
+    """
     WatchJob: _aio.UnaryStreamMultiCallable[_scheduler_pb2.WatchJobRequest, _common_pb2.JobEvent]  # type: ignore[assignment]
     """Replays the durable events after `after_seq`, then follows live ones.
     The stream ends after the job's terminal state.
@@ -105,6 +113,16 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
         request: _scheduler_pb2.CancelJobRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_scheduler_pb2.Job, _abc.Awaitable[_scheduler_pb2.Job]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteJob(
+        self,
+        request: _scheduler_pb2.DeleteJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_scheduler_pb2.DeleteJobResponse, _abc.Awaitable[_scheduler_pb2.DeleteJobResponse]]:
+        """Removes a job with its events and images; one still queued or running
+        is cancelled first. Only its owner (or an admin) may.
+        """
 
     @_abc_1.abstractmethod
     def WatchJob(
