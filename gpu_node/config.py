@@ -35,6 +35,20 @@ class AgentConfig:
         help="on SIGTERM, running jobs get this long to finish before they are handed back "
         "(default 30s); a second SIGTERM hands them back at once",
     )
+    # ---- security: enrollment and TLS (see README, "Security") ----
+    join_token: str = option(
+        "",
+        metavar="TOKEN",
+        help="a token from `sdctl admin join-token`, presented once to enroll this node "
+        "(default: $SDMESH_JOIN_TOKEN); the credential it earns is kept in the data dir",
+    )
+    ca_cert: Path | None = option(
+        None, parse=Path, metavar="PEM", help="verify the scheduler's TLS certificate with this CA"
+    )
+    tls_cert: Path | None = option(
+        None, parse=Path, metavar="PEM", help="this node's certificate, for mutual TLS"
+    )
+    tls_key: Path | None = option(None, parse=Path, metavar="PEM", help="the key of --tls-cert")
     # Simulated GPUs, for tests and benchmarks (see gpu_node.simulated).
     simulate_gpus: str = option(
         "", metavar="SIZES", help="simulated cards instead of real ones: 24GiB,12GiB"

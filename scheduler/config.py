@@ -35,6 +35,13 @@ class LivenessConfig:
 BATCH_MAX_IMAGES = 4
 
 
+# Admission limits: far above what one person queues by hand, low enough
+# that a runaway script cannot fill the database or the scheduler's memory.
+MAX_QUEUED_PER_USER = 1000
+MAX_QUEUED = 20000
+SUBMIT_RATE = 50.0
+
+
 def _at_least(low: int, value: int) -> int:
     if value < low:
         raise ValueError(f"must be at least {low}, got {value}")
@@ -111,6 +118,52 @@ class SchedulerConfig:
         parse=Path,
         help="where images are stored; replicas on one database must share it "
         "(default: images/ in the data dir)",
+    )
+
+    # ---- security (see README, "Security") ----
+    no_auth: bool = option(
+        False,
+        help="accept every caller without an API key and every agent without enrolling; "
+        "only for a cluster nobody else can reach",
+    )
+    insecure: bool = option(
+        False, help="allow plain-text gRPC on an address other machines can reach"
+    )
+    tls_cert: Path | None = option(
+        None, parse=Path, metavar="PEM", help="serve TLS with this certificate"
+    )
+    tls_key: Path | None = option(None, parse=Path, metavar="PEM", help="the key of --tls-cert")
+    client_ca: Path | None = option(
+        None,
+        parse=Path,
+        metavar="PEM",
+        help="require every peer (agents and clients) to present a certificate signed by this "
+        "CA (mutual TLS); needs --tls-cert",
+    )
+    # ---- admission limits ----
+    max_queued_per_user: int = option(
+        MAX_QUEUED_PER_USER,
+        parse=lambda text: _at_least(1, int(text)),
+        help=f"jobs one user may have queued at once (default {MAX_QUEUED_PER_USER})",
+    )
+    max_queued: int = option(
+        MAX_QUEUED,
+        parse=lambda text: _at_least(1, int(text)),
+        help=f"jobs queued at once, all users together (default {MAX_QUEUED})",
+    )
+    submit_rate: float = option(
+        SUBMIT_RATE,
+        parse=float,
+        metavar="PER_SECOND",
+        help=f"submits one API key (or, without keys, one user) may make per second, "
+        f"in bursts of up to 2s worth (default {SUBMIT_RATE:g}; 0: no limit)",
+    )
+    retain_seconds: float = option(
+        0.0,
+        flag="--retain",
+        parse=parse_duration,
+        help="delete finished jobs and their images this long after they end, e.g. 30d "
+        "(default 0: keep them)",
     )
 
     @property

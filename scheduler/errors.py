@@ -27,6 +27,14 @@ class FailedPrecondition(SchedulerError):
     pass
 
 
+class Unauthenticated(SchedulerError):
+    """No credentials, or ones that are wrong, expired or revoked."""
+
+
+class PermissionDenied(SchedulerError):
+    """Known caller, not allowed: a user draining a node, say."""
+
+
 class Unavailable(SchedulerError):
     """The scheduler cannot serve this now (it is stopping, or lost the
     leader lease); the caller should retry, here or at another replica."""
@@ -46,6 +54,8 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
 )
 

@@ -15,6 +15,8 @@ from grpc import aio
 
 # Who is calling, until authentication replaces it.
 USER_METADATA_KEY = "x-sdmesh-user"
+# The node an agent's credential belongs to, beside its `authorization`.
+NODE_METADATA_KEY = "x-sdmesh-node"
 # A standby replica turns calls away with UNAVAILABLE and says so in these
 # trailing metadata keys, never in its message text.
 ROLE_METADATA_KEY = "x-sdmesh-role"

@@ -56,7 +56,10 @@ def add_options(
             "help": meta["help"],
             "metavar": meta["metavar"],
         }
-        if meta["repeat"]:
+        if isinstance(f.default, bool):  # a switch: given means True
+            kwargs["action"] = "store_true"
+            del kwargs["metavar"]
+        elif meta["repeat"]:
             kwargs["action"] = "append"
         elif meta["choices"]:
             kwargs["choices"] = meta["choices"]

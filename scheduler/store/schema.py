@@ -33,6 +33,7 @@ jobs = sa.Table(
     sa.UniqueConstraint("owner", "request_id", name="uq_jobs_owner_request_id"),
     sa.Index("ix_jobs_state_priority_created", "state", "priority", "created_at"),
     sa.Index("ix_jobs_created_at", "created_at"),
+    sa.Index("ix_jobs_finished_at", "finished_at"),
 )
 
 attempts = sa.Table(
@@ -127,4 +128,55 @@ leader = sa.Table(
     sa.Column("holder", sa.String(64), nullable=False),
     sa.Column("address", sa.String(255), nullable=False),
     sa.Column("expires_at", sa.Float, nullable=False),  # the database's clock
+)
+
+# ---- security (see scheduler.store.credentials) ----
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("user_name", sa.String(64), nullable=False),
+    sa.Column("admin", sa.Boolean, nullable=False),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=True),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+)
+
+join_tokens = sa.Table(
+    "join_tokens",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("reusable", sa.Boolean, nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("used_at", sa.Float, nullable=True),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+)
+
+node_credentials = sa.Table(
+    "node_credentials",
+    metadata,
+    sa.Column("node_id", sa.String(64), primary_key=True),
+    sa.Column("secret_hash", sa.String(64), nullable=False),
+    sa.Column("token_id", sa.String(16), nullable=False),
+    sa.Column("labels", sa.JSON, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("revoked_at", sa.Float, nullable=True),
+    sa.Index("ix_node_credentials_revoked_at", "revoked_at"),
+)
+
+audit = sa.Table(
+    "audit",
+    metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("actor", sa.String(80), nullable=False),
+    sa.Column("action", sa.String(32), nullable=False),
+    sa.Column("target", sa.String(128), nullable=False),
+    sa.Column("detail", sa.Text, nullable=False),
+    sa.Index("ix_audit_at", "at"),
 )

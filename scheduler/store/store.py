@@ -3,7 +3,9 @@
 The `scheduler.store` package is the only place that opens database
 connections: this module (with `reads`) for jobs, `nodes` for remembered
 nodes and models,
-`estimates` for learned VRAM figures, `leader` for the lease and the fence.
+`estimates` for learned VRAM figures, `leader` for the lease and the fence,
+`credentials` for keys, join tokens, node credentials and the audit trail,
+`lifecycle` for deleting jobs.
 
 Every state change is one conditional UPDATE built from the state machine
 (`... WHERE id = ? [AND attempt = ?] AND state IN (sources of the target)`),
@@ -28,8 +30,10 @@ from sqlalchemy.exc import IntegrityError
 from scheduler.domain import EventBody, Job, JobEvent, StateChange
 from scheduler.states import ACTIVE, JobState, sources
 from scheduler.store.engine import create_engine, migrate
+from scheduler.store.credentials import CredentialRegistry
 from scheduler.store.estimates import EstimateRegistry
 from scheduler.store.leader import Fence
+from scheduler.store.lifecycle import JobRemoval
 from scheduler.store.nodes import NodeRegistry
 from scheduler.store.reads import JobReads
 from scheduler.store.rows import event_row
@@ -92,6 +96,8 @@ class Store(JobReads):
         self.fence = Fence(self.engine)
         self.nodes = NodeRegistry(self.engine, self.fence, clock)
         self.estimates = EstimateRegistry(self.engine, self.fence, clock)
+        self.credentials = CredentialRegistry(self.engine, clock)
+        self.removal = JobRemoval(self.engine, self.fence)
 
     def write_many(self, calls: Sequence[Callable[[], T]]) -> list[T]:
         """Runs several writes as one transaction: they commit together, or

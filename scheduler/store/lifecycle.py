@@ -1,0 +1,48 @@
+"""Removing jobs: a user's delete, and retention (`--retain`) of finished
+jobs. A removed job leaves no row behind: its events, attempts and image
+records go in the same transaction as the job; the caller then deletes the
+image files (`ImageStore.remove_job`)."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+from scheduler.states import TERMINAL
+from scheduler.store.leader import Fence
+from scheduler.store.schema import attempts, images, job_events, jobs
+
+
+class JobRemoval:
+    def __init__(self, engine: sa.Engine, fence: Fence) -> None:
+        self.engine = engine
+        self.fence = fence
+
+    def delete_finished(self, job_ids: list[str]) -> list[str]:
+        """Deletes those of the jobs that have ended; returns their ids. A
+        job still queued or running is left alone (cancel it first)."""
+        if not job_ids:
+            return []
+        done = [state.value for state in TERMINAL]
+        with self.fence.begin() as conn:
+            found = [
+                row.id
+                for row in conn.execute(
+                    sa.select(jobs.c.id).where(jobs.c.id.in_(job_ids), jobs.c.state.in_(done))
+                )
+            ]
+            if found:
+                for table in (job_events, images, attempts):
+                    conn.execute(sa.delete(table).where(table.c.job_id.in_(found)))
+                conn.execute(sa.delete(jobs).where(jobs.c.id.in_(found)))
+        return found
+
+    def finished_before(self, cutoff: float, limit: int = 500) -> list[str]:
+        """Ids of jobs that ended before `cutoff`, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(jobs.c.id)
+                .where(jobs.c.finished_at < cutoff)
+                .order_by(jobs.c.finished_at)
+                .limit(limit)
+            )
+            return [row.id for row in rows]
