@@ -7,6 +7,10 @@ into a `JobSpec` (every field set and checked, the seed fixed) before
 anything is queued; agents and clients receive that resolved spec. Adding a
 field means: the .proto, these two dataclasses, its check in `resolve`, and
 its `sdctl submit` flag; `tests/test_contract.py` fails until all agree.
+
+Every field has a documented bound (the constants below, with why), so
+that a submit is small whatever a caller sends; an error quotes at most a
+short prefix of the bad input.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from sdmesh.errors import InvalidArgument
+from sdmesh.errors import InvalidArgument, quote
 from sdmesh.flags import option, pairs_option
 from sdmesh.samplers import find_sampler, sampler_names
 
@@ -39,21 +43,40 @@ DEFAULT_SAMPLER = "Euler a"
 DEFAULT_BATCH_SIZE = 1
 RANDOM_SEED = -1
 
-# A1111's own bounds where it has them (steps, size, batch, cfg); prompt
-# lengths are ours: CLIP reads 77 tokens per chunk, so anything near the
-# limit is a mistake rather than a prompt.
+# A1111's own bounds where it has them (steps, size, batch, cfg).
 MIN_SIZE, MAX_SIZE = 64, 2048
 MAX_STEPS = 150
 MAX_BATCH_SIZE = 8
 MIN_CFG_SCALE, MAX_CFG_SCALE = 1.0, 30.0
 MAX_SEED = 2**32 - 1
-MAX_PROMPT_CHARS = 4000
 MIN_PRIORITY, MAX_PRIORITY = -100, 100
-MAX_REQUEST_ID_CHARS = 128
+
+# The rest are ours: far above what anyone types, low enough that one submit
+# cannot carry megabytes into the database, the queue in memory, every event
+# and every PNG's infotext.
+# - prompt and negative prompt: at most 4,000 characters each. A1111 feeds
+#   long prompts to CLIP in 75-token chunks, so a prompt of a thousand or two
+#   characters is real; 4,000 is some 13 chunks. No control characters but
+#   tab and line breaks: PostgreSQL refuses NUL in text, and the others
+#   only garble the infotext.
+# - model: 1-128 printable characters (then a model nodes reported).
+# - sampler_name: one of `sdmesh.samplers` (a bad one is quoted, cut short).
+# - request_id: at most 128 printable characters (the store's column).
+# - labels, selector (and node labels, `check_labels`): at most 32 pairs;
+#   Kubernetes' label rules: a key of 1-63 letters, digits, '-', '_', '.'
+#   or '/', a value of at most 63 letters, digits, '-', '_' or '.', each
+#   starting and ending with a letter or digit.
+MAX_PROMPT_CHARS = 4000
 MAX_MODEL_NAME_CHARS = 128
+MAX_REQUEST_ID_CHARS = 128
 MAX_LABELS = 32
-LABEL_KEY = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.\-/]{0,61}[A-Za-z0-9])?$")
-LABEL_VALUE = re.compile(r"^([A-Za-z0-9]([A-Za-z0-9_.\-]{0,61}[A-Za-z0-9])?)?$")
+MAX_LABEL_KEY_CHARS = 63
+MAX_LABEL_VALUE_CHARS = 63
+LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9_.\-/]{0,61}[A-Za-z0-9])?")
+LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9_.\-]{0,61}[A-Za-z0-9])?)?")
+# C0 control characters but tab, line feed and carriage return (a pasted
+# Windows line break).
+PROMPT_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f]")
 
 
 @dataclass(frozen=True)
@@ -173,33 +196,45 @@ def _check_size(name: str, value: int) -> None:
 
 
 def _check_prompt(name: str, text: str, *, required: bool) -> None:
-    if required and not text.strip():
-        raise InvalidArgument(name, "must not be empty")
     if len(text) > MAX_PROMPT_CHARS:
         raise InvalidArgument(
             name, f"must be at most {MAX_PROMPT_CHARS} characters, got {len(text)}"
         )
-    if "\x00" in text:
-        raise InvalidArgument(name, "must not contain NUL characters")
+    if required and not text.strip():
+        raise InvalidArgument(name, "must not be empty")
+    control = PROMPT_CONTROL.search(text)
+    if control is not None:
+        raise InvalidArgument(
+            name,
+            "must not contain NUL or other control characters (tab and line breaks are "
+            f"fine); found {control.group()!r} at offset {control.start()}",
+        )
+
+
+def _check_name(name: str, value: str, most: int, *, least: int = 0) -> None:
+    """A name-like field: printable characters, `least` to `most` of them."""
+    if not least <= len(value) <= most or not value.isprintable():
+        allowed = f"{least}-{most}" if least else f"at most {most}"
+        raise InvalidArgument(name, f"must be {allowed} printable characters, got {quote(value)}")
 
 
 def check_labels(labels: Mapping[str, str], field: str = "labels") -> None:
-    """Kubernetes-style label names and values; used for job labels, job
-    selectors and node labels."""
+    """Kubernetes-style label names and values, at most MAX_LABELS of them;
+    used for job labels, job selectors and node labels."""
     if len(labels) > MAX_LABELS:
         raise InvalidArgument(field, f"at most {MAX_LABELS} labels, got {len(labels)}")
     for key, value in labels.items():
-        if not LABEL_KEY.match(key):
+        if len(key) > MAX_LABEL_KEY_CHARS or not LABEL_KEY.fullmatch(key):
             raise InvalidArgument(
                 field,
-                f"key {key!r} must be 1-63 letters, digits, '-', '_', '.' or '/', "
-                "starting and ending with a letter or digit",
+                f"key {quote(key)} must be 1-{MAX_LABEL_KEY_CHARS} letters, digits, "
+                "'-', '_', '.' or '/', starting and ending with a letter or digit",
             )
-        if not LABEL_VALUE.match(value):
+        if len(value) > MAX_LABEL_VALUE_CHARS or not LABEL_VALUE.fullmatch(value):
             raise InvalidArgument(
                 f"{field}[{key}]",
-                f"value {value!r} must be at most 63 letters, digits, '-', '_' or '.', "
-                "starting and ending with a letter or digit",
+                f"value {quote(value)} must be at most {MAX_LABEL_VALUE_CHARS} letters, "
+                "digits, '-', '_' or '.', starting and ending with a letter or digit",
             )
 
 
@@ -215,12 +250,11 @@ def resolve(
     _check_prompt("negative_prompt", request.negative_prompt, required=False)
 
     model = TINY_MODEL if request.model is None else request.model.strip()
-    if not model or len(model) > MAX_MODEL_NAME_CHARS:
-        raise InvalidArgument("model", f"must be 1-{MAX_MODEL_NAME_CHARS} characters")
+    _check_name("model", model, MAX_MODEL_NAME_CHARS, least=1)
     if model != TINY_MODEL and model not in known_models:
         known = ", ".join(sorted({TINY_MODEL, *known_models}))
         raise InvalidArgument(
-            "model", f"unknown model {model!r}; models seen on nodes recently: {known}"
+            "model", f"unknown model {quote(model)}; models seen on nodes recently: {known}"
         )
 
     width = DEFAULT_WIDTH if request.width is None else request.width
@@ -249,14 +283,11 @@ def resolve(
     if sampler is None:
         raise InvalidArgument(
             "sampler_name",
-            f"unknown sampler {request.sampler_name!r}; allowed: {', '.join(sampler_names())}",
+            f"unknown sampler {quote(request.sampler_name or '')}; allowed: {', '.join(sampler_names())}",
         )
 
     _check_range("priority", request.priority, MIN_PRIORITY, MAX_PRIORITY)
-    if len(request.request_id) > MAX_REQUEST_ID_CHARS or not request.request_id.isprintable():
-        raise InvalidArgument(
-            "request_id", f"must be at most {MAX_REQUEST_ID_CHARS} printable characters"
-        )
+    _check_name("request_id", request.request_id, MAX_REQUEST_ID_CHARS)
     check_labels(request.labels)
     check_labels(request.selector, "selector")
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from sdmesh.errors import InvalidArgument
+from sdmesh.errors import InvalidArgument, quote
 from sdmesh.samplers import SAMPLERS, find_sampler
-from sdmesh.spec import MemoryMode, SpecRequest, infotext, resolve
+from sdmesh.spec import MAX_PROMPT_CHARS, MemoryMode, SpecRequest, check_labels, infotext, resolve
 from tests.factories import make_spec
 
 
@@ -48,7 +48,9 @@ def test_given_values_are_kept() -> None:
         ({"prompt": ""}, "prompt", "must not be empty"),
         ({"prompt": " \n\t"}, "prompt", "must not be empty"),
         ({"prompt": "x" * 4001}, "prompt", "at most 4000 characters, got 4001"),
-        ({"prompt": "a\x00b"}, "prompt", "NUL"),
+        ({"prompt": "a\x00b"}, "prompt", "found '\\x00' at offset 1"),
+        ({"prompt": "a\x1bb"}, "prompt", "control characters"),
+        ({"negative_prompt": "\x00"}, "negative_prompt", "NUL"),
         ({"negative_prompt": "x" * 4001}, "negative_prompt", "at most 4000"),
         ({"steps": 0}, "steps", "between 1 and 150, got 0"),
         ({"steps": 151}, "steps", "between 1 and 150, got 151"),
@@ -61,7 +63,9 @@ def test_given_values_are_kept() -> None:
             "model",
             "unknown model 'no-such'; models seen on nodes recently: sdxl, tiny",
         ),
-        ({"model": " "}, "model", "must be 1-128 characters"),
+        ({"model": " "}, "model", "must be 1-128 printable characters, got ''"),
+        ({"model": "m" * 129}, "model", "must be 1-128 printable characters"),
+        ({"model": "sd\x00xl"}, "model", "printable characters, got 'sd\\x00xl'"),
         (
             {"sampler_name": "Euler b"},
             "sampler_name",
@@ -74,10 +78,17 @@ def test_given_values_are_kept() -> None:
         ({"seed": -2}, "seed", "-1 (random) or between 0 and 4294967295"),
         ({"seed": 2**32}, "seed", "-1 (random) or between 0 and 4294967295"),
         ({"priority": 101}, "priority", "between -100 and 100"),
-        ({"request_id": "r" * 129}, "request_id", "at most 128"),
+        ({"request_id": "r" * 129}, "request_id", "at most 128 printable characters"),
+        ({"request_id": "r-\x00"}, "request_id", "printable characters, got 'r-\\x00'"),
         ({"labels": {"bad key!": "x"}}, "labels", "key 'bad key!'"),
+        ({"labels": {"k" * 64: "x"}}, "labels", "must be 1-63 letters"),
+        ({"labels": {"pool\n": "x"}}, "labels", "key 'pool\\n'"),
         ({"labels": {"pool": "a b"}}, "labels[pool]", "value 'a b'"),
-        ({"labels": {f"k{i}": "v" for i in range(33)}}, "labels", "at most 32 labels"),
+        ({"labels": {"pool": "v" * 64}}, "labels[pool]", "at most 63 letters"),
+        ({"labels": {"pool": "a\x00"}}, "labels[pool]", "value 'a\\x00'"),
+        ({"labels": {f"k{i}": "v" for i in range(33)}}, "labels", "at most 32 labels, got 33"),
+        ({"selector": {f"k{i}": "v" for i in range(100)}}, "selector", "at most 32 labels"),
+        ({"selector": {"pool": "sdxl\n"}}, "selector[pool]", "value 'sdxl\\n'"),
     ],
 )
 def test_each_bad_field_is_named(fields: dict[str, Any], field: str, message: str) -> None:
@@ -86,6 +97,61 @@ def test_each_bad_field_is_named(fields: dict[str, Any], field: str, message: st
     assert raised.value.field == field
     assert str(raised.value).startswith(f"{field}: ")
     assert message in str(raised.value)
+
+
+def test_the_bounds_are_inclusive_and_tabs_and_line_breaks_are_fine() -> None:
+    longest = "x" * (MAX_PROMPT_CHARS - 2) + "\t\n"
+    spec = check(prompt=longest, negative_prompt="a\r\nb", request_id="r" * 128,
+                 labels={"k" * 63: "v" * 63, "example.com/pool": ""},
+                 selector={f"k{i}": "v" for i in range(32)})  # fmt: skip
+    assert spec.prompt == longest
+    assert spec.labels == {"k" * 63: "v" * 63, "example.com/pool": ""}
+
+
+MEGABYTE = "\x00" + "x" * 2**20
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"prompt": MEGABYTE}, "prompt"),
+        ({"negative_prompt": MEGABYTE}, "negative_prompt"),
+        ({"model": MEGABYTE}, "model"),
+        ({"sampler_name": MEGABYTE}, "sampler_name"),
+        ({"request_id": MEGABYTE}, "request_id"),
+        ({"labels": {MEGABYTE: "v"}}, "labels"),
+        ({"labels": {"pool": MEGABYTE}}, "labels[pool]"),
+        ({"selector": {MEGABYTE: "v"}}, "selector"),
+    ],
+)
+def test_a_megabyte_of_input_gives_a_short_error(fields: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        check(**fields)
+    assert raised.value.field == field
+    # The message names the field and the rule and quotes a short prefix;
+    # the sampler's lists the names allowed.
+    assert len(str(raised.value)) < 400
+
+
+def test_node_labels_have_the_same_bounds() -> None:
+    with pytest.raises(InvalidArgument, match=r"^hello\.labels: at most 32 labels, got 100$"):
+        check_labels({f"k{i}": "v" for i in range(100)}, "hello.labels")
+    with pytest.raises(InvalidArgument, match=r"^hello\.labels: key 'kkkk"):
+        check_labels({"k" * 64: "v"}, "hello.labels")
+
+
+@pytest.mark.parametrize(
+    ("value", "quoted"),
+    [
+        ("", "''"),
+        ("short", "'short'"),
+        ("x" * 40, repr("x" * 40)),
+        ("x" * 41, f"{'x' * 40!r}…(41 chars)"),
+        ("\x00" * 2**20, repr("\x00" * 40) + "…(1048576 chars)"),
+    ],
+)
+def test_quote_cuts_to_a_prefix(value: str, quoted: str) -> None:
+    assert quote(value) == quoted
 
 
 def test_sampler_names_and_aliases() -> None:
