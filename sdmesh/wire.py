@@ -1,6 +1,18 @@
-"""Wire facts every process agrees on: request metadata keys, how a standby
-replica says so, keepalive, the channel every caller dials through,
+"""Wire facts every process agrees on: request metadata keys (the caller's
+credential among them), how a standby replica says so, keepalive, message
+size limits, the channel every caller dials through (plain or TLS),
 reconnect backoff, scheduler address lists and the package version.
+
+Message sizes. The scheduler takes at most MAX_SERVER_RECEIVE_BYTES (4 MiB,
+gRPC's own default, made explicit) in one message: the largest anyone is
+meant to send it is an agent's image chunk of IMAGE_CHUNK_BYTES (256 KiB);
+a submit is a few KiB. Its answers can be larger, so clients take up to
+MAX_CLIENT_RECEIVE_BYTES (64 MiB): a ListJobs page holds up to 1000 jobs,
+each up to about 40 KiB (two 4000-character prompts in UTF-8 and 32
+labels). Agents take up to MAX_AGENT_RECEIVE_BYTES (4 MiB; an assignment is
+a few specs). Each side also refuses to send what its peer would refuse to
+take, so that an oversized message fails where it is made, with
+RESOURCE_EXHAUSTED, instead of on the wire.
 """
 
 from __future__ import annotations
@@ -13,8 +25,17 @@ from typing import Any
 import grpc
 from grpc import aio
 
-# Who is calling, until authentication replaces it.
+from sdmesh.tls import TlsFiles
+
+# Who is calling: an API key (or an agent's credential) as
+# `authorization: Bearer <token>`; the user name alone counts only on a
+# scheduler that runs with --no-auth.
+AUTHORIZATION_METADATA_KEY = "authorization"
+BEARER_SCHEME = "Bearer"
 USER_METADATA_KEY = "x-sdmesh-user"
+# How long to wait before retrying a call refused with RESOURCE_EXHAUSTED
+# (seconds, as text): trailing metadata.
+RETRY_AFTER_METADATA_KEY = "retry-after"
 # The node an agent's credential belongs to, beside its `authorization`.
 NODE_METADATA_KEY = "x-sdmesh-node"
 # A standby replica turns calls away with UNAVAILABLE and says so in these
@@ -34,6 +55,10 @@ CLIENT_FIRST_BACKOFF_SECONDS = 0.2
 CLIENT_MAX_BACKOFF_SECONDS = 2.0
 # PNGs travel in pieces well under gRPC's 4 MiB message limit, both ways.
 IMAGE_CHUNK_BYTES = 256 * 1024
+# The largest message each side takes (see the module's docstring).
+MAX_SERVER_RECEIVE_BYTES = 4 * 1024 * 1024
+MAX_CLIENT_RECEIVE_BYTES = 64 * 1024 * 1024
+MAX_AGENT_RECEIVE_BYTES = 4 * 1024 * 1024
 
 Options = list[tuple[str, Any]]
 
@@ -92,6 +117,13 @@ def _keepalive() -> Options:
     ]
 
 
+def _message_sizes(receive: int, send: int) -> Options:
+    return [
+        ("grpc.max_receive_message_length", receive),
+        ("grpc.max_send_message_length", send),
+    ]
+
+
 def server_options() -> Options:
     # The server must accept the agents' pings that often, or it answers
     # with GOAWAY "too_many_pings".
@@ -100,15 +132,21 @@ def server_options() -> Options:
         *_keepalive(),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", margin_ms),
         ("grpc.http2.max_ping_strikes", 0),
+        *_message_sizes(MAX_SERVER_RECEIVE_BYTES, MAX_CLIENT_RECEIVE_BYTES),
     ]
 
 
 def agent_channel_options() -> Options:
-    return [*_keepalive(), ("grpc.http2.max_pings_without_data", 0)]
+    return [
+        *_keepalive(),
+        ("grpc.http2.max_pings_without_data", 0),
+        *_message_sizes(MAX_AGENT_RECEIVE_BYTES, MAX_SERVER_RECEIVE_BYTES),
+    ]
 
 
 def client_channel_options() -> Options:
     return [
+        *_message_sizes(MAX_CLIENT_RECEIVE_BYTES, MAX_SERVER_RECEIVE_BYTES),
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_permit_without_calls", 1),
         # gRPC's own reconnect backoff grows to two minutes; a scheduler that
@@ -118,10 +156,47 @@ def client_channel_options() -> Options:
     ]
 
 
-def open_channel(address: str, options: Options) -> aio.Channel:
-    """The one place callers (agents, the SDK) dial a scheduler: where
-    transport security will plug in."""
+def open_channel(address: str, options: Options, tls: TlsFiles | None = None) -> aio.Channel:
+    """The one place callers (agents, the SDK) dial a scheduler: over TLS
+    when `tls` names a CA, else in plain text. Raises ValueError, naming the
+    flag, for a TLS file that cannot be used."""
+    if tls is not None and tls.enabled:
+        return aio.secure_channel(address, tls.credentials(), options=options)
     return aio.insecure_channel(address, options=options)
+
+
+def bearer(token: str) -> tuple[str, str]:
+    """The metadata entry that carries a credential."""
+    return (AUTHORIZATION_METADATA_KEY, f"{BEARER_SCHEME} {token}")
+
+
+def parse_bearer(value: str | bytes | None) -> str | None:
+    """The token in an `authorization` value ("Bearer <token>", the scheme
+    in any case), or None when it is not one."""
+    if isinstance(value, bytes):
+        value = value.decode(errors="replace")
+    scheme, _, token = (value or "").strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != BEARER_SCHEME.lower() or not token or " " in token:
+        return None
+    return token
+
+
+def retry_after_metadata(seconds: float) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata of a RESOURCE_EXHAUSTED that says when to retry."""
+    return ((RETRY_AFTER_METADATA_KEY, f"{max(0.0, seconds):.3f}"),)
+
+
+def retry_after(error: grpc.RpcError) -> float | None:
+    """The seconds a RESOURCE_EXHAUSTED asked the caller to wait, if it said."""
+    for key, value in _trailing(error):
+        if key == RETRY_AFTER_METADATA_KEY:
+            try:
+                seconds = float(value)
+            except (TypeError, ValueError):
+                return None
+            return seconds if 0 <= seconds < float("inf") else None
+    return None
 
 
 def standby_metadata(leader_address: str) -> tuple[tuple[str, str], ...]:
