@@ -33,6 +33,8 @@ from sdmesh.tls import TlsFiles
 AUTHORIZATION_METADATA_KEY = "authorization"
 BEARER_SCHEME = "Bearer"
 USER_METADATA_KEY = "x-sdmesh-user"
+# An agent names the node its credential was issued to beside it.
+NODE_METADATA_KEY = "x-sdmesh-node"
 # How long to wait before retrying a call refused with RESOURCE_EXHAUSTED
 # (seconds, as text): trailing metadata.
 RETRY_AFTER_METADATA_KEY = "retry-after"
