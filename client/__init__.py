@@ -11,16 +11,21 @@
 `AsyncClient` is the same API for asyncio. Neither imports torch. Both take
 several scheduler addresses ("host1:50051,host2:50051") and ride out a
 restart or failover: calls are retried on the next address, and a watch
-resumes after the last event it gave.
+resumes after the last event it gave. Both send an API key (`api_key=` or
+SDMESH_API_KEY) and dial over TLS given a CA (`ca_cert=` or SDMESH_CA_CERT).
 """
 
 from client._async import AsyncClient, AsyncJobHandle, SubmitOptions
 from client._errors import (
+    AuthenticationError,
     InvalidArgumentError,
     JobFailedError,
     NotFoundError,
+    PermissionDeniedError,
     RejectedError,
+    ResourceExhaustedError,
     SdmeshError,
+    TlsError,
     UnavailableError,
 )
 from client._models import (
@@ -45,6 +50,7 @@ __all__ = [
     "AsyncClient",
     "AsyncJobHandle",
     "Attempt",
+    "AuthenticationError",
     "Client",
     "Device",
     "Event",
@@ -60,12 +66,15 @@ __all__ = [
     "Model",
     "Node",
     "NotFoundError",
+    "PermissionDeniedError",
     "PreviewEvent",
     "Progress",
     "ProgressEvent",
     "RejectedError",
+    "ResourceExhaustedError",
     "SdmeshError",
     "StateEvent",
     "SubmitOptions",
+    "TlsError",
     "UnavailableError",
 ]

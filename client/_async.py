@@ -15,13 +15,20 @@ from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 import grpc
 from grpc import aio
 
-from client._config import DEFAULT_RECONNECT_TIMEOUT, resolve_addresses, resolve_user
+from client._config import (
+    DEFAULT_RECONNECT_TIMEOUT,
+    resolve_addresses,
+    resolve_api_key,
+    resolve_tls,
+    resolve_user,
+)
 from client._errors import (
     EndedEarly,
     InvalidArgumentError,
     JobFailedError,
     SdmeshError,
     from_rpc_error,
+    is_tls_failure,
     nobody_there,
     rpc_detail,
     unreachable,
@@ -45,6 +52,7 @@ from sdmesh.wire import (
     CLIENT_MAX_BACKOFF_SECONDS,
     USER_METADATA_KEY,
     Backoff,
+    bearer,
     client_channel_options,
     leader_hint,
     open_channel,
@@ -108,9 +116,11 @@ def spec_request(prompt: str, options: SubmitOptions) -> SpecRequest:
 class _Retries:
     """One operation's retries on UNAVAILABLE. Each failure moves the client
     to the next address; after a whole pass over the list it backs off. It
-    gives up once `reconnect_timeout` has passed since the first failure, or
+    gives up once `reconnect_timeout` has passed since the first failure,
     after one pass if this client has never reached a scheduler and nothing
-    listens at any address (a wrong address should not hang for a minute)."""
+    listens at any address (a wrong address should not hang for a minute),
+    and as soon as every address has failed its TLS handshake (a wrong
+    certificate does not mend itself)."""
 
     def __init__(self, client: AsyncClient) -> None:
         self._client = client
@@ -118,6 +128,7 @@ class _Retries:
         self._since: float | None = None
         self._in_pass = 0
         self._anybody_there = False
+        self._tls_failed: set[str] = set()
         self._backoff = Backoff(CLIENT_FIRST_BACKOFF_SECONDS, CLIENT_MAX_BACKOFF_SECONDS)
 
     def succeeded(self) -> None:
@@ -137,13 +148,20 @@ class _Retries:
         self._failures[address] = rpc_detail(error)
         self._anybody_there = self._anybody_there or not nobody_there(error)
         client._move_on(address, leader_hint(error))
+        if is_tls_failure(error):
+            self._tls_failed.add(address)
+            if self._tls_failed.issuperset(client.addresses):
+                raise from_rpc_error(error, address) from None
+        else:
+            self._tls_failed.discard(address)
         self._in_pass += 1
         pass_done = self._in_pass >= len(client.addresses)
+        tls = client.tls.enabled
         if pass_done and not client._reached and not self._anybody_there:
-            raise unreachable(self._failures) from None
+            raise unreachable(self._failures, tls=tls) from None
         left = self._since + client.reconnect_timeout - now
         if left <= 0:
-            raise unreachable(self._failures, now - self._since) from None
+            raise unreachable(self._failures, now - self._since, tls=tls) from None
         if client.on_retry is not None:
             client.on_retry(address, from_rpc_error(error, address))
         if pass_done:
@@ -156,7 +174,16 @@ class AsyncClient:
 
     `address` is one HOST:PORT, several separated by commas, or a list: the
     replicas of one scheduler. Left out, it comes from SDMESH_SCHEDULER, else
-    localhost:50051; the user from `user`, else SDMESH_USER, else the OS login.
+    localhost:50051.
+
+    Who is asking: `api_key`, else SDMESH_API_KEY, sent with every call as
+    `authorization: Bearer <key>`. `user` (else SDMESH_USER, else the OS
+    login) counts only on a scheduler that runs with --no-auth.
+
+    With `ca_cert` (else SDMESH_CA_CERT) calls go over TLS, the scheduler's
+    certificate checked against that CA; `client_cert` and `client_key`
+    (else SDMESH_CLIENT_CERT, SDMESH_CLIENT_KEY) are this client's for
+    mutual TLS. A file that cannot be used raises InvalidArgumentError here.
 
     Calls go to one address at a time. When it is unavailable (refused, a
     standby, a dropped connection) the client moves to the next, backing off
@@ -173,16 +200,24 @@ class AsyncClient:
         timeout: float = 30.0,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         on_retry: OnRetry | None = None,
+        api_key: str | None = None,
+        ca_cert: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
     ) -> None:
         self.addresses = resolve_addresses(address)
         self.user = resolve_user(user)
+        self.tls = resolve_tls(ca_cert, client_cert, client_key)
+        if self.tls.enabled:
+            self._check_tls()  # a wrong file is one line now, not a failed handshake later
+        key = resolve_api_key(api_key)
         self.timeout = timeout
         self.reconnect_timeout = reconnect_timeout
         self.on_retry = on_retry
         self._current = 0
         self._reached = False  # some scheduler has answered this client
         self._channels: dict[str, tuple[aio.Channel, SchedulerAsyncStub]] = {}
-        self._metadata = ((USER_METADATA_KEY, self.user),)
+        self._metadata = ((USER_METADATA_KEY, self.user),) + ((bearer(key),) if key else ())
 
     @property
     def address(self) -> str:
@@ -206,10 +241,19 @@ class AsyncClient:
         for channel in channels:
             await channel.close(grace=None)
 
+    def _check_tls(self) -> None:
+        try:
+            self.tls.credentials()
+        except ValueError as exc:
+            raise InvalidArgumentError(str(exc)) from None
+
     def _stub(self, address: str) -> SchedulerAsyncStub:
         """The stub for one address; its channel is made on first use."""
         if address not in self._channels:
-            channel = open_channel(address, client_channel_options())
+            try:
+                channel = open_channel(address, client_channel_options(), self.tls)
+            except ValueError as exc:  # a TLS file changed since the check
+                raise InvalidArgumentError(str(exc)) from None
             self._channels[address] = (channel, scheduler_pb2_grpc.SchedulerStub(channel))
         return self._channels[address][1]
 
@@ -307,6 +351,13 @@ class AsyncClient:
         request = scheduler_pb2.CancelJobRequest(job_id=job_id)
         _, job = await self._call(lambda s: s.CancelJob, request)
         return Job.from_proto(job)
+
+    async def delete(self, job_id: str) -> int:
+        """Removes a job with its events and images, cancelling it first if
+        it is still queued or running; returns how many images went."""
+        request = scheduler_pb2.DeleteJobRequest(job_id=job_id)
+        _, response = await self._call(lambda s: s.DeleteJob, request)
+        return response.images_deleted
 
     async def watch(self, job_id: str, after_seq: int = 0) -> AsyncIterator[Event]:
         """Events of a job: the durable ones after `after_seq`, then live
@@ -463,3 +514,7 @@ class AsyncJobHandle:
     async def cancel(self) -> Job:
         self.last_known = await self._client.cancel(self.id)
         return self.last_known
+
+    async def delete(self) -> int:
+        """Removes the job with its images; returns how many images went."""
+        return await self._client.delete(self.id)

@@ -1,12 +1,16 @@
-"""Where the schedulers are, who is asking, and how long to keep trying:
-flags first, then environment variables, then defaults."""
+"""Where the schedulers are, who is asking (the API key, the user name),
+how to reach them (TLS files) and how long to keep trying: flags first,
+then environment variables, then defaults."""
 
 from __future__ import annotations
 
 import getpass
 import os
 from collections.abc import Sequence
+from pathlib import Path
 
+from client._errors import InvalidArgumentError
+from sdmesh.tls import CLIENT_FLAGS, TlsFiles
 from sdmesh.wire import parse_addresses
 
 DEFAULT_ADDRESS = "localhost:50051"
@@ -34,3 +38,41 @@ def resolve_user(user: str | None = None) -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # no passwd entry, as in some containers
         return "anonymous"
+
+
+def resolve_api_key(api_key: str | None = None) -> str:
+    """The API key, else SDMESH_API_KEY, else "" (none sent). A key goes in
+    request metadata, so it must be printable ASCII without spaces."""
+    key = (api_key or os.environ.get("SDMESH_API_KEY") or "").strip()
+    if key and not all("!" <= char <= "~" for char in key):
+        raise InvalidArgumentError(
+            "--api-key: must be printable ASCII without spaces (is it the whole key?)"
+        )
+    return key
+
+
+def _path(value: str | Path | None, variable: str) -> Path | None:
+    text = os.environ.get(variable, "") if value is None else str(value)
+    return Path(text).expanduser() if text else None
+
+
+def resolve_tls(
+    ca_cert: str | Path | None = None,
+    client_cert: str | Path | None = None,
+    client_key: str | Path | None = None,
+) -> TlsFiles:
+    """The TLS files: each given, else SDMESH_CA_CERT, SDMESH_CLIENT_CERT and
+    SDMESH_CLIENT_KEY. Without a CA the channel is plain text, so a client
+    certificate without one is refused rather than left unused."""
+    files = TlsFiles(
+        _path(ca_cert, "SDMESH_CA_CERT"),
+        _path(client_cert, "SDMESH_CLIENT_CERT"),
+        _path(client_key, "SDMESH_CLIENT_KEY"),
+        flags=CLIENT_FLAGS,
+    )
+    if not files.enabled and (files.cert or files.key):
+        given = CLIENT_FLAGS[1] if files.cert else CLIENT_FLAGS[2]
+        raise InvalidArgumentError(
+            f"{given} needs {CLIENT_FLAGS[0]}, the CA that signed the scheduler's certificate"
+        )
+    return files

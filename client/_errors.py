@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 import grpc
+
+from sdmesh.wire import retry_after
 
 if TYPE_CHECKING:
     from client._models import Job
@@ -39,6 +42,38 @@ class UnavailableError(SdmeshError):
     exit_code = 3
 
 
+class TlsError(UnavailableError):
+    """The TLS handshake failed: a certificate the other side does not
+    trust, or one side without TLS. Retrying does not help."""
+
+
+class AuthenticationError(SdmeshError):
+    """The scheduler did not accept the caller's credential, or got none
+    (UNAUTHENTICATED)."""
+
+    exit_code = 4
+
+
+class PermissionDeniedError(SdmeshError):
+    """The caller is known but may not do this: another user's job, or an
+    admin's command (PERMISSION_DENIED)."""
+
+    exit_code = 4
+
+
+class ResourceExhaustedError(SdmeshError):
+    """A limit was hit: the scheduler's message names it. `retry_after` is
+    how many seconds it asked the caller to wait, if it said."""
+
+    exit_code = 5
+
+    def __init__(self, detail: str, retry_after: float | None = None) -> None:
+        when = "later" if retry_after is None else f"in {retry_after:.3g}s"
+        super().__init__(f"limit reached: {detail}; retry {when}")
+        self.detail = detail
+        self.retry_after = retry_after
+
+
 class JobFailedError(SdmeshError):
     """The job ended FAILED or CANCELLED where images were expected."""
 
@@ -57,7 +92,20 @@ _BY_CODE: dict[grpc.StatusCode, type[SdmeshError]] = {
     grpc.StatusCode.ALREADY_EXISTS: RejectedError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
 }
+# What gRPC says when the connection closed while it was being set up: on a
+# TLS channel, most often a scheduler that wants a client certificate it
+# can trust; on a plain one, a scheduler that speaks only TLS.
+CLOSED_WHILE_CONNECTING = "closed while connecting"
+# gRPC's own RESOURCE_EXHAUSTED for a message over the size limit: no retry
+# helps that.
+_TOO_LARGE = "larger than max"
+_TLS_FAILURE = re.compile(
+    r"(tls|ssl) handshake failed|hostname verification|certificate_verify_failed", re.I
+)
 
 
 def rpc_detail(error: grpc.RpcError) -> str:
@@ -67,8 +115,10 @@ def rpc_detail(error: grpc.RpcError) -> str:
     details: str = error.details() or code.name
     if "Connection refused" in details:
         return "connection refused"
+    if is_tls_failure(error):
+        return f"TLS handshake failed: {_tls_reason(details)}"
     if "Socket closed" in details or "Connection reset" in details:
-        return "connection lost"
+        return CLOSED_WHILE_CONNECTING if "failed to connect" in details else "connection lost"
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return "did not answer in time"
     return details
@@ -77,15 +127,61 @@ def rpc_detail(error: grpc.RpcError) -> str:
 def from_rpc_error(error: grpc.RpcError, address: str) -> SdmeshError:
     code: grpc.StatusCode = error.code()
     kind = _BY_CODE.get(code, SdmeshError)
+    details: str = error.details() or code.name
     if kind is UnavailableError:
+        if is_tls_failure(error):
+            return tls_error(address, details)
         return UnavailableError(f"scheduler {address} unreachable: {rpc_detail(error)}")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return UnavailableError(f"scheduler {address} did not answer in time")
-    return kind(error.details() or code.name)
+    if kind is AuthenticationError:
+        return AuthenticationError(
+            f"not authenticated: {details}; pass --api-key or set SDMESH_API_KEY"
+        )
+    if kind is PermissionDeniedError:
+        return PermissionDeniedError(f"not allowed: {details}")
+    if kind is ResourceExhaustedError:
+        if _TOO_LARGE in details:
+            return SdmeshError(f"message too large: {details}")
+        return ResourceExhaustedError(details, retry_after(error))
+    return kind(details)
 
 
-def unreachable(failures: dict[str, str], waited: float | None = None) -> UnavailableError:
-    """Giving up: every address tried, with what each last said."""
+def is_tls_failure(error: grpc.RpcError) -> bool:
+    """Whether this side refused the other in the TLS handshake: an
+    untrusted or expired certificate, one for another host name, or a
+    server without TLS. (A server that refuses this side's certificate only
+    closes the connection: see CLOSED_WHILE_CONNECTING.)"""
+    return error.code() is grpc.StatusCode.UNAVAILABLE and bool(
+        _TLS_FAILURE.search(error.details() or "")
+    )
+
+
+def _tls_reason(details: str) -> str:
+    if "WRONG_VERSION_NUMBER" in details:
+        return "the scheduler does not speak TLS here"
+    if "Hostname Verification" in details:
+        return "its certificate is not for this host name or address"
+    if "expired" in details:
+        return "its certificate has expired"
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return "its certificate is not signed by the CA in --ca-cert"
+    return details.rsplit("OPENSSL_internal:", 1)[-1].removesuffix(": OK")
+
+
+def tls_error(address: str, details: str) -> TlsError:
+    return TlsError(
+        f"TLS handshake with {address} failed ({_tls_reason(details)}): "
+        "check --ca-cert (and --client-cert for mutual TLS)"
+    )
+
+
+def unreachable(
+    failures: dict[str, str], waited: float | None = None, *, tls: bool = False
+) -> UnavailableError:
+    """Giving up: every address tried, with what each last said. `tls`:
+    whether the client dialed with TLS, for the hint when every connection
+    closed while it was being set up."""
     if len(failures) == 1:
         [(address, detail)] = failures.items()
         message = f"scheduler {address} unreachable: {detail}"
@@ -94,6 +190,13 @@ def unreachable(failures: dict[str, str], waited: float | None = None) -> Unavai
         message = f"schedulers {', '.join(failures)} unreachable: {each}"
     if waited is not None:
         message += f" (retried for {round(waited, 1):g}s)"
+    if all(detail == CLOSED_WHILE_CONNECTING for detail in failures.values()):
+        message += (
+            "; a scheduler with mutual TLS closes connections without a client certificate "
+            "it trusts: check --client-cert and --client-key"
+            if tls
+            else "; a scheduler with TLS closes plain-text connections: pass --ca-cert"
+        )
     return UnavailableError(message)
 
 

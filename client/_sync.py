@@ -72,7 +72,8 @@ class _LoopThread:
 
 
 class Client:
-    """Blocking twin of `AsyncClient`; use as `with Client() as client:`.
+    """Blocking twin of `AsyncClient`, with the same arguments (the API key
+    and TLS files among them); use as `with Client() as client:`.
     `on_retry` is called on the client's own thread."""
 
     def __init__(
@@ -83,6 +84,10 @@ class Client:
         timeout: float = 30.0,
         reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT,
         on_retry: OnRetry | None = None,
+        api_key: str | None = None,
+        ca_cert: str | Path | None = None,
+        client_cert: str | Path | None = None,
+        client_key: str | Path | None = None,
     ) -> None:
         self._runner = _LoopThread()
 
@@ -93,11 +98,20 @@ class Client:
                 timeout=timeout,
                 reconnect_timeout=reconnect_timeout,
                 on_retry=on_retry,
+                api_key=api_key,
+                ca_cert=ca_cert,
+                client_cert=client_cert,
+                client_key=client_key,
             )
 
-        self._async = self._runner.run(make())
+        try:
+            self._async = self._runner.run(make())
+        except BaseException:
+            self._runner.close()
+            raise
         self.addresses = self._async.addresses
         self.user = self._async.user
+        self.tls = self._async.tls
 
     @property
     def address(self) -> str:
@@ -139,6 +153,10 @@ class Client:
 
     def cancel(self, job_id: str) -> Job:
         return self._runner.run(self._async.cancel(job_id))
+
+    def delete(self, job_id: str) -> int:
+        """See `AsyncClient.delete`."""
+        return self._runner.run(self._async.delete(job_id))
 
     def watch(self, job_id: str, after_seq: int = 0) -> Iterator[Event]:
         return self._runner.iterate(self._async.watch(job_id, after_seq))
@@ -193,3 +211,6 @@ class JobHandle:
 
     def cancel(self) -> Job:
         return self._client._runner.run(self._handle.cancel())
+
+    def delete(self) -> int:
+        return self._client._runner.run(self._handle.delete())

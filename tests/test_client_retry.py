@@ -22,6 +22,7 @@ from client import (
     AsyncClient,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ProgressEvent,
     RejectedError,
     SdmeshError,
@@ -124,6 +125,12 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.Job:
         await self._enter("CancelJob", request, context)
         return job(request.job_id, common_pb2.JOB_STATE_CANCELLED)
+
+    async def DeleteJob(
+        self, request: scheduler_pb2.DeleteJobRequest, context: Context
+    ) -> scheduler_pb2.DeleteJobResponse:
+        await self._enter("DeleteJob", request, context)
+        return scheduler_pb2.DeleteJobResponse(images_deleted=2)
 
     async def ListNodes(
         self, request: scheduler_pb2.ListNodesRequest, context: Context
@@ -446,7 +453,7 @@ def test_a_client_that_never_reached_a_scheduler_fails_after_one_pass() -> None:
         (grpc.StatusCode.INVALID_ARGUMENT, InvalidArgumentError),
         (grpc.StatusCode.NOT_FOUND, NotFoundError),
         (grpc.StatusCode.FAILED_PRECONDITION, RejectedError),
-        (grpc.StatusCode.PERMISSION_DENIED, SdmeshError),
+        (grpc.StatusCode.PERMISSION_DENIED, PermissionDeniedError),
         (grpc.StatusCode.INTERNAL, SdmeshError),
     ],
 )
@@ -465,6 +472,7 @@ def test_answers_other_than_unavailable_are_not_retried(
                 lambda: client.submit("p"),
                 lambda: client.get_job("j"),
                 lambda: client.drain_node("n"),
+                lambda: client.delete("j"),
                 lambda: anext(aiter(client.watch("j"))),
             ]
             for call in calls:
