@@ -20,6 +20,15 @@ for another one, so one job's options never leak into the next; a job that
 asks for the same one reuses it, as diffusers users do (every call starts
 with `set_timesteps`, which resets its state).
 
+Loading is safe as the catalog defines it (gpu_node/catalog.py): the model
+is checked again just before it is loaded, since its folder may have
+changed since the scan, and loaded from its resolved folder with
+`use_safetensors=True` (diffusers and transformers then never unpickle a
+.bin, even one added after the check) and `trust_remote_code=False`, and
+never with a `custom_pipeline`. A model refused then, or one that fails to
+load (damaged weights, say), fails the job's attempt with a message naming
+the model; the worker runs on.
+
 Loading ends with `gc.freeze()`: the hundreds of thousands of objects that
 torch, diffusers and the weights leave live are moved out of the cycle
 collector's way, so that no collection during a job walks them. An eviction
@@ -36,9 +45,10 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from gpu_node.catalog import Catalog, LocalModel
+from gpu_node.catalog import Catalog, LocalModel, ModelRefused, verified_folder
 from sdmesh.domain import ModelInfo
 from sdmesh.samplers import find_sampler
 from sdmesh.spec import MemoryMode
@@ -52,7 +62,12 @@ DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
 
 
 class ModelUnavailable(Exception):
-    pass
+    """The model is not on this node, or is refused: nothing was loaded."""
+
+
+class ModelLoadFailed(Exception):
+    """Loading the model raised: its files are damaged, most likely. Not a
+    ModelUnavailable, so the worker collects what the failed load left."""
 
 
 def quiet_libraries() -> None:
@@ -265,7 +280,11 @@ class PipelineCache:
     def _load_resident(self, model: LocalModel, mode: MemoryMode) -> Resident:
         import torch
 
-        assert model.path is not None
+        try:  # before any eviction: a refused model costs the others nothing
+            folder = verified_folder(model)
+        except ModelRefused as exc:
+            log.warning("refused to load: %s", exc)
+            raise ModelUnavailable(str(exc)) from exc
         dtype = _load_dtype(self.device, model.dtype)
         if mode is MemoryMode.FULL:
             self._make_room(model, estimated_bytes(model, dtype))
@@ -273,7 +292,7 @@ class PipelineCache:
             self.unload()
         while True:
             try:
-                pipeline = self._load(model.path, dtype, mode)
+                pipeline = self._load(folder, dtype, mode)
                 break
             except torch.OutOfMemoryError:
                 if not self.evict_least_used():
@@ -281,6 +300,11 @@ class PipelineCache:
                 log.warning(
                     "loading %s ran out of memory; evicted the least used model", model.name
                 )
+            except Exception as exc:
+                reason = " ".join(str(exc).split()) or "no message"
+                message = f"model {model.name!r} failed to load from {folder}: {reason}"
+                log.warning("%s", message)
+                raise ModelLoadFailed(message) from exc
         scheduler = pipeline.scheduler
         # Every A1111 sampler is a classic noise-prediction scheduler;
         # models trained for flow matching (FLUX-class, SD3) keep theirs.
@@ -301,12 +325,16 @@ class PipelineCache:
         gc.freeze()
         return resident
 
-    def _load(self, path: Any, dtype: Any, mode: MemoryMode) -> Any:
+    def _load(self, folder: Path, dtype: Any, mode: MemoryMode) -> Any:
         from diffusers import AutoPipelineForText2Image
 
         quiet_libraries()
         pipeline = AutoPipelineForText2Image.from_pretrained(
-            path, dtype=dtype, local_files_only=True
+            folder,
+            dtype=dtype,
+            local_files_only=True,
+            use_safetensors=True,
+            trust_remote_code=False,
         )
         pipeline.set_progress_bar_config(disable=True)
         return place(pipeline, self.device, mode)

@@ -11,6 +11,21 @@ import pytest
 
 from gpu_node.catalog import Catalog, describe, safetensors_dtype, weight_files
 
+# An SD1.5 model_index.json, as published: the safety checker's library is
+# a diffusers pipeline package.
+SD15_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.6.0",
+    "feature_extractor": ["transformers", "CLIPImageProcessor"],
+    "safety_checker": ["stable_diffusion", "StableDiffusionSafetyChecker"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "requires_safety_checker": True,
+}
+
 
 def write_safetensors(path: Path, dtype: str, size: int) -> None:
     header = json.dumps({"w": {"dtype": dtype, "shape": [size // 2], "data_offsets": [0, size]}})
@@ -34,7 +49,7 @@ def test_models_dir_folders_are_found_and_pickles_refused(
 ) -> None:
     good = tmp_path / "sd15"
     (good / "model_index.json").parent.mkdir(parents=True)
-    (good / "model_index.json").write_text("{}")
+    (good / "model_index.json").write_text(json.dumps(SD15_INDEX))
     write_safetensors(good / "unet" / "diffusion_pytorch_model.safetensors", "F16", 1000)
     write_safetensors(good / "unet" / "diffusion_pytorch_model.fp16.safetensors", "F16", 500)
     write_safetensors(good / "vae" / "diffusion_pytorch_model.fp16.safetensors", "BF16", 100)
