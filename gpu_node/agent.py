@@ -25,6 +25,13 @@ from grpc import aio
 
 from gpu_node.catalog import Catalog
 from gpu_node.config import AgentConfig
+from gpu_node.enrollment import (
+    Credential,
+    enroll,
+    join_token,
+    load_credential,
+    save_credential,
+)
 from gpu_node.identity import Identity, load_identity
 from gpu_node.journal import Journal
 from gpu_node.pipelines import quiet_libraries
@@ -42,6 +49,7 @@ from sdmesh.convert import (
 from sdmesh.datadir import DataDirLock
 from sdmesh.domain import AttemptOutcome, AttemptUpdate, DeviceInfo, DeviceStats, Ended, NodeInfo
 from sdmesh.spec import batch_key
+from sdmesh.tls import TlsFiles
 from sdmesh.waiting import wait_event
 from sdmesh.wire import (
     AGENT_FIRST_BACKOFF_SECONDS,
@@ -57,6 +65,13 @@ from sdmesh.wire import (
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 10.0
+AGENT_TLS_FLAGS = ("--ca-cert", "--tls-cert", "--tls-key")
+# Answers that no redial can change: the agent stops with the reason.
+REFUSED = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.PERMISSION_DENIED,
+)
 Outbox = asyncio.Queue[agent_pb2.AgentMessage | None]
 
 
@@ -86,6 +101,8 @@ class Agent:
         self.catalog = Catalog(config.data_dir, config.models_dir, synthetic_models(config))
         self.devices: list[DeviceInfo] = []
         self.identity: Identity | None = None
+        self.credential: Credential | None = None  # None: not enrolled (or --no-auth)
+        self.tls = TlsFiles(config.ca_cert, config.tls_cert, config.tls_key, flags=AGENT_TLS_FLAGS)
         self.workers: dict[int, DeviceWorker] = {}
         self.draining = False
         self.lease_seconds = DEFAULT_LEASE_SECONDS
@@ -107,6 +124,8 @@ class Agent:
         probe = self.probe = self.probe or detect_probe()
         devices = self.devices = select_devices(probe.devices(), self.config.gpus)
         self.identity = load_identity(self.config.data_dir, self.config.name, devices)
+        self.credential = load_credential(self.config.data_dir, self.identity.node_id)
+        self.tls.credentials()  # a wrong TLS file stops the agent now, naming its flag
         quiet_libraries()  # imports torch and diffusers now, not in the first job
         models = self.catalog.scan()
         for device in devices:
@@ -131,7 +150,8 @@ class Agent:
             agent_version=package_version(),
             devices=tuple(self.devices),
             models=tuple(model.info for model in self.catalog.models.values()),
-            labels=dict(self.config.labels),
+            # The labels the join token fixed win; the scheduler enforces them too.
+            labels={**self.config.labels, **(self.credential.labels if self.credential else {})},
         )
 
     def hello(self) -> agent_pb2.Hello:
@@ -277,6 +297,7 @@ class Agent:
         """Connects, and reconnects, until `stopping` is set and the work is
         handed over."""
         addresses = self.config.addresses
+        await self._enroll(stopping)
         position = 0
         backoff = redial_backoff()
         while not stopping.is_set():
@@ -285,7 +306,7 @@ class Agent:
                 if await self._session(address, stopping):
                     backoff.reset()  # it was up: start over
             except aio.AioRpcError as exc:
-                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                if exc.code() in REFUSED:
                     raise SystemExit(f"the scheduler refused this agent: {exc.details()}") from None
                 log.warning(
                     "scheduler %s: %s: %s", address, exc.code().name, exc.details() or "no details"
@@ -303,6 +324,25 @@ class Agent:
             log.info("reconnecting in %.1fs; the work here goes on", delay)
             await wait_event(stopping, delay)
 
+    async def _enroll(self, stopping: asyncio.Event) -> None:
+        """With a join token and no credential yet: trade the one for the
+        other, once, and keep the credential in the data dir."""
+        token = join_token(self.config.join_token)
+        if self.credential is not None or not token:
+            return
+        assert self.identity is not None
+        credential = await enroll(
+            self.config.addresses,
+            token,
+            self.identity.node_id,
+            self.identity.name,
+            self.tls,
+            stopping,
+        )
+        if credential is not None:
+            save_credential(self.config.data_dir, credential)
+            self.credential = credential
+
     async def _session(self, address: str, stopping: asyncio.Event) -> bool:
         """One stream; returns whether it got as far as the welcome."""
         outbox: Outbox = asyncio.Queue()
@@ -315,8 +355,9 @@ class Agent:
         welcomed = False
         self._heard = time.monotonic()
         helpers: list[asyncio.Task[None]] = []
-        async with open_channel(address, agent_channel_options()) as channel:
-            call = agent_pb2_grpc.AgentGatewayStub(channel).Connect(requests())
+        metadata = self.credential.metadata() if self.credential else None
+        async with open_channel(address, agent_channel_options(), self.tls) as channel:
+            call = agent_pb2_grpc.AgentGatewayStub(channel).Connect(requests(), metadata=metadata)
             try:
                 async for message in call:
                     self._heard = time.monotonic()

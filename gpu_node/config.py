@@ -91,6 +91,8 @@ class AgentConfig:
         """Raises ValueError for settings that contradict each other."""
         if not self.addresses:
             raise ValueError("--scheduler: no scheduler address given")
+        if (self.tls_cert or self.tls_key) and not self.ca_cert:
+            raise ValueError("--tls-cert and --tls-key (mutual TLS) need --ca-cert")
         if not self.simulated:
             for name in ("simulate_models", "simulate_hang", "simulate_poison"):
                 if getattr(self, name):

@@ -13,10 +13,12 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from client import Client
 from client.cli.servers import spawn_tied
 from harness.waiting import until
+from scheduler.config import is_loopback
 
 START_TIMEOUT = 180.0
 
@@ -88,6 +90,88 @@ class Process:
 
 
 @dataclass
+class Security:
+    """Everything on, as a hardened cluster runs: TLS with client
+    certificates (mutual TLS), API keys and node enrollment. Made in
+    `root` before the scheduler starts, as an admin would on its host."""
+
+    root: Path
+    db_url: str
+    hosts: tuple[str, ...] = ("127.0.0.1",)
+    users: tuple[str, ...] = ("tester",)
+    files: dict[str, Path] = field(default_factory=dict)
+    keys: dict[str, str] = field(default_factory=dict)  # user -> API key
+    admin_key: str = ""
+    join_token: str = ""
+
+    def __post_init__(self) -> None:
+        from scheduler.store import Store
+        from sdmesh.tls import make_cluster_certs
+
+        self.files = make_cluster_certs(
+            self.root / "certs", self.hosts, nodes=("node",), clients=("client",)
+        )
+        store = Store(self.db_url)
+        try:
+            store.migrate()
+            registry = store.credentials
+            self.admin_key = registry.create_key(
+                "admin", admin=True, expires_at=None, actor="test"
+            )[1].text
+            for user in self.users:
+                self.keys[user] = registry.create_key(
+                    user, admin=False, expires_at=None, actor="test"
+                )[1].text
+            self.join_token = registry.create_join_token(
+                expires_at=store.clock() + 3600, reusable=True, labels={}, actor="test"
+            )[1].text
+        finally:
+            store.close()
+
+    def scheduler_args(self) -> list[str]:
+        f = self.files
+        return [
+            "--tls-cert",
+            str(f["scheduler"]),
+            "--tls-key",
+            str(f["scheduler-key"]),
+            "--client-ca",
+            str(f["ca"]),
+        ]
+
+    def agent_args(self) -> list[str]:
+        f = self.files
+        return [
+            "--join-token",
+            self.join_token,
+            "--ca-cert",
+            str(f["ca"]),
+            "--tls-cert",
+            str(f["node"]),
+            "--tls-key",
+            str(f["node-key"]),
+        ]
+
+    def client_options(self, user: str) -> dict[str, Any]:
+        f = self.files
+        return {
+            "api_key": self.admin_key if user == "admin" else self.keys[user],
+            "ca_cert": f["ca"],
+            "client_cert": f["client"],
+            "client_key": f["client-key"],
+        }
+
+    def env(self, user: str = "tester") -> dict[str, str]:
+        options = self.client_options(user)
+        return {
+            "SDMESH_API_KEY": options["api_key"],
+            "SDMESH_CA_CERT": str(options["ca_cert"]),
+            "SDMESH_CLIENT_CERT": str(options["client_cert"]),
+            "SDMESH_CLIENT_KEY": str(options["client_key"]),
+        }
+
+
+@dataclass
 class LocalCluster:
     """A scheduler (or several replicas on one database) and agents.
     `replicas` > 1 gives each replica its own port and data dir; agents and
@@ -102,9 +186,24 @@ class LocalCluster:
     connect_host: str = "127.0.0.1"  # what agents and clients dial
     processes: list[Process] = field(default_factory=list)
     ports: list[int] = field(default_factory=list)
+    # TLS, mutual TLS, keys and enrollment; without it the scheduler runs
+    # with --no-auth (and --insecure off loopback), as `sdctl up` does.
+    secure: bool = False
+    security: Security | None = None
 
     def __post_init__(self) -> None:
         self.ports = [self.port] + [free_port() for _ in range(self.replicas - 1)]
+        if self.secure:
+            url = self.db_url or f"sqlite:///{self.root / 'scheduler' / 'sdmesh.db'}"
+            (self.root / "scheduler").mkdir(parents=True, exist_ok=True)
+            hosts = tuple(dict.fromkeys([self.connect_host, self.host]))
+            self.security = Security(self.root, url, hosts=hosts)
+
+    def _env(self) -> dict[str, str]:
+        env = process_env()
+        if self.security is not None:
+            env.update(self.security.env())
+        return env
 
     @property
     def address(self) -> str:
@@ -121,7 +220,7 @@ class LocalCluster:
                 [*(wrap or []), *sdctl_command(*args)],
                 stdout=handle,
                 stderr=subprocess.STDOUT,
-                env=process_env(),
+                env=self._env(),
             )
         process = Process(name, popen, log)
         self.processes.append(process)
@@ -137,16 +236,25 @@ class LocalCluster:
             args += ["--advertise", f"{self.connect_host}:{self.ports[replica]}"]
         if self.db_url:
             args += ["--db", self.db_url]
+        if self.security is not None:
+            args += self.security.scheduler_args()
+        else:
+            args += ["--no-auth"] + ([] if is_loopback(self.host) else ["--insecure"])
         return self._spawn(name, args)
 
     def start_agent(self, name: str, *extra: str, wrap: list[str] | None = None) -> Process:
         # As the README has it: `sdctl node --scheduler HOST:PORT ...`.
         args = ["node", "--scheduler", self.addresses, "--name", name]
         args += ["--data-dir", str(self.root / name), *extra]
+        if self.security is not None:
+            args += self.security.agent_args()
         return self._spawn(name, args, wrap)
 
     def client(self, user: str = "tester") -> Client:
-        return Client(self.addresses, user=user, timeout=10.0)
+        """A client as `user`; with security on, with that user's key (the
+        admin's for "admin")."""
+        options = {} if self.security is None else self.security.client_options(user)
+        return Client(self.addresses, user=user, timeout=10.0, **options)
 
     def wait_for(self, condition: Callable[[Client], bool], what: str) -> None:
         """Until `condition` holds, failing at once if a process exits."""
@@ -184,7 +292,7 @@ class LocalCluster:
             sdctl_command("--scheduler", self.addresses, *args),
             capture_output=True,
             text=True,
-            env=process_env(),
+            env=self._env(),
             timeout=timeout,
             check=False,
         )

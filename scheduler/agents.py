@@ -12,18 +12,23 @@ import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Coroutine
+from dataclasses import replace
 from typing import Any
 
 from grpc import aio
 
 from protos import agent_pb2, agent_pb2_grpc
 from scheduler.attempts import Attempts
+from scheduler.auth import Authenticator
 from scheduler.cluster import NodeSession
 from scheduler.convert import command_to_proto
-from scheduler.errors import AlreadyExists
+from scheduler.errors import AlreadyExists, PermissionDenied, Unauthenticated
 from scheduler.liveness import Supervisor
+from scheduler.principal import current_node_labels, current_principal
 from scheduler.runtime import Runtime, UsesRuntime
+from scheduler.store.credentials import EnrollRefused, NodeAlreadyEnrolled
 from scheduler.store.leader import NotLeader
+from scheduler.tokens import JOIN_TOKEN, parse_token
 from sdmesh.convert import device_stats_from_proto, hello_from_proto, update_from_proto
 from sdmesh.domain import NodeInfo
 from sdmesh.errors import InvalidArgument
@@ -33,6 +38,8 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_SECONDS = 30.0
 NODE_TOUCH_SECONDS = 60.0
+# How soon a node removed with `sdctl admin remove-node` loses its stream.
+REMOVAL_CHECK_SECONDS = 2.0
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -52,8 +59,15 @@ def check_hello(node: NodeInfo) -> None:
 
 
 class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
-    def __init__(self, runtime: Runtime, attempts: Attempts, supervisor: Supervisor) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        attempts: Attempts,
+        supervisor: Supervisor,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         super().__init__(runtime)
+        self.authenticator = authenticator  # None: --no-auth
         self.attempts = attempts
         self.supervisor = supervisor
         self.liveness = supervisor.config
@@ -70,7 +84,7 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
             return
         if first.WhichOneof("body") != "hello":
             raise InvalidArgument("hello", "the first message on the stream must be a hello")
-        info = hello_from_proto(first.hello)
+        info = self._authorized(hello_from_proto(first.hello))
         check_hello(info)
         self._replace_silent(info)
         session = self.cluster.connect(info, self.clock(), draining=first.hello.draining)
@@ -102,6 +116,73 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
                 reader.cancel()
             # Runs on its own: this generator may be closed by a cancellation.
             self._spawn(self._disconnected(session))
+
+    def _authorized(self, info: NodeInfo) -> NodeInfo:
+        """With enrollment on, a node speaks only as the node its credential
+        was issued to, and carries the labels its join token fixed."""
+        who = current_principal()
+        if not who.node_id:  # --no-auth
+            return info
+        if info.node_id != who.node_id:
+            log.warning(
+                "refused a hello as node %s over the credential of node %s",
+                info.node_id[:64],
+                who.node_id,
+            )
+            raise PermissionDenied(
+                f"this credential belongs to node {who.node_id}, not {info.node_id[:64]!r}"
+            )
+        fixed = current_node_labels()
+        return replace(info, labels={**info.labels, **fixed}) if fixed else info
+
+    async def Enroll(
+        self, request: agent_pb2.EnrollRequest, context: aio.ServicerContext[Any, Any]
+    ) -> agent_pb2.EnrollResponse:
+        """Trades a join token for the node's own credential, once."""
+        if not NODE_ID.match(request.node_id):
+            raise InvalidArgument("node_id", "must be 1-64 letters, digits, '.', '_' or '-'")
+        token = parse_token(request.join_token, JOIN_TOKEN)
+        if token is None:
+            raise Unauthenticated("the join token is not valid (it is not an sdmesh join token)")
+        try:
+            credential, labels = await self.db.run(
+                self.db.store.credentials.enroll, token, request.node_id, request.name[:128]
+            )
+        except EnrollRefused as exc:
+            log.warning("enrollment of node %s refused: %s", request.node_id, exc)
+            raise Unauthenticated(str(exc)) from None
+        except NodeAlreadyEnrolled as exc:
+            raise AlreadyExists(str(exc)) from None
+        if self.authenticator is not None:
+            self.authenticator.forget_node(request.node_id)
+        log.info("node %s enrolled with join token %s", request.node_id, token.id)
+        return agent_pb2.EnrollResponse(credential=credential.text, labels=labels)
+
+    async def enforce_removals(self) -> None:
+        """Closes the streams of nodes removed with `sdctl admin
+        remove-node` (which writes the database directly): their running
+        jobs go back to the queue as with any lost node."""
+        since = self.clock()
+        while True:
+            await asyncio.sleep(REMOVAL_CHECK_SECONDS)
+            now = self.clock()
+            try:
+                removed = await self.db.run(
+                    self.db.store.credentials.revoked_nodes_since, since - REMOVAL_CHECK_SECONDS
+                )
+            except Exception as exc:  # the database is away: try again next time
+                log.warning("could not read removed nodes: %s", exc)
+                continue
+            since = now
+            for node_id in removed:
+                if self.authenticator is not None:
+                    self.authenticator.forget_node(node_id)
+                session = self.cluster.sessions.get(node_id)
+                if session is not None:
+                    log.warning(
+                        "node %s (%s) was removed: closing its stream", session.name, node_id
+                    )
+                    self.cluster.disconnect(session)
 
     def _replace_silent(self, info: NodeInfo) -> None:
         """A node that dials again while its old stream still looks open (a

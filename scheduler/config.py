@@ -5,6 +5,7 @@ flags without loading the scheduler."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 
 from sdmesh.flags import option, parse_duration
@@ -40,6 +41,16 @@ BATCH_MAX_IMAGES = 4
 MAX_QUEUED_PER_USER = 1000
 MAX_QUEUED = 20000
 SUBMIT_RATE = 50.0
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach a server listening on `host`."""
+    if host == "localhost":
+        return True
+    try:
+        return ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name, or "" / 0.0.0.0 for every address
+        return False
 
 
 def _at_least(low: int, value: int) -> int:

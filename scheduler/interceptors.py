@@ -1,6 +1,6 @@
 """Server interceptors: one turns exceptions into gRPC statuses and logs the
 unexpected ones once; one turns every call away from a standby replica; one
-sets the calling Principal from request metadata.
+authenticates the caller and sets its Principal.
 
 Both wrap the method handler's behaviour in an async context manager, which
 works the same for unary and for streaming responses.
@@ -16,9 +16,11 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc import aio
 
+from scheduler.auth import Authenticator
 from scheduler.errors import Standby, status_of
 from scheduler.leadership import ReplicaState
-from scheduler.principal import _current, principal_from_metadata
+from scheduler.principal import Principal, _current, _node_labels, principal_from_metadata
+from sdmesh.wire import NODE_METADATA_KEY
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     Handler = grpc.RpcMethodHandler[Any, Any]
     Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler]]
     Guard = Callable[[aio.ServicerContext[Any, Any]], AbstractAsyncContextManager[None]]
+Metadata = tuple[tuple[str, str | bytes], ...]
 
 
 def _wrap(handler: Handler, guard: Guard) -> Handler:
@@ -97,20 +100,63 @@ class ErrorInterceptor(_GuardInterceptor):
                     code, trailing = status
                     await context.abort(code, str(exc), trailing_metadata=trailing)
                 log.exception("%s failed", method)
+                # Never the exception's text: it may hold SQL or the input.
                 await context.abort(
-                    grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error ({type(exc).__name__}); the scheduler's log has the details",
                 )
 
         return guard
 
 
-class PrincipalInterceptor(_GuardInterceptor):
+def _metadata_value(metadata: Metadata, wanted: str) -> str | None:
+    for key, value in metadata:
+        if key == wanted:
+            return value.decode(errors="replace") if isinstance(value, bytes) else value
+    return None
+
+
+def bearer_of(metadata: Metadata) -> str | None:
+    """The token of `authorization: Bearer TOKEN`, or None."""
+    value = _metadata_value(metadata, "authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else None
+
+
+class AuthInterceptor(_GuardInterceptor):
+    """Sets the calling Principal. With auth on, a client's call needs an
+    API key and an agent's stream its node credential (`scheduler.auth`);
+    a join token is checked by Enroll itself, and GetHealth is open, so
+    that clients and agents can find the leader before they authenticate.
+    With --no-auth, `x-sdmesh-user` names the caller, as before keys."""
+
+    OPEN_METHODS = frozenset({"/sdmesh.v1.Scheduler/GetHealth", "/sdmesh.v1.AgentGateway/Enroll"})
+    NODE_METHODS = frozenset({"/sdmesh.v1.AgentGateway/Connect"})
+
+    def __init__(self, authenticator: Authenticator | None) -> None:
+        self.authenticator = authenticator  # None: --no-auth
+
     def guard_for(self, details: grpc.HandlerCallDetails) -> Guard:
-        metadata = tuple(details.invocation_metadata or ())
+        metadata: Metadata = tuple(details.invocation_metadata or ())
+        method = details.method
+        authenticator = self.authenticator
+
+        async def principal() -> Principal:
+            if authenticator is None or method in self.OPEN_METHODS:
+                return principal_from_metadata(metadata)
+            if method in self.NODE_METHODS:
+                node, labels = await authenticator.node(
+                    bearer_of(metadata), _metadata_value(metadata, NODE_METADATA_KEY) or ""
+                )
+                _node_labels.set(labels)
+                return node
+            return await authenticator.user(bearer_of(metadata))
 
         @asynccontextmanager
         async def guard(_: aio.ServicerContext[Any, Any]) -> AsyncIterator[None]:
-            token = _current.set(principal_from_metadata(metadata))
+            token = _current.set(await principal())
             try:
                 yield
             finally:

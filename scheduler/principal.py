@@ -45,8 +45,16 @@ _current: ContextVar[Principal] = ContextVar(
 )
 
 
+# The labels an enrolled node's join token fixed, for its Connect.
+_node_labels: ContextVar[dict[str, str]] = ContextVar("node_labels", default={})  # noqa: B039
+
+
 def current_principal() -> Principal:
     return _current.get()
+
+
+def current_node_labels() -> dict[str, str]:
+    return _node_labels.get()
 
 
 def check_user_name(user: str, field: str) -> str:

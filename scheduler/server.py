@@ -21,20 +21,23 @@ from protos import agent_pb2_grpc, scheduler_pb2_grpc
 from scheduler.admission import Admission
 from scheduler.agents import AgentGateway
 from scheduler.attempts import Attempts
+from scheduler.auth import Authenticator
 from scheduler.batching import BatchPolicy
 from scheduler.cluster import Cluster
-from scheduler.config import SchedulerConfig
+from scheduler.config import SchedulerConfig, is_loopback
 from scheduler.dispatcher import Dispatcher
 from scheduler.estimator import EstimateBook
 from scheduler.events import EventHub
 from scheduler.images import ImageStore
-from scheduler.interceptors import ErrorInterceptor, LeaderInterceptor, PrincipalInterceptor
+from scheduler.interceptors import AuthInterceptor, ErrorInterceptor, LeaderInterceptor
 from scheduler.leadership import Leadership, ReplicaState, load_replica_id
 from scheduler.liveness import Supervisor
+from scheduler.retention import Retention
 from scheduler.runtime import Runtime
 from scheduler.service import SchedulerService
 from scheduler.store import Database, Store
 from sdmesh.datadir import DataDirLock
+from sdmesh.tls import server_credentials
 from sdmesh.wire import AGENT_MAX_BACKOFF_SECONDS, server_options
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,24 @@ log = logging.getLogger(__name__)
 __all__ = ["SchedulerConfig", "SchedulerServer", "serve"]
 
 
+def check_exposure(config: SchedulerConfig) -> None:
+    """Refuses settings that would leave the port open to the network by
+    accident; raises ValueError naming the flag."""
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if config.client_ca is not None and config.tls_cert is None:
+        raise ValueError("--client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    if config.tls_cert is None and not is_loopback(config.host) and not config.insecure:
+        raise ValueError(
+            f"--host {config.host} lets other machines reach this scheduler: give it "
+            "--tls-cert and --tls-key (see `sdctl admin certs`), or pass --insecure to "
+            "accept plain text on the network"
+        )
+
+
 class SchedulerServer:
     def __init__(self, config: SchedulerConfig) -> None:
+        check_exposure(config)
         self.config = config
         self.clock = time.time
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -62,11 +81,16 @@ class SchedulerServer:
             estimates=EstimateBook({}),
         )
         self.attempts = Attempts(runtime, lease_seconds=config.lease_seconds)
+        self.authenticator = None if config.no_auth else Authenticator(self.db, self.clock)
         self.admission = Admission(
             runtime,
             node_window_seconds=config.node_window_seconds,
             max_attempts=config.max_attempts,
+            max_queued_per_user=config.max_queued_per_user,
+            max_queued=config.max_queued,
+            submit_rate=config.submit_rate,
         )
+        self.retention = Retention(runtime, config.retain_seconds)
         self.dispatcher = Dispatcher(
             runtime,
             self.attempts,
@@ -75,7 +99,7 @@ class SchedulerServer:
             batching=BatchPolicy(config.batch_max_images, config.batch_wait_seconds),
         )
         self.supervisor = Supervisor(runtime, self.attempts, config.liveness)
-        self.gateway = AgentGateway(runtime, self.attempts, self.supervisor)
+        self.gateway = AgentGateway(runtime, self.attempts, self.supervisor, self.authenticator)
         self.service = SchedulerService(
             runtime,
             admission=self.admission,
@@ -95,7 +119,7 @@ class SchedulerServer:
             interceptors=[
                 ErrorInterceptor(),
                 LeaderInterceptor(self.replica),
-                PrincipalInterceptor(),
+                AuthInterceptor(self.authenticator),
             ],
             options=server_options(),
         )
@@ -110,10 +134,16 @@ class SchedulerServer:
         return self.replica.address
 
     async def start(self) -> int:
-        address = f"{self.config.host}:{self.config.port}"
-        self.port = self.server.add_insecure_port(address)
+        config = self.config
+        address = f"{config.host}:{config.port}"
+        if config.tls_cert is not None and config.tls_key is not None:
+            credentials = server_credentials(config.tls_cert, config.tls_key, config.client_ca)
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
+        self._say_how_it_is_exposed()
         await self.leadership.start(self.config.advertise or f"{self.config.host}:{self.port}")
         await self.server.start()
         log.info(
@@ -125,6 +155,28 @@ class SchedulerServer:
             self.db.store.engine.url.render_as_string(hide_password=True),
         )
         return self.port
+
+    def _say_how_it_is_exposed(self) -> None:
+        config = self.config
+        if config.no_auth:
+            log.warning(
+                "AUTHENTICATION IS OFF (--no-auth): anyone who reaches %s:%d can submit, "
+                "see and cancel every job, drain nodes, and join as a GPU node",
+                config.host,
+                self.port,
+            )
+        if config.tls_cert is None and not is_loopback(config.host):
+            log.warning(
+                "PLAIN TEXT ON THE NETWORK (--insecure): keys, prompts and images cross "
+                "%s:%d unencrypted",
+                config.host,
+                self.port,
+            )
+        elif config.tls_cert is not None:
+            log.info(
+                "serving TLS%s",
+                " with client certificates required (mutual TLS)" if config.client_ca else "",
+            )
 
     async def _lead(self, epoch: int) -> None:
         """Takes over: the learned estimates, and the jobs the previous
@@ -139,6 +191,8 @@ class SchedulerServer:
             asyncio.create_task(self.dispatcher.run(), name="dispatcher"),
             asyncio.create_task(self.supervisor.run(), name="liveness"),
             asyncio.create_task(self.gateway.touch_nodes(), name="node-touch"),
+            asyncio.create_task(self.gateway.enforce_removals(), name="node-removals"),
+            asyncio.create_task(self.retention.run(), name="retention"),
         ]
 
     async def _stop_leading(self) -> None:

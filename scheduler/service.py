@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import json
 import logging
+import math
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,10 +34,10 @@ from scheduler.convert import (
 )
 from scheduler.dispatcher import Dispatcher
 from scheduler.domain import Job
-from scheduler.errors import NotFound
+from scheduler.errors import FailedPrecondition, NotFound, PermissionDenied
 from scheduler.events import watch
 from scheduler.leadership import ReplicaState
-from scheduler.principal import current_principal
+from scheduler.principal import Principal, check_user_name, current_principal
 from scheduler.runtime import Runtime, UsesRuntime
 from sdmesh.convert import spec_request_from_proto, to_message
 from sdmesh.errors import InvalidArgument
@@ -47,9 +50,22 @@ MAX_PAGE = 1000
 Context = aio.ServicerContext[Any, Any]
 
 
+JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+MAX_SEQ = 2**31 - 1  # the event table's sequence column is 32-bit
+MAX_DRAIN_SECONDS = 7 * 86400.0
+MAX_PAGE_TOKEN_CHARS = 256
+
+
+def _quoted(value: str, limit: int = 40) -> str:
+    """A short prefix of untrusted input, for an error message."""
+    return repr(value[:limit]) + (f"... ({len(value)} characters)" if len(value) > limit else "")
+
+
 def _job_id(value: str, field: str = "job_id") -> str:
-    if not value or len(value) > 32:
-        raise InvalidArgument(field, "must be a job id (1-32 characters)")
+    if not JOB_ID.match(value):
+        raise InvalidArgument(
+            field, f"must be a job id (1-32 letters, digits, '_' or '-'), got {_quoted(value)}"
+        )
     return value
 
 
@@ -59,11 +75,27 @@ def _encode_page_token(job: Job) -> str:
 
 
 def _decode_page_token(token: str) -> tuple[float, str]:
+    """Where the previous page ended. Anything but a token this service
+    made is refused, whatever it decodes to."""
+    problem = InvalidArgument("page_token", "is not a token from an earlier ListJobs")
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise problem
     try:
-        created_at, job_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return float(created_at), str(job_id)
-    except (ValueError, TypeError) as exc:
-        raise InvalidArgument("page_token", "is not a token from an earlier ListJobs") from exc
+        value = json.loads(base64.urlsafe_b64decode(token.encode("ascii")))
+    except (ValueError, TypeError, binascii.Error, RecursionError, UnicodeError):
+        raise problem from None
+    if not (isinstance(value, list) and len(value) == 2):
+        raise problem
+    created_at, job_id = value
+    if (
+        not isinstance(created_at, (int, float))
+        or isinstance(created_at, bool)
+        or not math.isfinite(created_at)
+        or not isinstance(job_id, str)
+        or not JOB_ID.match(job_id)
+    ):
+        raise problem
+    return float(created_at), job_id
 
 
 class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
@@ -85,10 +117,24 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         self.node_window_seconds = node_window_seconds
 
     async def _get_job(self, job_id: str) -> Job:
+        """The job, if the caller may see it. Another user's job is not
+        found, exactly as a job that does not exist: its existence must
+        not leak."""
         job = await self.db.run(self.db.store.get_job, _job_id(job_id))
-        if job is None:
+        if job is None or not current_principal().may_act_on(job.owner):
             raise NotFound(f"job {job_id} not found")
         return job
+
+    async def _on_behalf(self, who: Principal, action: str, job: Job, detail: str = "") -> None:
+        """Records an admin acting on another user's job."""
+        if job.owner != who.user:
+            await self.db.run(
+                self.db.store.credentials.record,
+                _actor(who),
+                action,
+                job.id,
+                f"owner {job.owner}" + (f"; {detail}" if detail else ""),
+            )
 
     def _job_message(self, job: Job, **extra: Any) -> scheduler_pb2.Job:
         """The job with what only this replica knows: its latest step and
@@ -101,7 +147,8 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.SubmitJobRequest, context: Context
     ) -> scheduler_pb2.SubmitJobResponse:
         spec = spec_request_from_proto(request.spec)
-        job, created = await self.admission.submit(spec, current_principal().user)
+        who = current_principal()
+        job, created = await self.admission.submit(spec, who.user, limit_key=who.limit_key)
         # A job just queued has not met a dispatch pass yet: no why to tell.
         message = job_to_proto(job, progress=self.hub.progress_of(job), reason=job.reason)
         return scheduler_pb2.SubmitJobResponse(job=message, created=created)
@@ -121,10 +168,18 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
             raise InvalidArgument("limit", f"must be between 1 and {MAX_PAGE}, got {limit}")
         states = [job_state_from_proto(value, "states") for value in request.states]
         before = _decode_page_token(request.page_token) if request.page_token else None
+        owner = check_user_name(request.owner, "owner") if request.owner else ""
+        who = current_principal()
+        if not who.admin:
+            if owner and owner != who.user:
+                raise PermissionDenied(
+                    f"only an admin may list another user's jobs; you are {who.user}"
+                )
+            owner = who.user
         jobs = await self.db.run(
             self.db.store.list_jobs,
             states=states,
-            owner=request.owner,
+            owner=owner,
             limit=limit + 1,
             before=before,
         )
@@ -138,17 +193,38 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
     async def CancelJob(
         self, request: scheduler_pb2.CancelJobRequest, context: Context
     ) -> scheduler_pb2.Job:
-        job_id = _job_id(request.job_id)
-        if not await self.attempts.cancel(job_id, f"cancelled by {current_principal().user}"):
-            raise NotFound(f"job {job_id} not found")
-        return self._job_message(await self._get_job(job_id))
+        job = await self._get_job(request.job_id)
+        who = current_principal()
+        if not await self.attempts.cancel(job.id, f"cancelled by {who.user}"):
+            raise NotFound(f"job {job.id} not found")
+        await self._on_behalf(who, "cancel-job", job)
+        return self._job_message(await self._get_job(job.id))
+
+    async def DeleteJob(
+        self, request: scheduler_pb2.DeleteJobRequest, context: Context
+    ) -> scheduler_pb2.DeleteJobResponse:
+        """Cancels the job if it has not ended, then removes it with its
+        events and images."""
+        job = await self._get_job(request.job_id)
+        who = current_principal()
+        if not job.state.terminal:
+            await self.attempts.cancel(job.id, f"deleted by {who.user}")
+        deleted = await self.db.run(self.db.store.removal.delete_finished, [job.id])
+        if not deleted:  # it had not ended yet after all: a cancel racing a start
+            raise FailedPrecondition(f"job {job.id} is still ending; try again in a moment")
+        removed = await asyncio.get_running_loop().run_in_executor(
+            None, self.images.remove_job, job.id
+        )
+        await self._on_behalf(who, "delete-job", job)
+        log.info("job %s deleted by %s (%d image files)", job.id, who.user, removed)
+        return scheduler_pb2.DeleteJobResponse(images_deleted=removed)
 
     async def WatchJob(
         self, request: scheduler_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[common_pb2.JobEvent]:
         job = await self._get_job(request.job_id)
-        if request.after_seq < 0:
-            raise InvalidArgument("after_seq", "must not be negative")
+        if not 0 <= request.after_seq <= MAX_SEQ:
+            raise InvalidArgument("after_seq", f"must be between 0 and {MAX_SEQ}")
         async for event in watch(self.hub, self.db, job.id, request.after_seq):
             yield event_to_proto(event)
 
@@ -156,6 +232,8 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         self, request: scheduler_pb2.GetImageRequest, context: Context
     ) -> AsyncIterator[scheduler_pb2.ImageChunk]:
         job = await self._get_job(request.job_id)
+        if request.index < 0:
+            raise InvalidArgument("index", "must not be negative")
         found = await self.db.run(self.db.store.image, job.id, request.index)
         if found is None:
             raise NotFound(
@@ -210,19 +288,33 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
     async def DrainNode(
         self, request: scheduler_pb2.DrainNodeRequest, context: Context
     ) -> scheduler_pb2.Node:
-        if not request.node:
-            raise InvalidArgument("node", "must be a node id or name")
-        if request.timeout_seconds < 0:
-            raise InvalidArgument("timeout_seconds", "must not be negative (0: the agent's own)")
+        if not request.node or len(request.node) > 128:
+            raise InvalidArgument("node", "must be a node id or name (1-128 characters)")
+        timeout = request.timeout_seconds
+        if not (math.isfinite(timeout) and 0 <= timeout <= MAX_DRAIN_SECONDS):
+            raise InvalidArgument(
+                "timeout_seconds",
+                f"must be between 0 and {MAX_DRAIN_SECONDS:.0f} seconds (0: the agent's own)",
+            )
+        who = current_principal()
+        if not who.admin:
+            raise PermissionDenied(f"draining a node needs an admin's API key; you are {who.user}")
         session = self.cluster.find(request.node)
-        who = current_principal().user
+        action = "undrain-node" if request.undo else "drain-node"
         if request.undo:
             self.cluster.resume(session)
-            log.info("node %s: drain undone by %s", session.name, who)
+            log.info("node %s: drain undone by %s", session.name, who.user)
             self.wake()
         else:
-            self.cluster.drain(session, request.timeout_seconds)
-            log.info("node %s drained by %s", session.name, who)
+            self.cluster.drain(session, timeout)
+            log.info("node %s drained by %s", session.name, who.user)
+        await self.db.run(
+            self.db.store.credentials.record,
+            _actor(who),
+            action,
+            session.node_id,
+            "" if request.undo else f"timeout {timeout:g}s",
+        )
         return self._session_node(session)
 
     async def GetHealth(
@@ -246,3 +338,7 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.ListModelsResponse(
             models=[model_to_listing(m, sorted(holders.get(m.name, []))) for m in known]
         )
+
+
+def _actor(who: Principal) -> str:
+    return f"{who.user} (key {who.key_id})" if who.key_id else who.user

@@ -14,6 +14,7 @@ from grpc import aio
 
 from protos import agent_pb2, agent_pb2_grpc, common_pb2
 from scheduler.server import SchedulerConfig, SchedulerServer
+from tests.factories import make_png
 
 GIB = 2**30
 
@@ -22,6 +23,7 @@ GIB = 2**30
 async def running_scheduler(
     data_dir: Path, db_url: str = "", **options: object
 ) -> AsyncIterator[SchedulerServer]:
+    options.setdefault("no_auth", True)  # tests of auth pass no_auth=False
     config = SchedulerConfig(data_dir=data_dir, port=0, db_url=db_url, **options)  # type: ignore[arg-type]
     server = SchedulerServer(config)
     await server.start()
@@ -82,10 +84,16 @@ class ScriptedAgent:
             yield message
 
     async def connect(
-        self, first: agent_pb2.AgentMessage | None = None
+        self,
+        first: agent_pb2.AgentMessage | None = None,
+        metadata: tuple[tuple[str, str], ...] | None = None,
     ) -> agent_pb2.SchedulerMessage:
+        """Opens the stream (with a node credential's `metadata` when the
+        scheduler requires enrollment) and returns the welcome."""
         self._channel = aio.insecure_channel(f"127.0.0.1:{self.port}")
-        self.call = agent_pb2_grpc.AgentGatewayStub(self._channel).Connect(self._requests())
+        self.call = agent_pb2_grpc.AgentGatewayStub(self._channel).Connect(
+            self._requests(), metadata=metadata
+        )
         self._outbox.put_nowait(first or hello(self.node_id, self.models, self.labels))
         return await self.receive()
 
@@ -132,7 +140,7 @@ class ScriptedAgent:
                 job.job_id,
                 job.attempt,
                 preview=common_pb2.Preview(
-                    step=step, total_steps=total, width=8, height=8, png=b"P%d" % step
+                    step=step, total_steps=total, width=8, height=8, png=make_png(8, 8, shade=step)
                 ),
             )
 

@@ -39,6 +39,7 @@ def test_only_sdctl_s_server_commands_are_excepted() -> None:
     assert EXCEPTIONS == [
         "client.cli.servers -> gpu_node.agent",
         "client.cli.servers -> gpu_node.config",
+        "client.cli.servers -> scheduler.admin",
         "client.cli.servers -> scheduler.config",
         "client.cli.servers -> scheduler.server",
     ]

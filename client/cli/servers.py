@@ -25,10 +25,11 @@ from typing import Any
 
 from client._config import resolve_address
 from client._errors import InvalidArgumentError, SdmeshError
-from client.cli.options import add_options, config_from
+from client.cli.options import add_options, config_from, text_type
 from gpu_node.config import AgentConfig
-from scheduler.config import SchedulerConfig
+from scheduler.config import SchedulerConfig, is_loopback
 from sdmesh.datadir import DataDirInUse
+from sdmesh.flags import parse_duration, parse_pairs
 
 log = logging.getLogger("sdctl")
 
@@ -38,10 +39,86 @@ PARENT_FD_ENV = "SDMESH_PARENT_FD"
 def add_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
     add_options(command("scheduler", "run the scheduler"), SchedulerConfig)
     add_options(command("node", "run a GPU node agent"), AgentConfig)
-    up = command("up", "run a scheduler and one local agent")
+    up = command("up", "run a scheduler and one local agent, on this machine only, without keys")
     add_options(up, SchedulerConfig, only=("host", "port"))
     up.add_argument("--data-dir", help="default ~/.local/share/sdmesh/up")
     add_options(up, AgentConfig, only=("models_dir",))
+    _admin_commands(command("admin", "keys, join tokens, nodes, audit, certificates"))
+
+
+def _admin_commands(admin: argparse.ArgumentParser) -> None:
+    """`sdctl admin ...`, run on the scheduler's host: it works on the
+    scheduler's database directly (see scheduler/admin.py)."""
+    admin.add_argument("--db", metavar="URL", help="the scheduler's database (as its --db)")
+    admin.add_argument(
+        "--data-dir",
+        help="the scheduler's data dir, for its SQLite database "
+        "(default ~/.local/share/sdmesh/scheduler)",
+    )
+    subs = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
+    duration = text_type(parse_duration)
+
+    def sub(name: str, help: str, *, prints: bool = False) -> argparse.ArgumentParser:
+        parser = subs.add_parser(name, help=help, description=help)
+        if prints:
+            parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
+        return parser
+
+    key = sub("create-key", "make an API key for a user; prints it once")
+    key.add_argument("--user", required=True, help="who the key speaks for")
+    key.add_argument("--admin", action="store_true", help="may see and act on every job and node")
+    key.add_argument(
+        "--expires", type=duration, metavar="DURATION", help="e.g. 90d (default never)"
+    )
+    listing = sub("list-keys", "list API keys (never their secrets)", prints=True)
+    listing.add_argument("--all", action="store_true", help="include revoked keys")
+    sub("revoke-key", "revoke an API key").add_argument("key_id", metavar="KEY_ID")
+    token = sub("join-token", "make a token a new node presents once to enroll")
+    token.add_argument("--expires", type=duration, metavar="DURATION", help="default 1h")
+    token.add_argument(
+        "--reusable", action="store_true", help="enroll any number of nodes until it expires"
+    )
+    token.add_argument(
+        "--label",
+        action="append",
+        type=text_type(lambda text: parse_pairs([text])),
+        metavar="KEY=VALUE",
+        help="a label fixed on every node it enrolls; repeatable",
+    )
+    sub("remove-node", "revoke a node: its stream closes, its jobs are re-queued").add_argument(
+        "node", metavar="NODE_ID"
+    )
+    log_ = sub(
+        "audit",
+        "who made and revoked keys, enrolled and removed nodes, drained, and acted on others' jobs",
+        prints=True,
+    )
+    log_.add_argument("--limit", type=int, default=100)
+    log_.add_argument("--since", type=duration, metavar="DURATION", help="e.g. 24h")
+    certs = sub("certs", "make a CA and certificates for the scheduler, nodes and clients")
+    certs.add_argument("--out", required=True, metavar="DIR")
+    certs.add_argument(
+        "--hosts", required=True, help="the scheduler's names and addresses: a,b,..."
+    )
+    certs.add_argument(
+        "--nodes", default="node", help="node certificates to make: n1,n2,... (default node)"
+    )
+    certs.add_argument(
+        "--clients",
+        default="client",
+        help="client certificates, for mutual TLS: c1,c2,... (default client)",
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    from scheduler.admin import run_admin as run
+
+    if getattr(args, "label", None):
+        args.label = {k: v for pair in args.label for k, v in pair.items()}
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir("scheduler")
+    url = args.db or SchedulerConfig(data_dir=data_dir).database_url
+    return run(args, url)
 
 
 def default_data_dir(kind: str) -> Path:
@@ -128,6 +205,8 @@ def run_scheduler(args: argparse.Namespace) -> int:
         asyncio.run(serve(config))
     except DataDirInUse as exc:
         raise SdmeshError(str(exc)) from None
+    except ValueError as exc:  # settings that contradict each other, or a bad TLS file
+        raise InvalidArgumentError(str(exc)) from None
     except (OSError, RuntimeError) as exc:
         raise SdmeshError(f"scheduler failed to start: {exc}") from None
     return 0
@@ -236,8 +315,16 @@ def run_up(args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir or default_data_dir("up"))
     host = getattr(args, "host", SchedulerConfig.host)
     port = getattr(args, "port", SchedulerConfig.port)
-    connect_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-    address = f"{connect_host}:{port}"
+    if not is_loopback(host):
+        # The embedded cluster has no keys and no TLS: it is for this
+        # machine only. A cluster others reach is `sdctl scheduler` with
+        # keys, and `sdctl node --join-token` (README, "Security").
+        raise InvalidArgumentError(
+            f"--host {host}: `sdctl up` runs without keys, so it listens on this machine only "
+            "(127.0.0.1, ::1 or localhost); for other machines run `sdctl scheduler` and "
+            "`sdctl node` as the README's Security section shows"
+        )
+    address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
     command = [sys.executable, "-m", "client.cli"] + (["-v"] if args.verbose else [])
     stops = _Stops()
     scheduler = spawn_tied(
@@ -250,6 +337,7 @@ def run_up(args: argparse.Namespace) -> int:
             str(port),
             "--data-dir",
             str(data_dir / "scheduler"),
+            "--no-auth",
         ],
         start_new_session=True,
     )
@@ -262,6 +350,7 @@ def run_up(args: argparse.Namespace) -> int:
         if _wait_until_ready(address, children, timeout=300):
             print(
                 f"sdmesh is up: scheduler at {address}, data in {data_dir}\n"
+                "  no API keys: this cluster listens on this machine only\n"
                 f'  submit:  sdctl --scheduler {address} submit "a lighthouse at dusk"\n'
                 "  stop:    Ctrl-C",
                 file=sys.stderr,
@@ -289,4 +378,5 @@ SERVERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scheduler": run_scheduler,
     "node": run_node,
     "up": run_up,
+    "admin": run_admin,
 }

@@ -29,8 +29,8 @@ from sqlalchemy.exc import IntegrityError
 
 from scheduler.domain import EventBody, Job, JobEvent, StateChange
 from scheduler.states import ACTIVE, JobState, sources
-from scheduler.store.engine import create_engine, migrate
 from scheduler.store.credentials import CredentialRegistry
+from scheduler.store.engine import create_engine, migrate
 from scheduler.store.estimates import EstimateRegistry
 from scheduler.store.leader import Fence
 from scheduler.store.lifecycle import JobRemoval
