@@ -1,7 +1,8 @@
 """The user-facing sdctl commands. Each takes the parsed arguments and a
 Client and returns the exit code: 0 ok, 1 job failed or cancelled or not
-found, 2 invalid input, 3 scheduler unreachable or no leader (raised as
-SdmeshError and mapped in main).
+found, 2 invalid input, 3 scheduler unreachable or no leader, 4 not
+authenticated or not allowed, 5 a limit was hit (raised as SdmeshError and
+mapped in main).
 
 `submit` and `watch` follow a job's events on stderr with `Follower`: a
 progress bar with step, ETA and node on a terminal, and one line per state
@@ -28,7 +29,13 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from client._errors import SdmeshError, UnavailableError
+from client._errors import (
+    NotFoundError,
+    PermissionDeniedError,
+    RejectedError,
+    SdmeshError,
+    UnavailableError,
+)
 from client._models import Event, ImageEvent, Job, PreviewEvent, ProgressEvent, StateEvent
 from client._sync import Client
 from client.cli import render
@@ -252,6 +259,31 @@ def cancel(args: argparse.Namespace, client: Client) -> int:
     return 0
 
 
+def _images(count: int) -> str:
+    return "no images" if count == 0 else f"{count} image{'s' if count > 1 else ''}"
+
+
+def delete(args: argparse.Namespace, client: Client) -> int:
+    """Deletes each job in turn, as `rm` does: a job that is not there or
+    not yours is one line on stderr, the others still go, and the exit code
+    is that of the worst. Losing the scheduler stops them all."""
+    code = 0
+    deleted: list[dict[str, Any]] = []
+    for job_id in dict.fromkeys(args.job_ids):
+        try:
+            count = client.delete(job_id)
+        except (NotFoundError, PermissionDeniedError, RejectedError) as exc:
+            print(f"error: job {job_id}: {exc}", file=sys.stderr)
+            code = max(code, exc.exit_code)
+            continue
+        deleted.append({"job_id": job_id, "images_deleted": count})
+        if args.output != "json":
+            print(f"job {job_id} deleted with {_images(count)}")
+    if args.output == "json":
+        render.print_json(deleted)
+    return code
+
+
 def nodes(args: argparse.Namespace, client: Client) -> int:
     found = client.list_nodes()
     if args.output == "json":
@@ -313,6 +345,7 @@ COMMANDS: dict[str, Any] = {
     "job": job,
     "images": images,
     "cancel": cancel,
+    "delete": delete,
     "nodes": nodes,
     "models": models,
     "drain": drain,

@@ -1,11 +1,15 @@
 """sdctl: submit and watch Stable Diffusion jobs, inspect the cluster, and
 run its servers.
 
-Global flags (--scheduler, --user, --reconnect-timeout, -v, -o) go before
-or after the command, as kubectl's do. Errors print as one line on stderr.
+Global flags (--scheduler, --api-key, --ca-cert, --client-cert,
+--client-key, --user, --reconnect-timeout, -v, -o) go before or after the
+command, as kubectl's do; the server commands take them before it only.
+Errors print as one line on stderr.
+
 Exit codes: 0 ok; 1 job failed or cancelled, or not found; 2 invalid or
-rejected input; 3 scheduler unreachable (or, for `health`, no replica is
-the leader).
+rejected input; 3 scheduler unreachable, or its TLS handshake failed (or,
+for `health`, no replica is the leader); 4 not authenticated or not
+allowed; 5 a limit was hit: retry later.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from client._config import DEFAULT_ADDRESS, DEFAULT_RECONNECT_TIMEOUT
 from client._errors import SdmeshError
@@ -25,13 +30,20 @@ EXIT_INTERRUPTED = 130
 OUTPUTS = ("table", "json")
 
 
-def _global_flags(parser: argparse.ArgumentParser, *, after_command: bool) -> None:
+def _global_flags(
+    parser: argparse.ArgumentParser, *, after_command: bool, client: bool = True
+) -> None:
     """The flags every command takes. Before the command they carry the
     defaults; after it they are only there when given, so that they never
-    overwrite a value given before it."""
+    overwrite a value given before it. `client`: with the flags that say
+    how to reach the scheduler as a client (the API key, the TLS files),
+    which the server commands declare for themselves where they need them."""
 
     def default(value: object) -> object:
         return argparse.SUPPRESS if after_command else value
+
+    if client:
+        _client_flags(parser)
 
     parser.add_argument(
         "--scheduler",
@@ -48,10 +60,49 @@ def _global_flags(parser: argparse.ArgumentParser, *, after_command: bool) -> No
         f"(default {DEFAULT_RECONNECT_TIMEOUT:g}s)",
     )
     parser.add_argument(
-        "--user", default=default(None), help="who you are (default: $SDMESH_USER or your login)"
+        "--user",
+        default=default(None),
+        help="who you are, which counts only when the scheduler runs with --no-auth "
+        "(default: $SDMESH_USER or your login)",
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", default=default(False), help="debug logging"
+    )
+
+
+def _client_flags(parser: argparse.ArgumentParser) -> None:
+    """Who is asking and how to reach the scheduler. Left out, they are left
+    out of the arguments too, before the command as after it: the client
+    reads the environment instead, and a server command's own flag of the
+    same name (a node's --ca-cert) keeps its default."""
+    parser.add_argument(
+        "--api-key",
+        metavar="KEY",
+        default=argparse.SUPPRESS,
+        help="your API key, from `sdctl admin` (default: $SDMESH_API_KEY, which is better: "
+        "a flag shows in the process list)",
+    )
+    parser.add_argument(
+        "--ca-cert",
+        metavar="PEM",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="dial over TLS, checking the scheduler's certificate with this CA "
+        "(default: $SDMESH_CA_CERT; without it, plain text)",
+    )
+    parser.add_argument(
+        "--client-cert",
+        metavar="PEM",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="your certificate, for a scheduler with mutual TLS (default: $SDMESH_CLIENT_CERT)",
+    )
+    parser.add_argument(
+        "--client-key",
+        metavar="PEM",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="the key of --client-cert (default: $SDMESH_CLIENT_KEY)",
     )
 
 
@@ -74,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(
-        name: str, help: str, *, prints: bool = True, **extra: str
+        name: str, help: str, *, prints: bool = True, client: bool = True, **extra: str
     ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, **extra)  # type: ignore[arg-type]
-        _global_flags(sub, after_command=True)
+        _global_flags(sub, after_command=True, client=client)
         if prints:
             _output_flag(sub, after_command=True)
         return sub
@@ -104,6 +155,12 @@ def build_parser() -> argparse.ArgumentParser:
     images.add_argument("--output-dir", default="outputs")
 
     command("cancel", "cancel a job").add_argument("job_id", metavar="JOB")
+    command(
+        "delete",
+        "delete jobs with their images; a running job is cancelled first",
+        description="Deletes each job with its events and images. A job still queued or "
+        "running is cancelled first. Only a job's owner (or an admin) may delete it.",
+    ).add_argument("job_ids", metavar="JOB", nargs="+")
     command("nodes", "list GPU nodes and their devices")
     command("models", "list the models nodes have reported")
 
@@ -125,7 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     undrain.add_argument("node", metavar="NODE", help="node id or name")
     command("health", "ask every --scheduler address for its role; exit 3 if none leads")
 
-    servers.add_commands(lambda name, help: command(name, help, prints=False))
+    # The server commands declare their own TLS flags (a node's --ca-cert
+    # is its own), so they take the client's only before the command.
+    servers.add_commands(lambda name, help: command(name, help, prints=False, client=False))
     return parser
 
 
@@ -159,6 +218,10 @@ def run(argv: Sequence[str] | None = None) -> int:
             user=args.user,
             reconnect_timeout=args.reconnect_timeout,
             on_retry=_note_retrying(args.reconnect_timeout),
+            api_key=getattr(args, "api_key", None),
+            ca_cert=getattr(args, "ca_cert", None),
+            client_cert=getattr(args, "client_cert", None),
+            client_key=getattr(args, "client_key", None),
         ) as client:
             code = COMMANDS[args.command](args, client)
             return code
