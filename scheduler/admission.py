@@ -8,6 +8,15 @@ is refused as unresolvable. What passes is stored QUEUED with its first
 event; concurrent submits share one transaction (`GroupCommit`), and each
 caller is answered after it commits. The job joins the queue index and the
 dispatcher is woken.
+
+Before any of that, a submit is counted against its caller's rate (a token
+bucket per API key or user, `--submit-rate`), and a new job must fit the
+queue bounds (`--max-queued-per-user`, `--max-queued`), counted from the
+queue index and the submits still being committed. Past either, the submit
+is refused as RESOURCE_EXHAUSTED with a time to retry after. A retried
+submit whose request id names a job already stored is answered with that
+job, never refused by the queue bounds (it counts against the rate like
+any other call).
 """
 
 from __future__ import annotations
@@ -15,8 +24,10 @@ from __future__ import annotations
 import logging
 import secrets
 
+from scheduler.config import MAX_QUEUED, MAX_QUEUED_PER_USER, SUBMIT_RATE
 from scheduler.domain import Job, KnownModel, NodeRecord
-from scheduler.errors import FailedPrecondition
+from scheduler.errors import FailedPrecondition, ResourceExhausted
+from scheduler.limits import TokenBuckets
 from scheduler.placement import SeenGpu, demand_for, unresolvable
 from scheduler.runtime import Runtime, UsesRuntime
 from scheduler.store.group import GroupCommit
@@ -27,6 +38,8 @@ log = logging.getLogger(__name__)
 
 # How long the remembered nodes and models read from the store are reused.
 REMEMBERED_SECONDS = 2.0
+# A full queue's retry hint: jobs take seconds to run, so sooner is no use.
+QUEUE_FULL_RETRY_SECONDS = 5.0
 
 
 def new_job_id() -> str:
@@ -34,17 +47,38 @@ def new_job_id() -> str:
 
 
 class Admission(UsesRuntime):
-    def __init__(self, runtime: Runtime, *, node_window_seconds: float, max_attempts: int) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        node_window_seconds: float,
+        max_attempts: int,
+        max_queued_per_user: int = MAX_QUEUED_PER_USER,
+        max_queued: int = MAX_QUEUED,
+        submit_rate: float = SUBMIT_RATE,
+    ) -> None:
         super().__init__(runtime)
         self.node_window_seconds = node_window_seconds
         self.max_attempts = max_attempts
+        self.max_queued_per_user = max_queued_per_user
+        self.max_queued = max_queued
+        self.submit_rates = TokenBuckets(submit_rate, clock=self.clock)
         self._submit = GroupCommit(self.db, self.db.store.submit_many)
+        # Submits that passed the queue bounds and are not committed yet, by
+        # owner: the index counts a job only once it is stored, and without
+        # these a burst of concurrent submits would all pass one bound.
+        self._committing: dict[str, int] = {}
+        self._committing_total = 0
         # (when read, the cluster's version then, models, nodes)
         self._remembered: tuple[float, int, list[KnownModel], list[NodeRecord]] | None = None
 
-    async def submit(self, request: SpecRequest, owner: str) -> tuple[Job, bool]:
+    async def submit(
+        self, request: SpecRequest, owner: str, *, limit_key: str | None = None
+    ) -> tuple[Job, bool]:
         """Queues the job, or returns the one this owner already submitted
-        with the same request id (and False)."""
+        with the same request id (and False). `limit_key` names whose
+        submit rate this counts against (default: the owner's)."""
+        self._check_rate(limit_key or f"user:{owner}")
         known = await self.known_models()
         spec = resolve(
             request, known_models=known, random_seed=lambda: secrets.randbelow(MAX_SEED + 1)
@@ -54,7 +88,23 @@ class Admission(UsesRuntime):
         )
         if problem is not None:
             raise FailedPrecondition(problem.text)
-        job, created = await self._submit(Submission(new_job_id(), owner, spec, self.max_attempts))
+        refusal = self._past_queue_bounds(owner)
+        if refusal is not None:
+            earlier = await self._earlier(owner, spec.request_id)
+            if earlier is None:
+                raise refusal
+            return earlier, False
+        self._committing[owner] = self._committing.get(owner, 0) + 1
+        self._committing_total += 1
+        try:
+            job, created = await self._submit(
+                Submission(new_job_id(), owner, spec, self.max_attempts)
+            )
+        finally:
+            self._committing_total -= 1
+            left = self._committing.pop(owner) - 1
+            if left:
+                self._committing[owner] = left
         if created:
             self.queue.add(job)
             log.debug(
@@ -68,6 +118,45 @@ class Admission(UsesRuntime):
             )
             self.wake()
         return job, created
+
+    def _check_rate(self, limit_key: str) -> None:
+        wait = self.submit_rates.take(limit_key)
+        if wait:
+            kind, _, name = limit_key.partition(":")
+            whose = {"key": "this API key", "user": f"user {name}"}.get(kind, limit_key)
+            raise ResourceExhausted(
+                f"rate limit: {self.submit_rates.rate:g} submits/s for {whose} "
+                f"(--submit-rate); retry in {wait:.3g}s",
+                wait,
+            )
+
+    def _past_queue_bounds(self, owner: str) -> ResourceExhausted | None:
+        """The refusal for one more job from this owner, if it would pass a
+        queue bound."""
+        theirs = self.queue.queued_by(owner) + self._committing.get(owner, 0)
+        if theirs >= self.max_queued_per_user:
+            return ResourceExhausted(
+                f"queue limit: {owner} already has {theirs} jobs queued "
+                "(--max-queued-per-user); retry after some finish",
+                QUEUE_FULL_RETRY_SECONDS,
+            )
+        everyone = len(self.queue) + self._committing_total
+        if everyone >= self.max_queued:
+            return ResourceExhausted(
+                f"queue full: {everyone} jobs queued in total (--max-queued); "
+                "retry after some finish",
+                QUEUE_FULL_RETRY_SECONDS,
+            )
+        return None
+
+    async def _earlier(self, owner: str, request_id: str) -> Job | None:
+        """The job this owner already stored with this request id: a retry
+        at a queue bound gets it back rather than a refusal."""
+        if not request_id:
+            return None
+        key = (owner, request_id)
+        found = await self.db.run(self.db.store._by_request_ids, {key})
+        return found.get(key)
 
     async def _recent(self) -> tuple[list[KnownModel], list[NodeRecord]]:
         """The models and nodes the store remembers from within the node

@@ -8,7 +8,7 @@ from __future__ import annotations
 import grpc
 
 from sdmesh.errors import InvalidArgument
-from sdmesh.wire import standby_metadata
+from sdmesh.wire import retry_after_metadata, standby_metadata
 
 
 class SchedulerError(Exception):
@@ -35,6 +35,17 @@ class PermissionDenied(SchedulerError):
     """Known caller, not allowed: a user draining a node, say."""
 
 
+class ResourceExhausted(SchedulerError):
+    """Past a limit (a queue bound, a submit rate). The message names the
+    limit and its flag; the caller may try again after
+    `retry_after_seconds`, which travels as trailing metadata
+    (`sdmesh.wire.retry_after`)."""
+
+    def __init__(self, message: str, retry_after_seconds: float) -> None:
+        super().__init__(message)
+        self.retry_after_seconds = retry_after_seconds
+
+
 class Unavailable(SchedulerError):
     """The scheduler cannot serve this now (it is stopping, or lost the
     leader lease); the caller should retry, here or at another replica."""
@@ -54,6 +65,7 @@ _STATUS: tuple[tuple[type[Exception], grpc.StatusCode], ...] = (
     (NotFound, grpc.StatusCode.NOT_FOUND),
     (AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
     (FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (Unavailable, grpc.StatusCode.UNAVAILABLE),
@@ -65,6 +77,13 @@ def status_of(error: Exception) -> tuple[grpc.StatusCode, tuple[tuple[str, str],
     or None for anything else."""
     for kind, code in _STATUS:
         if isinstance(error, kind):
-            trailing = standby_metadata(error.leader_address) if isinstance(error, Standby) else ()
-            return code, trailing
+            return code, _trailing(error)
     return None
+
+
+def _trailing(error: Exception) -> tuple[tuple[str, str], ...]:
+    if isinstance(error, Standby):
+        return standby_metadata(error.leader_address)
+    if isinstance(error, ResourceExhausted):
+        return retry_after_metadata(error.retry_after_seconds)
+    return ()

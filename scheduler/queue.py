@@ -45,6 +45,7 @@ class QueueIndex:
         self._unknown: set[str] = set()  # returned to QUEUED, never seen here
         # Jobs that may run as one batch, by `batch_key`, oldest first.
         self._alike: dict[BatchKey, dict[str, None]] = {}
+        self._per_owner: dict[str, int] = {}  # admission's per-user bound reads it
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -58,6 +59,10 @@ class QueueIndex:
     def ids(self) -> set[str]:
         return set(self._jobs)
 
+    def queued_by(self, owner: str) -> int:
+        """How many jobs this user has queued."""
+        return self._per_owner.get(owner, 0)
+
     def load(self, queued: Iterable[Job], out: Iterable[Job] = ()) -> None:
         """Replaces everything: the queued jobs and the active ones, as the
         store holds them when this replica starts leading."""
@@ -65,6 +70,7 @@ class QueueIndex:
         self._lanes.clear()
         self._unknown.clear()
         self._alike.clear()
+        self._per_owner.clear()
         self._out = {job.id: job for job in out}
         for job in queued:
             self.add(job)
@@ -76,6 +82,7 @@ class QueueIndex:
         self._jobs[job.id] = job
         lane = self._lanes.setdefault(job.spec.priority, {}).setdefault(job.owner, [])
         bisect.insort(lane, _entry(job), key=_key)
+        self._per_owner[job.owner] = self._per_owner.get(job.owner, 0) + 1
         self._alike.setdefault(batch_key(job.spec), {})[job.id] = None
 
     def discard(self, job_id: str) -> Job | None:
@@ -88,6 +95,9 @@ class QueueIndex:
         at = bisect.bisect_left(lane, _key(entry), key=_key)
         if at < len(lane) and lane[at].job_id == job_id:
             del lane[at]
+        left = self._per_owner.pop(job.owner) - 1
+        if left:
+            self._per_owner[job.owner] = left
         if not lane:
             del users[job.owner]
             if not users:
