@@ -156,7 +156,8 @@ class _Retries:
             self._tls_failed.discard(address)
         self._in_pass += 1
         pass_done = self._in_pass >= len(client.addresses)
-        tls = client.tls.enabled
+        # The hint about TLS, only for a client that has never got through.
+        tls = None if client._reached else client.tls.enabled
         if pass_done and not client._reached and not self._anybody_there:
             raise unreachable(self._failures, tls=tls) from None
         left = self._since + client.reconnect_timeout - now

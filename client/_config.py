@@ -62,17 +62,14 @@ def resolve_tls(
     client_key: str | Path | None = None,
 ) -> TlsFiles:
     """The TLS files: each given, else SDMESH_CA_CERT, SDMESH_CLIENT_CERT and
-    SDMESH_CLIENT_KEY. Without a CA the channel is plain text, so a client
-    certificate without one is refused rather than left unused."""
-    files = TlsFiles(
-        _path(ca_cert, "SDMESH_CA_CERT"),
-        _path(client_cert, "SDMESH_CLIENT_CERT"),
-        _path(client_key, "SDMESH_CLIENT_KEY"),
-        flags=CLIENT_FLAGS,
-    )
-    if not files.enabled and (files.cert or files.key):
-        given = CLIENT_FLAGS[1] if files.cert else CLIENT_FLAGS[2]
-        raise InvalidArgumentError(
-            f"{given} needs {CLIENT_FLAGS[0]}, the CA that signed the scheduler's certificate"
+    SDMESH_CLIENT_KEY. A client certificate without a CA is refused (see
+    TlsFiles)."""
+    try:
+        return TlsFiles(
+            _path(ca_cert, "SDMESH_CA_CERT"),
+            _path(client_cert, "SDMESH_CLIENT_CERT"),
+            _path(client_key, "SDMESH_CLIENT_KEY"),
+            flags=CLIENT_FLAGS,
         )
-    return files
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None

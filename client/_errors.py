@@ -177,11 +177,11 @@ def tls_error(address: str, details: str) -> TlsError:
 
 
 def unreachable(
-    failures: dict[str, str], waited: float | None = None, *, tls: bool = False
+    failures: dict[str, str], waited: float | None = None, *, tls: bool | None = None
 ) -> UnavailableError:
     """Giving up: every address tried, with what each last said. `tls`:
-    whether the client dialed with TLS, for the hint when every connection
-    closed while it was being set up."""
+    whether the client dialed with TLS, for a hint when every connection
+    closed while it was being set up (None: no hint)."""
     if len(failures) == 1:
         [(address, detail)] = failures.items()
         message = f"scheduler {address} unreachable: {detail}"
@@ -190,7 +190,7 @@ def unreachable(
         message = f"schedulers {', '.join(failures)} unreachable: {each}"
     if waited is not None:
         message += f" (retried for {round(waited, 1):g}s)"
-    if all(detail == CLOSED_WHILE_CONNECTING for detail in failures.values()):
+    if tls is not None and all(d == CLOSED_WHILE_CONNECTING for d in failures.values()):
         message += (
             "; a scheduler with mutual TLS closes connections without a client certificate "
             "it trusts: check --client-cert and --client-key"

@@ -43,12 +43,22 @@ RESERVED_NAMES = ("ca", "scheduler")
 class TlsFiles:
     """The PEM files a channel dials with: the CA that signed the server's
     certificate, and for mutual TLS this process's own certificate and key.
-    `flags` name them in errors."""
+    `flags` name them in errors. Without a CA the channel is plain text, so
+    a certificate or key without one raises ValueError rather than go
+    unused while the caller believes it is in use."""
 
     ca_cert: Path | None = None
     cert: Path | None = None
     key: Path | None = None
     flags: tuple[str, str, str] = field(default=CLIENT_FLAGS, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ca_flag, cert_flag, key_flag = self.flags
+        if self.ca_cert is None and (self.cert is not None or self.key is not None):
+            given = cert_flag if self.cert is not None else key_flag
+            raise ValueError(
+                f"{given} needs {ca_flag}, the CA that signed the scheduler's certificate"
+            )
 
     @property
     def enabled(self) -> bool:

@@ -201,7 +201,9 @@ def test_unusable_channel_files_name_the_caller_s_flags(cluster: Cluster, tmp_pa
         channel_credentials(ours["ca"], cluster.expired["alice"], cluster.expired["alice-key"])
     with pytest.raises(ValueError, match=r"^--ca-cert: .* does not exist$"):
         TlsFiles(tmp_path / "ca.pem").credentials()
-    assert TlsFiles(ours["ca"]).enabled and not TlsFiles(None, ours["alice"]).enabled
+    assert TlsFiles(ours["ca"]).enabled and not TlsFiles().enabled
+    with pytest.raises(ValueError, match=r"^--tls-key needs --ca-cert, the CA that signed"):
+        TlsFiles(None, None, ours["alice-key"], flags=("--ca-cert", "--tls-cert", "--tls-key"))
 
 
 def test_the_sdk_refuses_unusable_files_before_dialing(cluster: Cluster, tmp_path: Path) -> None:
