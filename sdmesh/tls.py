@@ -226,7 +226,14 @@ def make_cluster_certs(
     written: dict[str, Path] = {}
 
     ca_path, ca_key_path = out_dir / "ca.pem", out_dir / "ca-key.pem"
-    if ca_path.exists() and ca_key_path.exists():
+    if ca_path.exists() and not ca_key_path.exists():
+        # A new CA here would leave every certificate signed by the old one
+        # untrusted, and the servers running now trusting none of the new.
+        raise ValueError(
+            f"{ca_path} exists without {ca_key_path.name}: put the CA's key back to sign "
+            "more certificates, or choose an empty folder for a new CA"
+        )
+    if ca_path.exists():
         ca = x509.load_pem_x509_certificate(ca_path.read_bytes())
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
         if not isinstance(ca_key, ec.EllipticCurvePrivateKey):

@@ -127,6 +127,11 @@ def test_a_second_run_keeps_the_ca_so_new_certificates_are_trusted(tmp_path: Pat
     assert second["ca"].read_bytes() == ca_before
     ca = x509.load_pem_x509_certificate(ca_before)
     x509.load_pem_x509_certificate(second["gpu2"].read_bytes()).verify_directly_issued_by(ca)
+    # Without the CA's key, no new CA quietly replaces the one servers trust.
+    first["ca-key"].unlink()
+    with pytest.raises(ValueError, match=r"ca\.pem exists without ca-key\.pem: put the CA's key"):
+        make_cluster_certs(tmp_path, ["h"], nodes=("gpu3",), clients=())
+    assert first["ca"].read_bytes() == ca_before
 
 
 @pytest.mark.parametrize(
