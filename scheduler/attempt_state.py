@@ -5,9 +5,10 @@ one whose agent is away (`Orphan`), and how a placement becomes one
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from scheduler.domain import Job
 from scheduler.placement import Placed
@@ -15,6 +16,13 @@ from scheduler.placement.timing import seconds_at
 from scheduler.uploads import UploadBuffer
 from sdmesh.spec import JobSpec, MemoryMode
 from sdmesh.speeds import megapixel_steps
+
+if TYPE_CHECKING:
+    from scheduler.cluster import NodeSession
+
+# Attempts a node was told are over, remembered so that it is told once,
+# not once per message it still sends about them.
+TOLD_REMEMBERED = 256
 
 
 @dataclass
@@ -33,7 +41,11 @@ class ActiveAttempt:
     step_seconds: float = 0.0  # the expected time per step; 0 when unknown
     stopping: bool = False  # a stop was sent; its progress is no longer news
     batch: str = ""  # the first job of the batch it runs in, if it runs in one
-    uploads: UploadBuffer = field(default_factory=UploadBuffer)
+    refused_reports: int = 0  # progress and previews dropped as malformed; the first is logged
+    uploads: UploadBuffer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.uploads = UploadBuffer(self.spec)
 
     def remaining_seconds(self, now: float) -> float:
         if self.started_at is None:
@@ -84,3 +96,41 @@ def bound(
         step_seconds=step_seconds,
         batch=members[0].id if len(members) > 1 else "",
     )
+
+
+class Told:
+    """The attempts one node was told are over (stopped as stale, fenced,
+    refused), the latest `limit` of them: what it still says about them is
+    dropped without a word."""
+
+    def __init__(self, limit: int = TOLD_REMEMBERED) -> None:
+        self._limit = limit
+        self._attempts: OrderedDict[tuple[str, int], None] = OrderedDict()
+
+    def add(self, job_id: str, attempt: int) -> bool:
+        """Remembers the attempt; False if it was already."""
+        if (job_id, attempt) in self._attempts:
+            return False
+        self._attempts[(job_id, attempt)] = None
+        while len(self._attempts) > self._limit:
+            self._attempts.popitem(last=False)
+        return True
+
+
+def holder(
+    held: Mapping[NodeSession, Mapping[str, ActiveAttempt]],
+    orphans: Mapping[str, Orphan],
+    node_id: str,
+    job_id: str,
+    attempt: int,
+) -> str:
+    """The name of the node other than `node_id` that attempt `attempt` of
+    the job is bound to, connected or away; "" when none is."""
+    for session, attempts in held.items():
+        active = attempts.get(job_id)
+        if session.node_id != node_id and active is not None and active.attempt == attempt:
+            return session.name
+    orphan = orphans.get(job_id)
+    if orphan is not None and orphan.node_id != node_id and orphan.active.attempt == attempt:
+        return orphan.node_name
+    return ""

@@ -14,17 +14,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 
-from scheduler.attempt_state import ActiveAttempt, Orphan, bound, count_by_owner
+from scheduler.attempt_state import ActiveAttempt, Orphan, Told, bound, count_by_owner, holder
 from scheduler.cluster import NodeSession
 from scheduler.commands import AssignCommand, BatchPartner, StopCommand
 from scheduler.domain import Job, JobEvent
 from scheduler.estimator import format_bytes
 from scheduler.placement import Placed, shape_of
 from scheduler.runtime import Runtime, UsesRuntime
-from scheduler.uploads import UploadBuffer, UploadError
+from scheduler.uploads import UploadBuffer, UploadError, report_problem
+from sdmesh.convert import unsound_numbers
 from sdmesh.domain import (
     AttemptOutcome,
     AttemptProfile,
@@ -39,10 +41,6 @@ from sdmesh.domain import (
 
 log = logging.getLogger(__name__)
 
-# Stale attempts a node was told to stop, remembered so that it is told
-# once, not once per message it still sends about them.
-STALE_REMEMBERED = 256
-
 
 class Attempts(UsesRuntime):
     def __init__(self, runtime: Runtime, *, lease_seconds: float) -> None:
@@ -52,7 +50,7 @@ class Attempts(UsesRuntime):
         # old one may still be settling): session -> job id -> attempt.
         self._held: dict[NodeSession, dict[str, ActiveAttempt]] = {}
         self._orphans: dict[str, Orphan] = {}  # job id -> attempt waiting for its agent
-        self._stale: dict[NodeSession, OrderedDict[tuple[str, int], None]] = {}  # told to stop
+        self._told: dict[NodeSession, Told] = {}  # attempts each node was told are over
         self._ending: dict[NodeSession, set[asyncio.Task[None]]] = {}  # being closed
         # Set while this replica stops leading (it shuts down or lost the
         # lease): attempts stay as they are in the store, and the next
@@ -166,7 +164,7 @@ class Attempts(UsesRuntime):
             else:
                 del self._orphans[job_id]
                 active = orphan.active
-                active.uploads = UploadBuffer()  # the agent replays every image
+                active.uploads = UploadBuffer(active.spec)  # the agent replays every image
                 active.last_step_at = now  # its progress clock starts again
                 self._held.setdefault(session, {})[job_id] = active
                 log.info("node %s re-attached job %s attempt %d", name, job_id, attempt)
@@ -186,10 +184,15 @@ class Attempts(UsesRuntime):
     # ---- what agents say -----------------------------------------------------
 
     async def update(self, session: NodeSession, update: AttemptUpdate) -> None:
-        """One update from an agent. An update about an attempt this node
-        does not hold (a stale one) changes nothing, and the node is told to
-        stop that attempt."""
+        """One update from an agent, about an attempt bound to its node. A
+        report on any other attempt (a stale one of its own, another node's,
+        one that never was) changes nothing: it is refused, logged, and the
+        node is told to stop that attempt."""
         job_id, attempt, body = update.job_id, update.attempt, update.body
+        active = self.current(session, job_id, attempt)
+        if active is None:
+            self._refuse(session, job_id, attempt, stop=not isinstance(body, Ended))
+            return
         if isinstance(body, Ended):
             # Ending an attempt writes files and commits; a closing stream
             # must not cut that short. It runs as its own task, and the
@@ -200,12 +203,15 @@ class Attempts(UsesRuntime):
             ending.add_done_callback(tasks.discard)
             await asyncio.shield(ending)
             return
-        active = self.current(session, job_id, attempt)
-        if active is None:
-            self._stop_stale(session, job_id, attempt)
-            return
         now = self.clock()
         if isinstance(body, Progress | Preview):
+            problem = report_problem(body)
+            if problem:
+                active.refused_reports += 1
+                if active.refused_reports == 1:  # once an attempt: a rogue sends many
+                    log.warning("node %s: %s of %s attempt %d refused: %s", session.name,
+                                type(body).__name__, job_id, attempt, problem)  # fmt: skip
+                return
             if isinstance(body, Progress):
                 active.last_step_at = now
             if not active.stopping:
@@ -219,13 +225,25 @@ class Attempts(UsesRuntime):
             try:
                 active.uploads.add(body)
             except UploadError as exc:
-                # The buffer remembers the error; the attempt fails when it ends.
-                log.warning("node %s: bad upload for %s: %s", session.name, job_id, exc)
+                # Not the images the job asked for: the attempt fails at once,
+                # a failure counted against max_attempts as a crash is. None
+                # of it is kept, and what the agent still says of it is dropped.
+                log.warning("node %s: upload of %s attempt %d refused: %s", session.name, job_id,
+                            attempt, exc)  # fmt: skip
+                del self._held[session][job_id]
+                self._told.setdefault(session, Told()).add(job_id, attempt)
+                reason = f"{session.name}: {exc}"
+                await self._requeue(job_id, attempt, AttemptOutcome.FAILED, reason, failure=True)
 
     async def _ended(self, session: NodeSession, job_id: str, attempt: int, ended: Ended) -> None:
         active = self.current(session, job_id, attempt)
         if active is None:
             return  # stale, or already handled: its slot is free either way
+        unsound = unsound_numbers(ended.profile)
+        if unsound:
+            log.warning("node %s: profile of %s attempt %d dropped: %s", session.name, job_id,
+                        attempt, ", ".join(unsound))  # fmt: skip
+            ended = replace(ended, profile=AttemptProfile())
         try:
             await self._learn(active, ended)
             reason = ended.reason or ended.outcome.value
@@ -290,7 +308,7 @@ class Attempts(UsesRuntime):
             )
 
         try:
-            images = active.uploads.complete(active.spec.batch_size)
+            images = active.uploads.complete()
         except UploadError as exc:
             await failed(f"{session.name}: {exc}")
             return
@@ -340,6 +358,7 @@ class Attempts(UsesRuntime):
         told to stop it), and its job re-queued as a failure."""
         log.warning("job %s attempt %d fenced: %s", active.job_id, active.attempt, reason)
         self._held.get(session, {}).pop(active.job_id, None)
+        self._told.setdefault(session, Told()).add(active.job_id, active.attempt)
         self._stop(session, active.job_id, active.attempt, "missed its progress deadline")
         await self._requeue(
             active.job_id, active.attempt, AttemptOutcome.FAILED, reason, failure=True
@@ -362,7 +381,7 @@ class Attempts(UsesRuntime):
         ending = self._ending.pop(session, set())
         if ending:
             await asyncio.gather(*ending, return_exceptions=True)
-        self._stale.pop(session, None)
+        self._told.pop(session, None)
         if self.closing:
             self._held.pop(session, None)
             return
@@ -422,7 +441,7 @@ class Attempts(UsesRuntime):
         store keeps for the next leader."""
         self._held.clear()
         self._orphans.clear()
-        self._stale.clear()
+        self._told.clear()
 
     # ---- the few places that write -------------------------------------------
 
@@ -431,14 +450,23 @@ class Attempts(UsesRuntime):
         session.send(StopCommand(job_id, attempt, reason))
 
     def _stop_stale(self, session: NodeSession, job_id: str, attempt: int) -> None:
-        told = self._stale.setdefault(session, OrderedDict())
-        if (job_id, attempt) in told:
+        if self._told.setdefault(session, Told()).add(job_id, attempt):
+            log.info("node %s holds stale attempt %s/%d; stopping it", session.name, job_id,
+                     attempt)  # fmt: skip
+            self._stop(session, job_id, attempt, "stale attempt: the job has moved on")
+
+    def _refuse(self, session: NodeSession, job_id: str, attempt: int, *, stop: bool) -> None:
+        """A report on an attempt not bound to this node: one warning, and a
+        stop, for each such attempt; nothing else. What a node says after
+        it was told an attempt is over is dropped quietly."""
+        if not self._told.setdefault(session, Told()).add(job_id, attempt):
             return
-        told[(job_id, attempt)] = None
-        while len(told) > STALE_REMEMBERED:
-            told.popitem(last=False)
-        log.info("node %s reported stale attempt %s/%d; stopping it", session.name, job_id, attempt)
-        self._stop(session, job_id, attempt, "stale attempt: the job has moved on")
+        other = holder(self._held, self._orphans, session.node_id, job_id, attempt)
+        whose = f"it is bound to node {other}" if other else "it holds no such attempt"
+        log.warning("node %s reported on job %s attempt %d, refused: %s", session.name, job_id,
+                    attempt, whose)  # fmt: skip
+        if stop:
+            self._stop(session, job_id, attempt, "stale attempt: not one this node holds")
 
     async def _requeue(
         self,

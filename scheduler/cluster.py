@@ -11,6 +11,7 @@ its session as domain objects; the gateway turns them into protobuf.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -18,12 +19,15 @@ from typing import TYPE_CHECKING
 from scheduler.commands import Command, DrainCommand, ResumeCommand
 from scheduler.errors import FailedPrecondition, NotFound
 from scheduler.placement import GpuView
+from sdmesh.convert import unsound_numbers
 from sdmesh.domain import DeviceStats, NodeInfo
 from sdmesh.spec import MemoryMode
 from sdmesh.speeds import Speed
 
 if TYPE_CHECKING:
     from scheduler.attempt_state import ActiveAttempt
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)  # one per stream, compared and hashed by identity
@@ -37,6 +41,7 @@ class NodeSession:
     stats: dict[int, DeviceStats] = field(default_factory=dict)
     stats_at: float = 0.0
     host_free_bytes: int = 0
+    refused_stats: str = ""  # why its last stats were refused; logged when it changes
     outbox: asyncio.Queue[Command | None] = field(default_factory=asyncio.Queue)
 
     @property
@@ -130,11 +135,26 @@ class Cluster:
     def report_stats(
         self, node_id: str, stats: list[DeviceStats], now: float, host_free_bytes: int = 0
     ) -> None:
+        """A node's latest stats. A report with a NaN, infinite or negative
+        number anywhere is refused whole, and the last sound one stays:
+        placement must never rank GPUs on such numbers."""
         session = self.sessions.get(node_id)
-        if session is not None:
-            session.stats = {device.index: device for device in stats}
-            session.stats_at = now
-            session.host_free_bytes = host_free_bytes
+        if session is None:
+            return
+        unsound = [
+            *(found for device in stats for found in unsound_numbers(device, f"gpu{device.index}")),
+            *unsound_numbers(host_free_bytes, "host_free_bytes"),
+        ]
+        if unsound:
+            why = ", ".join(unsound)
+            if why != session.refused_stats:  # once, not every heartbeat
+                log.warning("node %s: stats refused: %s", session.name, why)
+            session.refused_stats = why
+            return
+        session.refused_stats = ""
+        session.stats = {device.index: device for device in stats}
+        session.stats_at = now
+        session.host_free_bytes = host_free_bytes
 
     def gpu_views(self, now: float, held: Mapping[str, Sequence[ActiveAttempt]]) -> list[GpuView]:
         """Every connected GPU; `held` maps a node id to its bound attempts."""

@@ -9,8 +9,9 @@ so a field added to the .proto and to `sdmesh.spec` needs no edit here;
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, is_dataclass
 from typing import Any, TypeVar
 
 from google.protobuf.message import Message
@@ -179,13 +180,47 @@ def hello_to_proto(node: NodeInfo) -> agent_pb2.Hello:
 
 
 def hello_from_proto(hello: agent_pb2.Hello) -> NodeInfo:
-    return from_message(
+    """The node an agent describes; InvalidArgument naming the field for a
+    negative device or model size."""
+    node = from_message(
         NodeInfo,
         hello,
         devices=tuple(from_message(DeviceInfo, device) for device in hello.devices),
         models=tuple(from_message(ModelInfo, model) for model in hello.models),
         labels=dict(hello.labels),
     )
+    unsound = unsound_numbers(node)
+    if unsound:
+        name, value = unsound[0].split("=", 1)
+        raise InvalidArgument(
+            f"hello.{name}", f"must be a finite number, not negative; got {value}"
+        )
+    return node
+
+
+def unsound_numbers(value: Any, name: str = "") -> list[str]:
+    """Every number in `value` (a dataclass, with the dataclasses, tuples
+    and mappings inside it) that is NaN, infinite or negative, as
+    "path=value". No size, count, speed or time an agent reports may be
+    any of those; the caller refuses what has them."""
+    if isinstance(value, bool | str | bytes):
+        return []
+    if isinstance(value, int | float):
+        return [] if math.isfinite(value) and value >= 0 else [f"{name}={value}"]
+    if is_dataclass(value) and not isinstance(value, type):
+        prefix = f"{name}." if name else ""
+        return [
+            found
+            for f in fields(value)
+            for found in unsound_numbers(getattr(value, f.name), prefix + f.name)
+        ]
+    if isinstance(value, Mapping):
+        items: Any = value.items()
+    elif isinstance(value, tuple | list):
+        items = enumerate(value)
+    else:
+        return []
+    return [found for key, item in items for found in unsound_numbers(item, f"{name}[{key}]")]
 
 
 # ---- attempt updates ---------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from typing import Any
 
 from scheduler.domain import Job
@@ -99,4 +101,24 @@ def make_queued_job(job_id: str, owner: str = "alice", created_at: float = 0.0, 
         max_attempts=3,
         created_at=created_at,
         updated_at=created_at,
+    )
+
+
+def png_chunk(kind: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and IHDR (8-bit RGB) claiming width x height."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+
+
+def make_png(width: int = 64, height: int = 64, *, shade: int = 0) -> bytes:
+    """A real, decodable PNG of one grey level, built without PIL."""
+    rows = b"".join(b"\x00" + bytes([shade]) * (width * 3) for _ in range(height))
+    return (
+        png_header(width, height)
+        + png_chunk(b"IDAT", zlib.compress(rows))
+        + png_chunk(b"IEND", b"")
     )

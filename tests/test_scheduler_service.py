@@ -26,11 +26,12 @@ from client import (
 )
 from harness.waiting import until_async
 from protos import agent_pb2, common_pb2, scheduler_pb2, scheduler_pb2_grpc
+from tests.factories import make_png
 from tests.scripted import ScriptedAgent, hello, running_scheduler
 
 SUCCEEDED = agent_pb2.ATTEMPT_OUTCOME_SUCCEEDED
 FAILED = agent_pb2.ATTEMPT_OUTCOME_FAILED
-PNG = b"\x89PNG fake image bytes" * 20
+PNG, OTHER_PNG = make_png(64, 64, shade=1), make_png(64, 64, shade=2)
 
 
 def run(
@@ -66,7 +67,7 @@ def test_a_job_goes_through_an_agent_and_its_image_comes_back(tmp_path: Path, db
             1,
             handle.last_known.spec.seed,
         )
-        agent.succeed(job, [PNG, PNG[::-1]])
+        agent.succeed(job, [PNG, OTHER_PNG])
         events = await asyncio.wait_for(watching, 10)
         final = await handle.refresh()
         assert final.state == "SUCCEEDED"
@@ -80,7 +81,7 @@ def test_a_job_goes_through_an_agent_and_its_image_comes_back(tmp_path: Path, db
         assert [e.image.index for e in events if isinstance(e, ImageEvent)] == [0, 1]
         assert [e.step for e in events if isinstance(e, PreviewEvent)] == [1]
         first, second = await handle.images()
-        assert (first.data, second.data) == (PNG, PNG[::-1])
+        assert (first.data, second.data) == (PNG, OTHER_PNG)
         assert second.info.seed == final.spec.seed + 1
         await agent.close()
 
