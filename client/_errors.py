@@ -68,7 +68,7 @@ class ResourceExhaustedError(SdmeshError):
     exit_code = 5
 
     def __init__(self, detail: str, retry_after: float | None = None) -> None:
-        when = "later" if retry_after is None else f"in {retry_after:.3g}s"
+        when = "later" if retry_after is None else f"in {round(retry_after, 2):g}s"
         super().__init__(f"limit reached: {detail}; retry {when}")
         self.detail = detail
         self.retry_after = retry_after
