@@ -88,7 +88,7 @@ def test_a_job_goes_through_an_agent_and_its_image_comes_back(tmp_path: Path, db
     run(scenario, tmp_path, db_url)
 
 
-def test_watch_resumes_after_a_sequence_number_and_late_watchers_get_the_preview(
+def test_watch_resumes_after_a_sequence_number_and_late_watchers_get_no_preview(
     tmp_path: Path,
 ) -> None:
     async def scenario(port: int, client: AsyncClient) -> None:
@@ -98,8 +98,8 @@ def test_watch_resumes_after_a_sequence_number_and_late_watchers_get_the_preview
         agent.succeed(await agent.assignment(), [PNG])
         await until_async(handle.refresh, "the job to end", done=lambda j: j.done)
         everything = await events_of(client, handle.id)
-        # A late watcher still sees the last picture, just before the end.
-        assert isinstance(everything[-2], PreviewEvent)
+        # A finished job's preview is gone: a late watcher gets its history.
+        assert not any(isinstance(e, PreviewEvent) for e in everything)
         assert [e.seq for e in everything if e.seq] == [1, 2, 3, 4, 5]
         resumed = await events_of(client, handle.id, after_seq=3)
         assert [e.seq for e in resumed if e.seq] == [4, 5]
