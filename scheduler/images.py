@@ -3,16 +3,52 @@
 A file is written under a temporary name, flushed and renamed before the
 database commit that references it, and removed again if that commit loses
 (a cancelled job, a stale attempt). Paths carry the attempt, so two attempts
-of one job never write the same file.
+of one job never write the same file. A stored file is read back one
+IMAGE_CHUNK_BYTES piece at a time, so a download holds one piece in memory.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from sdmesh.wire import IMAGE_CHUNK_BYTES
+
+
+class ImageReader:
+    """One stored image, open for reading piece by piece; each `read_chunk`
+    reads at most `chunk_bytes` from the file. A file removed while it is
+    open still reads to its end."""
+
+    def __init__(self, file: BinaryIO, chunk_bytes: int = IMAGE_CHUNK_BYTES) -> None:
+        self._file = file
+        self.chunk_bytes = chunk_bytes
+
+    def read_chunk(self) -> bytes:
+        """The next piece; b"" at the end."""
+        return self._file.read(self.chunk_bytes)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ImageReader:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Every piece in order; one empty piece for an empty file."""
+        first = True
+        while (data := self.read_chunk()) or first:
+            first = False
+            yield data
+            if not data:
+                return
 
 
 class ImageStore:
@@ -55,8 +91,26 @@ class ImageStore:
                 folder.rmdir()
         return removed
 
+    def open(self, relative: str) -> ImageReader:
+        return ImageReader(open(self.root / relative, "rb"))
+
+    async def stream(self, relative: str) -> AsyncGenerator[bytes, None]:
+        """The stored image's pieces in order (one empty piece for an empty
+        file), each read in the default executor as it is asked for."""
+        loop = asyncio.get_running_loop()
+        reader = await loop.run_in_executor(None, self.open, relative)
+        try:
+            first = True
+            while (data := await loop.run_in_executor(None, reader.read_chunk)) or first:
+                first = False
+                yield data
+                if not data:
+                    return
+        finally:
+            reader.close()  # no await here: it runs when a cancelled download unwinds too
+
     def chunks(self, relative: str) -> list[bytes]:
-        data = (self.root / relative).read_bytes()
-        return [
-            data[i : i + IMAGE_CHUNK_BYTES] for i in range(0, len(data), IMAGE_CHUNK_BYTES)
-        ] or [b""]
+        """Every piece at once. Only until GetImage streams with `stream`:
+        this holds the whole file in memory."""
+        with self.open(relative) as reader:
+            return list(reader)
