@@ -1,9 +1,14 @@
 """How sdctl prints things: plain kubectl-style tables for people, and JSON
-objects for scripts. The README documents every JSON shape made here."""
+objects for scripts. The README documents every JSON shape made here.
+
+Names, prompts, reasons and ids come from the network, some from agents
+nobody vouches for: every one goes through `safe_text` before it reaches a
+terminal, and JSON escapes every control character itself."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -26,13 +31,32 @@ from sdmesh.domain import ImageInfo
 
 GIB = 2**30
 
+# C0 controls (ESC among them), DEL, C1 controls (CSI among them), the line
+# and paragraph separators, and the bidirectional marks, embeddings,
+# overrides and isolates that make a terminal show text in another order.
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069]")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def safe_text(text: str) -> str:
+    """`text` fit for a terminal: each control character shown as its
+    escape (ESC as \\x1b, a right-to-left override as \\u202e), so that
+    nothing in it moves the cursor, recolours, retitles or reorders the
+    screen, and no newline makes a fake row."""
+    return _UNSAFE.sub(_escaped, text)
+
 
 def print_json(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False) + "\n")
+    # ensure_ascii escapes every control and non-ASCII character as \uXXXX.
+    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False, ensure_ascii=True) + "\n")
 
 
 def print_json_line(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, separators=(",", ":")) + "\n")
+    sys.stdout.write(json.dumps(value, separators=(",", ":"), ensure_ascii=True) + "\n")
     sys.stdout.flush()
 
 
@@ -109,13 +133,13 @@ def attempt_json(attempt: Attempt) -> dict[str, Any]:
 
 
 def profile_line(attempt: Attempt) -> str:
-    """Forge --profile style: where the time and memory went."""
+    """Forge --profile style: where the time and memory went; safe to print."""
     peak = f"{attempt.peak_vram_bytes / GIB:.2f} GiB" if attempt.peak_vram_bytes else "not measured"
     return (
         f"queued {attempt.queued_seconds:.1f}s, model load {attempt.load_seconds:.2f}s, "
         f"{attempt.mean_step_seconds:.3f}s/step, peak VRAM {peak} "
         f"(estimated {attempt.vram_estimate_bytes / GIB:.2f} GiB), "
-        f"{attempt.node_name} gpu {attempt.gpu_index}, {attempt.memory_mode}"
+        f"{safe_text(attempt.node_name)} gpu {attempt.gpu_index}, {attempt.memory_mode}"
     )
 
 
@@ -202,7 +226,8 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
     for header in headers:
         table.add_column(header, overflow="fold")
     for row in rows:
-        table.add_row(*(Text(cell) for cell in row))  # prompts may contain [brackets]
+        # Text, not markup: prompts may contain [brackets].
+        table.add_row(*(Text(safe_text(cell)) for cell in row))
     console = Console()
     if not console.is_terminal:  # piped: never fold cells to 80 columns
         console = Console(width=10_000)
@@ -277,7 +302,7 @@ def job_detail(job: Job) -> None:
     console = Console(soft_wrap=True, highlight=False)
     for label, value in lines:
         # Text, not markup: A1111 prompts use [brackets] of their own.
-        console.print(Text.assemble((f"{label + ':':<17}", "bold"), value))
+        console.print(Text.assemble((f"{label + ':':<17}", "bold"), safe_text(value)))
 
 
 def node_status(node: Node) -> str:
@@ -341,15 +366,16 @@ def models_table(models: list[Model]) -> None:
 
 
 def drained_line(node: Node, timeout: float | None) -> str:
-    """What `sdctl drain` and `sdctl undrain` say happened."""
+    """What `sdctl drain` and `sdctl undrain` say happened; safe to print."""
+    name = safe_text(node.name)
     if not node.draining:
-        return f"node {node.name} takes work again"
+        return f"node {name} takes work again"
     running = sum(device.active_jobs for device in node.devices)
     if not running:
-        return f"node {node.name} draining: takes no new work, nothing running"
+        return f"node {name} draining: takes no new work, nothing running"
     within = f"{timeout:g}s" if timeout else "the agent's shutdown timeout"
     return (
-        f"node {node.name} draining: takes no new work; {running} running "
+        f"node {name} draining: takes no new work; {running} running "
         f"job{'s' if running != 1 else ''} finish within {within} or go back to the queue"
     )
 
