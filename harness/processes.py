@@ -250,11 +250,13 @@ class LocalCluster:
             args += self.security.agent_args()
         return self._spawn(name, args, wrap)
 
-    def client(self, user: str = "tester") -> Client:
+    def client(self, user: str = "tester", **options: Any) -> Client:
         """A client as `user`; with security on, with that user's key (the
         admin's for "admin")."""
-        options = {} if self.security is None else self.security.client_options(user)
-        return Client(self.addresses, user=user, timeout=10.0, **options)
+        if self.security is not None:
+            options = self.security.client_options(user) | options
+        options.setdefault("timeout", 10.0)
+        return Client(self.addresses, user=user, **options)
 
     def wait_for(self, condition: Callable[[Client], bool], what: str) -> None:
         """Until `condition` holds, failing at once if a process exits."""

@@ -44,7 +44,7 @@ NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 def check_hello(node: NodeInfo) -> None:
-    if not NODE_ID.match(node.node_id):
+    if not NODE_ID.fullmatch(node.node_id):
         raise InvalidArgument("hello.node_id", "must be 1-64 letters, digits, '.', '_' or '-'")
     if not node.name or len(node.name) > 128:
         raise InvalidArgument("hello.name", "must be 1-128 characters")
@@ -139,7 +139,7 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         self, request: agent_pb2.EnrollRequest, context: aio.ServicerContext[Any, Any]
     ) -> agent_pb2.EnrollResponse:
         """Trades a join token for the node's own credential, once."""
-        if not NODE_ID.match(request.node_id):
+        if not NODE_ID.fullmatch(request.node_id):
             raise InvalidArgument("node_id", "must be 1-64 letters, digits, '.', '_' or '-'")
         token = parse_token(request.join_token, JOIN_TOKEN)
         if token is None:

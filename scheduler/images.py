@@ -108,9 +108,3 @@ class ImageStore:
                     return
         finally:
             reader.close()  # no await here: it runs when a cancelled download unwinds too
-
-    def chunks(self, relative: str) -> list[bytes]:
-        """Every piece at once. Only until GetImage streams with `stream`:
-        this holds the whole file in memory."""
-        with self.open(relative) as reader:
-            return list(reader)

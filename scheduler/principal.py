@@ -58,7 +58,7 @@ def current_node_labels() -> dict[str, str]:
 
 
 def check_user_name(user: str, field: str) -> str:
-    if not USER_NAME.match(user):
+    if not USER_NAME.fullmatch(user):
         raise InvalidArgument(field, f"user must be {USER_RULE}; got {user[:64]!r}")
     return user
 

@@ -62,7 +62,7 @@ def _quoted(value: str, limit: int = 40) -> str:
 
 
 def _job_id(value: str, field: str = "job_id") -> str:
-    if not JOB_ID.match(value):
+    if not JOB_ID.fullmatch(value):
         raise InvalidArgument(
             field, f"must be a job id (1-32 letters, digits, '_' or '-'), got {_quoted(value)}"
         )
@@ -92,7 +92,7 @@ def _decode_page_token(token: str) -> tuple[float, str]:
         or isinstance(created_at, bool)
         or not math.isfinite(created_at)
         or not isinstance(job_id, str)
-        or not JOB_ID.match(job_id)
+        or not JOB_ID.fullmatch(job_id)
     ):
         raise problem
     return float(created_at), job_id
@@ -241,11 +241,12 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
                 f"({len(job.images)} stored, state {job.state.value})"
             )
         meta, path = found
-        chunks = await asyncio.get_running_loop().run_in_executor(None, self.images.chunks, path)
+        # Read from disk one chunk at a time: a watcher that never reads
+        # holds one chunk, not the whole image.
         offset = 0
-        for number, data in enumerate(chunks):
+        async for data in self.images.stream(path):
             chunk = scheduler_pb2.ImageChunk(offset=offset, data=data)
-            if number == 0:
+            if offset == 0:
                 chunk.info.CopyFrom(to_message(meta, common_pb2.ImageInfo))
             offset += len(data)
             yield chunk

@@ -52,7 +52,7 @@ def parse_token(text: str, kind: str) -> Token | None:
         return None
     prefix, _, rest = text.strip().partition("_")
     token_id, _, secret = rest.partition("_")
-    if prefix != kind or not _ID.match(token_id) or not _SECRET.match(secret):
+    if prefix != kind or not _ID.fullmatch(token_id) or not _SECRET.fullmatch(secret):
         return None
     return Token(kind, token_id, secret)
 

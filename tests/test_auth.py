@@ -123,8 +123,8 @@ def test_calls_without_a_valid_key_are_unauthenticated(tmp_path: Path, db_url: s
         health = await c.stub.GetHealth(scheduler_pb2.GetHealthRequest())
         assert health.role == scheduler_pb2.ROLE_LEADER
         # The right key works, and x-sdmesh-user does not change who you are.
-        metadata = (*c.as_("alice"), ("x-sdmesh-user", "root"))
-        await c.stub.ListJobs(listing, metadata=metadata)
+        as_root = (*c.as_("alice"), ("x-sdmesh-user", "root"))
+        await c.stub.ListJobs(listing, metadata=as_root)
 
     run(scenario, tmp_path, "")
 

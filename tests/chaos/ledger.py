@@ -11,7 +11,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from client import Client, StateEvent
+from client import StateEvent
 from harness.processes import LocalCluster
 from harness.waiting import until
 
@@ -47,7 +47,7 @@ class Ledger:
         self.progressed[job_id] = progressed
 
         def follow() -> None:
-            with Client(self.cluster.addresses, user="tester", reconnect_timeout=120) as own:
+            with self.cluster.client("tester", reconnect_timeout=120) as own:
                 for event in own.watch(job_id):
                     if isinstance(event, StateEvent):
                         if event.state in TERMINAL:

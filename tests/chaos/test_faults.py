@@ -34,8 +34,8 @@ def images(cluster: LocalCluster) -> list[Path]:
     return [cluster.root / "images", cluster.root / "scheduler" / "images"]
 
 
-def one_job_on_two_agents(chaos: Chaos) -> tuple[LocalCluster, Ledger, str]:
-    cluster, ledger = chaos()
+def one_job_on_two_agents(chaos: Chaos, **options: object) -> tuple[LocalCluster, Ledger, str]:
+    cluster, ledger = chaos(**options)
     cluster.start_scheduler()
     for name in ("agent-a", "agent-b"):
         cluster.start_agent(name, *AGENT_ARGS)
@@ -52,6 +52,24 @@ def test_a_killed_agent_s_job_completes_on_another(chaos: Chaos) -> None:
     assert job.state == "SUCCEEDED"
     assert job.node_name != victim
     assert job.attempts[0].outcome == "lost"
+
+
+def test_with_everything_on_a_killed_agent_s_job_completes_on_another(chaos: Chaos) -> None:
+    """TLS with client certificates, API keys and enrolled agents: the
+    agent that dials back after a kill is still the same enrolled node."""
+    cluster, ledger, job_id = one_job_on_two_agents(chaos, secure=True)
+    victim = running_on(ledger, job_id)
+    killed = agent_named(cluster, victim)
+    killed.kill()
+    ledger.check(images(cluster))
+    job = ledger.job(job_id)
+    assert job.state == "SUCCEEDED"
+    assert job.node_name != victim
+    assert job.attempts[0].outcome == "lost"
+    # Restarted from its data dir, it reconnects with its own credential.
+    cluster.processes.remove(killed)
+    cluster.start_agent(victim, *AGENT_ARGS)
+    cluster.wait_for_nodes(2)
 
 
 def test_a_paused_agent_s_late_result_is_refused(chaos: Chaos) -> None:
