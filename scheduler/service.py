@@ -16,7 +16,9 @@ import json
 import logging
 import math
 import re
-from collections.abc import AsyncIterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from grpc import aio
@@ -33,8 +35,8 @@ from scheduler.convert import (
     node_to_proto,
 )
 from scheduler.dispatcher import Dispatcher
-from scheduler.domain import Job
-from scheduler.errors import FailedPrecondition, NotFound, PermissionDenied
+from scheduler.domain import Job, JobEvent
+from scheduler.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted
 from scheduler.events import watch
 from scheduler.leadership import ReplicaState
 from scheduler.principal import Principal, check_user_name, current_principal
@@ -54,6 +56,13 @@ JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 MAX_SEQ = 2**31 - 1  # the event table's sequence column is 32-bit
 MAX_DRAIN_SECONDS = 7 * 86400.0
 MAX_PAGE_TOKEN_CHARS = 256
+# Open WatchJob streams. Each one that does not read holds its pending
+# message and the one gRPC is writing (a preview is at most 128 KiB,
+# scheduler/uploads.py), so these bound what watchers can make the
+# scheduler keep: under 400 MB at the total (tests/e2e/test_limits.py).
+MAX_WATCHES_PER_USER = 100
+MAX_WATCHES = 1000
+WATCH_RETRY_SECONDS = 5.0
 
 
 def _quoted(value: str, limit: int = 40) -> str:
@@ -115,6 +124,8 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         self.dispatcher = dispatcher
         self.replica = replica
         self.node_window_seconds = node_window_seconds
+        self._watches: dict[str, int] = {}  # open WatchJob streams per user
+        self._live_protos = _SharedProtos()
 
     async def _get_job(self, job_id: str) -> Job:
         """The job, if the caller may see it. Another user's job is not
@@ -225,8 +236,31 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         job = await self._get_job(request.job_id)
         if not 0 <= request.after_seq <= MAX_SEQ:
             raise InvalidArgument("after_seq", f"must be between 0 and {MAX_SEQ}")
-        async for event in watch(self.hub, self.db, job.id, request.after_seq):
-            yield event_to_proto(event)
+        with self._watch_slot(current_principal().user):
+            async for event in watch(self.hub, self.db, job.id, request.after_seq):
+                yield self._live_protos.get(event) if not event.durable else event_to_proto(event)
+
+    @contextmanager
+    def _watch_slot(self, user: str) -> Iterator[None]:
+        mine = self._watches.get(user, 0)
+        if mine >= MAX_WATCHES_PER_USER:
+            raise ResourceExhausted(
+                f"watch limit: {user} already has {mine} watch streams open "
+                f"(at most {MAX_WATCHES_PER_USER} per user)",
+                WATCH_RETRY_SECONDS,
+            )
+        if sum(self._watches.values()) >= MAX_WATCHES:
+            raise ResourceExhausted(
+                f"watch limit: {MAX_WATCHES} watch streams are open on this scheduler",
+                WATCH_RETRY_SECONDS,
+            )
+        self._watches[user] = mine + 1
+        try:
+            yield
+        finally:
+            self._watches[user] -= 1
+            if not self._watches[user]:
+                del self._watches[user]
 
     async def GetImage(
         self, request: scheduler_pb2.GetImageRequest, context: Context
@@ -339,6 +373,26 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.ListModelsResponse(
             models=[model_to_listing(m, sorted(holders.get(m.name, []))) for m in known]
         )
+
+
+class _SharedProtos:
+    """The hub hands one live event (a preview, a step) to every watcher of
+    its job: it is converted once, and every stream sends that message,
+    instead of each holding its own copy of the preview."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._items: OrderedDict[int, tuple[JobEvent, common_pb2.JobEvent]] = OrderedDict()
+
+    def get(self, event: JobEvent) -> common_pb2.JobEvent:
+        hit = self._items.get(id(event))
+        if hit is not None and hit[0] is event:
+            return hit[1]
+        message = event_to_proto(event)
+        self._items[id(event)] = (event, message)
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return message
 
 
 def _actor(who: Principal) -> str:

@@ -30,8 +30,10 @@ MAX_PIXELS = MAX_SIZE * MAX_SIZE  # the largest picture any job may ask for
 PNG_OVERHEAD_BYTES = 256 * 1024
 MAX_IMAGE_BYTES = 32 * 2**20  # the hard cap, whatever the size: 2048x2048 needs ~17 MiB
 # Previews are 128 px at most on the agent (gpu_node/preview.py), ~50 KiB
-# as PNG at worst; these leave room for other agents' choices.
-MAX_PREVIEW_BYTES = 256 * 1024
+# as PNG at worst; these leave room for other agents' choices. Every open
+# watch stream may hold a preview or two in flight, so this also sets what
+# a thousand watchers that never read can cost (scheduler/service.py).
+MAX_PREVIEW_BYTES = 128 * 1024
 MAX_PREVIEW_SIDE = 512
 
 

@@ -176,7 +176,7 @@ def test_the_header_is_read_without_decoding() -> None:
         (Preview(1, 4, 8, 8, b"<html>" * 10), "is not a PNG"),
         (Preview(1, 4, 8, 8, make_png(16, 8)), "is a 16x8 PNG, not 8x8"),
         (Preview(1, 4, 9000, 9000, png_header(9000, 9000)), "9000x9000, more than 512 px"),
-        (Preview(1, 4, 8, 8, b"x" * (MAX_PREVIEW_BYTES + 1)), "more than the 262144"),
+        (Preview(1, 4, 8, 8, b"x" * (MAX_PREVIEW_BYTES + 1)), f"more than the {MAX_PREVIEW_BYTES}"),
     ],
 )
 def test_progress_and_previews_are_checked(report: Progress | Preview, problem: str) -> None:
