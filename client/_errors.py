@@ -69,7 +69,9 @@ class ResourceExhaustedError(SdmeshError):
 
     def __init__(self, detail: str, retry_after: float | None = None) -> None:
         when = "later" if retry_after is None else f"in {round(retry_after, 2):g}s"
-        super().__init__(f"limit reached: {detail}; retry {when}")
+        # The scheduler's own message may say when already; once is enough.
+        hint = "" if "retry" in detail else f"; retry {when}"
+        super().__init__(f"limit reached: {detail}{hint}")
         self.detail = detail
         self.retry_after = retry_after
 

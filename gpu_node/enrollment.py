@@ -30,6 +30,7 @@ from sdmesh.wire import (
     NODE_METADATA_KEY,
     Backoff,
     agent_channel_options,
+    bearer,
     open_channel,
 )
 
@@ -51,7 +52,7 @@ class Credential:
     labels: dict[str, str] = field(default_factory=dict)
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.secret}"), (NODE_METADATA_KEY, self.node_id))
+        return (bearer(self.secret), (NODE_METADATA_KEY, self.node_id))
 
 
 def load_credential(data_dir: Path, node_id: str) -> Credential | None:

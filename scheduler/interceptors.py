@@ -20,7 +20,7 @@ from scheduler.auth import Authenticator
 from scheduler.errors import Standby, status_of
 from scheduler.leadership import ReplicaState
 from scheduler.principal import Principal, _current, _node_labels, principal_from_metadata
-from sdmesh.wire import NODE_METADATA_KEY
+from sdmesh.wire import AUTHORIZATION_METADATA_KEY, NODE_METADATA_KEY, parse_bearer
 
 log = logging.getLogger(__name__)
 
@@ -118,11 +118,7 @@ def _metadata_value(metadata: Metadata, wanted: str) -> str | None:
 
 def bearer_of(metadata: Metadata) -> str | None:
     """The token of `authorization: Bearer TOKEN`, or None."""
-    value = _metadata_value(metadata, "authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.strip().partition(" ")
-    return token.strip() if scheme.lower() == "bearer" else None
+    return parse_bearer(_metadata_value(metadata, AUTHORIZATION_METADATA_KEY))
 
 
 class AuthInterceptor(_GuardInterceptor):

@@ -114,7 +114,7 @@ def test_calls_without_a_valid_key_are_unauthenticated(tmp_path: Path, db_url: s
         assert raised.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert "--api-key" in (raised.value.details() or "")
         wrong = "sdk_0123456789ab_" + "A" * 43
-        for bad in (wrong, "garbage", "x" * 10_000, c.keys["alice"] + "x"):
+        for bad in (wrong, "garbage", "x" * 4000, c.keys["alice"] + "x"):
             metadata = (("authorization", f"Bearer {bad}"),)
             assert await code_of(c.stub.ListJobs(listing, metadata=metadata)) == (
                 grpc.StatusCode.UNAUTHENTICATED

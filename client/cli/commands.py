@@ -40,6 +40,7 @@ from client._models import Event, ImageEvent, Job, PreviewEvent, ProgressEvent, 
 from client._sync import Client
 from client.cli import render
 from client.cli.options import options_from
+from client.cli.render import safe_text
 from sdmesh.spec import SpecRequest
 
 
@@ -77,7 +78,7 @@ class Follower:
     def _describe(self) -> str:
         if self._lost:
             return f"{self.job_id} reconnecting to the scheduler…"
-        where = f" on {self.result.node}" if self.result.node else ""
+        where = f" on {safe_text(self.result.node)}" if self.result.node else ""
         return f"{self.job_id} {self.result.state.lower()}{where}"
 
     def reconnecting(self, address: str, error: SdmeshError) -> None:
@@ -85,7 +86,8 @@ class Follower:
         per outage that the scheduler was lost, and shows it on the bar."""
         if not self._lost:
             self.console.print(
-                f"{self.job_id} lost the scheduler ({error}); reconnecting to the scheduler…",
+                f"{self.job_id} lost the scheduler ({safe_text(str(error))}); "
+                "reconnecting to the scheduler…",
                 markup=False,
                 soft_wrap=True,  # one line in logs, however long the error
             )
@@ -108,9 +110,11 @@ class Follower:
                 self._progress.reset(self._task)
         message = f"{self.job_id} {event.state}"
         if event.state in ("ASSIGNED", "RUNNING") and event.node_name:
-            message += f" on {event.node_name} gpu {event.gpu_index} (attempt {event.attempt})"
+            message += (
+                f" on {safe_text(event.node_name)} gpu {event.gpu_index} (attempt {event.attempt})"
+            )
         if event.reason:
-            message += f": {event.reason}"
+            message += f": {safe_text(event.reason)}"
         self.console.print(message, markup=False)
 
     def follow(self, events: Iterator[Event]) -> Followed:
@@ -192,7 +196,7 @@ def submit(args: argparse.Namespace, client: Client) -> int:
         for path in paths:
             print(path)
     else:
-        print(f"job {job.id} {job.state}: {job.reason}", file=sys.stderr)
+        print(f"job {job.id} {job.state}: {safe_text(job.reason)}", file=sys.stderr)
     return exit_code(job)
 
 
@@ -273,7 +277,7 @@ def delete(args: argparse.Namespace, client: Client) -> int:
         try:
             count = client.delete(job_id)
         except (NotFoundError, PermissionDeniedError, RejectedError) as exc:
-            print(f"error: job {job_id}: {exc}", file=sys.stderr)
+            print(f"error: job {safe_text(job_id)}: {safe_text(str(exc))}", file=sys.stderr)
             code = max(code, exc.exit_code)
             continue
         deleted.append({"job_id": job_id, "images_deleted": count})
@@ -320,7 +324,7 @@ def _ask(client: Client, address: str) -> render.HealthRow:
     except UnavailableError as exc:
         return render.HealthRow(address, None, str(exc), reachable=False)
     except SdmeshError as exc:
-        return render.HealthRow(address, None, f"scheduler {address}: {exc}")
+        return render.HealthRow(address, None, f"scheduler {address}: {safe_text(str(exc))}")
 
 
 def health(args: argparse.Namespace, client: Client) -> int:

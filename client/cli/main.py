@@ -23,6 +23,7 @@ from client._config import DEFAULT_ADDRESS, DEFAULT_RECONNECT_TIMEOUT
 from client._errors import SdmeshError
 from client.cli import servers
 from client.cli.options import add_options, text_type
+from client.cli.render import safe_text
 from sdmesh.flags import parse_duration
 from sdmesh.spec import SpecRequest
 
@@ -226,7 +227,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             code = COMMANDS[args.command](args, client)
             return code
     except SdmeshError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # The message may quote what the scheduler or a node sent.
+        print(f"error: {safe_text(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
