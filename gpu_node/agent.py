@@ -32,12 +32,12 @@ from gpu_node.enrollment import (
     load_credential,
     save_credential,
 )
+from gpu_node.hardware import configured_probe, select_devices, synthetic_models
 from gpu_node.identity import Identity, load_identity
 from gpu_node.journal import Journal
 from gpu_node.pipelines import quiet_libraries
 from gpu_node.probe import Probe, detect_probe, host_memory
 from gpu_node.runner import DeviceWorker, HealthResult, Task
-from gpu_node.simulated import SimulatedProbe, parse_models
 from protos import agent_pb2, agent_pb2_grpc
 from sdmesh.convert import (
     device_stats_to_proto,
@@ -73,20 +73,6 @@ REFUSED = (
     grpc.StatusCode.PERMISSION_DENIED,
 )
 Outbox = asyncio.Queue[agent_pb2.AgentMessage | None]
-
-
-def select_devices(devices: list[DeviceInfo], wanted: tuple[int, ...] | None) -> list[DeviceInfo]:
-    """The devices `--gpus` names (all when it is not given)."""
-    if wanted is None:
-        return devices
-    by_index = {device.index: device for device in devices}
-    missing = [index for index in wanted if index not in by_index]
-    if missing:
-        have = ", ".join(str(index) for index in sorted(by_index)) or "none"
-        raise ValueError(
-            f"--gpus {','.join(map(str, wanted))}: no device {missing[0]}; this host has {have}"
-        )
-    return [by_index[index] for index in sorted(set(wanted))]
 
 
 def redial_backoff() -> Backoff:
@@ -491,25 +477,6 @@ class Agent:
         for worker in self.workers.values():
             worker.close(timeout=10.0)
         self.lock.release()
-
-
-def synthetic_models(config: AgentConfig) -> dict[str, int]:
-    """The synthetic models simulated cards offer (--simulate-models)."""
-    return parse_models(config.simulate_models) if config.simulate_models else {}
-
-
-def configured_probe(config: AgentConfig) -> Probe | None:
-    """Simulated cards when the config asks for them; None: detect."""
-    if not config.simulated:
-        return None
-    return SimulatedProbe.from_flags(
-        config.simulate_gpus,
-        config.simulate_speed,
-        config.simulate_time_scale,
-        step_delay=config.simulate_step_delay,
-        hang=config.simulate_hang,
-        poison=config.simulate_poison,
-    )
 
 
 async def run_agent(config: AgentConfig, probe: Probe | None = None) -> None:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gpu_node.agent import Agent, select_devices
+from gpu_node.agent import Agent
 from gpu_node.config import AgentConfig
+from gpu_node.hardware import select_devices
 from gpu_node.probe import CpuProbe
 from protos import agent_pb2, common_pb2
 from sdmesh.convert import spec_to_proto
