@@ -11,7 +11,6 @@ import datetime as dt
 import json
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -22,25 +21,9 @@ from harness.processes import LocalCluster, process_env, sdctl_command
 from harness.waiting import until
 from protos import scheduler_pb2, scheduler_pb2_grpc
 from sdmesh.tls import make_cluster_certs
-from tests.conftest import DATABASES
-from tests.databases import database
 from tests.e2e.test_whole_path import check_png
 
 pytestmark = pytest.mark.e2e
-
-
-@pytest.fixture(params=DATABASES)
-def secure(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[LocalCluster]:
-    with database(request.param, tmp_path) as url:
-        local = LocalCluster(tmp_path, db_url=url, secure=True)
-        local.start_scheduler()
-        try:
-            yield local
-        finally:
-            local.stop()
-        report = getattr(request.node, "rep_call", None)
-        if report is not None and report.failed:
-            print(local.logs())
 
 
 def admin(cluster: LocalCluster, *args: str) -> subprocess.CompletedProcess[str]:
