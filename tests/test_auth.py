@@ -336,3 +336,27 @@ def test_retention_deletes_finished_jobs_with_their_images(tmp_path: Path) -> No
         await agent.close()
 
     run(scenario, tmp_path, "")
+
+
+def test_a_user_deletes_their_own_job_even_while_it_runs(tmp_path: Path) -> None:
+    async def scenario(c: Cluster) -> None:
+        agent = await c.enrolled_agent("n1")
+        job_id = await c.submit("alice")
+        job = await agent.assignment()
+        agent.started(job)
+        request = scheduler_pb2.DeleteJobRequest(job_id=job_id)
+        answer = await c.stub.DeleteJob(request, metadata=c.as_("alice"))
+        assert answer.images_deleted == 0
+        stop = await agent.receive()  # the running attempt was stopped first
+        assert stop.WhichOneof("body") == "stop"
+        gone = c.stub.GetJob(scheduler_pb2.GetJobRequest(job_id=job_id), metadata=c.as_("alice"))
+        assert await code_of(gone) == grpc.StatusCode.NOT_FOUND
+        # Deleting it again: it is not there.
+        assert await code_of(c.stub.DeleteJob(request, metadata=c.as_("alice"))) == (
+            grpc.StatusCode.NOT_FOUND
+        )
+        # Nobody else's cancels are in the audit trail: it was her own job.
+        assert "delete-job" not in [e.action for e in c.registry.audit_entries()]
+        await agent.close()
+
+    run(scenario, tmp_path, "")
