@@ -57,6 +57,13 @@ _OUTCOMES = {
     AttemptOutcome.RELEASED: agent_pb2.ATTEMPT_OUTCOME_RELEASED,
 }
 _OUTCOMES_BACK: dict[int, AttemptOutcome] = {v: outcome for outcome, v in _OUTCOMES.items()}
+# What an agent says of an ended attempt in words becomes one printable line
+# of at most this many characters before the scheduler stores it: the reason
+# goes into the job's row and events (PostgreSQL refuses NUL in text) and
+# into every listing of the job. Agents' own reasons fit in it
+# (gpu_node.runner.one_line).
+MAX_REASON_CHARS = 500
+MAX_ERROR_KIND_CHARS = 32
 
 
 def enum_from_proto(table: Mapping[int, E], value: int, field: str, kind: str, names: Any) -> E:
@@ -288,9 +295,21 @@ def update_to_protos(update: AttemptUpdate) -> list[agent_pb2.JobUpdate]:
     return messages
 
 
+def one_printable_line(text: str, limit: int) -> str:
+    """`text` as one printable line of at most `limit` characters: line
+    breaks and tabs become spaces, any other unprintable character (NUL,
+    ESC, a bidi control) its escape, as Python writes it."""
+    line = "".join(
+        char if char.isprintable() else " " if char.isspace() else repr(char)[1:-1]
+        for char in text[:limit]
+    )
+    return line[:limit]
+
+
 def update_from_proto(message: agent_pb2.JobUpdate) -> AttemptUpdate | None:
     """The update a message carries; None for one with no body (a newer
-    agent's kind of update, say)."""
+    agent's kind of update, say). An ended attempt's reason and error kind
+    come as one printable line each, cut short."""
     kind = message.WhichOneof("body")
     body: Started | Progress | Preview | ImageChunk | Ended
     if kind == "started":
@@ -308,6 +327,8 @@ def update_from_proto(message: agent_pb2.JobUpdate) -> AttemptUpdate | None:
             ended,
             outcome=outcome_from_proto(ended.outcome),
             profile=from_message(AttemptProfile, ended.profile),
+            reason=one_printable_line(ended.reason, MAX_REASON_CHARS),
+            error_kind=one_printable_line(ended.error_kind, MAX_ERROR_KIND_CHARS),
         )
     else:
         return None
