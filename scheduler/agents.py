@@ -29,10 +29,16 @@ from scheduler.runtime import Runtime, UsesRuntime
 from scheduler.store.credentials import EnrollRefused, NodeAlreadyEnrolled
 from scheduler.store.leader import NotLeader
 from scheduler.tokens import JOIN_TOKEN, parse_token
-from sdmesh.convert import device_stats_from_proto, hello_from_proto, update_from_proto
+from sdmesh.convert import (
+    MAX_REASON_CHARS,
+    device_stats_from_proto,
+    hello_from_proto,
+    one_printable_line,
+    update_from_proto,
+)
 from sdmesh.domain import NodeInfo
 from sdmesh.errors import InvalidArgument
-from sdmesh.spec import check_labels
+from sdmesh.spec import check_labels, printable
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +52,22 @@ NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 def check_hello(node: NodeInfo) -> None:
     if not NODE_ID.fullmatch(node.node_id):
         raise InvalidArgument("hello.node_id", "must be 1-64 letters, digits, '.', '_' or '-'")
-    if not node.name or len(node.name) > 128:
-        raise InvalidArgument("hello.name", "must be 1-128 characters")
     if not node.devices:
         raise InvalidArgument("hello.devices", "must list at least one device")
     if len({device.index for device in node.devices}) != len(node.devices):
         raise InvalidArgument("hello.devices", "device indexes must be unique")
+    if len({model.name for model in node.models}) != len(node.models):
+        raise InvalidArgument("hello.models", "model names must be unique")
+    # Bounded by the nodes and models columns, and printable: they are
+    # stored and shown in listings.
+    printable("hello.name", node.name, 128, least=1)
+    printable("hello.hostname", node.hostname, 255)
+    printable("hello.agent_version", node.agent_version, 64)
+    for device in node.devices:
+        printable("hello.devices.name", device.name, 128)
     for model in node.models:
-        if not model.name or len(model.name) > 128:
-            raise InvalidArgument("hello.models", "model names must be 1-128 characters")
+        printable("hello.models.name", model.name, 128, least=1)
+        printable("hello.models.dtype", model.dtype, 32)
     check_labels(node.labels, "hello.labels")
 
 
@@ -141,12 +154,13 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         """Trades a join token for the node's own credential, once."""
         if not NODE_ID.fullmatch(request.node_id):
             raise InvalidArgument("node_id", "must be 1-64 letters, digits, '.', '_' or '-'")
+        printable("name", request.name, 128)
         token = parse_token(request.join_token, JOIN_TOKEN)
         if token is None:
             raise Unauthenticated("the join token is not valid (it is not an sdmesh join token)")
         try:
             credential, labels = await self.db.run(
-                self.db.store.credentials.enroll, token, request.node_id, request.name[:128]
+                self.db.store.credentials.enroll, token, request.node_id, request.name
             )
         except EnrollRefused as exc:
             log.warning("enrollment of node %s refused: %s", request.node_id, exc)
@@ -226,7 +240,10 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
                 elif kind == "health":
                     report = message.health
                     self.supervisor.health_reported(
-                        session, report.gpu_index, report.healthy, report.detail
+                        session,
+                        report.gpu_index,
+                        report.healthy,
+                        one_printable_line(report.detail, MAX_REASON_CHARS),
                     )
                 else:
                     log.warning("node %s sent an unexpected %s", session.name, kind)

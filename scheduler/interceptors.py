@@ -20,6 +20,7 @@ from scheduler.auth import Authenticator
 from scheduler.errors import Standby, status_of
 from scheduler.leadership import ReplicaState
 from scheduler.principal import Principal, _current, _node_labels, principal_from_metadata
+from sdmesh.errors import InvalidArgument
 from sdmesh.wire import AUTHORIZATION_METADATA_KEY, NODE_METADATA_KEY, parse_bearer
 
 log = logging.getLogger(__name__)
@@ -31,19 +32,52 @@ if TYPE_CHECKING:
 Metadata = tuple[tuple[str, str | bytes], ...]
 
 
-def _wrap(handler: Handler, guard: Guard) -> Handler:
-    """The same method handler, with its behaviour run inside `guard`."""
+def _parser(handler: Handler) -> Callable[[Any], Any]:
+    """Turns a request's raw bytes into its message. gRPC would do it before
+    any interceptor runs and answer bytes that do not parse with UNKNOWN
+    (and a logged traceback); parsed here, inside the guard, they are
+    INVALID_ARGUMENT like any other bad input."""
+    deserialize = handler.request_deserializer
+
+    def parse(raw: Any) -> Any:
+        if deserialize is None or not isinstance(raw, bytes):
+            return raw
+        try:
+            return deserialize(raw)
+        except Exception:  # DecodeError, invalid UTF-8 in a string field
+            raise InvalidArgument(
+                "request", f"is not a valid message for this method ({len(raw)} bytes)"
+            ) from None
+
+    return parse
+
+
+def _wrap(handler: Handler, guard: Guard, *, parse_requests: bool = False) -> Handler:
+    """The same method handler, with its behaviour run inside `guard`; with
+    `parse_requests`, requests arrive as bytes and are parsed inside it."""
     kind = (
         f"{'stream' if handler.request_streaming else 'unary'}_"
         f"{'stream' if handler.response_streaming else 'unary'}"
     )  # unary_unary, unary_stream, stream_unary or stream_stream
     behaviour = getattr(handler, kind)
+    parse = _parser(handler) if parse_requests else (lambda raw: raw)
+
+    def requests_of(raw: Any) -> Any:
+        if not handler.request_streaming:
+            return parse(raw)
+
+        async def parsed() -> AsyncIterator[Any]:
+            async for item in raw:
+                yield parse(item)
+
+        return parsed()
+
     wrapped: Callable[..., Any]
     if handler.response_streaming:
 
         async def streaming(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             async with guard(context):
-                async for response in behaviour(request, context):
+                async for response in behaviour(requests_of(request), context):
                     yield response
 
         wrapped = streaming
@@ -51,7 +85,7 @@ def _wrap(handler: Handler, guard: Guard) -> Handler:
 
         async def unary(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
             async with guard(context):
-                return await behaviour(request, context)
+                return await behaviour(requests_of(request), context)
 
         wrapped = unary
     factory = getattr(grpc, f"{kind}_rpc_method_handler")
@@ -59,7 +93,7 @@ def _wrap(handler: Handler, guard: Guard) -> Handler:
         "Handler",
         factory(
             wrapped,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None if parse_requests else handler.request_deserializer,
             response_serializer=handler.response_serializer,
         ),
     )
@@ -67,6 +101,9 @@ def _wrap(handler: Handler, guard: Guard) -> Handler:
 
 class _GuardInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
     """Wraps every method's behaviour in the guard `guard_for` returns."""
+
+    # The outermost interceptor parses requests inside its guard.
+    parses_requests = False
 
     def guard_for(self, details: grpc.HandlerCallDetails) -> Guard:
         raise NotImplementedError
@@ -77,12 +114,20 @@ class _GuardInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return _wrap(handler, self.guard_for(handler_call_details))
+        return _wrap(
+            handler,
+            self.guard_for(handler_call_details),
+            parse_requests=self.parses_requests,
+        )
 
 
 class ErrorInterceptor(_GuardInterceptor):
     """An error raised on purpose -> its status (`scheduler.errors`) with its
-    message; anything else -> INTERNAL, logged with its traceback."""
+    message; anything else -> INTERNAL, logged with its traceback. It is
+    the outermost interceptor, so it also parses every request: bytes that
+    are not a valid message are INVALID_ARGUMENT."""
+
+    parses_requests = True
 
     def guard_for(self, details: grpc.HandlerCallDetails) -> Guard:
         method = details.method

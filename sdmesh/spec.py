@@ -211,8 +211,9 @@ def _check_prompt(name: str, text: str, *, required: bool) -> None:
         )
 
 
-def _check_name(name: str, value: str, most: int, *, least: int = 0) -> None:
-    """A name-like field: printable characters, `least` to `most` of them."""
+def printable(name: str, value: str, most: int, *, least: int = 0) -> None:
+    """A name-like field: printable characters, `least` to `most` of them
+    (node and model names in a hello, too)."""
     if not least <= len(value) <= most or not value.isprintable():
         allowed = f"{least}-{most}" if least else f"at most {most}"
         raise InvalidArgument(name, f"must be {allowed} printable characters, got {quote(value)}")
@@ -250,7 +251,7 @@ def resolve(
     _check_prompt("negative_prompt", request.negative_prompt, required=False)
 
     model = TINY_MODEL if request.model is None else request.model.strip()
-    _check_name("model", model, MAX_MODEL_NAME_CHARS, least=1)
+    printable("model", model, MAX_MODEL_NAME_CHARS, least=1)
     if model != TINY_MODEL and model not in known_models:
         known = ", ".join(sorted({TINY_MODEL, *known_models}))
         raise InvalidArgument(
@@ -287,7 +288,7 @@ def resolve(
         )
 
     _check_range("priority", request.priority, MIN_PRIORITY, MAX_PRIORITY)
-    _check_name("request_id", request.request_id, MAX_REQUEST_ID_CHARS)
+    printable("request_id", request.request_id, MAX_REQUEST_ID_CHARS)
     check_labels(request.labels)
     check_labels(request.selector, "selector")
 

@@ -11,9 +11,8 @@ a user, an admin, nobody and a garbage key.
 What must hold, over the whole run:
 - no call ends INTERNAL or UNKNOWN, or with any status but the ones a
   caller can act on (DEADLINE_EXCEEDED only on a WatchJob cut off on
-  purpose), and the scheduler logs no error; the crashes already found and
-  waiting for their fix (KNOWN_CRASHES) are counted apart, and each is
-  reproduced by `test_a_crash_found_by_fuzzing`;
+  purpose), and the scheduler logs no error; the crashes it found before
+  (FOUND_CRASHES) are each replayed by `test_a_crash_found_by_fuzzing`;
 - no invalid job is accepted: every accepted submit, read back, has every
   field within the limits of `sdmesh.spec`, and a valid spec is not
   refused as invalid;
@@ -768,105 +767,39 @@ def small_png(width: int, height: int) -> bytes:
 
 # ---- crashes found, waiting for their fix ---------------------------------
 
-# Each is a crash this fuzzer found whose fix belongs to a module being
-# changed elsewhere. The fuzzing counts these apart (and fails on any other
-# crash); `test_a_crash_found_by_fuzzing` reproduces each one as a strict
-# expected failure, which turns into a failure once the fix is in: then
-# delete the entry, and the fuzzing fails if the crash comes back.
-KNOWN_CRASHES: dict[str, tuple[str, re.Pattern[str]]] = {
-    "undecodable-request": (
-        "a request that is not a valid protobuf (corrupt wire format, invalid UTF-8 in a "
-        "string) ends UNKNOWN with the DecodeError's text, and grpc logs a traceback, for "
-        "every unary method and before authentication: grpc deserializes it before any "
-        "handler or interceptor runs (on the Connect stream it ends INTERNAL). Fix in "
-        "scheduler/interceptors.py (_wrap): take the raw bytes and deserialize them inside "
-        "the guard, refusing what does not parse as INVALID_ARGUMENT",
-        re.compile(
-            r"Unexpected \[DecodeError\] raised by servicer method|failed DecodeError: Error parsing"
-        ),
-    ),
-    "hello-duplicate-models": (
-        "a hello listing one model name twice ends Connect INTERNAL (IntegrityError in "
-        "NodeRegistry.upsert, scheduler/store/nodes.py). Fix in scheduler/agents.py "
-        "check_hello: refuse duplicate model names, as it does device indexes",
-        re.compile(r"UNIQUE constraint failed: models\.|duplicate key value violates unique"),
-    ),
-    "hello-nul": (
-        "PostgreSQL: a hello with NUL in name, hostname, agent_version, or a model's name or "
-        "dtype ends Connect INTERNAL (DataError in NodeRegistry.upsert). Fix in "
-        "scheduler/agents.py check_hello: refuse control characters in those fields",
-        re.compile(
-            r"cannot contain NUL \(0x00\) bytes\n\[SQL: (UPDATE|INSERT INTO) (nodes|models)"
-        ),
-    ),
-    "hello-too-long": (
-        "PostgreSQL: a hello whose hostname is over 255 characters, agent_version over 64, or "
-        "a model's dtype over 32 ends Connect INTERNAL (StringDataRightTruncation in "
-        "NodeRegistry.upsert; SQLite ignores the column widths). Fix in scheduler/agents.py "
-        "check_hello: bound them by the nodes and models columns",
-        re.compile(
-            r"value too long for type character varying\(\d+\)\n\[SQL: (UPDATE|INSERT INTO) "
-            r"(nodes|models)"
-        ),
-    ),
-    "enroll-name-nul": (
-        "PostgreSQL: an Enroll whose name has a NUL ends INTERNAL (DataError writing the "
-        "audit entry in CredentialRegistry.enroll, scheduler/store/credentials.py). Fix in "
-        "scheduler/agents.py Enroll: check the name as hello.name is checked, printable",
-        re.compile(r"cannot contain NUL \(0x00\) bytes\n\[SQL: INSERT INTO audit"),
-    ),
+# Crashes this fuzzer found, fixed since; `test_a_crash_found_by_fuzzing`
+# replays the smallest input of each, and the fuzzing itself fails on any
+# INTERNAL or UNKNOWN answer.
+FOUND_CRASHES: dict[str, str] = {
+    "undecodable-request": "a request that is not a valid protobuf (corrupt wire format, "
+    "invalid UTF-8 in a string) ended UNKNOWN, before authentication, with a traceback "
+    "logged; now INVALID_ARGUMENT (scheduler/interceptors.py parses requests in its guard)",
+    "hello-duplicate-models": "a hello listing one model twice ended Connect INTERNAL "
+    "(IntegrityError); now INVALID_ARGUMENT (scheduler/agents.py check_hello)",
+    "hello-nul": "on PostgreSQL, a NUL in a hello's name, hostname, version or model ended "
+    "Connect INTERNAL (DataError); now INVALID_ARGUMENT",
+    "hello-too-long": "on PostgreSQL, a hello's hostname, version or dtype longer than its "
+    "column ended Connect INTERNAL; now INVALID_ARGUMENT",
+    "enroll-name-nul": "on PostgreSQL, an Enroll whose name had a NUL ended INTERNAL "
+    "(writing the audit entry); now INVALID_ARGUMENT",
 }
-
-
-def known_crash(method: str, request: Message | None) -> str | None:
-    """The known crash a call that ended INTERNAL or UNKNOWN is, if any."""
-    if method.startswith("raw "):
-        return "undecodable-request"
-    if isinstance(request, agent_pb2.EnrollRequest) and "\x00" in request.name:
-        return "enroll-name-nul"
-    if method != "Connect" or not isinstance(request, agent_pb2.AgentMessage):
-        return None
-    if request.WhichOneof("body") != "hello":
-        return None
-    first = request.hello
-    names = [model.name for model in first.models]
-    if len(set(names)) != len(names):
-        return "hello-duplicate-models"
-    texts = [first.name, first.hostname, first.agent_version, *names]
-    texts += [model.dtype for model in first.models]
-    if any("\x00" in text for text in texts):
-        return "hello-nul"
-    if (
-        len(first.hostname) > 255
-        or len(first.agent_version) > 64
-        or any(len(model.dtype) > 32 for model in first.models)
-    ):
-        return "hello-too-long"
-    return None
 
 
 # ---- the scheduler under test ---------------------------------------------
 
 
 class ErrorLog(logging.Handler):
-    """Every error the process logs while the fuzzer runs (those of a known
-    crash counted apart), and every agent stream the scheduler's reader
-    ended on an exception."""
+    """Every error the process logs while the fuzzer runs, and every agent
+    stream the scheduler's reader ended on an exception."""
 
     def __init__(self) -> None:
         super().__init__(logging.INFO)
         self.records: list[str] = []
-        self.known: Counter[str] = Counter()
 
     def emit(self, record: logging.LogRecord) -> None:
         message = record.getMessage()
         if record.levelno >= logging.ERROR:
             error = record.exc_info[1] if record.exc_info else None
-            text = f"{message} {type(error).__name__}: {error}" if error else message
-            for name, (_, pattern) in KNOWN_CRASHES.items():
-                if pattern.search(text):
-                    self.known[name] += 1
-                    return
             where = f" ({type(error).__name__}: {short(str(error), 300)})" if error else ""
             self.records.append(f"{record.name}: {short(message, 300)}{where}")
         elif record.name == "scheduler.agents" and message.startswith("stream from node"):
@@ -919,7 +852,6 @@ class Fuzzer:
         self.by_method: Counter[str] = Counter()
         self.requests = 0  # calls, and the messages agents sent on their streams
         self.anomalies: list[str] = []
-        self.known: Counter[str] = Counter()  # KNOWN_CRASHES met
         self.reached: Counter[str] = Counter()  # what the agents got to do
         self.jobs: list[str] = []
         self.finished: list[str] = []  # jobs an agent of the run succeeded
@@ -991,11 +923,7 @@ class Fuzzer:
         self.by_method[f"{method} {code.name}"] += 1
         if code in allowed:
             return
-        known = known_crash(method, request) if code in (Code.INTERNAL, Code.UNKNOWN) else None
-        if known is not None:
-            self.known[known] += 1
-        else:
-            self.anomaly(f"{method} ended {code.name} ({short(details or '', 200)}) for {what}")
+        self.anomaly(f"{method} ended {code.name} ({short(details or '', 200)}) for {what}")
 
     def anomaly(self, text: str) -> None:
         self.anomalies.append(text)
@@ -1677,15 +1605,12 @@ def test_fuzzing_the_scheduler_and_the_agent_stream(
     summary = fuzz.summary(kind, time.monotonic() - began)
     summary["anomalies"] = fuzz.anomalies
     summary["errors_logged"] = errors.records
-    known = fuzz.known + errors.known
-    summary["known_crashes"] = dict(known)
     RESULTS[kind] = summary
     (tmp_path / "fuzz_counts.json").write_text(json.dumps(summary, indent=2))
     print_line(
         capsys,
         f"\nfuzz counts ({kind}, {summary['requests']} requests, {summary['seconds']}s): "
-        f"{{{', '.join(f'{code}: {n}' for code, n in summary['counts'].items())}}}"
-        + (f"; known crashes met: {dict(known)}" if known else ""),
+        f"{{{', '.join(f'{code}: {n}' for code, n in summary['counts'].items())}}}",
     )
     problems = fuzz.anomalies + [f"logged: {line}" for line in errors.records]
     assert not problems, f"{len(problems)} problems:\n" + "\n".join(problems[:30])
@@ -1768,7 +1693,7 @@ async def code_of(call: Any) -> grpc.StatusCode:
 
 
 async def reproduce(name: str, server: SchedulerServer) -> grpc.StatusCode:
-    """The smallest input for each of KNOWN_CRASHES, and how it ends."""
+    """The smallest input for each of FOUND_CRASHES, and how it ends."""
     registry = server.db.store.credentials
     async with aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
         if name == "undecodable-request":
@@ -1803,18 +1728,7 @@ async def reproduce(name: str, server: SchedulerServer) -> grpc.StatusCode:
     return Code.OK
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(
-            name,
-            marks=pytest.mark.xfail(
-                strict=True, reason=f"{fix} (fixed? then delete {name!r} from KNOWN_CRASHES)"
-            ),
-        )
-        for name, (fix, _) in KNOWN_CRASHES.items()
-    ],
-)
+@pytest.mark.parametrize("name", list(FOUND_CRASHES))
 def test_a_crash_found_by_fuzzing(name: str, tmp_path: Path) -> None:
     async def scenario(url: str) -> grpc.StatusCode:
         async with running_scheduler(tmp_path / "scheduler", url, no_auth=False) as server:
