@@ -233,9 +233,9 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
     async def WatchJob(
         self, request: scheduler_pb2.WatchJobRequest, context: Context
     ) -> AsyncIterator[common_pb2.JobEvent]:
-        job = await self._get_job(request.job_id)
         if not 0 <= request.after_seq <= MAX_SEQ:
             raise InvalidArgument("after_seq", f"must be between 0 and {MAX_SEQ}")
+        job = await self._get_job(request.job_id)
         with self._watch_slot(current_principal().user):
             async for event in watch(self.hub, self.db, job.id, request.after_seq):
                 yield self._live_protos.get(event) if not event.durable else event_to_proto(event)
@@ -265,9 +265,9 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
     async def GetImage(
         self, request: scheduler_pb2.GetImageRequest, context: Context
     ) -> AsyncIterator[scheduler_pb2.ImageChunk]:
-        job = await self._get_job(request.job_id)
         if request.index < 0:
             raise InvalidArgument("index", "must not be negative")
+        job = await self._get_job(request.job_id)
         found = await self.db.run(self.db.store.image, job.id, request.index)
         if found is None:
             raise NotFound(
