@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) -m bench.overhead
 	$(PY) -m bench.batching
 	$(PY) -m bench.store_ops
+	$(PY) -m bench.security
 
 protos: $(STAMP)
 	$(PY) -m protos.codegen
