@@ -24,7 +24,7 @@ from typing import Any
 
 from scheduler.principal import check_user_name
 from scheduler.store import Store
-from sdmesh.errors import InvalidArgument
+from sdmesh.errors import InvalidArgument, quote
 
 DEFAULT_JOIN_TOKEN_SECONDS = 3600.0
 
@@ -121,7 +121,7 @@ def list_keys(store: Store, args: Any) -> int:
 
 def revoke_key(store: Store, args: Any) -> int:
     if not store.credentials.revoke_key(args.key_id, actor=_actor()):
-        print(f"error: no active API key {args.key_id[:40]!r}", file=sys.stderr)
+        print(f"error: no active API key {quote(args.key_id)}", file=sys.stderr)
         return 1
     print(f"API key {args.key_id} revoked; schedulers refuse it within seconds", file=sys.stderr)
     return 0
@@ -150,7 +150,7 @@ def join_token(store: Store, args: Any) -> int:
 
 def remove_node(store: Store, args: Any) -> int:
     if not store.credentials.revoke_node(args.node, actor=_actor()):
-        print(f"error: no enrolled node with id {args.node[:64]!r}", file=sys.stderr)
+        print(f"error: no enrolled node with id {quote(args.node)}", file=sys.stderr)
         return 1
     print(
         f"node {args.node} removed: its stream closes within seconds and its jobs go back "

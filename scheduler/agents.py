@@ -37,7 +37,7 @@ from sdmesh.convert import (
     update_from_proto,
 )
 from sdmesh.domain import NodeInfo
-from sdmesh.errors import InvalidArgument
+from sdmesh.errors import InvalidArgument, quote
 from sdmesh.spec import check_labels, printable
 
 log = logging.getLogger(__name__)
@@ -139,11 +139,11 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
         if info.node_id != who.node_id:
             log.warning(
                 "refused a hello as node %s over the credential of node %s",
-                info.node_id[:64],
+                quote(info.node_id),
                 who.node_id,
             )
             raise PermissionDenied(
-                f"this credential belongs to node {who.node_id}, not {info.node_id[:64]!r}"
+                f"this credential belongs to node {who.node_id}, not {quote(info.node_id)}"
             )
         fixed = current_node_labels()
         return replace(info, labels={**info.labels, **fixed}) if fixed else info

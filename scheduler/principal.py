@@ -11,7 +11,7 @@ import re
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from sdmesh.errors import InvalidArgument
+from sdmesh.errors import InvalidArgument, quote
 from sdmesh.wire import USER_METADATA_KEY
 
 ANONYMOUS = "anonymous"
@@ -59,7 +59,7 @@ def current_node_labels() -> dict[str, str]:
 
 def check_user_name(user: str, field: str) -> str:
     if not USER_NAME.fullmatch(user):
-        raise InvalidArgument(field, f"user must be {USER_RULE}; got {user[:64]!r}")
+        raise InvalidArgument(field, f"user must be {USER_RULE}; got {quote(user)}")
     return user
 
 

@@ -42,7 +42,7 @@ from scheduler.leadership import ReplicaState
 from scheduler.principal import Principal, check_user_name, current_principal
 from scheduler.runtime import Runtime, UsesRuntime
 from sdmesh.convert import spec_request_from_proto, to_message
-from sdmesh.errors import InvalidArgument
+from sdmesh.errors import InvalidArgument, quote
 from sdmesh.wire import package_version
 
 log = logging.getLogger(__name__)
@@ -65,15 +65,10 @@ MAX_WATCHES = 1000
 WATCH_RETRY_SECONDS = 5.0
 
 
-def _quoted(value: str, limit: int = 40) -> str:
-    """A short prefix of untrusted input, for an error message."""
-    return repr(value[:limit]) + (f"... ({len(value)} characters)" if len(value) > limit else "")
-
-
 def _job_id(value: str, field: str = "job_id") -> str:
     if not JOB_ID.fullmatch(value):
         raise InvalidArgument(
-            field, f"must be a job id (1-32 letters, digits, '_' or '-'), got {_quoted(value)}"
+            field, f"must be a job id (1-32 letters, digits, '_' or '-'), got {quote(value)}"
         )
     return value
 
