@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 TINY_SEED = 0
 
@@ -32,20 +33,20 @@ def _tokenizer_vocab() -> dict[str, int]:
     return vocab
 
 
-def build_tiny(destination: Path) -> None:
-    """Writes the tiny pipeline to `destination` as a diffusers folder."""
+def tiny_components() -> dict[str, Any]:
+    """The tiny pipeline's unet, vae, text_encoder, tokenizer and scheduler.
+
+    The weights come from `TINY_SEED` in this one order (UNet, VAE, text
+    encoder), so the variants in `gpu_node.tiny_variants` share the same VAE
+    and text encoder as the tiny model.
+    """
     import torch
     from diffusers import (
         AutoencoderKL,
         EulerAncestralDiscreteScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from gpu_node.pipelines import quiet_libraries
-
-    quiet_libraries()
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(TINY_SEED)
@@ -94,12 +95,24 @@ def build_tiny(destination: Path) -> None:
         num_train_timesteps=1000,
         steps_offset=1,
     )
+    return {
+        "unet": unet,
+        "vae": vae,
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def build_tiny(destination: Path) -> None:
+    """Writes the tiny pipeline to `destination` as a diffusers folder."""
+    from diffusers import StableDiffusionPipeline
+
+    from gpu_node.pipelines import quiet_libraries
+
+    quiet_libraries()
     pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
+        **tiny_components(),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
