@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,21 +121,35 @@ def build_tiny(destination: Path) -> None:
     pipeline.save_pretrained(destination, safe_serialization=True)
 
 
-def ensure_tiny(models_root: Path) -> Path:
-    """The tiny model's folder under `models_root`, built on first use."""
-    final = models_root / "tiny"
-    if (final / "model_index.json").exists():
+def build_atomically(
+    final: Path,
+    build: Callable[[Path], None],
+    *,
+    done: Callable[[Path], bool] = Path.exists,
+) -> Path:
+    """Builds `final` (a folder or a file) unless `done(final)`: `build`
+    gets a path in a temporary folder beside it, which is then renamed into
+    place, so two agents sharing a models folder never see half a model."""
+    if done(final):
         return final
-    models_root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=models_root))
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     try:
-        build_tiny(staging)
+        built = staging / final.name
+        build(built)
         try:
-            staging.rename(final)
+            built.rename(final)
         except OSError:
-            if not (final / "model_index.json").exists():
+            if not done(final):
                 raise
             # Another agent finished first; its copy is identical.
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def ensure_tiny(models_root: Path) -> Path:
+    """The tiny model's folder under `models_root`, built on first use."""
+    return build_atomically(
+        models_root / "tiny", build_tiny, done=lambda final: (final / "model_index.json").exists()
+    )

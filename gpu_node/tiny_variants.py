@@ -14,12 +14,9 @@ every build) and each is built in a temporary folder and renamed into place.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
-from gpu_node.tiny import TINY_SEED, tiny_components
+from gpu_node.tiny import TINY_SEED, build_atomically, tiny_components
 
 # Each variant's own seed, so that its new weights never repeat the tiny
 # model's.
@@ -36,28 +33,6 @@ LORA_B_STD = 0.5
 # ControlNet's output convolutions start at zero (it has no effect until
 # trained); these get small random values so the control image matters.
 CONTROLNET_ZERO_CONV_STD = 0.5
-
-
-def _atomically(final: Path, build: Callable[[Path], None]) -> Path:
-    """Builds `final` (a folder or a file) unless it exists: `build` gets a
-    path in a temporary folder beside it, which is then renamed into place.
-    """
-    if final.exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
-    try:
-        built = staging / final.name
-        build(built)
-        try:
-            built.rename(final)
-        except OSError:
-            if not final.exists():
-                raise
-            # Another agent finished first; its copy is identical.
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return final
 
 
 def build_tiny_inpaint(destination: Path) -> None:
@@ -135,14 +110,14 @@ def build_tiny_lora(destination: Path) -> None:
 
 def ensure_tiny_inpaint(models_root: Path) -> Path:
     """The `tiny-inpaint` pipeline's folder under `models_root`."""
-    return _atomically(models_root / "tiny-inpaint", build_tiny_inpaint)
+    return build_atomically(models_root / "tiny-inpaint", build_tiny_inpaint)
 
 
 def ensure_tiny_controlnet(models_root: Path) -> Path:
     """The tiny ControlNet's folder, `models_root/controlnet/tiny-canny`."""
-    return _atomically(models_root / "controlnet" / "tiny-canny", build_tiny_controlnet)
+    return build_atomically(models_root / "controlnet" / "tiny-canny", build_tiny_controlnet)
 
 
 def ensure_tiny_lora(models_root: Path) -> Path:
     """The tiny LoRA's file, `models_root/loras/tiny-lora.safetensors`."""
-    return _atomically(models_root / "loras" / "tiny-lora.safetensors", build_tiny_lora)
+    return build_atomically(models_root / "loras" / "tiny-lora.safetensors", build_tiny_lora)
