@@ -61,6 +61,36 @@ def hello(
     return message
 
 
+def upload_chunks(
+    job: agent_pb2.AssignedJob,
+    index: int,
+    data: bytes,
+    *,
+    chunk: int,
+    sha256: str | None = None,
+) -> list[agent_pb2.ImageUpload]:
+    """Image `index` of the job as an agent uploads it: pieces of `chunk`
+    bytes, the last with the whole image's sha256 (or the one given) and
+    size."""
+    pieces: list[agent_pb2.ImageUpload] = []
+    for offset in range(0, len(data), chunk):
+        last = offset + chunk >= len(data)
+        image = agent_pb2.ImageUpload(
+            index=index,
+            seed=job.spec.seed + index,
+            width=job.spec.width,
+            height=job.spec.height,
+            offset=offset,
+            data=data[offset : offset + chunk],
+            last=last,
+        )
+        if last:
+            image.sha256 = sha256 or hashlib.sha256(data).hexdigest()
+            image.size_bytes = len(data)
+        pieces.append(image)
+    return pieces
+
+
 class ScriptedAgent:
     def __init__(
         self,
@@ -153,20 +183,7 @@ class ScriptedAgent:
         chunk: int = 7,
         sha256: str | None = None,
     ) -> None:
-        for offset in range(0, len(data), chunk):
-            last = offset + chunk >= len(data)
-            image = agent_pb2.ImageUpload(
-                index=index,
-                seed=job.spec.seed + index,
-                width=job.spec.width,
-                height=job.spec.height,
-                offset=offset,
-                data=data[offset : offset + chunk],
-                last=last,
-            )
-            if last:
-                image.sha256 = sha256 or hashlib.sha256(data).hexdigest()
-                image.size_bytes = len(data)
+        for image in upload_chunks(job, index, data, chunk=chunk, sha256=sha256):
             self.send(job.job_id, job.attempt, image=image)
 
     def ended(

@@ -80,7 +80,7 @@ from sdmesh.spec import (
     MIN_SIZE,
 )
 from tests.databases import database
-from tests.scripted import GIB, ScriptedAgent, hello, running_scheduler
+from tests.scripted import GIB, ScriptedAgent, hello, running_scheduler, upload_chunks
 
 Code = grpc.StatusCode
 ALLOWED = frozenset(
@@ -1473,21 +1473,8 @@ class Fuzzer:
 
         messages = [update(started=agent_pb2.AttemptStarted())]
         png = small_png(job.spec.width, job.spec.height)
-        chunk = 256 * 1024
         for index in range(job.spec.batch_size):
-            for offset in range(0, len(png), chunk):
-                last = offset + chunk >= len(png)
-                image = agent_pb2.ImageUpload(
-                    index=index,
-                    seed=job.spec.seed + index,
-                    width=job.spec.width,
-                    height=job.spec.height,
-                    offset=offset,
-                    data=png[offset : offset + chunk],
-                    last=last,
-                    sha256=hashlib.sha256(png).hexdigest() if last else "",
-                    size_bytes=len(png) if last else 0,
-                )
+            for image in upload_chunks(job, index, png, chunk=256 * 1024):
                 messages.append(update(image=image))
         ended = agent_pb2.AttemptEnded(outcome=agent_pb2.ATTEMPT_OUTCOME_SUCCEEDED)
         messages.append(update(ended=ended))
