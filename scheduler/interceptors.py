@@ -19,9 +19,14 @@ from grpc import aio
 from scheduler.auth import Authenticator
 from scheduler.errors import Standby, status_of
 from scheduler.leadership import ReplicaState
-from scheduler.principal import Principal, _current, _node_labels, principal_from_metadata
+from scheduler.principal import Principal, _current, _node_labels, unauthenticated_principal
 from sdmesh.errors import InvalidArgument
-from sdmesh.wire import AUTHORIZATION_METADATA_KEY, NODE_METADATA_KEY, parse_bearer
+from sdmesh.wire import (
+    AUTHORIZATION_METADATA_KEY,
+    NODE_METADATA_KEY,
+    USER_METADATA_KEY,
+    parse_bearer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +191,7 @@ class AuthInterceptor(_GuardInterceptor):
 
         async def principal() -> Principal:
             if authenticator is None or method in self.OPEN_METHODS:
-                return principal_from_metadata(metadata)
+                return unauthenticated_principal(_metadata_value(metadata, USER_METADATA_KEY))
             if method in self.NODE_METHODS:
                 node, labels = await authenticator.node(
                     bearer_of(metadata), _metadata_value(metadata, NODE_METADATA_KEY) or ""

@@ -63,11 +63,10 @@ def check_user_name(user: str, field: str) -> str:
     return user
 
 
-def principal_from_metadata(metadata: tuple[tuple[str, str | bytes], ...]) -> Principal:
+def unauthenticated_principal(user: str | None) -> Principal:
     """The caller without authentication (--no-auth): whoever
-    `x-sdmesh-user` says, acting as an admin."""
-    for key, value in metadata:
-        if key == USER_METADATA_KEY:
-            user = value.decode(errors="replace") if isinstance(value, bytes) else value
-            return Principal(check_user_name(user, USER_METADATA_KEY), admin=True)
-    return Principal(ANONYMOUS, admin=True)
+    `x-sdmesh-user` says (`user`, None when it was not sent), acting as an
+    admin."""
+    if user is None:
+        return Principal(ANONYMOUS, admin=True)
+    return Principal(check_user_name(user, USER_METADATA_KEY), admin=True)
