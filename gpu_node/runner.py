@@ -43,7 +43,8 @@ from sdmesh.domain import (
     Started,
     UpdateBody,
 )
-from sdmesh.spec import JobSpec, MemoryMode, infotext
+from sdmesh.infotext import infotext
+from sdmesh.spec import JobSpec, MemoryMode
 from sdmesh.speeds import SpeedTable
 
 log = logging.getLogger(__name__)

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from protos import agent_pb2 as protos_dot_agent__pb2
+from protos import common_pb2 as protos_dot_common__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -44,6 +45,11 @@ class AgentGatewayStub:
                 request_serializer=protos_dot_agent__pb2.EnrollRequest.SerializeToString,
                 response_deserializer=protos_dot_agent__pb2.EnrollResponse.FromString,
                 _registered_method=True)
+        self.FetchInput = channel.unary_stream(
+                '/sdmesh.v1.AgentGateway/FetchInput',
+                request_serializer=protos_dot_agent__pb2.FetchInputRequest.SerializeToString,
+                response_deserializer=protos_dot_common__pb2.InputChunk.FromString,
+                _registered_method=True)
 
 
 class AgentGatewayServicer:
@@ -65,6 +71,14 @@ class AgentGatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchInput(self, request, context):
+        """An input image of a job bound to this node, by its sha256; agents
+        cache it, so a retried attempt on the same node fetches nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentGatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +91,11 @@ def add_AgentGatewayServicer_to_server(servicer, server):
                     servicer.Enroll,
                     request_deserializer=protos_dot_agent__pb2.EnrollRequest.FromString,
                     response_serializer=protos_dot_agent__pb2.EnrollResponse.SerializeToString,
+            ),
+            'FetchInput': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchInput,
+                    request_deserializer=protos_dot_agent__pb2.FetchInputRequest.FromString,
+                    response_serializer=protos_dot_common__pb2.InputChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +152,33 @@ class AgentGateway:
             '/sdmesh.v1.AgentGateway/Enroll',
             protos_dot_agent__pb2.EnrollRequest.SerializeToString,
             protos_dot_agent__pb2.EnrollResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchInput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sdmesh.v1.AgentGateway/FetchInput',
+            protos_dot_agent__pb2.FetchInputRequest.SerializeToString,
+            protos_dot_common__pb2.InputChunk.FromString,
             options,
             channel_credentials,
             insecure,

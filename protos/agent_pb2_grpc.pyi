@@ -10,6 +10,7 @@ stops and drains come down. Every message about a job carries
 from collections import abc as _abc
 from grpc import aio as _aio
 from protos import agent_pb2 as _agent_pb2
+from protos import common_pb2 as _common_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -43,6 +44,10 @@ class AgentGatewayStub:
     """A new node presents a join token once and is issued its own credential,
     which it keeps in its data dir and sends on every Connect from then on.
     """
+    FetchInput: _grpc.UnaryStreamMultiCallable[_agent_pb2.FetchInputRequest, _common_pb2.InputChunk]
+    """An input image of a job bound to this node, by its sha256; agents
+    cache it, so a retried attempt on the same node fetches nothing.
+    """
 
 @_typing.type_check_only
 class AgentGatewayAsyncStub(AgentGatewayStub):
@@ -54,6 +59,10 @@ class AgentGatewayAsyncStub(AgentGatewayStub):
     Enroll: _aio.UnaryUnaryMultiCallable[_agent_pb2.EnrollRequest, _agent_pb2.EnrollResponse]  # type: ignore[assignment]
     """A new node presents a join token once and is issued its own credential,
     which it keeps in its data dir and sends on every Connect from then on.
+    """
+    FetchInput: _aio.UnaryStreamMultiCallable[_agent_pb2.FetchInputRequest, _common_pb2.InputChunk]  # type: ignore[assignment]
+    """An input image of a job bound to this node, by its sha256; agents
+    cache it, so a retried attempt on the same node fetches nothing.
     """
 
 class AgentGatewayServicer(metaclass=_abc_1.ABCMeta):
@@ -75,6 +84,16 @@ class AgentGatewayServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.EnrollResponse, _abc.Awaitable[_agent_pb2.EnrollResponse]]:
         """A new node presents a join token once and is issued its own credential,
         which it keeps in its data dir and sends on every Connect from then on.
+        """
+
+    @_abc_1.abstractmethod
+    def FetchInput(
+        self,
+        request: _agent_pb2.FetchInputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_common_pb2.InputChunk], _abc.AsyncIterator[_common_pb2.InputChunk]]:
+        """An input image of a job bound to this node, by its sha256; agents
+        cache it, so a retried attempt on the same node fetches nothing.
         """
 
 def add_AgentGatewayServicer_to_server(servicer: AgentGatewayServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -131,6 +131,24 @@ class JobSpec(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
+    INIT_IMAGE_FIELD_NUMBER: _builtins.int
+    DENOISING_STRENGTH_FIELD_NUMBER: _builtins.int
+    RESIZE_MODE_FIELD_NUMBER: _builtins.int
+    MASK_FIELD_NUMBER: _builtins.int
+    MASK_BLUR_FIELD_NUMBER: _builtins.int
+    INPAINTING_FILL_FIELD_NUMBER: _builtins.int
+    INPAINT_FULL_RES_FIELD_NUMBER: _builtins.int
+    INPAINT_FULL_RES_PADDING_FIELD_NUMBER: _builtins.int
+    INPAINTING_MASK_INVERT_FIELD_NUMBER: _builtins.int
+    ENABLE_HR_FIELD_NUMBER: _builtins.int
+    HR_SCALE_FIELD_NUMBER: _builtins.int
+    HR_RESIZE_X_FIELD_NUMBER: _builtins.int
+    HR_RESIZE_Y_FIELD_NUMBER: _builtins.int
+    HR_UPSCALER_FIELD_NUMBER: _builtins.int
+    HR_SECOND_PASS_STEPS_FIELD_NUMBER: _builtins.int
+    LORAS_FIELD_NUMBER: _builtins.int
+    CONTROLNETS_FIELD_NUMBER: _builtins.int
+    N_ITER_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     negative_prompt: _builtins.str
     model: _builtins.str
@@ -155,12 +173,53 @@ class JobSpec(_message.Message):
     """default AUTO"""
     request_id: _builtins.str
     """a retried submit with the same id returns the same job"""
+    init_image: _builtins.str
+    """img2img and inpainting. Input images are uploaded first
+    (Scheduler.UploadInput) and named here by their sha256 (lowercase hex).
+    "": txt2img
+    """
+    denoising_strength: _builtins.float
+    """0..1; default 0.75 (0.7 for hires fix)"""
+    resize_mode: _builtins.int
+    """0 just resize (default), 1 crop and resize, 2 resize and fill"""
+    mask: _builtins.str
+    """"": no mask; white is repainted"""
+    mask_blur: _builtins.int
+    """pixels, default 4"""
+    inpainting_fill: _builtins.int
+    """0 fill, 1 original (default), 2 latent noise, 3 latent nothing"""
+    inpaint_full_res: _builtins.bool
+    """"only masked": repaint a crop around the mask"""
+    inpaint_full_res_padding: _builtins.int
+    """pixels around it, default 32"""
+    inpainting_mask_invert: _builtins.bool
+    """repaint what is black instead"""
+    enable_hr: _builtins.bool
+    """Hires fix (txt2img only): a second img2img pass at a larger size."""
+    hr_scale: _builtins.float
+    """default 2"""
+    hr_resize_x: _builtins.int
+    """0: width * hr_scale"""
+    hr_resize_y: _builtins.int
+    """0: height * hr_scale"""
+    hr_upscaler: _builtins.str
+    """default "Latent" """
+    hr_second_pass_steps: _builtins.int
+    """0 (default): the same as steps"""
+    n_iter: _builtins.int
+    """batches run one after another, default 1"""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def selector(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Only nodes whose labels include all of these take the job."""
 
+    @_builtins.property
+    def loras(self) -> _containers.RepeatedCompositeFieldContainer[Global___LoraWeight]:
+        """also <lora:NAME:WEIGHT> in the prompt"""
+
+    @_builtins.property
+    def controlnets(self) -> _containers.RepeatedCompositeFieldContainer[Global___ControlNetUnit]: ...
     def __init__(
         self,
         *,
@@ -179,19 +238,59 @@ class JobSpec(_message.Message):
         request_id: _builtins.str = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        init_image: _builtins.str = ...,
+        denoising_strength: _builtins.float | None = ...,
+        resize_mode: _builtins.int | None = ...,
+        mask: _builtins.str = ...,
+        mask_blur: _builtins.int | None = ...,
+        inpainting_fill: _builtins.int | None = ...,
+        inpaint_full_res: _builtins.bool = ...,
+        inpaint_full_res_padding: _builtins.int | None = ...,
+        inpainting_mask_invert: _builtins.bool = ...,
+        enable_hr: _builtins.bool = ...,
+        hr_scale: _builtins.float | None = ...,
+        hr_resize_x: _builtins.int | None = ...,
+        hr_resize_y: _builtins.int | None = ...,
+        hr_upscaler: _builtins.str | None = ...,
+        hr_second_pass_steps: _builtins.int | None = ...,
+        loras: _abc.Iterable[Global___LoraWeight] | None = ...,
+        controlnets: _abc.Iterable[Global___ControlNetUnit] | None = ...,
+        n_iter: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_cfg_scale", b"_cfg_scale", "_height", b"_height", "_model", b"_model", "_sampler_name", b"_sampler_name", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "batch_size", b"batch_size", "cfg_scale", b"cfg_scale", "height", b"height", "model", b"model", "sampler_name", b"sampler_name", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_cfg_scale", b"_cfg_scale", "_denoising_strength", b"_denoising_strength", "_height", b"_height", "_hr_resize_x", b"_hr_resize_x", "_hr_resize_y", b"_hr_resize_y", "_hr_scale", b"_hr_scale", "_hr_second_pass_steps", b"_hr_second_pass_steps", "_hr_upscaler", b"_hr_upscaler", "_inpaint_full_res_padding", b"_inpaint_full_res_padding", "_inpainting_fill", b"_inpainting_fill", "_mask_blur", b"_mask_blur", "_model", b"_model", "_n_iter", b"_n_iter", "_resize_mode", b"_resize_mode", "_sampler_name", b"_sampler_name", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "batch_size", b"batch_size", "cfg_scale", b"cfg_scale", "denoising_strength", b"denoising_strength", "height", b"height", "hr_resize_x", b"hr_resize_x", "hr_resize_y", b"hr_resize_y", "hr_scale", b"hr_scale", "hr_second_pass_steps", b"hr_second_pass_steps", "hr_upscaler", b"hr_upscaler", "inpaint_full_res_padding", b"inpaint_full_res_padding", "inpainting_fill", b"inpainting_fill", "mask_blur", b"mask_blur", "model", b"model", "n_iter", b"n_iter", "resize_mode", b"resize_mode", "sampler_name", b"sampler_name", "seed", b"seed", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_cfg_scale", b"_cfg_scale", "_height", b"_height", "_model", b"_model", "_sampler_name", b"_sampler_name", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "batch_size", b"batch_size", "cfg_scale", b"cfg_scale", "height", b"height", "labels", b"labels", "memory_mode", b"memory_mode", "model", b"model", "negative_prompt", b"negative_prompt", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "sampler_name", b"sampler_name", "seed", b"seed", "selector", b"selector", "steps", b"steps", "width", b"width"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size", "_cfg_scale", b"_cfg_scale", "_denoising_strength", b"_denoising_strength", "_height", b"_height", "_hr_resize_x", b"_hr_resize_x", "_hr_resize_y", b"_hr_resize_y", "_hr_scale", b"_hr_scale", "_hr_second_pass_steps", b"_hr_second_pass_steps", "_hr_upscaler", b"_hr_upscaler", "_inpaint_full_res_padding", b"_inpaint_full_res_padding", "_inpainting_fill", b"_inpainting_fill", "_mask_blur", b"_mask_blur", "_model", b"_model", "_n_iter", b"_n_iter", "_resize_mode", b"_resize_mode", "_sampler_name", b"_sampler_name", "_seed", b"_seed", "_steps", b"_steps", "_width", b"_width", "batch_size", b"batch_size", "cfg_scale", b"cfg_scale", "controlnets", b"controlnets", "denoising_strength", b"denoising_strength", "enable_hr", b"enable_hr", "height", b"height", "hr_resize_x", b"hr_resize_x", "hr_resize_y", b"hr_resize_y", "hr_scale", b"hr_scale", "hr_second_pass_steps", b"hr_second_pass_steps", "hr_upscaler", b"hr_upscaler", "init_image", b"init_image", "inpaint_full_res", b"inpaint_full_res", "inpaint_full_res_padding", b"inpaint_full_res_padding", "inpainting_fill", b"inpainting_fill", "inpainting_mask_invert", b"inpainting_mask_invert", "labels", b"labels", "loras", b"loras", "mask", b"mask", "mask_blur", b"mask_blur", "memory_mode", b"memory_mode", "model", b"model", "n_iter", b"n_iter", "negative_prompt", b"negative_prompt", "priority", b"priority", "prompt", b"prompt", "request_id", b"request_id", "resize_mode", b"resize_mode", "sampler_name", b"sampler_name", "seed", b"seed", "selector", b"selector", "steps", b"steps", "width", b"width"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__batch_size: _TypeAlias = _typing.Literal["batch_size"]  # noqa: Y015
     _WhichOneofArgType__batch_size: _TypeAlias = _typing.Literal["_batch_size", b"_batch_size"]  # noqa: Y015
     _WhichOneofReturnType__cfg_scale: _TypeAlias = _typing.Literal["cfg_scale"]  # noqa: Y015
     _WhichOneofArgType__cfg_scale: _TypeAlias = _typing.Literal["_cfg_scale", b"_cfg_scale"]  # noqa: Y015
+    _WhichOneofReturnType__denoising_strength: _TypeAlias = _typing.Literal["denoising_strength"]  # noqa: Y015
+    _WhichOneofArgType__denoising_strength: _TypeAlias = _typing.Literal["_denoising_strength", b"_denoising_strength"]  # noqa: Y015
     _WhichOneofReturnType__height: _TypeAlias = _typing.Literal["height"]  # noqa: Y015
     _WhichOneofArgType__height: _TypeAlias = _typing.Literal["_height", b"_height"]  # noqa: Y015
+    _WhichOneofReturnType__hr_resize_x: _TypeAlias = _typing.Literal["hr_resize_x"]  # noqa: Y015
+    _WhichOneofArgType__hr_resize_x: _TypeAlias = _typing.Literal["_hr_resize_x", b"_hr_resize_x"]  # noqa: Y015
+    _WhichOneofReturnType__hr_resize_y: _TypeAlias = _typing.Literal["hr_resize_y"]  # noqa: Y015
+    _WhichOneofArgType__hr_resize_y: _TypeAlias = _typing.Literal["_hr_resize_y", b"_hr_resize_y"]  # noqa: Y015
+    _WhichOneofReturnType__hr_scale: _TypeAlias = _typing.Literal["hr_scale"]  # noqa: Y015
+    _WhichOneofArgType__hr_scale: _TypeAlias = _typing.Literal["_hr_scale", b"_hr_scale"]  # noqa: Y015
+    _WhichOneofReturnType__hr_second_pass_steps: _TypeAlias = _typing.Literal["hr_second_pass_steps"]  # noqa: Y015
+    _WhichOneofArgType__hr_second_pass_steps: _TypeAlias = _typing.Literal["_hr_second_pass_steps", b"_hr_second_pass_steps"]  # noqa: Y015
+    _WhichOneofReturnType__hr_upscaler: _TypeAlias = _typing.Literal["hr_upscaler"]  # noqa: Y015
+    _WhichOneofArgType__hr_upscaler: _TypeAlias = _typing.Literal["_hr_upscaler", b"_hr_upscaler"]  # noqa: Y015
+    _WhichOneofReturnType__inpaint_full_res_padding: _TypeAlias = _typing.Literal["inpaint_full_res_padding"]  # noqa: Y015
+    _WhichOneofArgType__inpaint_full_res_padding: _TypeAlias = _typing.Literal["_inpaint_full_res_padding", b"_inpaint_full_res_padding"]  # noqa: Y015
+    _WhichOneofReturnType__inpainting_fill: _TypeAlias = _typing.Literal["inpainting_fill"]  # noqa: Y015
+    _WhichOneofArgType__inpainting_fill: _TypeAlias = _typing.Literal["_inpainting_fill", b"_inpainting_fill"]  # noqa: Y015
+    _WhichOneofReturnType__mask_blur: _TypeAlias = _typing.Literal["mask_blur"]  # noqa: Y015
+    _WhichOneofArgType__mask_blur: _TypeAlias = _typing.Literal["_mask_blur", b"_mask_blur"]  # noqa: Y015
     _WhichOneofReturnType__model: _TypeAlias = _typing.Literal["model"]  # noqa: Y015
     _WhichOneofArgType__model: _TypeAlias = _typing.Literal["_model", b"_model"]  # noqa: Y015
+    _WhichOneofReturnType__n_iter: _TypeAlias = _typing.Literal["n_iter"]  # noqa: Y015
+    _WhichOneofArgType__n_iter: _TypeAlias = _typing.Literal["_n_iter", b"_n_iter"]  # noqa: Y015
+    _WhichOneofReturnType__resize_mode: _TypeAlias = _typing.Literal["resize_mode"]  # noqa: Y015
+    _WhichOneofArgType__resize_mode: _TypeAlias = _typing.Literal["_resize_mode", b"_resize_mode"]  # noqa: Y015
     _WhichOneofReturnType__sampler_name: _TypeAlias = _typing.Literal["sampler_name"]  # noqa: Y015
     _WhichOneofArgType__sampler_name: _TypeAlias = _typing.Literal["_sampler_name", b"_sampler_name"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
@@ -205,9 +304,31 @@ class JobSpec(_message.Message):
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__cfg_scale) -> _WhichOneofReturnType__cfg_scale | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__denoising_strength) -> _WhichOneofReturnType__denoising_strength | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__height) -> _WhichOneofReturnType__height | None: ...
     @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hr_resize_x) -> _WhichOneofReturnType__hr_resize_x | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hr_resize_y) -> _WhichOneofReturnType__hr_resize_y | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hr_scale) -> _WhichOneofReturnType__hr_scale | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hr_second_pass_steps) -> _WhichOneofReturnType__hr_second_pass_steps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__hr_upscaler) -> _WhichOneofReturnType__hr_upscaler | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__inpaint_full_res_padding) -> _WhichOneofReturnType__inpaint_full_res_padding | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__inpainting_fill) -> _WhichOneofReturnType__inpainting_fill | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__mask_blur) -> _WhichOneofReturnType__mask_blur | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__model) -> _WhichOneofReturnType__model | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__n_iter) -> _WhichOneofReturnType__n_iter | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__resize_mode) -> _WhichOneofReturnType__resize_mode | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__sampler_name) -> _WhichOneofReturnType__sampler_name | None: ...
     @_typing.overload
@@ -218,6 +339,64 @@ class JobSpec(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__width) -> _WhichOneofReturnType__width | None: ...
 
 Global___JobSpec: _TypeAlias = JobSpec  # noqa: Y015
+
+@_typing.final
+class LoraWeight(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    weight: _builtins.float
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LoraWeight: _TypeAlias = LoraWeight  # noqa: Y015
+
+@_typing.final
+class ControlNetUnit(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MODEL_FIELD_NUMBER: _builtins.int
+    IMAGE_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    GUIDANCE_START_FIELD_NUMBER: _builtins.int
+    GUIDANCE_END_FIELD_NUMBER: _builtins.int
+    model: _builtins.str
+    """a ControlNet model some node has"""
+    image: _builtins.str
+    """sha256 of an uploaded control image, ready to use"""
+    weight: _builtins.float
+    """conditioning scale"""
+    guidance_start: _builtins.float
+    """0..1, fraction of the steps"""
+    guidance_end: _builtins.float
+    """0..1"""
+    def __init__(
+        self,
+        *,
+        model: _builtins.str = ...,
+        image: _builtins.str = ...,
+        weight: _builtins.float = ...,
+        guidance_start: _builtins.float = ...,
+        guidance_end: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["guidance_end", b"guidance_end", "guidance_start", b"guidance_start", "image", b"image", "model", b"model", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ControlNetUnit: _TypeAlias = ControlNetUnit  # noqa: Y015
 
 @_typing.final
 class ImageInfo(_message.Message):
@@ -398,23 +577,91 @@ class ModelInfo(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     WEIGHT_BYTES_FIELD_NUMBER: _builtins.int
     DTYPE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     weight_bytes: _builtins.int
     dtype: _builtins.str
+    kind: _builtins.str
+    """"base" (also ""), "inpaint", "controlnet" or "lora" """
+    family: _builtins.str
+    """the base family it fits: "sd1", "sd2", "sdxl", "tiny"...; "" unknown"""
+    sha256: _builtins.str
+    """of a LoRA or ControlNet's weights, for the infotext; "" otherwise"""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         weight_bytes: _builtins.int = ...,
         dtype: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        family: _builtins.str = ...,
+        sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "name", b"name", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "family", b"family", "kind", b"kind", "name", b"name", "sha256", b"sha256", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ModelInfo: _TypeAlias = ModelInfo  # noqa: Y015
+
+@_typing.final
+class InputInfo(_message.Message):
+    """An input image a client uploaded: PNG, JPEG or WebP."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SHA256_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    WIDTH_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
+    sha256: _builtins.str
+    size_bytes: _builtins.int
+    width: _builtins.int
+    height: _builtins.int
+    format: _builtins.str
+    """"PNG", "JPEG" or "WEBP" """
+    def __init__(
+        self,
+        *,
+        sha256: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+        width: _builtins.int = ...,
+        height: _builtins.int = ...,
+        format: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["format", b"format", "height", b"height", "sha256", b"sha256", "size_bytes", b"size_bytes", "width", b"width"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputInfo: _TypeAlias = InputInfo  # noqa: Y015
+
+@_typing.final
+class InputChunk(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    offset: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InputChunk: _TypeAlias = InputChunk  # noqa: Y015
 
 @_typing.final
 class DeviceInfo(_message.Message):

@@ -622,9 +622,15 @@ class Model(_message.Message):
     DTYPE_FIELD_NUMBER: _builtins.int
     NODE_IDS_FIELD_NUMBER: _builtins.int
     LAST_SEEN_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    FAMILY_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     weight_bytes: _builtins.int
     dtype: _builtins.str
+    kind: _builtins.str
+    """"base", "inpaint", "controlnet" or "lora" """
+    family: _builtins.str
+    """"sd1", "sdxl", "tiny", ...; "" unknown"""
     @_builtins.property
     def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """nodes that hold it and are connected"""
@@ -639,10 +645,12 @@ class Model(_message.Message):
         dtype: _builtins.str = ...,
         node_ids: _abc.Iterable[_builtins.str] | None = ...,
         last_seen: _timestamp_pb2.Timestamp | None = ...,
+        kind: _builtins.str = ...,
+        family: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_seen", b"last_seen"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "last_seen", b"last_seen", "name", b"name", "node_ids", b"node_ids", "weight_bytes", b"weight_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dtype", b"dtype", "family", b"family", "kind", b"kind", "last_seen", b"last_seen", "name", b"name", "node_ids", b"node_ids", "weight_bytes", b"weight_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -90,6 +90,11 @@ class SchedulerStub:
                 request_serializer=protos_dot_scheduler__pb2.GetHealthRequest.SerializeToString,
                 response_deserializer=protos_dot_scheduler__pb2.Health.FromString,
                 _registered_method=True)
+        self.UploadInput = channel.stream_unary(
+                '/sdmesh.v1.Scheduler/UploadInput',
+                request_serializer=protos_dot_common__pb2.InputChunk.SerializeToString,
+                response_deserializer=protos_dot_common__pb2.InputInfo.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -170,6 +175,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadInput(self, request_iterator, context):
+        """An input image, in chunks of at most 1 MiB; checked (format, size,
+        pixels) before it is stored. Uploading the same bytes again is a no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +240,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.GetHealth,
                     request_deserializer=protos_dot_scheduler__pb2.GetHealthRequest.FromString,
                     response_serializer=protos_dot_scheduler__pb2.Health.SerializeToString,
+            ),
+            'UploadInput': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadInput,
+                    request_deserializer=protos_dot_common__pb2.InputChunk.FromString,
+                    response_serializer=protos_dot_common__pb2.InputInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -526,6 +544,33 @@ class Scheduler:
             '/sdmesh.v1.Scheduler/GetHealth',
             protos_dot_scheduler__pb2.GetHealthRequest.SerializeToString,
             protos_dot_scheduler__pb2.Health.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadInput(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/sdmesh.v1.Scheduler/UploadInput',
+            protos_dot_common__pb2.InputChunk.SerializeToString,
+            protos_dot_common__pb2.InputInfo.FromString,
             options,
             channel_credentials,
             insecure,

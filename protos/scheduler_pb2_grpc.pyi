@@ -56,6 +56,10 @@ class SchedulerStub:
     """Answered by every replica, the standby too: its role and the leader's
     epoch. Every other call on a standby fails with UNAVAILABLE.
     """
+    UploadInput: _grpc.StreamUnaryMultiCallable[_common_pb2.InputChunk, _common_pb2.InputInfo]
+    """An input image, in chunks of at most 1 MiB; checked (format, size,
+    pixels) before it is stored. Uploading the same bytes again is a no-op.
+    """
 
 @_typing.type_check_only
 class SchedulerAsyncStub(SchedulerStub):
@@ -83,6 +87,10 @@ class SchedulerAsyncStub(SchedulerStub):
     GetHealth: _aio.UnaryUnaryMultiCallable[_scheduler_pb2.GetHealthRequest, _scheduler_pb2.Health]  # type: ignore[assignment]
     """Answered by every replica, the standby too: its role and the leader's
     epoch. Every other call on a standby fails with UNAVAILABLE.
+    """
+    UploadInput: _aio.StreamUnaryMultiCallable[_common_pb2.InputChunk, _common_pb2.InputInfo]  # type: ignore[assignment]
+    """An input image, in chunks of at most 1 MiB; checked (format, size,
+    pixels) before it is stored. Uploading the same bytes again is a no-op.
     """
 
 class SchedulerServicer(metaclass=_abc_1.ABCMeta):
@@ -174,6 +182,16 @@ class SchedulerServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_scheduler_pb2.Health, _abc.Awaitable[_scheduler_pb2.Health]]:
         """Answered by every replica, the standby too: its role and the leader's
         epoch. Every other call on a standby fails with UNAVAILABLE.
+        """
+
+    @_abc_1.abstractmethod
+    def UploadInput(
+        self,
+        request_iterator: _MaybeAsyncIterator[_common_pb2.InputChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_common_pb2.InputInfo, _abc.Awaitable[_common_pb2.InputInfo]]:
+        """An input image, in chunks of at most 1 MiB; checked (format, size,
+        pixels) before it is stored. Uploading the same bytes again is a no-op.
         """
 
 def add_SchedulerServicer_to_server(servicer: SchedulerServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

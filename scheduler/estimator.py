@@ -47,7 +47,7 @@ def size_bucket(width: int, height: int) -> int:
     return pixels
 
 
-EstimateKey = tuple[str, int, int, MemoryMode]  # model, size bucket, batch, mode
+EstimateKey = tuple[str, int, int, MemoryMode, str]  # model, size bucket, batch, mode, variant
 
 
 @dataclass(frozen=True)
@@ -74,13 +74,22 @@ class Shape:
     width: int
     height: int
     batch_size: int
+    # The kind and what it adds (a second pass, LoRAs, ControlNets), as
+    # `scheduler.placement.demand.variant` writes it; "" for plain txt2img.
+    variant: str = ""
 
     @property
     def pixels(self) -> int:
         return self.width * self.height * self.batch_size
 
     def key(self, mode: MemoryMode) -> EstimateKey:
-        return (self.model, size_bucket(self.width, self.height), self.batch_size, mode)
+        return (
+            self.model,
+            size_bucket(self.width, self.height),
+            self.batch_size,
+            mode,
+            self.variant,
+        )
 
 
 def weights_on_card(weight_bytes: int, mode: MemoryMode) -> int:

@@ -33,6 +33,7 @@ from sdmesh.domain import (
     Started,
 )
 from sdmesh.errors import InvalidArgument
+from sdmesh.kinds import ControlNetUnit, InputInfo, LoraWeight
 from sdmesh.spec import JobSpec, MemoryMode, SpecRequest
 from sdmesh.speeds import Speed
 from sdmesh.wire import IMAGE_CHUNK_BYTES
@@ -116,17 +117,27 @@ def _spec_values(message: common_pb2.JobSpec) -> dict[str, Any]:
             value = None
         elif name == "memory_mode":
             value = memory_mode_from_proto(value, name)
+        elif name == "loras":
+            value = tuple(from_message(LoraWeight, lora) for lora in value)
+        elif name == "controlnets":
+            value = tuple(from_message(ControlNetUnit, unit) for unit in value)
         elif isinstance(value, Mapping):
             value = dict(value)
         values[name] = value
     return values
 
 
+def _spec_overrides(spec: SpecRequest | JobSpec) -> dict[str, Any]:
+    return {
+        "memory_mode": memory_mode_to_proto(spec.memory_mode),
+        "loras": [to_message(lora, common_pb2.LoraWeight) for lora in spec.loras],
+        "controlnets": [to_message(unit, common_pb2.ControlNetUnit) for unit in spec.controlnets],
+    }
+
+
 def spec_request_to_proto(request: SpecRequest) -> common_pb2.JobSpec:
     """Fields left None stay unset, so the scheduler applies its defaults."""
-    return to_message(
-        request, common_pb2.JobSpec, memory_mode=memory_mode_to_proto(request.memory_mode)
-    )
+    return to_message(request, common_pb2.JobSpec, **_spec_overrides(request))
 
 
 def spec_request_from_proto(message: common_pb2.JobSpec) -> SpecRequest:
@@ -135,7 +146,20 @@ def spec_request_from_proto(message: common_pb2.JobSpec) -> SpecRequest:
 
 
 def spec_to_proto(spec: JobSpec) -> common_pb2.JobSpec:
-    return to_message(spec, common_pb2.JobSpec, memory_mode=memory_mode_to_proto(spec.memory_mode))
+    return to_message(spec, common_pb2.JobSpec, **_spec_overrides(spec))
+
+
+def input_info_to_proto(info: InputInfo) -> common_pb2.InputInfo:
+    return to_message(info, common_pb2.InputInfo)
+
+
+def input_info_from_proto(message: common_pb2.InputInfo) -> InputInfo:
+    return from_message(InputInfo, message)
+
+
+def model_info_from_proto(model: common_pb2.ModelInfo) -> ModelInfo:
+    """An agent that says no kind means a base model."""
+    return from_message(ModelInfo, model, kind=model.kind or "base")
 
 
 def spec_from_proto(message: common_pb2.JobSpec) -> JobSpec:
@@ -172,7 +196,7 @@ def device_stats_from_proto(stats: common_pb2.DeviceStats) -> DeviceStats:
     return from_message(
         DeviceStats,
         stats,
-        resident_models=tuple(from_message(ModelInfo, model) for model in stats.resident_models),
+        resident_models=tuple(model_info_from_proto(model) for model in stats.resident_models),
         speeds={speed.model: from_message(Speed, speed) for speed in stats.model_speeds},
     )
 
@@ -193,7 +217,7 @@ def hello_from_proto(hello: agent_pb2.Hello) -> NodeInfo:
         NodeInfo,
         hello,
         devices=tuple(from_message(DeviceInfo, device) for device in hello.devices),
-        models=tuple(from_message(ModelInfo, model) for model in hello.models),
+        models=tuple(model_info_from_proto(model) for model in hello.models),
         labels=dict(hello.labels),
     )
     unsound = unsound_numbers(node)

@@ -27,9 +27,17 @@ class DeviceInfo:
 
 @dataclass(frozen=True)
 class ModelInfo:
+    """A model a node has (or holds on a device): a base model, an
+    inpainting model, a ControlNet or a LoRA (`sdmesh.kinds.ModelKind`), the
+    base family it fits ("sd1", "sdxl", "tiny"...; "" when unknown) and,
+    for LoRAs and ControlNets, the sha256 of its weights (for infotexts)."""
+
     name: str
     weight_bytes: int
     dtype: str
+    kind: str = "base"
+    family: str = ""
+    sha256: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""What a job asks for: A1111 defaults, the limits checked at submit, and the
-A1111 infotext written into every PNG.
+"""What a job asks for: A1111 defaults and the limits checked at submit (the
+kinds beyond txt2img in `sdmesh.kinds`; the infotext in `sdmesh.infotext`).
 
 Pure code, and the one place a job's fields are declared. The SDK builds a
 `SpecRequest` (fields the caller may leave unset); the scheduler resolves it
@@ -17,12 +17,28 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 from typing import Any
 
 from sdmesh.errors import InvalidArgument, quote
 from sdmesh.flags import option, pairs_option
+from sdmesh.kinds import (
+    DEFAULT_DENOISING_STRENGTH,
+    DEFAULT_HR_SCALE,
+    DEFAULT_HR_UPSCALER,
+    DEFAULT_INPAINT_PADDING,
+    DEFAULT_INPAINTING_FILL,
+    DEFAULT_MASK_BLUR,
+    ControlNetUnit,
+    InputInfo,
+    Kind,
+    LoraWeight,
+    hires_size,
+    parse_controlnet_flag,
+    parse_lora_flag,
+    resolve_kind,
+)
 from sdmesh.samplers import find_sampler, sampler_names
 
 TINY_MODEL = "tiny"
@@ -118,6 +134,73 @@ class SpecRequest:
         flag="--label", help="a label recorded on the job; repeatable"
     )
     selector: Mapping[str, str] = pairs_option(help="run only on nodes with this label; repeatable")
+    # img2img and inpainting (sdmesh.kinds). On the wire the images are the
+    # sha256 of an upload; the SDK and sdctl take files and upload them.
+    init_image: str = option("", metavar="PATH", help="img2img: the picture to start from")
+    denoising_strength: float | None = option(
+        None,
+        parse=float,
+        help=f"0..1, how much to change the init image (default {DEFAULT_DENOISING_STRENGTH:g}; "
+        "0.7 for the hires fix)",
+    )
+    resize_mode: int | None = option(
+        None, parse=int, help="0 just resize (default), 1 crop and resize, 2 resize and fill"
+    )
+    mask: str = option("", metavar="PATH", help="inpainting: white is repainted, black kept")
+    mask_blur: int | None = option(
+        None, parse=int, help=f"pixels of blur on the mask's edge (default {DEFAULT_MASK_BLUR})"
+    )
+    inpainting_fill: int | None = option(
+        None,
+        parse=int,
+        help="masked content: 0 fill, 1 original (default), 2 latent noise, 3 latent nothing",
+    )
+    inpaint_full_res: bool = option(
+        False, flag="--only-masked", help="inpaint a crop around the mask at full resolution"
+    )
+    inpaint_full_res_padding: int | None = option(
+        None,
+        parse=int,
+        flag="--only-masked-padding",
+        help=f"pixels around the mask's crop (default {DEFAULT_INPAINT_PADDING})",
+    )
+    inpainting_mask_invert: bool = option(
+        False, flag="--invert-mask", help="repaint what is black in the mask instead"
+    )
+    # Hires fix (txt2img): a second pass at a larger size.
+    enable_hr: bool = option(False, flag="--hires", help="hires fix (implied by --hires-*)")
+    hr_scale: float | None = option(
+        None, parse=float, flag="--hires-scale", help=f"hires fix: scale (default {DEFAULT_HR_SCALE:g})"
+    )
+    hr_resize_x: int | None = option(
+        None, parse=int, flag="--hires-width", help="hires fix: final width instead of a scale"
+    )
+    hr_resize_y: int | None = option(
+        None, parse=int, flag="--hires-height", help="hires fix: final height instead of a scale"
+    )
+    hr_upscaler: str | None = option(
+        None, flag="--hires-upscaler", help=f'hires fix: upscaler (default "{DEFAULT_HR_UPSCALER}")'
+    )
+    hr_second_pass_steps: int | None = option(
+        None, parse=int, flag="--hires-steps", help="hires fix: steps of the second pass (default: steps)"
+    )
+    loras: tuple[LoraWeight, ...] = option(
+        (),
+        flag="--lora",
+        metavar="NAME[:WEIGHT]",
+        parse=parse_lora_flag,
+        repeat=True,
+        help="a LoRA and its weight (default 1); repeatable; or <lora:NAME:WEIGHT> in the prompt",
+    )
+    controlnets: tuple[ControlNetUnit, ...] = option(
+        (),
+        flag="--controlnet",
+        metavar="MODEL:IMAGE[:WEIGHT]",
+        parse=parse_controlnet_flag,
+        repeat=True,
+        help="a ControlNet unit: its model, a ready control image and a weight; repeatable",
+    )
+    n_iter: int | None = option(None, parse=int, help="batches run one after another (default 1)")
 
 
 @dataclass(frozen=True)
@@ -139,11 +222,62 @@ class JobSpec:
     request_id: str = ""
     labels: Mapping[str, str] = field(default_factory=dict)
     selector: Mapping[str, str] = field(default_factory=dict)  # node labels it needs
+    # The kinds beyond txt2img (sdmesh.kinds); their defaults are a
+    # txt2img job's, so specs stored before these fields existed still load.
+    init_image: str = ""
+    denoising_strength: float = DEFAULT_DENOISING_STRENGTH
+    resize_mode: int = 0
+    mask: str = ""
+    mask_blur: int = DEFAULT_MASK_BLUR
+    inpainting_fill: int = DEFAULT_INPAINTING_FILL
+    inpaint_full_res: bool = False
+    inpaint_full_res_padding: int = DEFAULT_INPAINT_PADDING
+    inpainting_mask_invert: bool = False
+    enable_hr: bool = False
+    hr_scale: float = DEFAULT_HR_SCALE
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    hr_upscaler: str = DEFAULT_HR_UPSCALER
+    hr_second_pass_steps: int = 0
+    loras: tuple[LoraWeight, ...] = ()
+    controlnets: tuple[ControlNetUnit, ...] = ()
+    n_iter: int = 1
+
+    @property
+    def kind(self) -> Kind:
+        if self.mask:
+            return Kind.INPAINT
+        return Kind.IMG2IMG if self.init_image else Kind.TXT2IMG
+
+    @property
+    def images(self) -> int:
+        return self.batch_size * self.n_iter
 
     @property
     def seeds(self) -> list[int]:
-        """Image i of the batch gets seed + i, as in A1111."""
-        return [self.seed + i for i in range(self.batch_size)]
+        """Image i of the job gets seed + i, as in A1111, across its
+        batches: batch b holds images b * batch_size onwards."""
+        return [self.seed + i for i in range(self.images)]
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the job's images: the hires fix's final size,
+        or the job's size."""
+        if self.enable_hr:
+            return hires_size(
+                self.width, self.height, self.hr_scale, self.hr_resize_x, self.hr_resize_y
+            )
+        return self.width, self.height
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The sha256 of every input image it names, each once."""
+        named = [self.init_image, self.mask, *(unit.image for unit in self.controlnets)]
+        return tuple(dict.fromkeys(sha for sha in named if sha))
+
+    @property
+    def second_pass_steps(self) -> int:
+        return self.hr_second_pass_steps or self.steps
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -154,7 +288,16 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
-        return cls(**{**data, "memory_mode": MemoryMode(data["memory_mode"])})
+        return cls(
+            **{
+                **data,
+                "memory_mode": MemoryMode(data["memory_mode"]),
+                "loras": tuple(LoraWeight(**lora) for lora in data.get("loras", ())),
+                "controlnets": tuple(
+                    ControlNetUnit(**unit) for unit in data.get("controlnets", ())
+                ),
+            }
+        )
 
 
 BatchKey = tuple[object, ...]
@@ -163,7 +306,12 @@ BatchKey = tuple[object, ...]
 def batch_key(spec: JobSpec) -> BatchKey:
     """What jobs must share to run as one batch, in one pipeline call: the
     same model, size, steps, sampler, guidance, memory mode and node
-    selector. Prompts, seeds and image counts may differ."""
+    selector, the same kind and its settings (an img2img job batches only
+    with img2img jobs of its strength and resize mode), the same LoRAs at
+    the same weights, the same ControlNet models, weights and guidance
+    span, and the same number of batches. Prompts, seeds, image counts and
+    the input images themselves (init image, mask, control images) may
+    differ."""
     return (
         spec.model,
         spec.width,
@@ -173,6 +321,30 @@ def batch_key(spec: JobSpec) -> BatchKey:
         spec.cfg_scale,
         spec.memory_mode,
         tuple(sorted(spec.selector.items())),
+        spec.kind,
+        spec.denoising_strength if spec.kind is not Kind.TXT2IMG or spec.enable_hr else None,
+        spec.resize_mode if spec.kind is not Kind.TXT2IMG else None,
+        (
+            spec.mask_blur,
+            spec.inpainting_fill,
+            spec.inpaint_full_res,
+            spec.inpaint_full_res_padding,
+            spec.inpainting_mask_invert,
+        )
+        if spec.kind is Kind.INPAINT
+        else None,
+        (
+            spec.hr_scale,
+            spec.hr_resize_x,
+            spec.hr_resize_y,
+            spec.hr_upscaler,
+            spec.hr_second_pass_steps,
+        )
+        if spec.enable_hr
+        else None,
+        tuple(sorted((lora.name, lora.weight) for lora in spec.loras)),
+        tuple((u.model, u.weight, u.guidance_start, u.guidance_end) for u in spec.controlnets),
+        spec.n_iter,
     )
 
 
@@ -244,9 +416,14 @@ def resolve(
     *,
     known_models: Collection[str],
     random_seed: Callable[[], int],
+    known_loras: Collection[str] = (),
+    known_controlnets: Collection[str] = (),
+    inputs: Mapping[str, InputInfo] | None = None,
 ) -> JobSpec:
     """Applies the defaults and checks every field, raising InvalidArgument
-    for the first field that is out of range."""
+    for the first field that is out of range. `known_*` are what nodes
+    reported within the node window; `inputs` the input images the caller
+    uploaded, by sha256."""
     _check_prompt("prompt", request.prompt, required=True)
     _check_prompt("negative_prompt", request.negative_prompt, required=False)
 
@@ -291,6 +468,16 @@ def resolve(
     printable("request_id", request.request_id, MAX_REQUEST_ID_CHARS)
     check_labels(request.labels)
     check_labels(request.selector, "selector")
+    kind_fields = resolve_kind(
+        {f.name: getattr(request, f.name) for f in fields(request)},
+        steps=steps,
+        width=width,
+        height=height,
+        batch_size=batch_size,
+        inputs=inputs or {},
+        known_loras=known_loras,
+        known_controlnets=known_controlnets,
+    )
 
     return JobSpec(
         prompt=request.prompt,
@@ -308,16 +495,5 @@ def resolve(
         request_id=request.request_id,
         labels=dict(request.labels),
         selector=dict(request.selector),
+        **kind_fields,
     )
-
-
-def infotext(spec: JobSpec, seed: int) -> str:
-    """The A1111 "parameters" text for one image of the job."""
-    lines = [spec.prompt]
-    if spec.negative_prompt:
-        lines.append(f"Negative prompt: {spec.negative_prompt}")
-    lines.append(
-        f"Steps: {spec.steps}, Sampler: {spec.sampler_name}, CFG scale: {spec.cfg_scale:g}, "
-        f"Seed: {seed}, Size: {spec.width}x{spec.height}, Model: {spec.model}"
-    )
-    return "\n".join(lines)

@@ -12,7 +12,7 @@ from scheduler.store.schema import metadata
 from sdmesh.spec import MemoryMode
 from tests.factories import make_spec
 
-HEAD = "0004"
+HEAD = "0005"
 
 
 def test_upgrade_from_empty_matches_the_schema_module(db_url: str) -> None:

@@ -9,7 +9,8 @@ import pytest
 
 from sdmesh.errors import InvalidArgument, quote
 from sdmesh.samplers import SAMPLERS, find_sampler
-from sdmesh.spec import MAX_PROMPT_CHARS, MemoryMode, SpecRequest, check_labels, infotext, resolve
+from sdmesh.infotext import infotext
+from sdmesh.spec import MAX_PROMPT_CHARS, MemoryMode, SpecRequest, check_labels, resolve
 from tests.factories import make_spec
 
 

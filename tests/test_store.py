@@ -238,12 +238,12 @@ def test_nodes_and_models_are_remembered(store: Store) -> None:
 
 
 def test_a_learned_estimate_is_kept_only_when_larger(store: Store) -> None:
-    key = ("sdxl", 1024 * 1024, 1, MemoryMode.FULL)
+    key = ("sdxl", 1024 * 1024, 1, MemoryMode.FULL, "")
     store.estimates.save(key, LearnedPeak(11 * 2**30, 1024 * 1024))
     store.estimates.save(key, LearnedPeak(10 * 2**30, 1000 * 1000))  # smaller: ignored
     assert store.estimates.load() == {key: LearnedPeak(11 * 2**30, 1024 * 1024)}
     store.estimates.save(key, LearnedPeak(12 * 2**30, 1000 * 1000))
-    other = ("sdxl", 1024 * 1024, 2, MemoryMode.MODEL_OFFLOAD)
+    other = ("sdxl", 1024 * 1024, 2, MemoryMode.MODEL_OFFLOAD, "img2img")
     store.estimates.save(other, LearnedPeak(9 * 2**30, 2 * 1024 * 1024))
     assert store.estimates.load() == {
         key: LearnedPeak(12 * 2**30, 1000 * 1000),

@@ -25,7 +25,13 @@ class EstimateRegistry:
         """The learned VRAM figures, keyed as the estimator keys them."""
         with self.engine.connect() as conn:
             return {
-                (row.model, row.size_bucket, row.batch_size, MemoryMode(row.memory_mode)): (
+                (
+                    row.model,
+                    row.size_bucket,
+                    row.batch_size,
+                    MemoryMode(row.memory_mode),
+                    row.variant,
+                ): (
                     LearnedPeak(row.peak_bytes, row.pixels)
                 )
                 for row in conn.execute(sa.select(vram_estimates))
@@ -34,19 +40,20 @@ class EstimateRegistry:
     def save(self, key: EstimateKey, learned: LearnedPeak) -> None:
         """Stores a learned figure unless a larger one is there already.
         One statement, so replicas and threads saving at once cannot clash."""
-        model, bucket, batch_size, mode = key
+        model, bucket, batch_size, mode, variant = key
         insert = sqlite_insert if self.engine.dialect.name == "sqlite" else postgresql_insert
         statement = insert(vram_estimates).values(
             model=model,
             size_bucket=bucket,
             batch_size=batch_size,
             memory_mode=mode.value,
+            variant=variant,
             peak_bytes=learned.peak_bytes,
             pixels=learned.pixels,
             updated_at=self.clock(),
         )
         statement = statement.on_conflict_do_update(
-            index_elements=["model", "size_bucket", "batch_size", "memory_mode"],
+            index_elements=["model", "size_bucket", "batch_size", "memory_mode", "variant"],
             set_={
                 "peak_bytes": statement.excluded.peak_bytes,
                 "pixels": statement.excluded.pixels,

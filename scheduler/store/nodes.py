@@ -45,9 +45,12 @@ class NodeRegistry:
                     [
                         {
                             "node_id": info.node_id,
+                            "kind": model.kind or "base",
                             "name": model.name,
                             "weight_bytes": model.weight_bytes,
                             "dtype": model.dtype,
+                            "family": model.family,
+                            "sha256": model.sha256,
                             "last_seen": now,
                         }
                         for model in info.models
@@ -77,7 +80,7 @@ class NodeRegistry:
         by_node: dict[str, list[ModelInfo]] = {}
         for row in model_rows:
             by_node.setdefault(row.node_id, []).append(
-                ModelInfo(row.name, row.weight_bytes, row.dtype)
+                ModelInfo(row.name, row.weight_bytes, row.dtype, row.kind, row.family, row.sha256)
             )
         return [
             NodeRecord(

@@ -102,9 +102,12 @@ models = sa.Table(
     "models",
     metadata,
     sa.Column("node_id", sa.String(64), sa.ForeignKey("nodes.id"), primary_key=True),
+    sa.Column("kind", sa.String(16), primary_key=True),  # sdmesh.kinds.ModelKind
     sa.Column("name", sa.String(128), primary_key=True),
     sa.Column("weight_bytes", sa.BigInteger, nullable=False),
     sa.Column("dtype", sa.String(32), nullable=False),
+    sa.Column("family", sa.String(32), nullable=False),
+    sa.Column("sha256", sa.String(64), nullable=False),
     sa.Column("last_seen", sa.Float, nullable=False),
 )
 
@@ -115,9 +118,36 @@ vram_estimates = sa.Table(
     sa.Column("size_bucket", sa.Integer, primary_key=True),
     sa.Column("batch_size", sa.Integer, primary_key=True),
     sa.Column("memory_mode", sa.String(32), primary_key=True),
+    # The kind and what it adds: "" for plain txt2img (scheduler.estimator)
+    sa.Column("variant", sa.String(512), primary_key=True),
     sa.Column("peak_bytes", sa.BigInteger, nullable=False),
     sa.Column("pixels", sa.BigInteger, nullable=False),  # of the job the peak came from
     sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# Input images (init images, masks, control images), stored content-addressed
+# by sha256 under <data-dir>/inputs (scheduler.inputs). A row per owner who
+# uploaded it: a user may name only their own uploads.
+inputs = sa.Table(
+    "inputs",
+    metadata,
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Column("owner", sa.String(64), primary_key=True),
+    sa.Column("size_bytes", sa.BigInteger, nullable=False),
+    sa.Column("width", sa.Integer, nullable=False),
+    sa.Column("height", sa.Integer, nullable=False),
+    sa.Column("format", sa.String(8), nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Index("ix_inputs_created_at", "created_at"),
+)
+
+# Which jobs name which inputs: an input goes when its last job does.
+job_inputs = sa.Table(
+    "job_inputs",
+    metadata,
+    sa.Column("job_id", sa.String(32), sa.ForeignKey("jobs.id"), primary_key=True),
+    sa.Column("sha256", sa.String(64), primary_key=True),
+    sa.Index("ix_job_inputs_sha256", "sha256"),
 )
 
 leader = sa.Table(
