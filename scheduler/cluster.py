@@ -192,10 +192,10 @@ class Cluster:
                 sizes[model.name] = max(sizes.get(model.name, 0), model.weight_bytes)
         return sizes
 
-    def holders(self) -> dict[str, list[str]]:
-        """Model name -> the connected nodes that hold it."""
-        found: dict[str, list[str]] = {}
+    def holders(self) -> dict[tuple[str, str], list[str]]:
+        """(model kind, name) -> the connected nodes that hold it."""
+        found: dict[tuple[str, str], list[str]] = {}
         for session in self.sessions.values():
             for model in session.info.models:
-                found.setdefault(model.name, []).append(session.node_id)
+                found.setdefault((model.kind, model.name), []).append(session.node_id)
         return found

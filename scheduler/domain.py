@@ -103,3 +103,5 @@ class KnownModel:
     dtype: str
     node_ids: tuple[str, ...]
     last_seen: float
+    kind: str = "base"  # sdmesh.kinds.ModelKind
+    family: str = ""

@@ -91,7 +91,7 @@ def test_nodes_are_found_by_id_or_name_and_drained() -> None:
     assert cluster.find("n1") is session
     assert cluster.find(session.name) is session
     assert cluster.models() == {"tiny": 2 * GIB}
-    assert cluster.holders() == {"tiny": ["n1"]}
+    assert cluster.holders() == {("base", "tiny"): ["n1"]}
     with pytest.raises(NotFound, match="node n9 is not connected"):
         cluster.find("n9")
     cluster.connect(make_node("n2", name=session.name), now=0.0)

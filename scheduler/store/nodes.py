@@ -106,16 +106,18 @@ class NodeRegistry:
             rows = conn.execute(
                 sa.select(models).where(models.c.last_seen >= since).order_by(models.c.name)
             ).all()
-        grouped: dict[str, list[Any]] = {}
+        grouped: dict[tuple[str, str], list[Any]] = {}
         for row in rows:
-            grouped.setdefault(row.name, []).append(row)
+            grouped.setdefault((row.kind, row.name), []).append(row)
         return [
             KnownModel(
+                kind=kind,
                 name=name,
+                family=max(group, key=lambda row: row.weight_bytes).family,
                 weight_bytes=max(row.weight_bytes for row in group),
                 dtype=max(group, key=lambda row: row.weight_bytes).dtype,
                 node_ids=tuple(sorted(row.node_id for row in group)),
                 last_seen=max(row.last_seen for row in group),
             )
-            for name, group in grouped.items()
+            for (kind, name), group in grouped.items()
         ]
