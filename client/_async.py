@@ -6,11 +6,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, TypeVar, Unpack
 
 import grpc
 from grpc import aio
@@ -33,6 +32,8 @@ from client._errors import (
     rpc_detail,
     unreachable,
 )
+from client._inputs import ImageInput, Uploads, prepare, read_input, spec_request
+from client._inputs import SubmitOptions as SubmitOptions  # its home for the SDK
 from client._models import (
     Event,
     Health,
@@ -44,9 +45,9 @@ from client._models import (
     event_from_proto,
 )
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
-from sdmesh.convert import from_message, spec_request_to_proto
+from sdmesh.convert import from_message, input_info_from_proto, spec_request_to_proto
 from sdmesh.domain import ImageInfo
-from sdmesh.spec import MemoryMode, SpecRequest
+from sdmesh.kinds import InputInfo
 from sdmesh.wire import (
     CLIENT_FIRST_BACKOFF_SECONDS,
     CLIENT_MAX_BACKOFF_SECONDS,
@@ -67,50 +68,7 @@ JOB_STATES = {
     if value != common_pb2.JOB_STATE_UNSPECIFIED
 }
 T = TypeVar("T")
-
-
-class SubmitOptions(TypedDict, total=False):
-    """What a job can ask for besides its prompt: the fields of
-    `sdmesh.spec.SpecRequest`, whose module holds their defaults and limits
-    (tests/test_contract.py keeps the two in step)."""
-
-    negative_prompt: str
-    model: str
-    width: int
-    height: int
-    steps: int
-    cfg_scale: float
-    seed: int  # -1: random, fixed by the scheduler
-    sampler_name: str
-    batch_size: int
-    priority: int  # -100..100, higher first
-    memory_mode: str | MemoryMode  # auto, full, model_offload, sequential_offload
-    labels: Mapping[str, str]
-    selector: Mapping[str, str]  # only nodes with all these labels take the job
-    request_id: str
-
-
 OnRetry = Callable[[str, SdmeshError], None]
-
-
-def spec_request(prompt: str, options: SubmitOptions) -> SpecRequest:
-    """The spec as submitted, with a request id made here unless given: the
-    same id goes out on every retry. Options left out (or None) take the
-    scheduler's defaults."""
-    values: dict[str, Any] = {k: v for k, v in options.items() if v is not None}
-    mode = values.get("memory_mode", MemoryMode.AUTO)
-    try:
-        values["memory_mode"] = MemoryMode(mode)
-    except ValueError:
-        allowed = ", ".join(m.value for m in MemoryMode)
-        raise InvalidArgumentError(f"memory_mode: must be one of {allowed}, got {mode!r}") from None
-    values["request_id"] = values.get("request_id") or uuid.uuid4().hex
-    for name in ("labels", "selector"):
-        values[name] = dict(values.get(name) or {})
-    try:
-        return SpecRequest(prompt=prompt, **values)
-    except TypeError as exc:  # an option SpecRequest does not have
-        raise InvalidArgumentError(f"submit: {exc}") from None
 
 
 class _Retries:
@@ -219,6 +177,7 @@ class AsyncClient:
         self._reached = False  # some scheduler has answered this client
         self._channels: dict[str, tuple[aio.Channel, SchedulerAsyncStub]] = {}
         self._metadata = ((USER_METADATA_KEY, self.user),) + ((bearer(key),) if key else ())
+        self._uploads = Uploads(self._send_input)
 
     @property
     def address(self) -> str:
@@ -289,15 +248,18 @@ class AsyncClient:
         request: Any,
         *,
         lost_reply: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109 (the call's own, for gRPC)
     ) -> tuple[str, T]:
         """A unary call with retries; returns the address that answered and
-        the answer. Every call is safe to repeat: submit by its request id."""
+        the answer. Every call is safe to repeat: submit by its request id,
+        an upload by its bytes. `request` may be a list of messages for a
+        client stream (a list, so that a retry sends them again)."""
         retries = _Retries(self)
         while True:
             address = self.address
             try:
                 response = await pick(self._stub(address))(
-                    request, metadata=self._metadata, timeout=self.timeout
+                    request, metadata=self._metadata, timeout=timeout or self.timeout
                 )
             except grpc.RpcError as error:
                 await self._retry_or_raise(retries, address, error, lost_reply=lost_reply)
@@ -308,12 +270,35 @@ class AsyncClient:
     async def submit(self, prompt: str, **options: Unpack[SubmitOptions]) -> AsyncJobHandle:
         """Queues a job; options left out take the A1111 defaults on the
         scheduler. Its request id is made once here and sent on every retry,
-        so a retry whose first reply was lost returns the same job."""
-        request = scheduler_pb2.SubmitJobRequest(
-            spec=spec_request_to_proto(spec_request(prompt, options))
-        )
-        _, response = await self._call(lambda s: s.SubmitJob, request, lost_reply=True)
+        so a retry whose first reply was lost returns the same job.
+
+        Input images are read and checked first, then each one this client
+        has not uploaded yet goes up once; the job names them by sha256."""
+        prepared = prepare(options)
+        spec = spec_request(prompt, prepared.options)  # its checks before any upload
+        reused = await self._uploads.upload_all(prepared)
+        request = scheduler_pb2.SubmitJobRequest(spec=spec_request_to_proto(spec))
+        try:
+            _, response = await self._call(lambda s: s.SubmitJob, request, lost_reply=True)
+        except InvalidArgumentError as exc:
+            if not await self._uploads.again(prepared, reused, exc):
+                raise
+            _, response = await self._call(lambda s: s.SubmitJob, request, lost_reply=True)
         return AsyncJobHandle(self, Job.from_proto(response.job))
+
+    async def upload(self, image: ImageInput, *, field: str = "image") -> InputInfo:
+        """Uploads an input image (a path, bytes or a PIL image), checked
+        here first, once per process for the same bytes; its InputInfo can
+        stand for the image in `submit`."""
+        if isinstance(image, InputInfo):
+            return image
+        return await self._uploads.upload(field, read_input(field, image))
+
+    async def _send_input(self, chunks: list[common_pb2.InputChunk]) -> InputInfo:
+        _, answer = await self._call(
+            lambda s: s.UploadInput, chunks, lost_reply=True, timeout=self.timeout * 10
+        )
+        return input_info_from_proto(answer)
 
     async def get_job(self, job_id: str) -> Job:
         request = scheduler_pb2.GetJobRequest(job_id=job_id)

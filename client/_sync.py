@@ -11,9 +11,11 @@ from contextlib import suppress
 from pathlib import Path
 from typing import Any, TypeVar, Unpack
 
-from client._async import AsyncClient, AsyncJobHandle, OnRetry, SubmitOptions
+from client._async import AsyncClient, AsyncJobHandle, OnRetry
 from client._config import DEFAULT_RECONNECT_TIMEOUT
+from client._inputs import ImageInput, SubmitOptions
 from client._models import Event, Health, Image, Job, Model, Node
+from sdmesh.kinds import InputInfo
 
 T = TypeVar("T")
 
@@ -139,6 +141,10 @@ class Client:
     def submit(self, prompt: str, **options: Unpack[SubmitOptions]) -> JobHandle:
         """Queues a job; see `SubmitOptions` for what it can ask for."""
         return JobHandle(self, self._runner.run(self._async.submit(prompt, **options)))
+
+    def upload(self, image: ImageInput, *, field: str = "image") -> InputInfo:
+        """See `AsyncClient.upload`."""
+        return self._runner.run(self._async.upload(image, field=field))
 
     def job(self, job_id: str) -> JobHandle:
         return JobHandle(self, self._async.job(job_id))
