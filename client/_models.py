@@ -294,9 +294,16 @@ class Model:
     dtype: str
     node_ids: list[str]  # connected nodes that hold it
     last_seen: datetime
+    kind: str = "base"  # "base", "inpaint", "controlnet" or "lora" (sdmesh.kinds.ModelKind)
+    family: str = ""  # the base family it fits: "sd1", "sdxl", "tiny", ...; "" unknown
 
     @classmethod
     def from_proto(cls, model: scheduler_pb2.Model) -> Model:
+        """A scheduler that says no kind means a base model."""
         return from_message(
-            cls, model, node_ids=list(model.node_ids), last_seen=_time(model.last_seen)
+            cls,
+            model,
+            node_ids=list(model.node_ids),
+            last_seen=_time(model.last_seen),
+            kind=model.kind or "base",
         )

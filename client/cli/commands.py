@@ -155,9 +155,23 @@ def _save(client: Client, job: Job, directory: Path) -> list[Path]:
     ]
 
 
+# The hires fix's settings; any of their flags turns the fix on.
+HIRES_OPTIONS = ("hr_scale", "hr_resize_x", "hr_resize_y", "hr_upscaler", "hr_second_pass_steps")
+
+
+def submit_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The spec flags given, and only those: the scheduler applies the
+    defaults of the rest. `--hires-*` imply `--hires`. The image flags
+    (--init-image, --mask, --controlnet's IMAGE) are paths the SDK checks
+    and uploads."""
+    options = options_from(SpecRequest, args, skip=("prompt",))
+    if any(name in options for name in HIRES_OPTIONS):
+        options["enable_hr"] = True
+    return options
+
+
 def submit(args: argparse.Namespace, client: Client) -> int:
-    # Only the flags given: the scheduler applies the defaults of the rest.
-    handle = client.submit(args.prompt, **options_from(SpecRequest, args, skip=("prompt",)))
+    handle = client.submit(args.prompt, **submit_options(args))
     if args.no_wait:
         job = handle.last_known
         assert job is not None

@@ -28,6 +28,8 @@ from client._models import (
     StateEvent,
 )
 from sdmesh.domain import ImageInfo
+from sdmesh.kinds import INPAINTING_FILLS, RESIZE_MODES
+from sdmesh.spec import JobSpec
 
 GIB = 2**30
 
@@ -104,7 +106,7 @@ def job_json(job: Job) -> dict[str, Any]:
         "started_at": _iso(job.started_at),
         "finished_at": _iso(job.finished_at),
         # Every spec field, as the scheduler resolved it, and each image's seed.
-        "spec": {**spec.to_dict(), "seeds": spec.seeds},
+        "spec": {**spec.to_dict(), "kind": spec.kind.value, "seeds": spec.seeds},
         "attempts": [attempt_json(attempt) for attempt in job.attempts],
     }
 
@@ -209,6 +211,8 @@ def node_json(node: Node) -> dict[str, Any]:
 def model_json(model: Model) -> dict[str, Any]:
     return {
         "name": model.name,
+        "kind": model.kind,
+        "family": model.family,
         "weight_bytes": model.weight_bytes,
         "dtype": model.dtype,
         "nodes": model.node_ids,
@@ -267,7 +271,7 @@ def job_detail(job: Job) -> None:
         ("Model", spec.model),
         ("Size", f"{spec.width}x{spec.height}, batch {spec.batch_size}"),
         ("Sampler", f"{spec.sampler_name}, {spec.steps} steps, CFG {spec.cfg_scale:g}"),
-        ("Seed", str(spec.seed) + (f" (images: {spec.seeds})" if spec.batch_size > 1 else "")),
+        ("Seed", str(spec.seed) + (f" (images: {spec.seeds})" if spec.images > 1 else "")),
         ("Priority", str(spec.priority)),
         (
             "Node",
@@ -288,6 +292,7 @@ def job_detail(job: Job) -> None:
             ", ".join(f"#{i.index} seed {i.seed} {i.sha256[:12]}" for i in job.images) or "-",
         ),
     ]
+    lines[6:6] = kind_lines(spec)
     if spec.selector:
         lines.append(("Selector", ", ".join(f"{k}={v}" for k, v in sorted(spec.selector.items()))))
     if job.attempts:
@@ -303,6 +308,55 @@ def job_detail(job: Job) -> None:
     for label, value in lines:
         # Text, not markup: A1111 prompts use [brackets] of their own.
         console.print(Text.assemble((f"{label + ':':<17}", "bold"), safe_text(value)))
+
+
+def kind_lines(spec: JobSpec) -> list[tuple[str, str]]:
+    """What `sdctl job` says of a job's kind and its settings, in A1111's
+    words; input images by the start of their sha256."""
+    lines = [("Kind", spec.kind.value + (" + hires fix" if spec.enable_hr else ""))]
+    if spec.init_image:
+        lines.append(
+            (
+                "Init image",
+                f"{spec.init_image[:12]}, denoising {spec.denoising_strength:g}, "
+                f"{RESIZE_MODES[spec.resize_mode].lower()}",
+            )
+        )
+    if spec.mask:
+        lines.append(
+            (
+                "Mask",
+                f"{spec.mask[:12]}{' (inverted)' if spec.inpainting_mask_invert else ''}, "
+                f"blur {spec.mask_blur}, fill {INPAINTING_FILLS[spec.inpainting_fill]}"
+                + (
+                    f", only masked (padding {spec.inpaint_full_res_padding})"
+                    if spec.inpaint_full_res
+                    else ""
+                ),
+            )
+        )
+    if spec.enable_hr:
+        width, height = spec.output_size
+        lines.append(
+            (
+                "Hires fix",
+                f"to {width}x{height} with {spec.hr_upscaler}, {spec.second_pass_steps} steps, "
+                f"denoising {spec.denoising_strength:g}",
+            )
+        )
+    if spec.loras:
+        lines.append(("LoRAs", ", ".join(f"{lora.name}:{lora.weight:g}" for lora in spec.loras)))
+    for index, unit in enumerate(spec.controlnets):
+        lines.append(
+            (
+                f"ControlNet {index}",
+                f"{unit.model}, image {unit.image[:12]}, weight {unit.weight:g}, "
+                f"guidance {unit.guidance_start:g}-{unit.guidance_end:g}",
+            )
+        )
+    if spec.n_iter > 1:
+        lines.append(("Batches", f"{spec.n_iter} of {spec.batch_size}, one after another"))
+    return lines
 
 
 def node_status(node: Node) -> str:
@@ -359,10 +413,17 @@ def nodes_table(nodes: list[Node]) -> None:
 
 def models_table(models: list[Model]) -> None:
     rows = [
-        [m.name, f"{m.weight_bytes / GIB:.2f} GiB", m.dtype, ",".join(m.node_ids) or "-"]
+        [
+            m.name,
+            m.kind,
+            m.family or "-",
+            f"{m.weight_bytes / GIB:.2f} GiB",
+            m.dtype,
+            ",".join(m.node_ids) or "-",
+        ]
         for m in models
     ]
-    print_table(["NAME", "WEIGHTS", "DTYPE", "CONNECTED NODES"], rows)
+    print_table(["NAME", "KIND", "FAMILY", "WEIGHTS", "DTYPE", "CONNECTED NODES"], rows)
 
 
 def drained_line(node: Node, timeout: float | None) -> str:
