@@ -1,8 +1,10 @@
 """How much VRAM (and host RAM) a job will need, in each memory mode.
 
-The first estimate is model weights + activations (pixels x batch) + a
-margin. After every attempt the agent reports the peak it saw, and the book
-keeps the largest per (model, size bucket, batch, mode), with the pixel count
+The first estimate is model weights (the base model's, and the job's
+LoRAs' and ControlNets') + activations (pixels of the larger pass x batch)
++ a margin. After every attempt the agent reports the peak it saw, and the book
+keeps the largest per (model, size bucket, batch, mode, variant: the kind
+and its extras, see `Shape.variant`), with the pixel count
 it came from. From then on the estimate is that peak with a little headroom,
 its activations scaled up for a larger image in the same bucket. An
 out-of-memory failure raises the figure above what the card had, so the retry
@@ -75,12 +77,17 @@ class Shape:
     height: int
     batch_size: int
     # The kind and what it adds (a second pass, LoRAs, ControlNets), as
-    # `scheduler.placement.demand.variant` writes it; "" for plain txt2img.
+    # `scheduler.placement.demand.variant_of` writes it; "" for plain txt2img.
     variant: str = ""
+    # The hires fix's second pass, at a larger size (0x0 without one).
+    hires_width: int = 0
+    hires_height: int = 0
 
     @property
     def pixels(self) -> int:
-        return self.width * self.height * self.batch_size
+        """Per call, in the larger pass: the activations' peak grows with it."""
+        per_image = max(self.width * self.height, self.hires_width * self.hires_height)
+        return per_image * self.batch_size
 
     def key(self, mode: MemoryMode) -> EstimateKey:
         return (
@@ -117,7 +124,7 @@ def format_bytes(count: int) -> str:
 
 
 class EstimateBook:
-    """Learned peaks per (model, size bucket, batch, mode)."""
+    """Learned peaks per (model, size bucket, batch, mode, variant)."""
 
     def __init__(self, learned: dict[EstimateKey, LearnedPeak] | None = None) -> None:
         self.learned: dict[EstimateKey, LearnedPeak] = dict(learned or {})

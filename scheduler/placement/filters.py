@@ -15,6 +15,7 @@ from scheduler.placement.views import (
     Reason,
     Rejection,
 )
+from sdmesh.kinds import ModelKind
 
 Filter = Callable[[Demand, GpuView], Rejection | None]
 
@@ -46,6 +47,39 @@ def labels_match(demand: Demand, gpu: GpuView) -> Rejection | None:
 def model_present(demand: Demand, gpu: GpuView) -> Rejection | None:
     if demand.model not in gpu.models:
         return Rejection(Reason.MODEL_MISSING, unresolvable=True, subject=demand.model)
+    return None
+
+
+MISSING = {ModelKind.LORA: Reason.LORA_MISSING, ModelKind.CONTROLNET: Reason.CONTROLNET_MISSING}
+
+
+def extras_present(demand: Demand, gpu: GpuView) -> Rejection | None:
+    """Every LoRA and ControlNet the job names is on the node. An inpaint
+    job needs only its base model: the node runs it with its inpainting
+    model for that base, or the generic inpaint pipeline."""
+    for extra in demand.extras:
+        have = gpu.loras if extra.kind is ModelKind.LORA else gpu.controlnets
+        if extra.name not in have:
+            return Rejection(MISSING[extra.kind], unresolvable=True, subject=extra.name)
+    return None
+
+
+def families_match(demand: Demand, gpu: GpuView) -> Rejection | None:
+    """A LoRA or ControlNet made for another base family (an SDXL LoRA on
+    an SD 1.5 model) would fail to load or draw garbage; checked only when
+    the node knows both families."""
+    base = gpu.families.get((ModelKind.BASE, demand.model), "")
+    if not base:
+        return None
+    for extra in demand.extras:
+        family = gpu.families.get((extra.kind, extra.name), "")
+        if family and family != base:
+            return Rejection(
+                Reason.FAMILY_MISMATCH,
+                unresolvable=True,
+                subject=extra.name,
+                families=(extra.kind.value, family, demand.model, base),
+            )
     return None
 
 
@@ -91,7 +125,13 @@ def memory_fits(demand: Demand, gpu: GpuView) -> Rejection | None:
 
 
 # Cheap checks first; the first one that fails names the reason.
-STATIC_FILTERS: tuple[Filter, ...] = (node_usable, labels_match, model_present)
+STATIC_FILTERS: tuple[Filter, ...] = (
+    node_usable,
+    labels_match,
+    model_present,
+    extras_present,
+    families_match,
+)
 FILTERS: tuple[Filter, ...] = (*STATIC_FILTERS, slot_free, memory_fits)
 
 

@@ -40,6 +40,7 @@ from scheduler.placement.views import (
     Reserved,
     Unplaced,
 )
+from sdmesh.kinds import ModelKind
 from sdmesh.spec import MemoryMode
 
 # A job waits for a busy GPU when it would finish there in at most this
@@ -158,10 +159,21 @@ def _charge(gpu: GpuView, demand: Demand, placed: Placed) -> GpuView:
         bound_bytes=gpu.bound_bytes + placed.need.vram_bytes,
         busy_seconds=gpu.busy_seconds + placed.expected_seconds,
         # Workers keep several models while they fit: after the bound work,
-        # this one too when it runs in full mode.
+        # this one (and its ControlNets) too when it runs in full mode.
         resident=gpu.resident | {demand.model}
         if placed.need.mode is MemoryMode.FULL
         else gpu.resident,
+        resident_extras=gpu.resident_extras | kept_extras(demand)
+        if placed.need.mode is MemoryMode.FULL
+        else gpu.resident_extras,
+    )
+
+
+def kept_extras(demand: Demand) -> frozenset[tuple[str, str]]:
+    """The job's models a worker keeps loaded after it: its ControlNets.
+    LoRAs are unloaded after every job, so none leaks into the next."""
+    return frozenset(
+        (extra.kind, extra.name) for extra in demand.extras if extra.kind is ModelKind.CONTROLNET
     )
 
 
@@ -185,7 +197,7 @@ Batcher = Callable[[Demand, Placed, set[str]], Decision]
 
 def _shape(demand: Demand) -> Shape:
     """What a job's feasibility depends on: alike jobs share one verdict."""
-    return (demand.model, demand.needs, tuple(sorted(demand.selector.items())))
+    return (demand.model, demand.needs, tuple(sorted(demand.selector.items())), demand.extras)
 
 
 class Planner:

@@ -4,7 +4,8 @@ fixed 0-100 scale, combined by weights.
 - finish: expected finish time (work already bound there, a cold load if
   the model is not resident, and the job's own run at that GPU's measured
   speed in the chosen mode), relative to the best candidate;
-- resident: the model is already loaded;
+- resident: the share of the job's weights already loaded there: its base
+  model, and its LoRAs and ControlNets;
 - fit: VRAM left after placement, best fit scoring highest, so big cards
   stay free for big jobs;
 - utilization: how idle the GPU is.
@@ -34,6 +35,9 @@ def candidate(demand: Demand, gpu: GpuView, need: Need, speeds: SpeedModel) -> C
     seconds = speeds.run_seconds(gpu.key, demand.model, demand.work, need.mode)
     if demand.model not in gpu.resident:
         seconds += load_seconds(gpu.speeds, demand.model, demand.weight_bytes)
+    for extra in demand.extras:
+        if (extra.kind, extra.name) not in gpu.resident_extras:
+            seconds += load_seconds(gpu.speeds, extra.name, extra.weight_bytes)
     return Candidate(gpu, need, seconds, gpu.busy_seconds + seconds)
 
 
@@ -43,7 +47,19 @@ def finish_score(candidate: Candidate, best_finish_seconds: float) -> float:
 
 
 def resident_score(demand: Demand, gpu: GpuView) -> float:
-    return 100.0 if demand.model in gpu.resident else 0.0
+    # The share of the job's weights already loaded: an SDXL base (6.5 GiB)
+    # resident, its ControlNet (2.5 GiB) not: 100 x 6.5 / 9 = 72. With a
+    # size unknown (0), each part counts the same.
+    parts = [(demand.model in gpu.resident, demand.weight_bytes)]
+    parts += [
+        ((extra.kind, extra.name) in gpu.resident_extras, extra.weight_bytes)
+        for extra in demand.extras
+    ]
+    if len(parts) == 1:
+        return 100.0 if parts[0][0] else 0.0
+    if any(weight <= 0 for _, weight in parts):
+        return 100.0 * sum(1 for loaded, _ in parts if loaded) / len(parts)
+    return 100.0 * sum(weight for loaded, weight in parts if loaded) / demand.all_weight_bytes
 
 
 def fit_score(gpu: GpuView, need: Need) -> float:

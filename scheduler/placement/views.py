@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from scheduler.estimator import Need, format_bytes
+from sdmesh.errors import quote
+from sdmesh.kinds import ModelKind
 from sdmesh.speeds import Speed
 
 # Late binding: one job running and one prefetched per GPU; the rest wait
@@ -27,8 +29,15 @@ class GpuView:
     active_jobs: int = 0
     bound_bytes: int = 0  # estimates of the jobs bound here, freed as they finish
     busy_seconds: float = 0.0  # expected work bound here and not yet done
-    models: frozenset[str] = frozenset()  # on the node's disk
-    resident: frozenset[str] = frozenset()  # loaded on this device
+    models: frozenset[str] = frozenset()  # base models on the node's disk
+    resident: frozenset[str] = frozenset()  # models loaded on this device
+    loras: frozenset[str] = frozenset()  # on the node's disk
+    controlnets: frozenset[str] = frozenset()  # on the node's disk
+    # (kind, name) -> base family ("sd1", "sdxl"...) of the node's models
+    # whose family it knows
+    families: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    # (kind, name) of the LoRAs and ControlNets loaded on this device
+    resident_extras: frozenset[tuple[str, str]] = frozenset()
     speeds: Mapping[str, Speed] = field(default_factory=dict)
     utilization_percent: float = 0.0
     host_free_bytes: int = 0
@@ -52,14 +61,38 @@ class GpuView:
 
 
 @dataclass(frozen=True)
+class ExtraModel:
+    """A LoRA or ControlNet a job loads beside its base model, with its
+    weight size (0 when no node reported it)."""
+
+    kind: ModelKind  # LORA or CONTROLNET
+    name: str
+    weight_bytes: int = 0
+
+    @property
+    def label(self) -> str:
+        """How messages name it: "LoRA 'detail'", "ControlNet 'canny'"."""
+        return f"{KIND_LABELS[self.kind]} {quote(self.name)}"
+
+
+KIND_LABELS = {ModelKind.LORA: "LoRA", ModelKind.CONTROLNET: "ControlNet"}
+
+
+@dataclass(frozen=True)
 class Demand:
     job_id: str
     model: str
-    weight_bytes: int
+    weight_bytes: int  # the base model's
     work: float  # megapixel-steps
     needs: tuple[Need, ...]  # the allowed memory modes, most preferred first
     selector: Mapping[str, str] = field(default_factory=dict)
     waited_seconds: float = 0.0
+    extras: tuple[ExtraModel, ...] = ()  # its LoRAs, then its ControlNets
+
+    @property
+    def all_weight_bytes(self) -> int:
+        """The base model's weights and every LoRA's and ControlNet's."""
+        return self.weight_bytes + sum(extra.weight_bytes for extra in self.extras)
 
 
 class Reason(StrEnum):
@@ -69,6 +102,9 @@ class Reason(StrEnum):
     DRAINING = "draining"
     SELECTOR_MISMATCH = "selector mismatch"
     MODEL_MISSING = "model not on node"
+    LORA_MISSING = "LoRA not on node"
+    CONTROLNET_MISSING = "ControlNet not on node"
+    FAMILY_MISMATCH = "family mismatch"
     BUSY = "busy"
     INSUFFICIENT_VRAM = "insufficient VRAM"
     INSUFFICIENT_HOST_RAM = "insufficient host RAM"
@@ -89,6 +125,9 @@ class Rejection:
     capacity: int = 0
     unresolvable: bool = False
     subject: str = ""  # the label, model, memory mode or job count the numbers are about
+    # FAMILY_MISMATCH: the extra's kind and family, the base model and its
+    # family (the subject is the extra's name)
+    families: tuple[str, str, str, str] | None = None
 
     @property
     def kind(self) -> str:
@@ -102,6 +141,17 @@ class Rejection:
             return (
                 f"{self.subject} needs {format_bytes(self.needed)}, "
                 f"{format_bytes(self.available)} free"
+            )
+        if self.reason is Reason.LORA_MISSING:
+            return f"no LoRA {quote(self.subject)} on this node"
+        if self.reason is Reason.CONTROLNET_MISSING:
+            return f"no ControlNet {quote(self.subject)} on this node"
+        if self.reason is Reason.FAMILY_MISMATCH and self.families is not None:
+            kind, family, model, model_family = self.families
+            label = KIND_LABELS.get(ModelKind(kind), kind)
+            return (
+                f"{label} {quote(self.subject)} is for {family}, "
+                f"model {quote(model)} is {model_family}"
             )
         return self.subject
 
