@@ -2,9 +2,12 @@
 queuing itself.
 
 A spec is resolved (defaults applied, every field checked, the seed fixed)
-against the models nodes reported within the node memory window; a job no
-GPU seen within that window could ever take, in any memory mode it allows,
-is refused as unresolvable. What passes is stored QUEUED with its first
+against the models nodes reported within the node memory window, by kind
+(a job names a base model; its LoRAs and ControlNets must each be on some
+node), and against the input images its owner uploaded; a job no GPU seen
+within that window could ever take, in any memory mode it allows, or that
+no one node could run (none has its base model, LoRAs and ControlNets
+together), is refused as unresolvable. What passes is stored QUEUED with its first
 event; concurrent submits share one transaction (`GroupCommit`), and each
 caller is answered after it commits. The job joins the queue index and the
 dispatcher is woken.
@@ -32,6 +35,7 @@ from scheduler.placement import SeenGpu, demand_for, unresolvable
 from scheduler.runtime import Runtime, UsesRuntime
 from scheduler.store.group import GroupCommit
 from scheduler.store.store import Submission
+from sdmesh.kinds import SHA256, InputInfo, ModelKind
 from sdmesh.spec import MAX_SEED, SpecRequest, resolve
 
 log = logging.getLogger(__name__)
@@ -79,13 +83,19 @@ class Admission(UsesRuntime):
         with the same request id (and False). `limit_key` names whose
         submit rate this counts against (default: the owner's)."""
         self._check_rate(limit_key or f"user:{owner}")
-        known = await self.known_models()
+        known = await self.known_weights()
+        names = {kind: [n for k, n in known if k == kind] for kind in ModelKind}
         spec = resolve(
-            request, known_models=known, random_seed=lambda: secrets.randbelow(MAX_SEED + 1)
+            request,
+            known_models=names[ModelKind.BASE],
+            known_loras=names[ModelKind.LORA],
+            known_controlnets=names[ModelKind.CONTROLNET],
+            inputs=await self._inputs(request, owner),
+            random_seed=lambda: secrets.randbelow(MAX_SEED + 1),
         )
-        problem = unresolvable(
-            demand_for("", spec, known.get(spec.model, 0), self.estimates), await self.seen_gpus()
-        )
+        weight = known.get((ModelKind.BASE, spec.model), 0)
+        demand = demand_for("", spec, weight, self.estimates, extra_weights=known)
+        problem = unresolvable(demand, await self.seen_gpus())
         if problem is not None:
             raise FailedPrecondition(problem.text)
         refusal = self._past_queue_bounds(owner)
@@ -172,12 +182,24 @@ class Admission(UsesRuntime):
             cached = self._remembered = (now, version, models, nodes)
         return cached[2], cached[3]
 
-    async def known_models(self) -> dict[str, int]:
-        """Models seen within the node memory window, with their weight size."""
+    async def _inputs(self, request: SpecRequest, owner: str) -> dict[str, InputInfo]:
+        """The input images the request names that its owner uploaded, by
+        sha256; a name that is no sha256 is left for `resolve` to refuse."""
+        named = [request.init_image, request.mask, *(u.image for u in request.controlnets)]
+        shas = sorted({sha for sha in named if sha and SHA256.fullmatch(sha)})
+        registry = getattr(self.db.store, "inputs", None)
+        if not shas or registry is None:
+            return {}
+        found: dict[str, InputInfo] = await self.db.run(registry.sizes, owner, shas)
+        return found
+
+    async def known_weights(self) -> dict[tuple[str, str], int]:
+        """(kind, name) -> weight size of every model seen within the node
+        memory window, the connected nodes' as they are now."""
         remembered, _ = await self._recent()
-        known = {model.name: model.weight_bytes for model in remembered}
-        for name, weight_bytes in self.cluster.models().items():
-            known[name] = max(weight_bytes, known.get(name, 0))
+        known = {(model.kind, model.name): model.weight_bytes for model in remembered}
+        for key, weight_bytes in self.cluster.weights().items():
+            known[key] = max(weight_bytes, known.get(key, 0))
         return known
 
     async def seen_gpus(self) -> list[SeenGpu]:
@@ -186,8 +208,12 @@ class Admission(UsesRuntime):
         _, records = await self._recent()
         nodes = {record.info.node_id: record.info for record in records}
         nodes.update({node_id: s.info for node_id, s in self.cluster.sessions.items()})
-        return [
-            SeenGpu(info.name, device.index, device.total_bytes, info.labels)
-            for info in nodes.values()
-            for device in info.devices
-        ]
+        seen = []
+        for info in nodes.values():
+            models = frozenset((model.kind, model.name) for model in info.models)
+            families = {(m.kind, m.name): m.family for m in info.models if m.family}
+            seen += [
+                SeenGpu(info.name, d.index, d.total_bytes, info.labels, models, families)
+                for d in info.devices
+            ]
+        return seen

@@ -1,12 +1,15 @@
 """Cross-request batching: a job placed on a GPU takes alike queued jobs
 with it (`sdmesh.spec.batch_key`: same model, size, steps, sampler,
-guidance, memory mode and selector), and the agent runs them as one
+guidance, memory mode and selector, same kind and its settings, LoRAs,
+ControlNets and n_iter; jobs of different kinds never share a batch), and
+the agent runs them as one
 pipeline call with each job's prompts and seeds. On a GPU that is not
 saturated by one image, several images in one call cost little more than
 one.
 
-- A batch grows only while the estimated VRAM of all its images fits the
-  GPU's room in the placed memory mode, up to `max_images` images.
+- A batch grows only while the estimated VRAM of all its images in one
+  call (their batch sizes; n_iter calls run one after another) fits the
+  GPU's room in the placed memory mode, up to `max_images` images a call.
 - Partners are chosen as the queue policy would: users take turns, the
   one with the fewest jobs on GPUs first, each user's oldest first. A job
   never waits for a partner longer than `wait_seconds` (default 0: only
@@ -22,8 +25,8 @@ from itertools import islice, zip_longest
 
 from scheduler.config import BATCH_MAX_IMAGES
 from scheduler.domain import Job
-from scheduler.estimator import EstimateBook, Need, Shape
-from scheduler.placement import Decision, Demand, Placed, Unplaced
+from scheduler.estimator import EstimateBook, Need
+from scheduler.placement import Decision, Demand, Placed, Unplaced, shape_of
 from scheduler.queue import QueueIndex
 from sdmesh.spec import batch_key
 
@@ -69,7 +72,7 @@ class QueueBatcher:
             more = images + job.spec.batch_size
             if more > self.policy.max_images:
                 continue
-            grown = self._need(lead, more, placed)
+            grown = self._need(demand, lead, more, placed)
             if grown is None:
                 break  # a larger batch would not fit this GPU either
             partners.append(self.demand_of(job))
@@ -104,12 +107,15 @@ class QueueBatcher:
         turns = [by_owner[owner] for owner in owners]
         return [job for row in zip_longest(*turns) for job in row if job is not None]
 
-    def _need(self, lead: Job, images: int, placed: Placed) -> Need | None:
-        """What `images` images of the lead's shape need in the placed
-        mode, if the GPU has room for it."""
-        spec = lead.spec
-        shape = Shape(spec.model, spec.width, spec.height, images)
-        need = self.estimates.need(self.weight_of(spec.model), shape, placed.need.mode)
+    def _need(self, demand: Demand, lead: Job, images: int, placed: Placed) -> Need | None:
+        """What `images` images of the lead's shape (its kind, LoRAs and
+        ControlNets included, as its demand has them) need in the placed
+        mode, if the GPU has room for it. One call holds `images` images;
+        the batch's n_iter calls run one after another, so n_iter does not
+        add to the peak."""
+        shape = replace(shape_of(lead.spec), batch_size=images)
+        weights = self.weight_of(lead.spec.model) + sum(e.weight_bytes for e in demand.extras)
+        need = self.estimates.need(weights, shape, placed.need.mode)
         gpu = placed.gpu
         if need.vram_bytes > gpu.room_bytes or need.host_bytes > gpu.host_free_bytes:
             return None

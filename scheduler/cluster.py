@@ -21,6 +21,7 @@ from scheduler.errors import FailedPrecondition, NotFound
 from scheduler.placement import GpuView
 from sdmesh.convert import unsound_numbers
 from sdmesh.domain import DeviceStats, NodeInfo
+from sdmesh.kinds import ModelKind
 from sdmesh.spec import MemoryMode
 from sdmesh.speeds import Speed
 
@@ -28,6 +29,9 @@ if TYPE_CHECKING:
     from scheduler.attempt_state import ActiveAttempt
 
 log = logging.getLogger(__name__)
+
+# Models a job loads beside its base model; placement counts them apart.
+EXTRA_KINDS = frozenset({ModelKind.LORA.value, ModelKind.CONTROLNET.value})
 
 
 @dataclass(eq=False)  # one per stream, compared and hashed by identity
@@ -61,7 +65,13 @@ class NodeSession:
     def gpu_views(self, now: float, held: Sequence[ActiveAttempt]) -> list[GpuView]:
         """Each GPU as placement sees it, with `held`, the attempts bound to
         this node, charged to their GPUs."""
-        models = frozenset(model.name for model in self.info.models)
+        by_kind: dict[str, set[str]] = {}
+        for model in self.info.models:
+            by_kind.setdefault(model.kind, set()).add(model.name)
+        models = frozenset(by_kind.get(ModelKind.BASE, ()))
+        loras = frozenset(by_kind.get(ModelKind.LORA, ()))
+        controlnets = frozenset(by_kind.get(ModelKind.CONTROLNET, ()))
+        families = {(m.kind, m.name): m.family for m in self.info.models if m.family}
         views = []
         for device in self.info.devices:
             stats = self.stats.get(device.index)
@@ -74,19 +84,33 @@ class NodeSession:
                 if a.started_at is None or a.started_at >= self.stats_at
             )
             resident: tuple[str, ...] = ()
+            resident_extras: frozenset[tuple[str, str]] = frozenset()
             speeds: dict[str, Speed] = {}
             if stats is None:
                 free, utilization = device.total_bytes, 0.0
             else:
                 # Resident models count as free: the worker reuses the one a
                 # job needs, and evicts the others before it loads another.
+                # A job's estimate holds its ControlNets' weights, so one
+                # already loaded is counted once, as free here.
                 free = stats.free_bytes + stats.resident_bytes
-                resident = tuple(model.name for model in stats.resident_models)
+                resident = tuple(
+                    model.name for model in stats.resident_models if model.kind not in EXTRA_KINDS
+                )
+                resident_extras = frozenset(
+                    (model.kind, model.name)
+                    for model in stats.resident_models
+                    if model.kind in EXTRA_KINDS
+                )
                 speeds, utilization = dict(stats.speeds), stats.utilization_percent
             # When a new job's turn comes, the jobs bound here have loaded
             # their models too (those run in full mode): a worker keeps
             # several while they fit, evicting the least recently used.
-            resident += tuple(a.spec.model for a in on_gpu if a.memory_mode is MemoryMode.FULL)
+            full = [a for a in on_gpu if a.memory_mode is MemoryMode.FULL]
+            resident += tuple(a.spec.model for a in full)
+            resident_extras |= {
+                (ModelKind.CONTROLNET, unit.model) for a in full for unit in a.spec.controlnets
+            }
             views.append(
                 GpuView(
                     node_id=self.node_id,
@@ -100,6 +124,10 @@ class NodeSession:
                     busy_seconds=sum(a.remaining_seconds(now) for a in on_gpu),
                     models=models,
                     resident=frozenset(resident),
+                    loras=loras,
+                    controlnets=controlnets,
+                    families=families,
+                    resident_extras=frozenset(resident_extras),
                     speeds=speeds,
                     utilization_percent=utilization,
                     host_free_bytes=self.host_free_bytes,
@@ -184,12 +212,19 @@ class Cluster:
         session.draining = False
         session.send(ResumeCommand())
 
-    def models(self) -> dict[str, int]:
-        """Model name -> the largest weight size a connected node reports."""
-        sizes: dict[str, int] = {}
+    def models(self, kind: str = ModelKind.BASE) -> dict[str, int]:
+        """Name -> the largest weight size a connected node reports, of the
+        models of one kind (base models by default: an inpainting model or
+        a LoRA is not something a job names as its model)."""
+        return {name: size for (of, name), size in self.weights().items() if of == kind}
+
+    def weights(self) -> dict[tuple[str, str], int]:
+        """(kind, name) -> the largest weight size a connected node reports."""
+        sizes: dict[tuple[str, str], int] = {}
         for session in self.sessions.values():
             for model in session.info.models:
-                sizes[model.name] = max(sizes.get(model.name, 0), model.weight_bytes)
+                key = (model.kind, model.name)
+                sizes[key] = max(sizes.get(key, 0), model.weight_bytes)
         return sizes
 
     def holders(self) -> dict[tuple[str, str], list[str]]:

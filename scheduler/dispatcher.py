@@ -27,13 +27,16 @@ from scheduler.placement import (
     Placed,
     Planner,
     Unplaced,
+    Weights,
     demand_for,
+    extras_of,
     plan,
     unresolvable,
 )
 from scheduler.queue_policy import QueuedJob, order
 from scheduler.runtime import Runtime, UsesRuntime
 from scheduler.states import JobState
+from sdmesh.kinds import ModelKind
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +51,12 @@ def queue_demands(
     active_by_owner: Mapping[str, int],
     estimates: EstimateBook,
     now: float,
+    extra_weights: Weights | None = None,
 ) -> list[Demand]:
     """The queue in policy order, as placement demands. `weights` maps a
-    model to its weight size, `active_by_owner` counts each user's assigned
-    and running jobs. Pure: the benchmark's simulation calls it too."""
+    base model to its weight size, `extra_weights` a (kind, name) of a LoRA
+    or ControlNet to its; `active_by_owner` counts each user's assigned and
+    running jobs. Pure: the benchmark's simulation calls it too."""
     by_id = {job.id: job for job in queued}
     ordered = order(
         [QueuedJob(j.id, j.owner, j.spec.priority, j.created_at) for j in queued],
@@ -65,6 +70,7 @@ def queue_demands(
             estimates,
             # Since it last entered the queue: a retry starts its wait afresh.
             waited_seconds=now - by_id[entry.job_id].updated_at,
+            extra_weights=extra_weights,
         )
         for entry in ordered
     ]
@@ -87,7 +93,7 @@ class Dispatcher(UsesRuntime):
         self.reserve_after_seconds = reserve_after_seconds
         self.waiting: dict[str, str] = {}  # queued job id -> why the last pass left it
         self.planner: Planner | None = None  # the last pass, for why the others wait
-        self._demands: dict[str, tuple[tuple[int, int, int], Demand]] = {}
+        self._demands: dict[str, tuple[tuple[object, ...], Demand]] = {}
         self._checked: dict[str, tuple[Need, ...]] = {}  # job id -> needs found resolvable
         self._resynced = 0.0
 
@@ -105,7 +111,7 @@ class Dispatcher(UsesRuntime):
         if self.planner is None or job.id not in self.queue:
             return None
         # Not reached by the last pass: no GPU could take any job by then.
-        decision = self.planner.why(self._demand(job, self.cluster.models(), self.clock()))
+        decision = self.planner.why(self._demand(job, self.cluster.weights(), self.clock()))
         if isinstance(decision, Unplaced):
             return decision.reason
         return "every GPU that could take it is taken by jobs ahead of it in the queue"
@@ -144,14 +150,18 @@ class Dispatcher(UsesRuntime):
                 if job.state is JobState.QUEUED:
                     self.queue.add(job)
 
-    def _demand(self, job: Job, weights: Mapping[str, int], now: float) -> Demand:
+    def _demand(self, job: Job, weights: Weights, now: float) -> Demand:
         """What placement weighs for the job, worked out again only when its
-        attempt, its model's size or the learned estimates changed."""
-        weight = weights.get(job.spec.model, 0)
-        key = (job.attempt, weight, self.estimates.version)
+        attempt, its models' sizes or the learned estimates changed.
+        `weights` maps (kind, name) to the size nodes report."""
+        spec = job.spec
+        weight = weights.get((ModelKind.BASE, spec.model), 0)
+        extras = extras_of(spec, weights) if spec.loras or spec.controlnets else ()
+        key = (job.attempt, weight, self.estimates.version, extras)
         cached = self._demands.get(job.id)
         if cached is None or cached[0] != key:
-            cached = key, demand_for(job.id, job.spec, weight, self.estimates)
+            demand = demand_for(job.id, spec, weight, self.estimates, extra_weights=weights)
+            cached = key, demand
             self._demands[job.id] = cached
         # Since it last entered the queue: a retry starts its wait afresh.
         return replace(cached[1], waited_seconds=now - job.updated_at)
@@ -170,13 +180,13 @@ class Dispatcher(UsesRuntime):
             self.waiting, self.planner = {}, None
             return 0
         now = self.clock()
-        weights = self.cluster.models()
+        weights = self.cluster.weights()
         active = self.attempts.by_owner()
         batcher = QueueBatcher(
             self.batching,
             self.queue,
             self.estimates,
-            lambda model: weights.get(model, 0),
+            lambda model: weights.get((ModelKind.BASE, model), 0),
             lambda job: self._demand(job, weights, now),
             active,
         )
