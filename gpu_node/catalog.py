@@ -1,93 +1,76 @@
-"""The models this agent can run: the built-in `tiny`, plus every diffusers
-folder (one with a model_index.json) directly under --models-dir.
+"""The models this agent can run, by kind: the built-in `tiny` (and, with
+--tiny-variants, `tiny-inpaint`, the ControlNet `tiny-canny` and the LoRA
+`tiny-lora`), plus, under --models-dir, every diffusers folder directly in
+it (a base model, or an inpainting model when its UNet takes 9 channels),
+every `loras/NAME.safetensors` file and every `controlnet/NAME/` diffusers
+ControlNetModel folder.
 
 A model is offered only when loading it can run no code and read nothing
-outside its root (--models-dir; for tiny, its own folder):
-- every path in its folder, links followed, stays inside the root;
-- every weight file is .safetensors, its header checked against the file
-  (a truncated or damaged file is found without loading it). Pickle weights
-  (.bin, .ckpt, .pt, ...), or any file that holds a pickle, are refused:
-  loading them runs arbitrary code. So are code files (.py): diffusers
-  imports a pipeline's or a component's own module when it finds one;
-- model_index.json names only diffusers and transformers classes.
-Any other folder is skipped with one log line naming the model and the
-reason, and the scan goes on with the rest. The loader checks a model again
-just before loading it (`verified_folder`), since its folder may have changed
-since the scan.
+outside its root (--models-dir; for tiny and its variants, their own
+folder), as `gpu_node.safe_files` checks: no path or link leads out of the
+root, every weight is .safetensors with a header that matches its file, no
+pickle (a pickle LoRA in `loras/` is skipped with a log line like any
+other), no code, and configs that name only diffusers and transformers
+classes. Any other is skipped with one log line naming it and the reason,
+and the scan goes on with the rest. The loader checks a model again just
+before loading it (`verified_folder`), since its files may have changed.
 
-For each model it reports the weight size and dtype, read from the
-safetensors headers. Single-file checkpoints are not loaded yet; they are
-listed in the log with the reason.
+For each model it reports the kind, the weight size and dtype (from the
+safetensors headers), the base family it fits ("sd1", "sd2", "sdxl" from
+the UNet's or ControlNet's config, a LoRA's from kohya's
+`ss_base_model_version` metadata; "tiny" for tiny and its variants; ""
+when unknown) and, for LoRAs and ControlNets, the sha256 of the weights,
+which A1111's infotext quotes. Names of different kinds may coincide:
+models are looked up by (kind, name). Single-file checkpoints are not
+loaded yet; they are listed in the log with the reason.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
+import hashlib
 import logging
-import math
 import os
-import re
 from collections.abc import Mapping
-from dataclasses import dataclass
-from functools import cache
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from gpu_node.safe_files import (
+    PICKLE_SUFFIXES,
+    check_file,
+    check_model_index,
+    check_shard_index,
+    header_dtype,
+    model_files,
+    read_json,
+    safetensors_header,
+    weight_files,
+)
 from gpu_node.tiny import ensure_tiny
 from sdmesh.domain import ModelInfo
+from sdmesh.kinds import ModelKind
 from sdmesh.spec import TINY_MODEL
+
+# Re-exported: the checks were the catalog's before they had a module.
+from gpu_node.safe_files import safetensors_dtype  # noqa: F401  # isort: skip
 
 log = logging.getLogger(__name__)
 
-# torch.load and friends unpickle these; .npy/.npz may hold pickled objects.
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle", ".joblib", ".npy", ".npz")
-OTHER_WEIGHT_SUFFIXES = (".h5", ".msgpack", ".onnx", ".gguf", ".pb")
-CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyd", ".so")
-# The configs where transformers looks for remote code (`auto_map`).
-CODE_CONFIGS = ("config.json", "tokenizer_config.json", "preprocessor_config.json")
-COMPONENT_LIBRARIES = ("diffusers", "transformers")
-MAX_HEADER_BYTES = 100 * 1024 * 1024  # a safetensors header; real ones are under 1 MiB
-MAX_CONFIG_BYTES = 16 * 1024 * 1024  # model_index.json and the configs read here
-MAX_FILES = 10_000  # in one model folder: bounds the scan of a wrong folder
-IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-
-SAFETENSORS_DTYPES = {
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "F32": "float32",
-    "F64": "float64",
-    "F8_E4M3": "float8_e4m3fn",
-    "F8_E5M2": "float8_e5m2",
-}
-# Bits per element of every dtype the safetensors format defines.
-SAFETENSORS_BITS = {
-    "BOOL": 8,
-    "F4": 4,
-    "F6_E2M3": 6,
-    "F6_E3M2": 6,
-    "U8": 8,
-    "I8": 8,
-    "F8_E5M2": 8,
-    "F8_E4M3": 8,
-    "F8_E8M0": 8,
-    "I16": 16,
-    "U16": 16,
-    "F16": 16,
-    "BF16": 16,
-    "I32": 32,
-    "U32": 32,
-    "F32": 32,
-    "C64": 64,
-    "F64": 64,
-    "I64": 64,
-    "U64": 64,
-}
+LORAS_FOLDER = "loras"
+CONTROLNETS_FOLDER = "controlnet"
+TINY_FAMILY = "tiny"
+# A UNet's or ControlNet's cross-attention width tells its base family.
+CROSS_ATTENTION_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+# kohya's ss_base_model_version values ("sd_v1", "sd_v2_768_v", "sdxl_base_v1-0"...).
+LORA_FAMILY_PREFIXES = (("sd_v1", "sd1"), ("sd_v2", "sd2"), ("sdxl", "sdxl"), ("tiny", "tiny"))
+INPAINT_IN_CHANNELS = 9  # 4 latent + 4 masked-image latent + 1 mask
+CONTROLNET_CLASSES = ("ControlNetModel",)
+PIPELINE_KINDS = (ModelKind.BASE, ModelKind.INPAINT)
 
 
 class ModelRefused(ValueError):
-    """A model folder that is not offered: unsafe to load, or damaged. The
-    message names the model and the reason, on one line."""
+    """A model that is not offered: unsafe to load, or damaged. The message
+    names the model and the reason, on one line."""
 
 
 @dataclass(frozen=True)
@@ -97,265 +80,66 @@ class LocalModel:
     weight_bytes: int
     dtype: str
     root: Path | None = None  # resolved; the model's files must stay inside it
+    kind: str = ModelKind.BASE
+    family: str = ""
+    sha256: str = ""  # of the weights; LoRAs and ControlNets only
 
     @property
     def synthetic(self) -> bool:
         return self.path is None
 
     @property
+    def key(self) -> tuple[str, str]:
+        return (str(self.kind), self.name)
+
+    @property
     def info(self) -> ModelInfo:
-        return ModelInfo(self.name, self.weight_bytes, self.dtype)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _tensor_span(key: str, entry: Any, data_bytes: int) -> tuple[int, int]:
-    """A tensor entry's byte range in the data area, checked against its
-    dtype and shape."""
-    if not isinstance(entry, dict):
-        raise ValueError(f"tensor {key!r} is not described by an object")
-    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    bits = SAFETENSORS_BITS.get(dtype) if isinstance(dtype, str) else None
-    if bits is None:
-        raise ValueError(f"tensor {key!r} has an unknown dtype {dtype!r}")
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise ValueError(f"tensor {key!r} has an invalid shape {shape!r}")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_int(o) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
-        raise ValueError(f"tensor {key!r} has invalid data_offsets {offsets!r}")
-    begin, end = offsets
-    if end > data_bytes:
-        raise ValueError(
-            f"tensor {key!r} ends at byte {end} of a {data_bytes}-byte data area: "
-            "the file is truncated"
+        return ModelInfo(
+            self.name, self.weight_bytes, self.dtype, str(self.kind), self.family, self.sha256
         )
-    if math.prod(shape) * bits != (end - begin) * 8:
-        raise ValueError(f"tensor {key!r}: {dtype} {shape} does not fill its {end - begin} bytes")
-    return begin, end
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """The header of a .safetensors file, checked against the file without
-    loading any tensor: an 8-byte little-endian length no larger than the
-    file or MAX_HEADER_BYTES, a JSON object, and tensors that tile the data
-    area that follows exactly, as the safetensors library requires. Raises
-    ValueError saying what is wrong."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            raise ValueError(f"{size} bytes is too short for a safetensors header")
-        length = int.from_bytes(prefix, "little")
-        if length > min(MAX_HEADER_BYTES, size - 8):
-            raise ValueError(
-                f"its header length {length} is beyond the file's {size - 8} bytes "
-                f"or the {MAX_HEADER_BYTES}-byte limit"
-            )
-        raw = handle.read(length)
-    if len(raw) != length:
-        raise ValueError("the file shrank while its header was read")
-    header = json.loads(raw.decode("utf-8"))
-    if not isinstance(header, dict):
-        raise ValueError("its header is not a JSON object")
-    data_bytes = size - 8 - length
-    spans: list[tuple[int, int, str]] = []
-    for key, entry in header.items():
-        if key == "__metadata__":
-            if not isinstance(entry, dict):
-                raise ValueError("its __metadata__ is not an object")
-            continue
-        spans.append((*_tensor_span(key, entry, data_bytes), key))
-    covered = 0
-    for begin, end, key in sorted(spans):
-        if begin != covered:
-            raise ValueError(f"tensor {key!r} starts at byte {begin}, not {covered}")
-        covered = end
-    if covered != data_bytes:
-        raise ValueError(f"{data_bytes - covered} bytes follow the last tensor")
-    return header
+# (resolved path, size, mtime) -> sha256: a rescan hashes no file twice.
+_SHA256_CACHE: dict[tuple[str, int, int], str] = {}
 
 
-def header_dtype(header: Mapping[str, Any]) -> str:
-    """The dtype of the first tensor in a safetensors header."""
-    for key, entry in header.items():
-        if key != "__metadata__":
-            name = str(entry["dtype"])
-            return SAFETENSORS_DTYPES.get(name, name.lower())
-    return "unknown"
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, computed once per (path, size, mtime)."""
+    real = path.resolve(strict=True)
+    stat = real.stat()
+    key = (str(real), stat.st_size, stat.st_mtime_ns)
+    found = _SHA256_CACHE.get(key)
+    if found is None:
+        with open(real, "rb") as handle:
+            found = hashlib.file_digest(handle, "sha256").hexdigest()
+        _SHA256_CACHE[key] = found
+    return found
 
 
-def safetensors_dtype(path: Path) -> str:
-    """The dtype of the first tensor in a .safetensors file, from its header."""
-    return header_dtype(safetensors_header(path))
+def config_family(config: Any) -> str:
+    """The base family of a UNet or ControlNet config."""
+    if not isinstance(config, dict):
+        return ""
+    if config.get("addition_embed_type") == "text_time":
+        return "sdxl"
+    width = config.get("cross_attention_dim")
+    return CROSS_ATTENTION_FAMILIES.get(width, "") if isinstance(width, int) else ""
 
 
-def model_files(folder: Path, root: Path) -> list[Path]:
-    """Every file in a model folder as a loader would reach it, links
-    followed. Each path, the folder's own included, must resolve inside
-    `root` (resolved), so neither `..` nor a link leads out of it. A broken
-    link or anything but a folder or a regular file (a FIFO would block the
-    scan) is refused. Raises ValueError saying which path is wrong."""
-    real = folder.resolve(strict=True)
-    if not real.is_relative_to(root):
-        raise ValueError(f"the folder leads outside {root}, to {real}")
-    if not real.is_dir():
-        raise ValueError("it is not a folder")
-    files: list[Path] = []
-    seen = {real}  # a link back up the tree is walked once
-    pending = [folder]
-    while pending:
-        for entry in sorted(pending.pop().iterdir()):
-            where = entry.relative_to(folder)
-            if not os.path.exists(entry):
-                raise ValueError(f"{where} is a broken link")
-            target = entry.resolve(strict=True)
-            if not target.is_relative_to(root):
-                raise ValueError(f"{where} leads outside {root}, to {target}")
-            if target.is_dir():
-                if target not in seen:
-                    seen.add(target)
-                    pending.append(entry)
-            elif target.is_file():
-                files.append(entry)
-                if len(files) > MAX_FILES:
-                    raise ValueError(f"it holds more than {MAX_FILES} files")
-            else:
-                raise ValueError(f"{where} is neither a file nor a folder")
-    return files
+def lora_family(header: Mapping[str, Any]) -> str:
+    """A LoRA's base family from kohya's `ss_base_model_version`."""
+    metadata = header.get("__metadata__")
+    version = metadata.get("ss_base_model_version") if isinstance(metadata, dict) else None
+    if isinstance(version, str):
+        for prefix, family in LORA_FAMILY_PREFIXES:
+            if version.startswith(prefix):
+                return family
+    return ""
 
 
-def _holds_pickle(path: Path) -> bool:
-    """Whether a file starts as a pickle (protocol 2 or later) or as a zip,
-    which is how torch.save writes its pickles."""
-    with open(path, "rb") as handle:
-        head = handle.read(4)
-    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or (
-        head == b"PK\x03\x04"
-    )
-
-
-def _read_json(path: Path) -> Any:
-    if path.stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"it is larger than {MAX_CONFIG_BYTES} bytes")
-    return json.loads(path.read_bytes().decode("utf-8"))
-
-
-def check_file(path: Path, where: Path) -> None:
-    """Refuses a file that a loader would unpickle or import, or that is
-    weights in a format other than safetensors. A safetensors file's header
-    is checked on its own (`safetensors_header`); its length prefix could
-    look like a pickle's."""
-    name = path.name.lower()
-    suffix = path.suffix.lower()
-    if suffix in PICKLE_SUFFIXES:
-        raise ValueError(f"{where}: pickle weights are refused (loading them runs code)")
-    if suffix in OTHER_WEIGHT_SUFFIXES:
-        raise ValueError(f"{where}: only .safetensors weights are loaded")
-    if suffix in CODE_SUFFIXES:
-        raise ValueError(f"{where}: code files are refused (diffusers would import them)")
-    if name.endswith(".index.json") and not name.endswith(".safetensors.index.json"):
-        raise ValueError(f"{where}: an index of pickle weights is refused")
-    if suffix != ".safetensors" and _holds_pickle(path):
-        raise ValueError(f"{where} holds a pickle, which is refused")
-    if name in CODE_CONFIGS:
-        config = _read_json(path)
-        if isinstance(config, dict) and "auto_map" in config:
-            raise ValueError(f"{where} names custom code (auto_map)")
-
-
-def check_shard_index(path: Path, where: Path) -> None:
-    """A sharded weight's index names its shards as plain file names beside
-    it, each of them .safetensors: the loader joins them to the folder, so
-    `../` in a name would read outside it."""
-    index = _read_json(path)
-    weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not isinstance(weight_map, dict):
-        raise ValueError(f"{where} has no weight_map")
-    for shard in set(weight_map.values()):
-        if (
-            not isinstance(shard, str)
-            or Path(shard).name != shard
-            or shard in (".", "..")
-            or not shard.endswith(".safetensors")
-            or not (path.parent / shard).is_file()
-        ):
-            raise ValueError(f"{where} names a shard {shard!r} that is not a file beside it")
-
-
-@cache
-def _is_diffusers_pipeline_module(library: str) -> bool:
-    """Whether `library` is one of diffusers' pipeline packages, which
-    model_index.json may name as a component's library (SD1.x names its
-    safety checker ["stable_diffusion", ...]). Looked up on disk, so the
-    scan imports no diffusers."""
-    if not IDENTIFIER.fullmatch(library):
-        return False
-    spec = importlib.util.find_spec("diffusers")
-    locations = spec.submodule_search_locations if spec is not None else None
-    return any(
-        (Path(location) / "pipelines" / library / "__init__.py").is_file()
-        for location in locations or ()
-    )
-
-
-def check_model_index(path: Path) -> None:
-    """Refuses a model_index.json that diffusers could not load without
-    running the model's own code: the pipeline must be a diffusers class
-    named by a plain name (a [file, class] pair is a custom pipeline), and
-    each component a [library, class] pair from diffusers (its pipeline
-    packages included) or transformers, or [null, null] for none. Other
-    keys are the pipeline's options: numbers, booleans and null. A string
-    there would be unpacked as a component."""
-    index = _read_json(path)
-    if not isinstance(index, dict):
-        raise ValueError("model_index.json is not a JSON object")
-    pipeline_class = index.get("_class_name")
-    if not isinstance(pipeline_class, str) or not IDENTIFIER.fullmatch(pipeline_class):
-        raise ValueError(
-            f"model_index.json names the pipeline {pipeline_class!r}, not a diffusers class "
-            "(custom pipelines run code)"
-        )
-    for key, value in index.items():
-        if key.startswith("_") or value is None or isinstance(value, bool | int | float):
-            continue
-        if value == [None, None]:
-            continue
-        if not isinstance(value, list) or len(value) != 2:
-            raise ValueError(f"model_index.json gives component {key!r} as {value!r}")
-        library, class_name = value
-        known = isinstance(library, str) and (
-            library in COMPONENT_LIBRARIES or _is_diffusers_pipeline_module(library)
-        )
-        if not known or not isinstance(class_name, str) or not IDENTIFIER.fullmatch(class_name):
-            raise ValueError(
-                f"model_index.json names component {key!r} as {value!r}, outside diffusers "
-                "and transformers (custom code)"
-            )
-
-
-def weight_files(folder: Path, files: list[Path] | None = None) -> list[Path]:
-    """The .safetensors files diffusers would load: the plain ones, or the
-    variant files (model.fp16.safetensors) when a component has only those."""
-    if files is None:
-        files = model_files(folder, folder.resolve())
-    chosen: list[Path] = []
-    for component in sorted({f.parent for f in files if f.suffix == ".safetensors"}):
-        found = sorted(f for f in files if f.parent == component and f.suffix == ".safetensors")
-        plain = [f for f in found if "." not in f.name.removesuffix(".safetensors")]
-        chosen.extend(plain or found)
-    return chosen
-
-
-def _checked(name: str, folder: Path, root: Path) -> LocalModel:
+def _checked_files(folder: Path, root: Path) -> tuple[list[Path], dict[Path, dict[str, Any]]]:
+    """Every file of a folder, each checked; the safetensors headers."""
     files = model_files(folder, root)
-    if folder / "model_index.json" not in files:
-        raise ValueError("it has no model_index.json")
     headers: dict[Path, dict[str, Any]] = {}
     for path in files:
         where = path.relative_to(folder)
@@ -367,81 +151,215 @@ def _checked(name: str, folder: Path, root: Path) -> LocalModel:
                 headers[path] = safetensors_header(path)
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from exc
-    check_model_index(folder / "model_index.json")
+    return files, headers
+
+
+def _weights(
+    folder: Path, files: list[Path], headers: Mapping[Path, Any]
+) -> tuple[list[Path], int, str]:
     chosen = weight_files(folder, files)
     if not chosen:
         raise ValueError("no .safetensors weights")
     largest = max(chosen, key=lambda f: f.stat().st_size)
+    return chosen, sum(f.stat().st_size for f in chosen), header_dtype(headers[largest])
+
+
+def _checked(name: str, folder: Path, root: Path) -> LocalModel:
+    files, headers = _checked_files(folder, root)
+    if folder / "model_index.json" not in files:
+        raise ValueError("it has no model_index.json")
+    check_model_index(folder / "model_index.json")
+    _, weight_bytes, dtype = _weights(folder, files, headers)
+    unet = (
+        read_json(folder / "unet" / "config.json")
+        if folder / "unet" / "config.json" in files
+        else {}
+    )
+    pipeline_class = str(read_json(folder / "model_index.json").get("_class_name", ""))
+    inpaint = "Inpaint" in pipeline_class or (
+        isinstance(unet, dict) and unet.get("in_channels") == INPAINT_IN_CHANNELS
+    )
     return LocalModel(
         name=name,
         path=folder,
-        weight_bytes=sum(f.stat().st_size for f in chosen),
-        dtype=header_dtype(headers[largest]),
+        weight_bytes=weight_bytes,
+        dtype=dtype,
         root=root,
+        kind=ModelKind.INPAINT if inpaint else ModelKind.BASE,
+        family=config_family(unet),
     )
 
 
-def describe(name: str, folder: Path, root: Path | None = None) -> LocalModel:
-    """The model in `folder`, checked in full (see the module's docstring).
-    `root` is the folder its files must stay inside: --models-dir, or by
-    default the folder itself. Raises ModelRefused, whatever is wrong."""
+def _checked_controlnet(name: str, folder: Path, root: Path) -> LocalModel:
+    files, headers = _checked_files(folder, root)
+    if folder / "config.json" not in files:
+        raise ValueError("it has no config.json")
+    config = read_json(folder / "config.json")
+    class_name = config.get("_class_name") if isinstance(config, dict) else None
+    if class_name not in CONTROLNET_CLASSES:
+        raise ValueError(f"its config.json names {class_name!r}, not a ControlNetModel")
+    chosen, weight_bytes, dtype = _weights(folder, files, headers)
+    # Sharded weights: the hash of the shards' hashes, in order.
+    sha256 = (
+        file_sha256(chosen[0])
+        if len(chosen) == 1
+        else hashlib.sha256("".join(file_sha256(f) for f in chosen).encode()).hexdigest()
+    )
+    return LocalModel(
+        name, folder, weight_bytes, dtype, root, ModelKind.CONTROLNET, config_family(config), sha256
+    )
+
+
+def _checked_lora(name: str, path: Path, root: Path) -> LocalModel:
+    real = path.resolve(strict=True)
+    if not real.is_relative_to(root):
+        raise ValueError(f"it leads outside {root}, to {real}")
+    if not real.is_file():
+        raise ValueError("it is not a file")
+    check_file(real, Path(path.name))
+    if real.suffix.lower() != ".safetensors":
+        raise ValueError("a LoRA must be one .safetensors file")
+    header = safetensors_header(real)
+    return LocalModel(
+        name,
+        path,
+        real.stat().st_size,
+        header_dtype(header),
+        root,
+        ModelKind.LORA,
+        lora_family(header),
+        file_sha256(real),
+    )
+
+
+_CHECKS = {
+    ModelKind.BASE: _checked,
+    ModelKind.INPAINT: _checked,
+    ModelKind.CONTROLNET: _checked_controlnet,
+    ModelKind.LORA: _checked_lora,
+}
+_WHAT = {ModelKind.CONTROLNET: "ControlNet", ModelKind.LORA: "LoRA"}
+
+
+def describe(
+    name: str, path: Path, root: Path | None = None, kind: str = ModelKind.BASE
+) -> LocalModel:
+    """The model at `path` (a folder; a file for a LoRA), checked in full
+    (see the module's docstring). `root` is the folder its files must stay
+    inside: --models-dir, or by default the model's own folder. `kind`:
+    BASE for any pipeline folder (it finds INPAINT itself), CONTROLNET or
+    LORA. Raises ModelRefused, whatever is wrong."""
+    kind = ModelKind(kind)
     try:
-        real_root = (root or folder).resolve(strict=True)
-        return _checked(name, folder, real_root)
+        default_root = path.parent if kind is ModelKind.LORA else path
+        real_root = (root or default_root).resolve(strict=True)
+        return _CHECKS[kind](name, path, real_root)
     except (ValueError, OSError, RuntimeError) as exc:
         # RuntimeError: a link loop (Path.resolve) or JSON nested too deep.
         reason = " ".join(str(exc).split()) or type(exc).__name__
-        raise ModelRefused(f"model {name!r} in {folder}: {reason}") from exc
+        what = _WHAT.get(kind, "model")
+        raise ModelRefused(f"{what} {name!r} in {path}: {reason}") from exc
 
 
 def verified_folder(model: LocalModel) -> Path:
-    """The resolved folder to load a model from, after checking the model
-    again as the scan did: its folder may have changed since. Raises
-    ModelRefused."""
+    """The resolved folder (a LoRA's file) to load a model from, after
+    checking the model again as the scan did: its files may have changed
+    since. Raises ModelRefused."""
     if model.path is None or model.root is None:
         raise ModelRefused(f"model {model.name!r} has no folder to load")
-    describe(model.name, model.path, model.root)
+    described = describe(model.name, model.path, model.root, _scan_kind(model.kind))
+    if described.kind != model.kind:
+        raise ModelRefused(f"model {model.name!r} in {model.path} is now a {described.kind} model")
     return model.path.resolve(strict=True)
+
+
+def _scan_kind(kind: str) -> ModelKind:
+    return ModelKind.BASE if kind == ModelKind.INPAINT else ModelKind(kind)
+
+
+def _synthetic(key: str, weight_bytes: int) -> LocalModel:
+    """A synthetic model from --simulate-models: NAME, or KIND:NAME for an
+    inpainting model, a ControlNet or a LoRA (lora:detail=150MiB)."""
+    kind, sep, name = key.partition(":")
+    if not sep or kind not in set(ModelKind):
+        kind, name = ModelKind.BASE, key
+    return LocalModel(name, None, weight_bytes, "float16", kind=ModelKind(kind))
 
 
 class Catalog:
     def __init__(
-        self, data_dir: Path, models_dir: Path | None, synthetic: Mapping[str, int] | None = None
+        self,
+        data_dir: Path,
+        models_dir: Path | None,
+        synthetic: Mapping[str, int] | None = None,
+        *,
+        tiny_variants: bool = False,
     ) -> None:
         self.data_dir = data_dir
         self.models_dir = models_dir
-        self.synthetic = dict(synthetic or {})  # name -> weight bytes, for simulated GPUs
-        self.models: dict[str, LocalModel] = {}
+        self.synthetic = dict(synthetic or {})  # [kind:]name -> weight bytes, for simulated GPUs
+        self.tiny_variants = tiny_variants
+        self.models: dict[tuple[str, str], LocalModel] = {}  # by (kind, name)
 
     def scan(self) -> list[LocalModel]:
-        """Builds tiny if needed and rescans --models-dir. A model that is
-        refused is skipped with one log line; only a missing --models-dir
-        is an error."""
-        found: dict[str, LocalModel] = {}
-        self._offer(found, TINY_MODEL, ensure_tiny(self.data_dir / "models"), None)
+        """Builds tiny (and its variants) if needed and rescans
+        --models-dir. A model that is refused is skipped with one log line;
+        only a missing --models-dir is an error."""
+        found: dict[tuple[str, str], LocalModel] = {}
+        for name, path, kind in self._tiny():
+            self._offer(found, name, path, None, kind, family=TINY_FAMILY)
         if self.models_dir is not None:
             if not self.models_dir.is_dir():
                 raise FileNotFoundError(f"--models-dir {self.models_dir} is not a folder")
             root = self.models_dir.resolve(strict=True)
             for entry in sorted(self.models_dir.iterdir()):
                 try:
-                    self._look_at(found, entry, root)
+                    if entry.name == LORAS_FOLDER and entry.is_dir():
+                        self._look_in(found, entry, root, ModelKind.LORA)
+                    elif entry.name == CONTROLNETS_FOLDER and entry.is_dir():
+                        self._look_in(found, entry, root, ModelKind.CONTROLNET)
+                    else:
+                        self._look_at(found, entry, root)
                 except OSError as exc:
                     log.warning("skipped %s: %s", entry, " ".join(str(exc).split()))
-        for name, weight_bytes in self.synthetic.items():
-            found[name] = LocalModel(name, None, weight_bytes, "float16")
+        for key, weight_bytes in self.synthetic.items():
+            model = _synthetic(key, weight_bytes)
+            found[model.key] = model
         self.models = found
         return list(found.values())
 
-    def get(self, name: str) -> LocalModel | None:
-        return self.models.get(name)
+    def get(self, name: str, kind: str | None = None) -> LocalModel | None:
+        """The model of that kind and name; with no kind, the pipeline
+        model (base or inpainting: one folder namespace) of that name."""
+        if kind is None:
+            return self.models.get((ModelKind.BASE, name)) or self.models.get(
+                (ModelKind.INPAINT, name)
+            )
+        return self.models.get((str(kind), name))
 
-    def _look_at(self, found: dict[str, LocalModel], entry: Path, root: Path) -> None:
+    def of_kind(self, kind: str) -> list[LocalModel]:
+        return [model for model in self.models.values() if model.kind == kind]
+
+    def _tiny(self) -> list[tuple[str, Path, ModelKind]]:
+        root = self.data_dir / "models"
+        offered = [(TINY_MODEL, ensure_tiny(root), ModelKind.BASE)]
+        if self.tiny_variants:
+            from gpu_node import tiny_variants as variants
+
+            offered += [
+                (variants.INPAINT_NAME, variants.ensure_tiny_inpaint(root), ModelKind.BASE),
+                (
+                    variants.CONTROLNET_NAME,
+                    variants.ensure_tiny_controlnet(root),
+                    ModelKind.CONTROLNET,
+                ),
+                (variants.LORA_NAME, variants.ensure_tiny_lora(root), ModelKind.LORA),
+            ]
+        return offered
+
+    def _look_at(self, found: dict[tuple[str, str], LocalModel], entry: Path, root: Path) -> None:
         if entry.is_dir() and os.path.lexists(entry / "model_index.json"):
-            if entry.name == TINY_MODEL:
-                log.warning("%s: the name %r is reserved; skipped", entry, TINY_MODEL)
-            else:
-                self._offer(found, entry.name, entry, root)
+            self._offer(found, entry.name, entry, root, ModelKind.BASE)
         elif entry.suffix in PICKLE_SUFFIXES:
             log.warning("skipped %s: pickle checkpoints are refused", entry.name)
         elif entry.suffix == ".safetensors":
@@ -450,9 +368,46 @@ class Catalog:
                 entry.name,
             )
 
+    def _look_in(
+        self, found: dict[tuple[str, str], LocalModel], folder: Path, root: Path, kind: ModelKind
+    ) -> None:
+        """`loras/NAME.safetensors` or `controlnet/NAME/`."""
+        for entry in sorted(folder.iterdir()):
+            where = f"{folder.name}/{entry.name}"
+            if entry.name.startswith("."):
+                continue  # a build in progress, or the system's
+            if entry.suffix.lower() in PICKLE_SUFFIXES:
+                log.warning(
+                    "skipped %s: pickle weights are refused (loading them runs code)", where
+                )
+            elif kind is ModelKind.LORA and entry.suffix.lower() == ".safetensors":
+                self._offer(found, entry.stem, entry, root, kind)
+            elif kind is ModelKind.CONTROLNET and entry.is_dir():
+                self._offer(found, entry.name, entry, root, kind)
+            else:
+                expected = "NAME.safetensors" if kind is ModelKind.LORA else "a ControlNet folder"
+                log.warning("skipped %s: not %s", where, expected)
+
     @staticmethod
-    def _offer(found: dict[str, LocalModel], name: str, folder: Path, root: Path | None) -> None:
+    def _offer(
+        found: dict[tuple[str, str], LocalModel],
+        name: str,
+        path: Path,
+        root: Path | None,
+        kind: ModelKind,
+        family: str | None = None,
+    ) -> None:
         try:
-            found[name] = describe(name, folder, root)
+            model = describe(name, path, root, kind)
         except ModelRefused as exc:
             log.warning("skipped: %s", exc)
+            return
+        if family is not None:
+            model = replace(model, family=family)
+        # Pipeline folders share one namespace, whatever their kind.
+        pipeline = model.kind in PIPELINE_KINDS
+        names = [(other, name) for other in PIPELINE_KINDS] if pipeline else [model.key]
+        if any(taken in found for taken in names):
+            log.warning("%s: the name %r is reserved; skipped", path, name)
+            return
+        found[model.key] = model

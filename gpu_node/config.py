@@ -20,7 +20,16 @@ class AgentConfig:
     # sdctl's global --scheduler.
     scheduler: str = field()
     data_dir: Path = option(help="default ~/.local/share/sdmesh/node", parse=Path)
-    models_dir: Path | None = option(None, help="folder of diffusers model folders", parse=Path)
+    models_dir: Path | None = option(
+        None,
+        help="folder of diffusers model folders, with loras/NAME.safetensors and controlnet/NAME/",
+        parse=Path,
+    )
+    tiny_variants: bool = option(
+        False,
+        help="also offer the tiny model's offline variants, built in the data dir like tiny: "
+        "tiny-inpaint, the ControlNet tiny-canny and the LoRA tiny-lora (for tests and demos)",
+    )
     name: str | None = option(None, help="display name (default hostname-gpuN)")
     labels: dict[str, str] = pairs_option(
         flag="--label", help="a node label jobs can select with --selector; repeatable"

@@ -24,6 +24,13 @@ INPAINT_SEED = TINY_SEED + 1
 CONTROLNET_SEED = TINY_SEED + 2
 LORA_SEED = TINY_SEED + 3
 
+# The names the catalog offers them by (--tiny-variants).
+INPAINT_NAME = "tiny-inpaint"
+CONTROLNET_NAME = "tiny-canny"
+LORA_NAME = "tiny-lora"
+# kohya's metadata key for the base a LoRA was trained on; the catalog reads it.
+LORA_METADATA = {"format": "pt", "ss_base_model_version": "tiny"}
+
 LORA_RANK = 4
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 # Standard deviations of the LoRA factors: B is small but far from zero, so
@@ -105,19 +112,19 @@ def build_tiny_lora(destination: Path) -> None:
         up = torch.randn(module.out_features, LORA_RANK, generator=generator)
         tensors[f"unet.{name}.lora_A.weight"] = down.contiguous()
         tensors[f"unet.{name}.lora_B.weight"] = (up * LORA_B_STD).contiguous()
-    save_file(tensors, str(destination), metadata={"format": "pt"})
+    save_file(tensors, str(destination), metadata=LORA_METADATA)
 
 
 def ensure_tiny_inpaint(models_root: Path) -> Path:
     """The `tiny-inpaint` pipeline's folder under `models_root`."""
-    return build_atomically(models_root / "tiny-inpaint", build_tiny_inpaint)
+    return build_atomically(models_root / INPAINT_NAME, build_tiny_inpaint)
 
 
 def ensure_tiny_controlnet(models_root: Path) -> Path:
     """The tiny ControlNet's folder, `models_root/controlnet/tiny-canny`."""
-    return build_atomically(models_root / "controlnet" / "tiny-canny", build_tiny_controlnet)
+    return build_atomically(models_root / "controlnet" / CONTROLNET_NAME, build_tiny_controlnet)
 
 
 def ensure_tiny_lora(models_root: Path) -> Path:
     """The tiny LoRA's file, `models_root/loras/tiny-lora.safetensors`."""
-    return build_atomically(models_root / "loras" / "tiny-lora.safetensors", build_tiny_lora)
+    return build_atomically(models_root / "loras" / f"{LORA_NAME}.safetensors", build_tiny_lora)

@@ -98,7 +98,7 @@ class FakeLoads:
     def __init__(self, catalog: Catalog, weights: int = 4096) -> None:
         from diffusers import EulerAncestralDiscreteScheduler
 
-        tiny = catalog.models["tiny"].path
+        tiny = catalog.get("tiny").path
         assert tiny is not None
         self.scheduler = EulerAncestralDiscreteScheduler.from_pretrained(tiny / "scheduler")
         self.weights = weights
