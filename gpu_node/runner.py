@@ -23,12 +23,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from gpu_node.backends import Backend
+from gpu_node.passes import Pass, Prepared, arguments, finish, plan, prepare, upscale
 from gpu_node.pipelines import ModelUnavailable
 from gpu_node.preview import Previewer
 from sdmesh.domain import (
@@ -44,6 +45,7 @@ from sdmesh.domain import (
     UpdateBody,
 )
 from sdmesh.infotext import infotext
+from sdmesh.kinds import Kind
 from sdmesh.spec import JobSpec, MemoryMode
 from sdmesh.speeds import SpeedTable
 
@@ -60,6 +62,8 @@ class Task:
     stop_outcome: AttemptOutcome = AttemptOutcome.STOPPED
     stop_reason: str = ""
     batch: str = ""  # the first job of the batch it runs in, if it runs in one
+    # Its input images, decoded (PIL), by sha256 (sdmesh.spec.JobSpec.inputs).
+    inputs: Mapping[str, Any] = field(default_factory=dict)
 
     def stop(self, outcome: AttemptOutcome, reason: str) -> None:
         if not self.stop_requested.is_set():
@@ -101,37 +105,29 @@ def encode_png(image: Any, parameters: str) -> bytes:
     return buffer.getvalue()
 
 
-def arguments(specs: Sequence[JobSpec], on_step_end: Callable[..., Any]) -> dict[str, Any]:
-    """The diffusers text-to-image call for a job, or for alike jobs run as
-    one batch: each job's prompts, negative prompts and seeds, in order."""
-    import torch
+class StepCounter:
+    """One increasing step count over every pass of every iteration of a
+    job. A pass's own count is what the pipeline says it runs
+    (`num_timesteps`, known once it starts); passes still to come count as
+    planned (`Pass.expected_steps`), so the total is exact once the last
+    pass has started, and the last step reported equals it."""
 
-    lead = specs[0]
-    if len(specs) == 1:
-        prompt: str | list[str] = lead.prompt
-        negative: str | list[str] | None = lead.negative_prompt or None
-        per_prompt = lead.batch_size
-    else:
-        prompt = [spec.prompt for spec in specs for _ in range(spec.batch_size)]
-        negatives = [spec.negative_prompt for spec in specs for _ in range(spec.batch_size)]
-        negative = negatives if any(negatives) else None
-        per_prompt = 1
-    return {
-        "prompt": prompt,
-        "negative_prompt": negative,
-        "width": lead.width,
-        "height": lead.height,
-        "num_inference_steps": lead.steps,
-        "guidance_scale": lead.cfg_scale,
-        "num_images_per_prompt": per_prompt,
-        # Noise from a CPU generator per image: the same seed gives the same
-        # picture on any card, alone or in a batch, and image i uses seed + i.
-        "generator": [
-            torch.Generator("cpu").manual_seed(seed) for spec in specs for seed in spec.seeds
-        ],
-        "callback_on_step_end": on_step_end,
-        "callback_on_step_end_tensor_inputs": ["latents"],
-    }
+    def __init__(self, planned: Sequence[int]) -> None:
+        self.planned = list(planned)
+        self.position = 0
+        self.done = 0  # steps of the passes that ended
+        self.current = 0  # steps of the running pass so far
+
+    def step(self, index: int, running: int) -> tuple[int, int]:
+        """(step, total) for the callback of the running pass's step `index`."""
+        self.current = index + 1
+        running = running or self.planned[self.position]
+        return self.done + index + 1, self.done + running + sum(self.planned[self.position + 1 :])
+
+    def end_pass(self) -> None:
+        self.done += self.current
+        self.current = 0
+        self.position += 1
 
 
 class DeviceWorker:
@@ -255,12 +251,14 @@ class DeviceWorker:
         sender a GIL hand-off; the publisher pays it, not the compute."""
         self._publisher.submit(self._send, task, body)
 
-    def _publish(self, task: Task, images: list[Any], profile: AttemptProfile) -> None:
+    def _publish(
+        self, task: Task, images: list[Any], profile: AttemptProfile, hashes: Mapping[str, str]
+    ) -> None:
         """On the publisher: a finished attempt's PNGs, then its ending."""
         spec = task.spec
         try:
             for index, (image, seed) in enumerate(zip(images, spec.seeds, strict=True)):
-                png = encode_png(image, infotext(spec, seed))
+                png = encode_png(image, infotext(spec, seed, hashes))
                 self._send(task, ImageReady(index, seed, image.width, image.height, png))
         except Exception as exc:
             log.exception(
@@ -281,6 +279,26 @@ class DeviceWorker:
     def _stopped(self, task: Task) -> Ended:
         return Ended(task.stop_outcome, task.stop_reason)
 
+    def _load(self, spec: JobSpec, mode: MemoryMode, passes: list[Pass]) -> tuple[dict[Kind, Any], float]:
+        """The pipeline of each kind of pass the job has (the hires fix's
+        second pass is the same model's image-to-image pipeline, with the
+        same LoRAs and ControlNets), and the seconds spent loading."""
+        pipelines: dict[Kind, Any] = {}
+        seconds = 0.0
+        for kind in dict.fromkeys(step.kind for step in passes):
+            extras: dict[str, Any] = {}
+            if kind is not Kind.TXT2IMG or spec.loras or spec.controlnets:
+                extras = {
+                    "task": kind,
+                    "controlnets": tuple(unit.model for unit in spec.controlnets),
+                    "loras": spec.loras,
+                }
+            pipelines[kind], load_seconds = self.backend.pipeline(
+                spec.model, spec.sampler_name, mode, **extras
+            )
+            seconds += load_seconds
+        return pipelines, seconds
+
     def _run(self, batch: list[Task]) -> bool:
         """Runs one attempt, or alike attempts as one batch. False when the
         call left the pipeline by an exception, whose traceback may hold
@@ -288,17 +306,26 @@ class DeviceWorker:
         wanted = self._wanted(batch)
         if not wanted:
             return True
-        import torch
-
         for task in wanted:
             self._post(task, Started())
-        lead = wanted[0]
-        spec = lead.spec
         self.backend.begin_job()
         try:
-            pipeline, load_seconds = self.backend.pipeline(
-                spec.model, spec.sampler_name, lead.memory_mode
-            )
+            return self._run_started(wanted)
+        finally:
+            # LoRAs were activated for this job only: the next job on the
+            # card must not see them, whatever happened.
+            end_job = getattr(self.backend, "end_job", None)
+            if end_job is not None:
+                end_job()
+
+    def _run_started(self, wanted: list[Task]) -> bool:
+        import torch
+
+        lead = wanted[0]
+        spec = lead.spec
+        passes = plan(spec)
+        try:
+            pipelines, load_seconds = self._load(spec, lead.memory_mode, passes)
         except ModelUnavailable as exc:
             self._end_all(wanted, Ended(AttemptOutcome.FAILED, str(exc), "model"))
             return True
@@ -313,17 +340,34 @@ class DeviceWorker:
         running = self._wanted(wanted)
         if not running:
             return True
+        try:
+            prepared = [prepare(task.spec, task.inputs) for task in running]
+        except Exception as exc:  # an input that does not decode or is missing
+            self._end_all(running, Ended(AttemptOutcome.FAILED, one_line(exc), "input"))
+            return True
         images = sum(task.spec.batch_size for task in running)
         offsets = [sum(t.spec.batch_size for t in running[:i]) for i in range(len(running))]
-        shape = (spec.model, spec.width, spec.height, images)
+        shape = (
+            spec.model,
+            spec.kind,
+            spec.enable_hr,
+            *spec.output_size,
+            images,
+            spec.loras,
+            tuple(unit.model for unit in spec.controlnets),
+        )
         self.backend.make_room(spec.model, self._peaks.get(shape, 0))
         previewers = [Previewer(self._publisher, self._sender(task)) for task in running]
         still = set(range(len(running)))
-        step_times: list[float] = []
+        # The callbacks' times of each pass at the job's own size (the
+        # speeds are per size), so that prompt encoding, the first step's
+        # warm-up and decodes between passes do not count.
+        step_times: list[list[float]] = []
+        counter = StepCounter([])
         started = time.monotonic()
 
         def on_step_end(pipe: Any, index: int, _timestep: Any, tensors: dict[str, Any]) -> Any:
-            step_times.append(time.monotonic())
+            step_times[-1].append(time.monotonic())
             for position in list(still):
                 task = running[position]
                 if task.stop_requested.is_set():
@@ -331,19 +375,32 @@ class DeviceWorker:
                     self._post(task, self._stopped(task))
             if not still:
                 raise AttemptStopped
-            total = int(getattr(pipe, "num_timesteps", 0) or spec.steps)
+            step, total = counter.step(index, int(getattr(pipe, "num_timesteps", 0) or 0))
             latents = tensors.get("latents")
             for position in sorted(still):
                 task, offset = running[position], offsets[position]
-                self._post(task, Progress(index + 1, total))
+                self._post(task, Progress(step, total))
                 share = None if latents is None else latents[offset : offset + task.spec.batch_size]
-                previewers[position].offer(index + 1, total, share)
+                previewers[position].offer(step, total, share)
             return tensors
+
+        def one_pass(step: Pass, iteration: int, carried: Any) -> Any:
+            pipeline = pipelines[step.kind]
+            step_times.append([])
+            call = arguments(
+                pipeline, step, [t.spec for t in running], prepared, iteration, on_step_end, carried
+            )
+            result = pipeline(**call).images
+            if step.width != spec.width or step.height != spec.height:
+                step_times.pop()
+            counter.end_pass()
+            return result
 
         for tries in (1, 2):
             out_of_memory = ""
+            counter = StepCounter([step.expected_steps for step in passes] * spec.n_iter)
             try:
-                result = pipeline(**arguments([task.spec for task in running], on_step_end))
+                outputs = self._iterations(running, passes, prepared, offsets, one_pass)
                 break
             except AttemptStopped:
                 return False  # each was told when it stopped
@@ -366,12 +423,11 @@ class DeviceWorker:
                 continue
             self._out_of_memory([running[p] for p in sorted(still)], out_of_memory, load_seconds)
             return False
-        # Between the first and last callbacks, so that prompt encoding and
-        # the first step's warm-up do not count.
-        if len(step_times) >= 2:
-            mean_step = (step_times[-1] - step_times[0]) / (len(step_times) - 1)
+        intervals = sum(len(times) - 1 for times in step_times if times)
+        if intervals:
+            mean_step = sum(times[-1] - times[0] for times in step_times if times) / intervals
         else:
-            mean_step = step_times[0] - started if step_times else 0.0
+            mean_step = step_times[0][0] - started if step_times and step_times[0] else 0.0
         peak = self.backend.peak_bytes()
         if peak:
             self._peaks[shape] = peak
@@ -383,9 +439,32 @@ class DeviceWorker:
         )
         # A batch's peak is no one job's: the scheduler learns peaks per job.
         profile = AttemptProfile(load_seconds, mean_step, peak if len(running) == 1 else 0)
-        outputs = list(result.images)
+        hashes = dict(getattr(self.backend, "hashes", dict)())
         for position, task in enumerate(running):
             if position in still:
-                mine = outputs[offsets[position] : offsets[position] + task.spec.batch_size]
-                self._publisher.submit(self._publish, task, mine, profile)
+                self._publisher.submit(self._publish, task, outputs[position], profile, hashes)
         return True
+
+    @staticmethod
+    def _iterations(
+        running: list[Task],
+        passes: list[Pass],
+        prepared: list[Prepared],
+        offsets: list[int],
+        one_pass: Callable[[Pass, int, Any], Any],
+    ) -> list[list[Any]]:
+        """Every iteration's passes, one after another: each job's pictures,
+        `batch_size` an iteration, laid over its original when inpainted."""
+        lead = running[0].spec
+        outputs: list[list[Any]] = [[] for _ in running]
+        for iteration in range(lead.n_iter):
+            carried = None
+            for number, step in enumerate(passes):
+                result = one_pass(step, iteration, carried)
+                if number + 1 < len(passes):
+                    carried = upscale(result, lead)
+            pictures = list(result)
+            for position, task in enumerate(running):
+                share = pictures[offsets[position] : offsets[position] + task.spec.batch_size]
+                outputs[position].extend(finish(prepared[position], image) for image in share)
+        return outputs
