@@ -9,6 +9,7 @@ from scheduler.domain import Job
 from scheduler.estimator import GIB, EstimateBook
 from scheduler.placement import Demand, Placed, Planner, Unplaced, demand_for, plan
 from scheduler.queue import QueueIndex
+from sdmesh.kinds import LoraWeight
 from tests.factories import make_gpu, make_queued_job
 
 WEIGHT = 2 * GIB
@@ -85,3 +86,37 @@ def test_partners_take_turns_between_users() -> None:
     # Bob has none: Bob's alike job rides first, then Alice's oldest.
     jobs = [job(f"a{n}", n) for n in range(6)] + [job("b0", 10, owner="bob")]
     assert members(run(jobs, active={"alice": 2})[0]) == ["b0", "a1", "a2"]
+
+
+SHA = "ab" * 32
+
+
+def test_jobs_of_different_kinds_never_share_a_batch() -> None:
+    jobs = [
+        job("t0", 0),
+        job("i0", 1, init_image=SHA),
+        job("t1", 2),
+        job("m0", 3, init_image=SHA, mask="cd" * 32),
+        job("i1", 4, init_image="ef" * 32),  # another init image: still alike
+        job("l0", 5, loras=(LoraWeight("detail"),)),
+        job("n0", 6, n_iter=2),
+    ]
+    decisions = run(jobs)
+    assert members(decisions[0]) == ["t1"]
+    assert members(decisions[1]) == ["i1"]
+    assert members(decisions[2]) == []  # the inpainting job
+    # No GPU here has the LoRA; the job with two batches runs alone.
+    assert isinstance(decisions[3], Unplaced)
+    assert members(decisions[4]) == []
+
+
+def test_a_batch_is_estimated_as_its_kind() -> None:
+    # Hires x2 at 512 px: each image's second pass at 1024 x 1024 needs
+    # 3 GiB besides 2 GiB of weights and a 0.5 GiB margin: 9 GiB of room
+    # holds two (8.5 GiB), not three (11.5). As plain txt2img, 512 px images
+    # (0.75 GiB each) would fit eight.
+    hires = [job(f"h{n}", n, width=512, height=512, enable_hr=True) for n in range(4)]
+    assert members(run(hires, free_gib=9)[0]) == ["h1"]
+    # n_iter runs its batches one after another: it does not add to the peak.
+    iterated = [job(f"n{n}", n, width=512, height=512, n_iter=4) for n in range(4)]
+    assert members(run(iterated, free_gib=9)[0]) == ["n1", "n2", "n3"]

@@ -3,6 +3,8 @@ the attempts bound to each GPU charged to it."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from scheduler.attempt_state import ActiveAttempt, count_by_owner
@@ -10,6 +12,7 @@ from scheduler.cluster import Cluster
 from scheduler.commands import DrainCommand, ResumeCommand
 from scheduler.errors import FailedPrecondition, NotFound
 from sdmesh.domain import DeviceStats, ModelInfo
+from sdmesh.kinds import ControlNetUnit
 from sdmesh.spec import MemoryMode
 from sdmesh.speeds import Speed
 from tests.factories import GIB, make_node, make_spec
@@ -105,3 +108,37 @@ def test_nodes_are_found_by_id_or_name_and_drained() -> None:
         DrainCommand(90.0),
         ResumeCommand(),
     ]
+
+
+def test_models_are_seen_by_kind_with_their_families() -> None:
+    cluster = Cluster()
+    models = (
+        ModelInfo("sdxl", 7 * GIB, "float16", "base", "sdxl"),
+        ModelInfo("sdxl-inpaint", 7 * GIB, "float16", "inpaint", "sdxl"),
+        ModelInfo("detail", GIB // 4, "float16", "lora", "sdxl"),
+        ModelInfo("canny-sdxl", 2 * GIB, "float16", "controlnet", "sdxl"),
+        ModelInfo("depth", GIB, "float16", "controlnet"),  # family unknown
+    )
+    cluster.connect(replace(make_node("n1"), models=models), now=0.0)
+    # The ControlNet is loaded beside SDXL; a bound full-mode job with
+    # another ControlNet will have loaded its own by its turn.
+    resident = (models[0], models[3])
+    stats = DeviceStats(0, 24 * GIB, 10 * GIB, 14 * GIB, 0.0, resident)
+    cluster.report_stats("n1", [stats], now=1.0)
+    bound = attempt("j1", gib=3, assigned_at=1.0, started_at=None)
+    spec = make_spec(model="sdxl", controlnets=(ControlNetUnit("depth", "ab" * 32),))
+    bound = replace(bound, spec=spec)
+    [view] = cluster.gpu_views(now=1.0, held={"n1": [bound]})
+    # An inpainting model is not a model a job names, nor is a LoRA.
+    assert view.models == {"sdxl"}
+    assert view.loras == {"detail"}
+    assert view.controlnets == {"canny-sdxl", "depth"}
+    assert view.families[("lora", "detail")] == "sdxl"
+    assert ("controlnet", "depth") not in view.families
+    assert view.resident == {"sdxl"}
+    assert view.resident_extras == {("controlnet", "canny-sdxl"), ("controlnet", "depth")}
+    # 10 GiB free + 9 GiB resident (both count as reclaimable) - 3 GiB not yet reported
+    assert view.free_bytes == 16 * GIB
+    assert cluster.models() == {"sdxl": 7 * GIB}
+    assert cluster.models("controlnet") == {"canny-sdxl": 2 * GIB, "depth": GIB}
+    assert cluster.weights()[("lora", "detail")] == GIB // 4
