@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
 
+from client._models import Model
+from client.cli.commands import models
 from client.cli.main import build_parser
 from harness.processes import free_port, process_env, sdctl_command
+from protos import scheduler_pb2
 from sdmesh.flags import parse_duration
 
 
@@ -132,3 +137,120 @@ def test_server_flags_come_from_the_config_and_keep_its_defaults() -> None:
         scheduler="s:1",
     )
     assert (node.labels, node.gpus, node.shutdown_timeout) == ({"pool": "a"}, (0, 1), 30.0)
+
+
+def test_a_missing_or_unusable_image_exits_2_naming_the_field_before_any_call(
+    tmp_path: Path,
+) -> None:
+    """The scheduler is unreachable: exit 2, not 3, shows nothing was sent."""
+    gif = tmp_path / "edges.gif"
+    gif.write_bytes(b"GIF89a" + bytes(32))
+    scheduler = ["--scheduler", f"127.0.0.1:{free_port()}"]
+    missing = sdctl(*scheduler, "submit", "p", "--init-image", str(tmp_path / "x.png"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == f"error: init_image: no such file '{tmp_path / 'x.png'}'"
+    control = sdctl(*scheduler, "submit", "p", "--controlnet", f"canny:{gif}:0.5")
+    assert control.returncode == 2
+    assert control.stderr.strip() == (
+        f"error: controlnets[0].image: '{gif}' is a GIF; allowed: PNG, JPEG or WebP"
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "error"),
+    [
+        (
+            ["--lora", "detail:high"],
+            "error: --lora: expected NAME or NAME:WEIGHT, got 'detail:high'",
+        ),
+        (
+            ["--controlnet", "canny"],
+            "error: --controlnet: expected MODEL:IMAGE or MODEL:IMAGE:WEIGHT",
+        ),
+    ],
+)
+def test_bad_kind_flags_exit_2_with_one_line(flags: list[str], error: str) -> None:
+    result = sdctl("--scheduler", f"127.0.0.1:{free_port()}", "submit", "p", *flags)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(error), result.stderr
+
+
+class _Models:
+    """What `sdctl models` asks of a client."""
+
+    def __init__(self, models: list[Model]) -> None:
+        self.models = models
+
+    def list_models(self) -> list[Model]:
+        return self.models
+
+
+def _model(name: str, kind: str, family: str) -> Model:
+    return Model.from_proto(
+        scheduler_pb2.Model(
+            name=name,
+            weight_bytes=2**30,
+            dtype="float16",
+            node_ids=["n1"],
+            kind=kind,
+            family=family,
+        )
+    )
+
+
+def test_models_json_and_table_carry_kind_and_family(capsys: pytest.CaptureFixture[str]) -> None:
+    found = [
+        _model("sd15", "", "sd1"),
+        _model("detail", "lora", ""),
+        _model("odd\x1b[31m", "inpaint", "fam\x1b[2J"),
+    ]
+    parser = build_parser()
+    models(parser.parse_args(["models"]), _Models(found))  # type: ignore[arg-type]
+    table = capsys.readouterr().out
+    lines = [line.split() for line in table.strip().splitlines()]
+    assert lines[0][:4] == ["NAME", "KIND", "FAMILY", "WEIGHTS"]
+    assert [line[:3] for line in lines[-3:]] == [
+        ["sd15", "base", "sd1"],
+        ["detail", "lora", "-"],
+        ["odd\\x1b[31m", "inpaint", "fam\\x1b[2J"],  # network text, escaped
+    ]
+    assert "\x1b" not in table
+    models(parser.parse_args(["models", "-o", "json"]), _Models(found))  # type: ignore[arg-type]
+    listed = json.loads(capsys.readouterr().out)
+    assert [(m["name"], m["kind"], m["family"]) for m in listed] == [
+        ("sd15", "base", "sd1"),
+        ("detail", "lora", ""),
+        ("odd\x1b[31m", "inpaint", "fam\x1b[2J"),
+    ]
+
+
+def test_sdctl_job_says_the_kind_and_its_settings() -> None:
+    from client.cli.render import kind_lines
+    from sdmesh.kinds import ControlNetUnit, LoraWeight
+    from sdmesh.spec import JobSpec
+
+    spec = partial(JobSpec, prompt="p", negative_prompt="", model="tiny", width=64, height=64,
+                   steps=8, cfg_scale=7.0, seed=1, sampler_name="Euler a", batch_size=2)  # fmt: skip
+    assert kind_lines(spec()) == [("Kind", "txt2img")]
+    inpaint = spec(
+        init_image="a" * 64,
+        mask="b" * 64,
+        denoising_strength=0.6,
+        inpaint_full_res=True,
+        loras=(LoraWeight("detail", 0.8),),
+        controlnets=(ControlNetUnit("canny", "c" * 64, 0.5, 0.0, 0.8),),
+        n_iter=3,
+    )
+    assert kind_lines(inpaint) == [
+        ("Kind", "inpaint"),
+        ("Init image", "aaaaaaaaaaaa, denoising 0.6, just resize"),
+        ("Mask", "bbbbbbbbbbbb, blur 4, fill original, only masked (padding 32)"),
+        ("LoRAs", "detail:0.8"),
+        ("ControlNet 0", "canny, image cccccccccccc, weight 0.5, guidance 0-0.8"),
+        ("Batches", "3 of 2, one after another"),
+    ]
+    hires = spec(enable_hr=True, hr_scale=1.5, denoising_strength=0.7)
+    assert kind_lines(hires) == [
+        ("Kind", "txt2img + hires fix"),
+        ("Hires fix", "to 96x96 with Latent, 8 steps, denoising 0.7"),
+    ]

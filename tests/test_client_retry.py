@@ -63,6 +63,7 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
         self.leader = leader  # the address a standby names as the leader's
         self.requests: dict[str, list[Any]] = {}
         self.jobs: dict[str, scheduler_pb2.Job] = {}  # by request id
+        self.inputs: dict[str, bytes] = {}  # uploaded input images, by sha256
 
     async def _enter(self, method: str, request: Any, context: Context) -> None:
         self.requests.setdefault(method, []).append(request)
@@ -143,6 +144,18 @@ class FakeScheduler(scheduler_pb2_grpc.SchedulerServicer):
     ) -> scheduler_pb2.ListModelsResponse:
         await self._enter("ListModels", request, context)
         return scheduler_pb2.ListModelsResponse()
+
+    async def UploadInput(
+        self, chunks: AsyncIterator[common_pb2.InputChunk], context: Context
+    ) -> common_pb2.InputInfo:
+        """Keeps the bytes by sha256, as the real scheduler does; records
+        the chunks of each upload as one request."""
+        received = [chunk async for chunk in chunks]
+        await self._enter("UploadInput", received, context)
+        data = b"".join(chunk.data for chunk in received)
+        sha = hashlib.sha256(data).hexdigest()
+        self.inputs[sha] = data
+        return common_pb2.InputInfo(sha256=sha, size_bytes=len(data), format="PNG")
 
     async def GetHealth(
         self, request: scheduler_pb2.GetHealthRequest, context: Context

@@ -12,7 +12,8 @@ from typing import Any
 import grpc
 import pytest
 
-from client._async import SubmitOptions, spec_request
+from client._inputs import SubmitOptions, spec_request
+from client.cli.commands import submit_options
 from client.cli.main import build_parser
 from client.cli.options import options_from
 from protos import common_pb2
@@ -22,6 +23,7 @@ from sdmesh.convert import (
     spec_request_to_proto,
     spec_to_proto,
 )
+from sdmesh.kinds import ControlNetUnit, LoraWeight
 from sdmesh.spec import JobSpec, MemoryMode, SpecRequest, resolve
 from sdmesh.wire import is_standby, leader_hint, parse_addresses, standby_metadata
 
@@ -53,7 +55,7 @@ def test_flags_become_a_spec_request_field_by_field() -> None:
          "--selector", "pool=sdxl", "--selector", "zone=b"]
     )  # fmt: skip
     options = options_from(SpecRequest, args, skip=("prompt",))
-    assert spec_request(args.prompt, options) == SpecRequest(  # type: ignore[arg-type]
+    assert spec_request(args.prompt, options) == SpecRequest(
         prompt="a fox",
         negative_prompt="blur",
         model="tiny",
@@ -73,6 +75,55 @@ def test_flags_become_a_spec_request_field_by_field() -> None:
     # Flags left out stay out: the scheduler applies its own defaults.
     bare = build_parser().parse_args(["submit", "p"])
     assert options_from(SpecRequest, bare, skip=("prompt",)) == {}
+
+
+def test_the_kinds_flags_become_a_spec_request_field_by_field() -> None:
+    """The image flags stay paths here: the SDK uploads them at submit."""
+    args = build_parser().parse_args(
+        ["submit", "a fox", "--lora", "a:0.5", "--lora", "b", "--controlnet", "cn:c.png:0.7",
+         "--controlnet", "depth:d.png", "--hires-scale", "2", "--hires-steps", "10",
+         "--hires-upscaler", "Latent (nearest)", "--hires-width", "1024", "--hires-height", "768",
+         "--n-iter", "3", "--init-image", "x.png", "--denoising-strength", "0.6",
+         "--resize-mode", "1", "--mask", "m.png", "--mask-blur", "8", "--inpainting-fill", "2",
+         "--only-masked", "--only-masked-padding", "16", "--invert-mask", "--request-id", "r"]
+    )  # fmt: skip
+    assert spec_request(args.prompt, submit_options(args)) == SpecRequest(
+        prompt="a fox",
+        request_id="r",
+        loras=(LoraWeight("a", 0.5), LoraWeight("b", 1.0)),
+        controlnets=(ControlNetUnit("cn", "c.png", 0.7), ControlNetUnit("depth", "d.png", 1.0)),
+        enable_hr=True,  # implied by the --hires-* flags
+        hr_scale=2.0,
+        hr_second_pass_steps=10,
+        hr_upscaler="Latent (nearest)",
+        hr_resize_x=1024,
+        hr_resize_y=768,
+        n_iter=3,
+        init_image="x.png",
+        denoising_strength=0.6,
+        resize_mode=1,
+        mask="m.png",
+        mask_blur=8,
+        inpainting_fill=2,
+        inpaint_full_res=True,
+        inpaint_full_res_padding=16,
+        inpainting_mask_invert=True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("flags", "enable_hr"),
+    [
+        ([], None),
+        (["--hires"], True),
+        (["--hires-steps", "5"], True),
+        (["--hires-width", "1024"], True),
+        (["--denoising-strength", "0.5"], None),  # img2img's too: no hires fix
+    ],
+)
+def test_any_hires_flag_turns_the_hires_fix_on(flags: list[str], enable_hr: bool | None) -> None:
+    args = build_parser().parse_args(["submit", "p", *flags])
+    assert submit_options(args).get("enable_hr") == enable_hr
 
 
 def test_a_spec_request_crosses_the_wire_unset_fields_unset() -> None:
