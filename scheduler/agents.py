@@ -1,4 +1,5 @@
-"""The agent-facing service: one bidirectional stream per connected agent.
+"""The agent-facing service: one bidirectional stream per connected agent,
+enrollment, and the input images of the attempts an agent runs.
 
 An adapter and nothing more. Up come hello, stats, health reports and
 attempt updates, which it converts and hands to the cluster, liveness and
@@ -17,12 +18,13 @@ from typing import Any
 
 from grpc import aio
 
-from protos import agent_pb2, agent_pb2_grpc
+from protos import agent_pb2, agent_pb2_grpc, common_pb2
+from scheduler.attempt_state import ActiveAttempt
 from scheduler.attempts import Attempts
 from scheduler.auth import Authenticator
 from scheduler.cluster import NodeSession
 from scheduler.convert import command_to_proto
-from scheduler.errors import AlreadyExists, PermissionDenied, Unauthenticated
+from scheduler.errors import AlreadyExists, NotFound, PermissionDenied, Unauthenticated
 from scheduler.liveness import Supervisor
 from scheduler.principal import current_node_labels, current_principal
 from scheduler.runtime import Runtime, UsesRuntime
@@ -38,6 +40,7 @@ from sdmesh.convert import (
 )
 from sdmesh.domain import NodeInfo
 from sdmesh.errors import InvalidArgument, quote
+from sdmesh.kinds import SHA256
 from sdmesh.spec import check_labels, printable
 
 log = logging.getLogger(__name__)
@@ -171,6 +174,42 @@ class AgentGateway(UsesRuntime, agent_pb2_grpc.AgentGatewayServicer):
             self.authenticator.forget_node(request.node_id)
         log.info("node %s enrolled with join token %s", request.node_id, token.id)
         return agent_pb2.EnrollResponse(credential=credential.text, labels=labels)
+
+    async def FetchInput(
+        self, request: agent_pb2.FetchInputRequest, context: aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[common_pb2.InputChunk]:
+        """An input image of an attempt bound to the calling node, from
+        disk one piece at a time. Only an input its job names: a node sees
+        no other user's uploads."""
+        if not SHA256.fullmatch(request.sha256):
+            raise InvalidArgument(
+                "sha256", f"must be 64 lowercase hex digits, got {quote(request.sha256)}"
+            )
+        active = self._bound_to_caller(request.job_id, request.attempt)
+        if request.sha256 not in active.spec.inputs:
+            raise NotFound(f"job {active.job_id} names no input {request.sha256[:12]}…")
+        if not self.inputs.path(request.sha256).is_file():
+            raise NotFound(f"input {request.sha256[:12]}… of job {active.job_id} is not stored")
+        offset = 0
+        async for data in self.inputs.stream(request.sha256):
+            yield common_pb2.InputChunk(offset=offset, data=data)
+            offset += len(data)
+
+    def _bound_to_caller(self, job_id: str, attempt: int) -> ActiveAttempt:
+        """The live attempt, if it is bound to the calling node (with
+        --no-auth, to any connected node)."""
+        who = current_principal()
+        if who.node_id:
+            session = self.cluster.sessions.get(who.node_id)
+            sessions = [session] if session is not None else []
+        else:
+            sessions = list(self.cluster.sessions.values())
+        for session in sessions:
+            active = self.attempts.current(session, job_id, attempt)
+            if active is not None:
+                return active
+        node = f"node {who.node_id}" if who.node_id else "any connected node"
+        raise PermissionDenied(f"attempt {attempt} of job {quote(job_id)} is not running on {node}")
 
     async def enforce_removals(self) -> None:
         """Closes the streams of nodes removed with `sdctl admin

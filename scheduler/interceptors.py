@@ -173,13 +173,16 @@ def bearer_of(metadata: Metadata) -> str | None:
 
 class AuthInterceptor(_GuardInterceptor):
     """Sets the calling Principal. With auth on, a client's call needs an
-    API key and an agent's stream its node credential (`scheduler.auth`);
-    a join token is checked by Enroll itself, and GetHealth is open, so
+    API key and an agent's stream and input fetches its node credential
+    (`scheduler.auth`); a join token is checked by Enroll itself, and
+    GetHealth is open, so
     that clients and agents can find the leader before they authenticate.
     With --no-auth, `x-sdmesh-user` names the caller, as before keys."""
 
     OPEN_METHODS = frozenset({"/sdmesh.v1.Scheduler/GetHealth", "/sdmesh.v1.AgentGateway/Enroll"})
-    NODE_METHODS = frozenset({"/sdmesh.v1.AgentGateway/Connect"})
+    NODE_METHODS = frozenset(
+        {"/sdmesh.v1.AgentGateway/Connect", "/sdmesh.v1.AgentGateway/FetchInput"}
+    )
 
     def __init__(self, authenticator: Authenticator | None) -> None:
         self.authenticator = authenticator  # None: --no-auth

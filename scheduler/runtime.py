@@ -1,18 +1,21 @@
 """What the scheduler's parts share while it runs: the store, the picture
 of connected agents, the event hub, the image files, the learned estimates,
-the clock, the wake-up call that starts a dispatch pass, and the queue in
-memory. The server builds one; each part takes it whole."""
+the input images clients uploaded, the clock, the wake-up call that starts
+a dispatch pass, and the queue in memory. The server builds one; each part
+takes it whole."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from scheduler.cluster import Cluster
 from scheduler.estimator import EstimateBook
 from scheduler.events import EventHub
 from scheduler.images import ImageStore
+from scheduler.inputs import InputFiles
 from scheduler.queue import QueueIndex
 from scheduler.store import Database
 from sdmesh.waiting import wait_event
@@ -44,9 +47,14 @@ class Runtime:
     estimates: EstimateBook
     wake: Wakeup = field(default_factory=Wakeup)
     queue: QueueIndex = field(default_factory=QueueIndex)
+    # Where uploaded input images go; default: inputs/ beside the images.
+    inputs_dir: Path | None = None
+    inputs: InputFiles = field(init=False)
 
     def __post_init__(self) -> None:
         self.hub.listen(self.queue.observe)
+        root = self.inputs_dir or self.images.root.parent / "inputs"
+        object.__setattr__(self, "inputs", InputFiles(root))
 
 
 class UsesRuntime:
@@ -62,3 +70,4 @@ class UsesRuntime:
         self.estimates = runtime.estimates
         self.wake = runtime.wake
         self.queue = runtime.queue
+        self.inputs = runtime.inputs

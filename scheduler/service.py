@@ -1,5 +1,6 @@
-"""The client-facing Scheduler service: submit, inspect, cancel and watch
-jobs, download their images, and list and drain nodes.
+"""The client-facing Scheduler service: upload input images, submit,
+inspect, cancel and watch jobs, download their images, and list and drain
+nodes.
 
 A thin layer: each method converts the request, calls the domain
 (admission, the attempts' owner, the event log, the cluster) and converts
@@ -41,7 +42,7 @@ from scheduler.events import watch
 from scheduler.leadership import ReplicaState
 from scheduler.principal import Principal, check_user_name, current_principal
 from scheduler.runtime import Runtime, UsesRuntime
-from sdmesh.convert import spec_request_from_proto, to_message
+from sdmesh.convert import input_info_to_proto, spec_request_from_proto, to_message
 from sdmesh.errors import InvalidArgument, quote
 from sdmesh.wire import package_version
 
@@ -63,6 +64,14 @@ MAX_PAGE_TOKEN_CHARS = 256
 MAX_WATCHES_PER_USER = 100
 MAX_WATCHES = 1000
 WATCH_RETRY_SECONDS = 5.0
+# Uploads in progress. Uploads have their own bound rather than counting
+# against the submit rate (one img2img job is an upload and a submit, a
+# ControlNet job up to six calls): each open one holds a partial file of
+# up to 32 MiB and a thread while it is written, so a user may have a few
+# at once and the scheduler a few dozen.
+MAX_UPLOADS_PER_USER = 4
+MAX_UPLOADS = 32
+UPLOAD_RETRY_SECONDS = 1.0
 
 
 def _job_id(value: str, field: str = "job_id") -> str:
@@ -119,7 +128,8 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         self.dispatcher = dispatcher
         self.replica = replica
         self.node_window_seconds = node_window_seconds
-        self._watches: dict[str, int] = {}  # open WatchJob streams per user
+        self._watches = _Slots("watch", MAX_WATCHES_PER_USER, MAX_WATCHES, WATCH_RETRY_SECONDS)
+        self._uploads = _Slots("upload", MAX_UPLOADS_PER_USER, MAX_UPLOADS, UPLOAD_RETRY_SECONDS)
         self._live_protos = _SharedProtos()
 
     async def _get_job(self, job_id: str) -> Job:
@@ -148,6 +158,24 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         return job_to_proto(
             job, progress=self.hub.progress_of(job), reason=self.dispatcher.reason_for(job), **extra
         )
+
+    async def UploadInput(
+        self, request_iterator: AsyncIterator[common_pb2.InputChunk], context: Context
+    ) -> common_pb2.InputInfo:
+        """Stores an input image for the caller, who alone may name it in
+        a job (`scheduler.inputs` checks and stores it)."""
+        who = current_principal()
+        with self._uploads.slot(who.user):
+            chunks = ((chunk.offset, chunk.data) async for chunk in request_iterator)
+            info = await self.inputs.upload(self.db, who.user, chunks)
+        log.debug(
+            "input %s (%s, %d bytes) uploaded by %s",
+            info.sha256,
+            info.format,
+            info.size_bytes,
+            who.user,
+        )
+        return input_info_to_proto(info)
 
     async def SubmitJob(
         self, request: scheduler_pb2.SubmitJobRequest, context: Context
@@ -216,11 +244,12 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         if not job.state.terminal:
             await self.attempts.cancel(job.id, f"deleted by {who.user}")
         deleted = await self.db.run(self.db.store.removal.delete_finished, [job.id])
-        if not deleted:  # it had not ended yet after all: a cancel racing a start
+        if not deleted.job_ids:  # it had not ended yet after all: a cancel racing a start
             raise FailedPrecondition(f"job {job.id} is still ending; try again in a moment")
         removed = await asyncio.get_running_loop().run_in_executor(
             None, self.images.remove_job, job.id
         )
+        await self.inputs.forget(self.db, deleted.inputs)
         await self._on_behalf(who, "delete-job", job)
         log.info("job %s deleted by %s (%d image files)", job.id, who.user, removed)
         return scheduler_pb2.DeleteJobResponse(images_deleted=removed)
@@ -231,31 +260,9 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         if not 0 <= request.after_seq <= MAX_SEQ:
             raise InvalidArgument("after_seq", f"must be between 0 and {MAX_SEQ}")
         job = await self._get_job(request.job_id)
-        with self._watch_slot(current_principal().user):
+        with self._watches.slot(current_principal().user):
             async for event in watch(self.hub, self.db, job.id, request.after_seq):
                 yield self._live_protos.get(event) if not event.durable else event_to_proto(event)
-
-    @contextmanager
-    def _watch_slot(self, user: str) -> Iterator[None]:
-        mine = self._watches.get(user, 0)
-        if mine >= MAX_WATCHES_PER_USER:
-            raise ResourceExhausted(
-                f"watch limit: {user} already has {mine} watch streams open "
-                f"(at most {MAX_WATCHES_PER_USER} per user)",
-                WATCH_RETRY_SECONDS,
-            )
-        if sum(self._watches.values()) >= MAX_WATCHES:
-            raise ResourceExhausted(
-                f"watch limit: {MAX_WATCHES} watch streams are open on this scheduler",
-                WATCH_RETRY_SECONDS,
-            )
-        self._watches[user] = mine + 1
-        try:
-            yield
-        finally:
-            self._watches[user] -= 1
-            if not self._watches[user]:
-                del self._watches[user]
 
     async def GetImage(
         self, request: scheduler_pb2.GetImageRequest, context: Context
@@ -370,6 +377,40 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
                 model_to_listing(m, sorted(holders.get((m.kind, m.name), []))) for m in known
             ]
         )
+
+
+class _Slots:
+    """Long calls of one kind open at once, per user and in all: past
+    either bound a call is refused as RESOURCE_EXHAUSTED."""
+
+    def __init__(self, what: str, per_user: int, total: int, retry_seconds: float) -> None:
+        self.what = what
+        self.per_user = per_user
+        self.total = total
+        self.retry_seconds = retry_seconds
+        self.open: dict[str, int] = {}
+
+    @contextmanager
+    def slot(self, user: str) -> Iterator[None]:
+        mine = self.open.get(user, 0)
+        if mine >= self.per_user:
+            raise ResourceExhausted(
+                f"{self.what} limit: {user} already has {mine} {self.what} streams open "
+                f"(at most {self.per_user} per user)",
+                self.retry_seconds,
+            )
+        if sum(self.open.values()) >= self.total:
+            raise ResourceExhausted(
+                f"{self.what} limit: {self.total} {self.what} streams are open on this scheduler",
+                self.retry_seconds,
+            )
+        self.open[user] = mine + 1
+        try:
+            yield
+        finally:
+            self.open[user] -= 1
+            if not self.open[user]:
+                del self.open[user]
 
 
 class _SharedProtos:

@@ -2,12 +2,13 @@
 reassembled from their chunks, and the previews.
 
 Nothing an agent says is taken on trust. An image must be one its job
-asked for (its index, seed, width and height), no larger than a PNG of that
-size can be, and a PNG whose header (IHDR) has exactly the job's width and
-height. Each chunk is checked before its bytes are kept, and the header as
-soon as its 33 bytes are in, so a forged upload is refused at its first
-chunk and a long one at the cap: memory never holds more than the cap of
-each image the job declared. The header is read, never decompressed, so a
+asked for (its index among batch_size * n_iter, its seed, and the job's
+output size: the hires fix's final size when it has one), no larger than a
+PNG of that size can be, and a PNG whose header (IHDR) has exactly that
+width and height. Each chunk is checked before its bytes are kept, and the
+header as soon as its 33 bytes are in, so a forged upload is refused at its
+first chunk and a long one at the cap: memory never holds more than the cap
+of each image the job declared, nor MAX_ATTEMPT_BYTES for all of them. The header is read, never decompressed, so a
 PNG bomb costs nothing.
 """
 
@@ -28,7 +29,13 @@ MAX_PIXELS = MAX_SIZE * MAX_SIZE  # the largest picture any job may ask for
 # Room in a PNG beyond its pixels: the infotext (both prompts, up to 4000
 # characters each, 4 bytes a character in UTF-8) and the chunks' framing.
 PNG_OVERHEAD_BYTES = 256 * 1024
-MAX_IMAGE_BYTES = 32 * 2**20  # the hard cap, whatever the size: 2048x2048 needs ~17 MiB
+# The hard cap, whatever the size: 2048x2048 (the largest output, hires fix
+# included) needs ~17 MiB by the formula below.
+MAX_IMAGE_BYTES = 32 * 2**20
+# What one attempt's images may hold together: 64 images (the most a job
+# may have) of 2048x2048 are ~800 MiB as PNGs of pure noise, real pictures
+# a good deal less; a forged upload stops here, not at 64 caps.
+MAX_ATTEMPT_BYTES = 1024 * 2**20
 # Previews are 128 px at most on the agent (gpu_node/preview.py), ~50 KiB
 # as PNG at worst; these leave room for other agents' choices. Every open
 # watch stream may hold a preview or two in flight, so this also sets what
@@ -116,15 +123,12 @@ class UploadBuffer:
     held is dropped, and every later chunk is refused."""
 
     def __init__(self, spec: JobSpec) -> None:
-        self._width, self._height = spec.width, spec.height
+        self._width, self._height = spec.output_size
         self._seeds = spec.seeds
-        self.max_image_bytes = max_png_bytes(spec.width, spec.height)
+        self.max_image_bytes = max_png_bytes(self._width, self._height)
         self._images: dict[int, _Image] = {}
         self.error: str | None = None  # the first problem
-
-    @property
-    def held_bytes(self) -> int:
-        return sum(len(image.data) for image in self._images.values())
+        self.held_bytes = 0
 
     def add(self, chunk: ImageChunk) -> None:
         if self.error is not None:
@@ -134,6 +138,7 @@ class UploadBuffer:
         except UploadError as exc:
             self.error = str(exc)
             self._images.clear()  # nothing of a void upload is kept
+            self.held_bytes = 0
             raise
 
     def _add(self, chunk: ImageChunk) -> None:
@@ -159,7 +164,12 @@ class UploadBuffer:
                 f"image {index} is larger than {self.max_image_bytes} bytes, "
                 f"the most a {self._width}x{self._height} PNG may take"
             )
+        if self.held_bytes + len(chunk.data) > MAX_ATTEMPT_BYTES:
+            raise UploadError(
+                f"image {index}: the job's images pass {MAX_ATTEMPT_BYTES} bytes together"
+            )
         image.data += chunk.data
+        self.held_bytes += len(chunk.data)
         image.digest.update(chunk.data)
         if not image.header_checked and (len(image.data) >= PNG_HEADER_BYTES or chunk.last):
             try:

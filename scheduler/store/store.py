@@ -5,7 +5,7 @@ connections: this module (with `reads`) for jobs, `nodes` for remembered
 nodes and models,
 `estimates` for learned VRAM figures, `leader` for the lease and the fence,
 `credentials` for keys, join tokens, node credentials and the audit trail,
-`lifecycle` for deleting jobs.
+`inputs` for uploaded input images, `lifecycle` for deleting jobs.
 
 Every state change is one conditional UPDATE built from the state machine
 (`... WHERE id = ? [AND attempt = ?] AND state IN (sources of the target)`),
@@ -32,11 +32,13 @@ from scheduler.states import ACTIVE, JobState, sources
 from scheduler.store.credentials import CredentialRegistry
 from scheduler.store.engine import create_engine, migrate
 from scheduler.store.estimates import EstimateRegistry
+from scheduler.store.inputs import InputRegistry
 from scheduler.store.leader import Fence
 from scheduler.store.lifecycle import JobRemoval
 from scheduler.store.nodes import NodeRegistry
 from scheduler.store.reads import JobReads
 from scheduler.store.rows import event_row
+from scheduler.store.schema import job_inputs
 from scheduler.store.statements import (
     COUNTED_FAILURES,
     END_ATTEMPT,
@@ -98,6 +100,7 @@ class Store(JobReads):
         self.estimates = EstimateRegistry(self.engine, self.fence, clock)
         self.credentials = CredentialRegistry(self.engine, clock)
         self.removal = JobRemoval(self.engine, self.fence)
+        self.inputs = InputRegistry(self.engine, self.fence, clock)
 
     def write_many(self, calls: Sequence[Callable[[], T]]) -> list[T]:
         """Runs several writes as one transaction: they commit together, or
@@ -161,6 +164,15 @@ class Store(JobReads):
                             for job in new_jobs
                         ],
                     )
+                    # Which inputs each job names, so that they stay while
+                    # it does (scheduler.store.lifecycle).
+                    named = [
+                        {"job_id": job.id, "sha256": sha}
+                        for job in new_jobs
+                        for sha in job.spec.inputs
+                    ]
+                    if named:
+                        conn.execute(sa.insert(job_inputs), named)
             except IntegrityError:
                 if len(submissions) == 1:
                     # Two submits with one request id raced; the other committed.
