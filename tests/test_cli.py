@@ -34,12 +34,12 @@ def test_an_unreachable_scheduler_exits_3_with_one_line() -> None:
     assert "unreachable: connection refused" in line
 
 
-def test_user_facing_commands_never_import_torch() -> None:
+def test_user_facing_commands_never_import_torch_or_pil() -> None:
     probe = (
         "import sys\n"
         "from client.cli.main import run\n"
         f"code = run(['--scheduler', '127.0.0.1:{free_port()}', 'jobs', '-o', 'json'])\n"
-        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'sqlalchemy') if m in sys.modules)\n"
+        "heavy = sorted(m for m in ('torch', 'diffusers', 'transformers', 'sqlalchemy', 'PIL') if m in sys.modules)\n"
         "print(code, heavy)\n"
     )
     result = subprocess.run(
