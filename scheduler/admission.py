@@ -187,11 +187,9 @@ class Admission(UsesRuntime):
         sha256; a name that is no sha256 is left for `resolve` to refuse."""
         named = [request.init_image, request.mask, *(u.image for u in request.controlnets)]
         shas = sorted({sha for sha in named if sha and SHA256.fullmatch(sha)})
-        registry = getattr(self.db.store, "inputs", None)
-        if not shas or registry is None:
+        if not shas:
             return {}
-        found: dict[str, InputInfo] = await self.db.run(registry.sizes, owner, shas)
-        return found
+        return await self.db.run(self.db.store.inputs.sizes, owner, shas)
 
     async def known_weights(self) -> dict[tuple[str, str], int]:
         """(kind, name) -> weight size of every model seen within the node
