@@ -27,12 +27,13 @@ from typing import Any, BinaryIO, Protocol, TypedDict
 
 from client._errors import InvalidArgumentError, SdmeshError
 from protos import common_pb2
-from sdmesh.errors import quote
 from sdmesh.kinds import MAX_INPUT_BYTES, ControlNetUnit, InputInfo, LoraWeight
 from sdmesh.spec import MemoryMode, SpecRequest
 
 # Scheduler.UploadInput takes chunks of at most 1 MiB (protos/scheduler.proto).
 INPUT_CHUNK_BYTES = 1024 * 1024
+# What the scheduler's refusals of an upload call the image.
+UPLOAD_FIELD = "image"
 # The submit options that name an input image (ControlNet units carry theirs).
 IMAGE_OPTIONS = ("init_image", "mask")
 _MAGIC = (
@@ -52,7 +53,9 @@ class PilImage(Protocol):
 
 ImageInput = str | os.PathLike[str] | bytes | PilImage | InputInfo
 LoraOption = LoraWeight | str | tuple[str, float] | Mapping[str, Any]
-ControlNetOption = ControlNetUnit | Mapping[str, Any]
+ControlNetOption = (
+    ControlNetUnit | tuple[str, ImageInput] | tuple[str, ImageInput, float] | Mapping[str, Any]
+)
 
 
 class SubmitOptions(TypedDict, total=False):
@@ -145,7 +148,7 @@ def _mib(size: int) -> str:
 
 def _read_file(field: str, path: Path) -> bytes:
     """The file's bytes, its size checked before it is read."""
-    shown = quote(str(path))
+    shown = repr(str(path))  # the caller's own path, whole
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -185,7 +188,7 @@ def read_input(field: str, image: object) -> LocalInput:
         data = bytes(image)
     elif isinstance(image, str | os.PathLike):
         data = _read_file(field, Path(image))
-        where = quote(str(image))
+        where = repr(str(image))
     elif _is_pil_image(image):
         data = _png_of(image)
     else:
@@ -259,13 +262,16 @@ class ControlNetRequest:
 
 
 def controlnet_requests(field: str, units: Iterable[object]) -> tuple[ControlNetRequest, ...]:
-    """Units as `ControlNetUnit`s (their image a path) or dicts with model,
-    image and, optionally, weight, guidance_start and guidance_end."""
+    """Units as `ControlNetUnit`s (their image a path), `(model, image)` or
+    `(model, image, weight)`, or dicts with model, image and, optionally,
+    weight, guidance_start and guidance_end."""
     found = []
     for index, unit in enumerate(units):
         name = f"{field}[{index}]"
         if isinstance(unit, ControlNetUnit):
             values: Mapping[str, object] = vars(unit)
+        elif isinstance(unit, tuple) and len(unit) in (2, 3):
+            values = dict(zip(("model", "image", "weight"), unit, strict=False))
         elif isinstance(unit, Mapping):
             values = unit
             unknown = sorted(set(values) - set(_UNIT_KEYS))
@@ -275,7 +281,8 @@ def controlnet_requests(field: str, units: Iterable[object]) -> tuple[ControlNet
                 )
         else:
             raise InvalidArgumentError(
-                f"{name}: expected a dict with model and image, or a ControlNetUnit, "
+                f"{name}: expected a dict with model and image, (model, image[, weight]) "
+                "or a ControlNetUnit, "
                 f"got {type(unit).__name__}"
             )
         model = values.get("model")
@@ -354,7 +361,9 @@ class Uploads:
         try:
             info = await self._send(input_chunks(local.data))
         except InvalidArgumentError as exc:
-            raise InvalidArgumentError(f"{field}: {exc}") from None
+            # The scheduler calls the upload "image"; the caller knows which.
+            detail = str(exc).removeprefix(f"{UPLOAD_FIELD}: ")
+            raise InvalidArgumentError(f"{field}: {detail}") from None
         if info.sha256 != local.sha256:
             raise SdmeshError(f"{field}: the upload arrived damaged; try again")
         self._done[local.sha256] = info

@@ -32,6 +32,7 @@ from sdmesh.convert import spec_request_from_proto, spec_to_proto
 from sdmesh.errors import InvalidArgument
 from sdmesh.kinds import MAX_INPUT_BYTES, ControlNetUnit, InputInfo, LoraWeight
 from sdmesh.spec import resolve
+from tests.scripted import running_scheduler
 from tests.test_client_retry import Context, FakeScheduler, nowhere, run, serving
 
 
@@ -338,3 +339,49 @@ def test_loras_and_controlnet_units_in_every_shape() -> None:
     )
     assert list(prepared.to_upload) == [sha(picture)]
     assert prepared.fields == {sha(picture): "controlnets[0].image"}
+
+
+def test_against_the_real_scheduler(tmp_path: Path) -> None:
+    """Uploads, the job naming them, one upload for the same bytes, a
+    refusal naming the field, and an input gone with its job sent again."""
+    picture = png((40, 80, 120), (64, 64))
+    (tmp_path / "in.png").write_bytes(picture)
+
+    async def scenario() -> None:
+        async with (
+            running_scheduler(tmp_path / "scheduler") as server,
+            AsyncClient(f"127.0.0.1:{server.port}") as client,
+        ):
+            sent: list[int] = []
+            send = client._uploads._send
+
+            async def counted(chunks: list[common_pb2.InputChunk]) -> InputInfo:
+                sent.append(len(chunks))
+                return await send(chunks)
+
+            client._uploads._send = counted
+            options: dict[str, Any] = {"width": 64, "height": 64, "steps": 4}
+            first = await client.submit(
+                "a harbour", init_image=tmp_path / "in.png", denoising_strength=0.5, **options
+            )
+            second = await client.submit("a harbour", init_image=picture, **options)
+            assert sent == [1]
+            for handle in (first, second):
+                job = await handle.refresh()
+                assert (job.spec.init_image, job.spec.kind) == (sha(picture), "img2img")
+            info = await client.upload(PILImage.new("RGB", (64, 32), (1, 2, 3)))
+            assert (info.width, info.height, info.format) == (64, 32, "PNG")
+
+            with pytest.raises(InvalidArgumentError) as caught:
+                await client.submit("p", init_image=b"\x89PNG\r\n\x1a\n not really", **options)
+            assert str(caught.value).startswith("init_image: "), str(caught.value)
+            assert "image: image:" not in str(caught.value)
+
+            # Its jobs deleted, the input goes too; the next submit sends it again.
+            await first.delete()
+            await second.delete()
+            third = await client.submit("again", init_image=picture, **options)
+            assert (await third.refresh()).spec.init_image == sha(picture)
+            assert len(sent) == 4  # the PIL image, the refused one, and this one again
+
+    run(scenario())
