@@ -212,15 +212,30 @@ def _widen(low: int, high: int, more: int, limit: int) -> tuple[int, int]:
     return low, high
 
 
+def _input(images: Mapping[str, Any], sha256: str, field: str) -> Any:
+    found = images.get(sha256)
+    if found is None:
+        raise ValueError(f"{field}: input {sha256[:12]}… is not on this node")
+    return found
+
+
 def prepare(spec: JobSpec, images: Mapping[str, Any]) -> Prepared:
     """The job's input images (decoded, by sha256) ready for its call."""
-    controls = tuple(images[unit.image].convert("RGB") for unit in spec.controlnets)
+    controls = tuple(
+        _input(images, unit.image, f"controlnets[{index}].image").convert("RGB")
+        for index, unit in enumerate(spec.controlnets)
+    )
     if spec.kind is Kind.TXT2IMG:
         return Prepared(controls=controls, strength=spec.denoising_strength)
-    init = resize_image(images[spec.init_image].convert("RGB"), spec.width, spec.height, spec.resize_mode)
+    init = resize_image(
+        _input(images, spec.init_image, "init_image").convert("RGB"),
+        spec.width,
+        spec.height,
+        spec.resize_mode,
+    )
     if spec.kind is Kind.IMG2IMG:
         return Prepared(init=init, controls=controls, strength=spec.denoising_strength)
-    overlay = prepare_mask(images[spec.mask], spec)
+    overlay = prepare_mask(_input(images, spec.mask, "mask"), spec)
     painted = fill_masked(init, overlay, spec.inpainting_fill)
     strength = call_strength(spec)
     if not spec.inpaint_full_res:
@@ -277,9 +292,13 @@ def upscale(images: Any, spec: JobSpec) -> Any:
 
 
 def accepts(pipeline: Any, name: str) -> bool:
-    """Whether the pipeline's call takes the argument `name`."""
+    """Whether the pipeline's call takes the argument `name`. A call of
+    nothing but **kwargs (a wrapper, such as a simulated card's) takes
+    every one; diffusers' calls name theirs (their **kwargs are for
+    deprecated arguments)."""
     parameters = inspect.signature(pipeline.__call__).parameters
-    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+    loose = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    return name in parameters or all(p.kind in loose for p in parameters.values())
 
 
 def _per_image(specs: Sequence[JobSpec], values: Sequence[Any]) -> Any:
