@@ -142,7 +142,10 @@ def resize_image(image: Any, width: int, height: int, resize_mode: int) -> Any:
     # Fit inside, then stretch the edge rows or columns into the gaps.
     scale = height / image.height if ratio > source else width / image.width
     fitted = image.resize(
-        (min(width, max(1, round(image.width * scale))), min(height, max(1, round(image.height * scale)))),
+        (
+            min(width, max(1, round(image.width * scale))),
+            min(height, max(1, round(image.height * scale))),
+        ),
         Image.LANCZOS,
     )
     canvas = Image.new(image.mode, (width, height))
@@ -306,7 +309,9 @@ def _per_image(specs: Sequence[JobSpec], values: Sequence[Any]) -> Any:
     job (the pipeline repeats it for each image), else one per image."""
     if len(specs) == 1:
         return values[0]
-    return [value for spec, value in zip(specs, values, strict=True) for _ in range(spec.batch_size)]
+    return [
+        value for spec, value in zip(specs, values, strict=True) for _ in range(spec.batch_size)
+    ]
 
 
 def arguments(

@@ -279,7 +279,9 @@ class DeviceWorker:
     def _stopped(self, task: Task) -> Ended:
         return Ended(task.stop_outcome, task.stop_reason)
 
-    def _load(self, spec: JobSpec, mode: MemoryMode, passes: list[Pass]) -> tuple[dict[Kind, Any], float]:
+    def _load(
+        self, spec: JobSpec, mode: MemoryMode, passes: list[Pass]
+    ) -> tuple[dict[Kind, Any], float]:
         """The pipeline of each kind of pass the job has (the hires fix's
         second pass is the same model's image-to-image pipeline, with the
         same LoRAs and ControlNets), and the seconds spent loading."""

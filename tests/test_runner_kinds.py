@@ -116,7 +116,9 @@ def catalog(tiny_data_dir: Path) -> Catalog:
 
 
 def picture(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
-    noise = numpy.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=numpy.uint8)
+    noise = numpy.random.default_rng(seed).integers(
+        0, 256, (size[1], size[0], 3), dtype=numpy.uint8
+    )
     return Image.fromarray(noise, "RGB")
 
 
@@ -206,7 +208,8 @@ def test_img2img_is_deterministic_and_changes_its_input(catalog: Catalog, varian
     spec = {"init_image": INIT, "denoising_strength": 0.5, "seed": 3}
     first = run(backend, [task(**spec)])
     [image] = succeeded(first)
-    assert [(p.step, p.total_steps) for p in of(first, Progress)] == [(1, 2), (2, 2)]  # int(4 * 0.5)
+    # int(4 * 0.5) steps run.
+    assert [(p.step, p.total_steps) for p in of(first, Progress)] == [(1, 2), (2, 2)]
     [again] = succeeded(run(backend, [task(**spec)]))
     assert image.png == again.png
     assert (image.width, image.height) == (64, 64)
@@ -257,7 +260,9 @@ def test_inpainting_repaints_only_the_mask(
 
 def test_an_inverted_mask_keeps_what_the_mask_covers(catalog: Catalog, variants: Path) -> None:
     backend = KindsBackend(catalog, variants)
-    job = task(init_image=INIT, mask=MASK, mask_blur=0, inpainting_mask_invert=True, inpainting_fill=0)
+    job = task(
+        init_image=INIT, mask=MASK, mask_blur=0, inpainting_mask_invert=True, inpainting_fill=0
+    )
     [image] = succeeded(run(backend, [job]))
     inside = numpy.asarray(square_mask()) > 0
     original = numpy.asarray(INPUTS[INIT], dtype=numpy.int16)
