@@ -1,8 +1,9 @@
 """Authentication and tenancy over real gRPC, against an in-process
 scheduler with keys and enrollment on: API keys (none, wrong, revoked,
 expired), one user's jobs hidden from another, admins, node enrollment,
-a node speaking for another, a removed node, delete and retention, and the
-audit trail."""
+a node speaking for another, a removed node, delete and retention, the
+audit trail, and input images: uploaded with a key as its user's, fetched
+only by the node running their job."""
 
 from __future__ import annotations
 
@@ -281,6 +282,57 @@ def test_an_agent_must_be_enrolled_and_speaks_only_for_its_own_node(
             bad = agent_pb2.EnrollRequest(join_token="sdj_nope", node_id="n5", name="n5")
             assert await code_of(gateway.Enroll(bad)) == grpc.StatusCode.UNAUTHENTICATED
         await agent.close()
+
+    run(scenario, tmp_path, db_url)
+
+
+async def upload_chunks_of(data: bytes) -> Any:
+    for offset in range(0, len(data), 500):
+        yield common_pb2.InputChunk(offset=offset, data=data[offset : offset + 500])
+
+
+async def fetch(channel: Any, job: agent_pb2.AssignedJob, sha: str, metadata: Any) -> bytes:
+    gateway = agent_pb2_grpc.AgentGatewayStub(channel)
+    request = agent_pb2.FetchInputRequest(job_id=job.job_id, attempt=job.attempt, sha256=sha)
+    return b"".join([chunk.data async for chunk in gateway.FetchInput(request, metadata=metadata)])
+
+
+def test_an_input_is_its_uploader_s_and_only_the_node_running_its_job_fetches_it(
+    tmp_path: Path, db_url: str
+) -> None:
+    async def scenario(c: Cluster) -> None:
+        data = png_of(64, 64)
+        no_key = c.stub.UploadInput(upload_chunks_of(data))
+        assert await code_of(no_key) == grpc.StatusCode.UNAUTHENTICATED
+        info = await c.stub.UploadInput(upload_chunks_of(data), metadata=c.as_("alice"))
+        inputs = c.server.db.store.inputs
+        assert list(inputs.sizes("alice", [info.sha256])) == [info.sha256]
+        assert inputs.sizes("bob", [info.sha256]) == {}
+
+        a = await c.enrolled_agent("node-a")
+        request = scheduler_pb2.SubmitJobRequest()
+        request.spec.prompt = "a lighthouse"
+        request.spec.width = request.spec.height = 64
+        request.spec.steps = 4
+        request.spec.init_image = info.sha256
+        # Bob cannot name alice's upload, though he knows its sha256.
+        with pytest.raises(aio.AioRpcError) as raised:
+            await c.stub.SubmitJob(request, metadata=c.as_("bob"))
+        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (raised.value.details() or "").startswith("init_image"), raised.value.details()
+        await c.stub.SubmitJob(request, metadata=c.as_("alice"))
+        job = await a.assignment()
+        b = await c.enrolled_agent("node-b")
+        as_a = node_metadata("node-a", a.credential)  # type: ignore[attr-defined]
+        as_b = node_metadata("node-b", b.credential)  # type: ignore[attr-defined]
+        async with aio.insecure_channel(f"127.0.0.1:{c.server.port}") as channel:
+            assert await fetch(channel, job, info.sha256, as_a) == data
+            denied = fetch(channel, job, info.sha256, as_b)
+            assert await code_of(denied) == grpc.StatusCode.PERMISSION_DENIED
+            with_a_key = fetch(channel, job, info.sha256, c.as_("alice"))
+            assert await code_of(with_a_key) == grpc.StatusCode.UNAUTHENTICATED
+        await a.close()
+        await b.close()
 
     run(scenario, tmp_path, db_url)
 

@@ -127,8 +127,10 @@ def test_the_same_bytes_twice_are_one_file_with_a_row_per_owner(
 def bomb_png() -> bytes:
     """A PNG whose header claims 10000x10000 (100 megapixels), with a
     tiny IDAT: refused from the header, before anything is decoded."""
-    return png_header(10_000, 10_000) + png_chunk(b"IDAT", b"\x78\x9c\x03\x00") + png_chunk(
-        b"IEND", b""
+    return (
+        png_header(10_000, 10_000)
+        + png_chunk(b"IDAT", b"\x78\x9c\x03\x00")
+        + png_chunk(b"IEND", b"")
     )
 
 
@@ -366,3 +368,40 @@ def test_a_partial_file_left_by_a_dead_scheduler_is_removed_at_start(tmp_path: P
     (root / "partial" / "abc.part").write_bytes(b"half")
     InputFiles(root)
     assert stored_files(root) == []
+
+
+def test_delete_job_removes_an_input_its_owner_no_longer_names(tmp_path: Path, db_url: str) -> None:
+    data = picture("WEBP")
+
+    async def scenario(server: SchedulerServer, stub: Any, _: Any) -> None:
+        info = await upload(stub, data)
+        request = scheduler_pb2.SubmitJobRequest()
+        request.spec.prompt = "a lighthouse"
+        request.spec.width = request.spec.height = 64
+        request.spec.init_image = info.sha256
+        user = (("x-sdmesh-user", "alice"),)
+        job = (await stub.SubmitJob(request, metadata=user)).job
+        assert await server.db.run(server.db.store.inputs.named_by, job.id) == [info.sha256]
+        await stub.DeleteJob(scheduler_pb2.DeleteJobRequest(job_id=job.id), metadata=user)
+        assert await server.db.run(server.db.store.inputs.named_by, job.id) == []
+        assert await server.db.run(server.db.store.inputs.sizes, "alice", [info.sha256]) == {}
+        assert stored_files(inputs_root(server)) == []
+
+    run_scheduler(tmp_path, db_url, scenario)
+
+
+def test_retention_of_finished_jobs_removes_their_inputs(tmp_path: Path, db_url: str) -> None:
+    async def scenario(runtime: Runtime, clock: Clock) -> None:
+        db, files, store = runtime.db, runtime.inputs, runtime.db.store
+        info = await upload_file(files, db, "alice", picture("PNG"))
+        await db.run(store.submit, "j1", "alice", img2img(info, {info.sha256: info}), 3)
+        await db.run(store.cancel, "j1", "test")
+        retention = Retention(runtime, retain_seconds=60)
+        assert await retention.sweep() == 0
+        assert files.path(info.sha256).is_file()
+        clock.now += 61
+        assert await retention.sweep() == 1
+        assert not files.path(info.sha256).exists()
+        assert await db.run(store.inputs.sizes, "alice", [info.sha256]) == {}
+
+    run_store(tmp_path, db_url, scenario)

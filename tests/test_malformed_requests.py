@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc import aio
 
-from protos import scheduler_pb2, scheduler_pb2_grpc
+from protos import agent_pb2, agent_pb2_grpc, common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from tests.scripted import running_scheduler
 
 Stub = scheduler_pb2_grpc.SchedulerStub
@@ -32,6 +32,11 @@ def deep(levels: int) -> str:
 async def drain(call: Any) -> None:
     async for _ in call:
         pass
+
+
+async def chunks(*items: tuple[int, bytes]) -> Any:
+    for offset, data in items:
+        yield common_pb2.InputChunk(offset=offset, data=data)
 
 
 CASES: list[tuple[str, Callable[[Any], Awaitable[Any]], str]] = [
@@ -87,6 +92,21 @@ CASES: list[tuple[str, Callable[[Any], Awaitable[Any]], str]] = [
         "index",
     ),
     (
+        "an upload chunk at a negative offset",
+        lambda s: s.UploadInput(chunks((-1, b"\x89PNG"))),
+        "image",
+    ),
+    (
+        "an upload whose second chunk starts past the first",
+        lambda s: s.UploadInput(chunks((0, b"\x89PNG\r\n\x1a\n" + b"\x00" * 8), (2**62, b"x"))),
+        "image",
+    ),
+    (
+        "an upload of a megabyte of NULs",
+        lambda s: s.UploadInput(chunks((0, bytes(2**20)))),
+        "image",
+    ),
+    (
         "a megabyte job id",
         lambda s: s.CancelJob(scheduler_pb2.CancelJobRequest(job_id="x" * 2**20)),
         "job_id",
@@ -114,3 +134,30 @@ def test_a_malformed_request_is_invalid_argument(
     details = error.details() or ""
     assert details.startswith(field), details
     assert len(details) < 300, details  # a short prefix of the input, never all of it
+
+
+@pytest.mark.parametrize(
+    ("sha256", "what"),
+    [
+        ("", "empty"),
+        ("../../etc/passwd", "a path"),
+        ("A" * 64, "upper case"),
+        ("a\x00" * 32, "NUL"),
+    ],
+)
+def test_a_fetch_naming_no_sha256_is_invalid_argument(
+    tmp_path: Path, db_url: str, sha256: str, what: str
+) -> None:
+    async def scenario() -> aio.AioRpcError:
+        async with (
+            running_scheduler(tmp_path / "scheduler", db_url) as server,
+            aio.insecure_channel(f"127.0.0.1:{server.port}") as channel,
+        ):
+            request = agent_pb2.FetchInputRequest(job_id="j", attempt=1, sha256=sha256)
+            with pytest.raises(aio.AioRpcError) as raised:
+                await drain(agent_pb2_grpc.AgentGatewayStub(channel).FetchInput(request))
+            return raised.value
+
+    error = asyncio.run(scenario())
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, (what, error.details())
+    assert (error.details() or "").startswith("sha256"), error.details()

@@ -1,6 +1,7 @@
 """Reassembling chunked PNG uploads, and refusing broken or forged ones as
-their chunks arrive: a PNG of the job's size, of the images it asked for,
-no larger than such a PNG can be."""
+their chunks arrive: a PNG of the job's output size (the hires fix's final
+size when it has one), of the images it asked for (batch_size * n_iter),
+no larger than such a PNG can be, nor all of them past the attempt's cap."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from scheduler import uploads
 from scheduler.uploads import (
     MAX_IMAGE_BYTES,
     MAX_PREVIEW_BYTES,
@@ -159,6 +161,41 @@ def test_the_cap_follows_the_size_up_to_a_hard_one() -> None:
     assert max_png_bytes(2048, 2048) == 16779264 + 262176 + 262144
     assert max_png_bytes(2048, 2048) < MAX_IMAGE_BYTES
     assert max_png_bytes(100_000, 100_000) == MAX_IMAGE_BYTES
+
+
+def test_a_hires_job_s_images_are_its_final_size() -> None:
+    spec = make_spec(width=64, height=64, seed=7, enable_hr=True, hr_scale=1.5)
+    assert spec.output_size == (96, 96)  # 64 * 1.5, a multiple of 8
+    buffer = UploadBuffer(spec)
+    send(buffer, 0, make_png(96, 96), width=96, height=96)
+    [(info, _)] = buffer.complete()
+    assert (info.width, info.height) == (96, 96)
+    assert buffer.max_image_bytes == max_png_bytes(96, 96)
+
+    first_pass = UploadBuffer(spec)  # the first pass's size is not the result
+    with pytest.raises(UploadError, match="64x64; the job asked for seed 7, 96x96"):
+        send(first_pass, 0, DATA)
+    with pytest.raises(UploadError, match="image 0 is a 64x64 PNG, not 96x96"):
+        send(UploadBuffer(spec), 0, DATA, width=96, height=96)
+
+
+def test_a_job_of_several_batches_has_batch_size_times_n_iter_images() -> None:
+    spec = make_spec(seed=7, batch_size=2, n_iter=3)
+    buffer = UploadBuffer(spec)
+    for index in range(6):
+        send(buffer, index, make_png(64, 64, shade=index), seed=7 + index)
+    assert [info.seed for info, _ in buffer.complete()] == [7, 8, 9, 10, 11, 12]
+    with pytest.raises(UploadError, match="image 6: the job has 6 image"):
+        send(UploadBuffer(spec), 6, DATA, seed=13)
+
+
+def test_an_attempt_s_images_together_stop_at_its_cap(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uploads, "MAX_ATTEMPT_BYTES", len(DATA) + 10)
+    buffer = UploadBuffer(SPEC)
+    send(buffer, 0, DATA)
+    with pytest.raises(UploadError, match="the job's images pass"):
+        send(buffer, 1, DATA)
+    assert buffer.held_bytes == 0
 
 
 def test_the_header_is_read_without_decoding() -> None:
