@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) -m bench.batching
 	$(PY) -m bench.store_ops
 	$(PY) -m bench.security
+	$(PY) -m bench.kinds
 
 protos: $(STAMP)
 	$(PY) -m protos.codegen

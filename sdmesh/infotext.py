@@ -43,7 +43,9 @@ def infotext(spec: JobSpec, seed: int, hashes: Mapping[str, str] | None = None) 
     # as A1111 would have them, so that the text reproduces the job.
     tagged = {lora.name for lora in parse_lora_tags(spec.prompt)}
     extra = " ".join(
-        f"<lora:{lora.name}:{_number(lora.weight)}>" for lora in spec.loras if lora.name not in tagged
+        f"<lora:{lora.name}:{_number(lora.weight)}>"
+        for lora in spec.loras
+        if lora.name not in tagged
     )
     lines = [f"{spec.prompt} {extra}" if extra else spec.prompt]
     if spec.negative_prompt:
@@ -79,7 +81,8 @@ def infotext(spec: JobSpec, seed: int, hashes: Mapping[str, str] | None = None) 
         params.append(("Hires upscaler", spec.hr_upscaler))
     if spec.loras:
         listed = ", ".join(
-            f"{lora.name}: {hashes.get('lora:' + lora.name, '')[:SHORT_HASH]}" for lora in spec.loras
+            f"{lora.name}: {hashes.get('lora:' + lora.name, '')[:SHORT_HASH]}"
+            for lora in spec.loras
         )
         params.append(("Lora hashes", json.dumps(listed, ensure_ascii=False)))
     for index, unit in enumerate(spec.controlnets):

@@ -183,19 +183,23 @@ def parse_controlnet_flag(texts: Collection[str]) -> tuple[ControlNetUnit, ...]:
     return tuple(units)
 
 
-def hires_size(width: int, height: int, scale: float, resize_x: int, resize_y: int) -> tuple[int, int]:
+def hires_size(
+    width: int, height: int, scale: float, resize_x: int, resize_y: int
+) -> tuple[int, int]:
     """The hires fix's final size, as A1111 computes it: hr_resize_x/y when
     given (one of them alone keeps the aspect), else the size times
     hr_scale; rounded to a multiple of 8."""
-    if resize_x or resize_y:
-        if not resize_y:
-            resize_y = height * resize_x / width
-        if not resize_x:
-            resize_x = width * resize_y / height
-        target = (resize_x, resize_y)
+    target_x: float
+    target_y: float
+    if resize_x and resize_y:
+        target_x, target_y = resize_x, resize_y
+    elif resize_x:
+        target_x, target_y = resize_x, height * resize_x / width
+    elif resize_y:
+        target_x, target_y = width * resize_y / height, resize_y
     else:
-        target = (width * scale, height * scale)
-    return tuple(int(round(side / 8)) * 8 for side in target)  # type: ignore[return-value]
+        target_x, target_y = width * scale, height * scale
+    return round(target_x / 8) * 8, round(target_y / 8) * 8
 
 
 def check_input(name: str, sha256: str, inputs: Mapping[str, InputInfo]) -> InputInfo:
@@ -237,7 +241,9 @@ def resolve_kind(
             )
     enable_hr = bool(values["enable_hr"])
     if enable_hr and init_image:
-        raise InvalidArgument("enable_hr", "the hires fix is for txt2img; img2img has no second pass")
+        raise InvalidArgument(
+            "enable_hr", "the hires fix is for txt2img; img2img has no second pass"
+        )
 
     default_strength = DEFAULT_HR_DENOISING_STRENGTH if enable_hr else DEFAULT_DENOISING_STRENGTH
     strength = values["denoising_strength"]
@@ -249,8 +255,12 @@ def resolve_kind(
         raise InvalidArgument("resize_mode", f"must be one of {allowed}; got {resize_mode}")
     mask_blur = DEFAULT_MASK_BLUR if values["mask_blur"] is None else values["mask_blur"]
     if not 0 <= mask_blur <= MAX_MASK_BLUR:
-        raise InvalidArgument("mask_blur", f"must be between 0 and {MAX_MASK_BLUR}, got {mask_blur}")
-    fill = DEFAULT_INPAINTING_FILL if values["inpainting_fill"] is None else values["inpainting_fill"]
+        raise InvalidArgument(
+            "mask_blur", f"must be between 0 and {MAX_MASK_BLUR}, got {mask_blur}"
+        )
+    fill = (
+        DEFAULT_INPAINTING_FILL if values["inpainting_fill"] is None else values["inpainting_fill"]
+    )
     if not 0 <= fill < len(INPAINTING_FILLS):
         allowed = ", ".join(f"{i} ({name})" for i, name in enumerate(INPAINTING_FILLS))
         raise InvalidArgument("inpainting_fill", f"must be one of {allowed}; got {fill}")
@@ -258,7 +268,8 @@ def resolve_kind(
     padding = DEFAULT_INPAINT_PADDING if padding is None else padding
     if not 0 <= padding <= MAX_INPAINT_PADDING:
         raise InvalidArgument(
-            "inpaint_full_res_padding", f"must be between 0 and {MAX_INPAINT_PADDING}, got {padding}"
+            "inpaint_full_res_padding",
+            f"must be between 0 and {MAX_INPAINT_PADDING}, got {padding}",
         )
 
     hr_scale = DEFAULT_HR_SCALE if values["hr_scale"] is None else float(values["hr_scale"])

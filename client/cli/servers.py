@@ -42,7 +42,7 @@ def add_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None
     up = command("up", "run a scheduler and one local agent, on this machine only, without keys")
     add_options(up, SchedulerConfig, only=("host", "port"))
     up.add_argument("--data-dir", help="default ~/.local/share/sdmesh/up")
-    add_options(up, AgentConfig, only=("models_dir",))
+    add_options(up, AgentConfig, only=("models_dir", "tiny_variants"))
     _admin_commands(command("admin", "keys, join tokens, nodes, audit, certificates"))
 
 
@@ -344,6 +344,8 @@ def run_up(args: argparse.Namespace) -> int:
     node_command = [*command, "--scheduler", address, "node", "--data-dir", str(data_dir / "node")]
     if getattr(args, "models_dir", None):
         node_command += ["--models-dir", str(args.models_dir)]
+    if getattr(args, "tiny_variants", False):
+        node_command.append("--tiny-variants")
     node = spawn_tied(node_command, start_new_session=True)
     children = [node, scheduler]
     try:

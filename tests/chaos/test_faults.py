@@ -232,3 +232,30 @@ def test_a_postgres_restart_mid_run_loses_no_job(tmp_path: Path) -> None:
         finally:
             ledger.close()
             cluster.stop()
+
+
+def test_a_killed_agent_s_img2img_job_reruns_elsewhere_from_its_stored_input(
+    chaos: Chaos,
+) -> None:
+    """The input image was uploaded once, before the submit: the second
+    node fetches it from the scheduler, and the job ends with one result."""
+    import io
+
+    from PIL import Image
+
+    cluster, ledger = chaos()
+    cluster.start_scheduler()
+    for name in ("agent-a", "agent-b"):
+        cluster.start_agent(name, *AGENT_ARGS)
+    cluster.wait_for_nodes(2)
+    buffer = io.BytesIO()
+    Image.linear_gradient("L").resize((64, 64)).convert("RGB").save(buffer, format="PNG")
+    job_id = ledger.submit("a harbour", init_image=buffer.getvalue(), denoising_strength=1.0)
+    victim = running_on(ledger, job_id)
+    agent_named(cluster, victim).kill()
+    ledger.check(images(cluster))
+    job = ledger.job(job_id)
+    assert job.state == "SUCCEEDED"
+    assert job.node_name != victim
+    assert job.attempts[0].outcome == "lost"
+    assert len(job.images) == 1
