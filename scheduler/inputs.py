@@ -10,9 +10,10 @@ opens lazily) and its pixels checked before anything is decoded; then it
 is decoded in full, so a truncated or corrupt file is refused. Only then is
 its row recorded and the file renamed to `<root>/<sha[:2]>/<sha>`: the same
 bytes uploaded twice are one file, and nothing half-written is ever at a
-final path. A partial file is removed on any failure, and every partial
-file left by a scheduler that died is removed when it starts (the data dir
-is locked to one scheduler).
+final path. A partial file is removed on any failure, and one left by a
+scheduler that died is removed when a scheduler starts and finds it
+untouched for an hour (replicas may share the folder, as they share the
+images': an upload in flight writes its file at every chunk).
 
 Files go only after the rows' transaction commits, and under one lock with
 the uploads' "record the row, then place the file", so a file is never
@@ -22,10 +23,11 @@ removed while a row that was just written names it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import secrets
-import shutil
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
@@ -46,6 +48,8 @@ FIELD = "image"
 MAX_CHUNK_BYTES = 1024 * 1024
 ALLOWED = "PNG, JPEG or WebP"
 SIGNATURE_BYTES = 12
+# A partial file nobody wrote to for this long was left by a dead scheduler.
+STALE_PARTIAL_SECONDS = 3600.0
 
 
 def input_format(head: bytes) -> str | None:
@@ -72,9 +76,11 @@ def inspect(path: Path, size_bytes: int, sha256: str) -> InputInfo:
                     f"is {width}x{height}, {width * height} pixels; at most "
                     f"{MAX_INPUT_PIXELS} ({MAX_INPUT_PIXELS // 10**6} megapixels) are allowed",
                 )
-            if image.format not in INPUT_FORMATS:
+            # A camera's JPEG with more pictures in it (MPO) is a JPEG whose
+            # first picture is the one anyone means.
+            found = "JPEG" if image.format == "MPO" else str(image.format)
+            if found not in INPUT_FORMATS:
                 raise InvalidArgument(FIELD, f"must be {ALLOWED}, got {image.format}")
-            found = str(image.format)
             image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise InvalidArgument(
@@ -149,10 +155,12 @@ class InputFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.partial = root / "partial"
-        # Left by a scheduler that died during an upload; the data dir's
-        # lock says no other scheduler writes here.
-        shutil.rmtree(self.partial, ignore_errors=True)
         self.partial.mkdir(parents=True, exist_ok=True)
+        stale = time.time() - STALE_PARTIAL_SECONDS
+        for path in self.partial.iterdir():
+            with contextlib.suppress(OSError):  # another replica's may go meanwhile
+                if path.stat().st_mtime < stale:
+                    path.unlink()
         self._reader = ImageStore(root)  # reads a file one IMAGE_CHUNK_BYTES piece at a time
         self._lock = asyncio.Lock()
 

@@ -79,7 +79,8 @@ class SchedulerServer:
             images=ImageStore(config.images_dir or config.data_dir / "images"),
             clock=self.clock,
             estimates=EstimateBook({}),
-            inputs_dir=config.data_dir / "inputs",
+            # Beside the images where replicas share those, for the same reason.
+            inputs_dir=(config.images_dir or config.data_dir) / "inputs",
         )
         self.attempts = Attempts(runtime, lease_seconds=config.lease_seconds)
         self.authenticator = None if config.no_auth else Authenticator(self.db, self.clock)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
+import os
 import random
+import time
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from scheduler.cluster import Cluster
 from scheduler.estimator import EstimateBook
 from scheduler.events import EventHub
 from scheduler.images import ImageStore
-from scheduler.inputs import MAX_CHUNK_BYTES, InputFiles
+from scheduler.inputs import MAX_CHUNK_BYTES, STALE_PARTIAL_SECONDS, InputFiles
 from scheduler.retention import UNUSED_INPUT_SECONDS, Retention
 from scheduler.runtime import Runtime
 from scheduler.server import SchedulerServer
@@ -365,9 +367,13 @@ def test_an_upload_never_used_goes_after_a_day(tmp_path: Path, db_url: str) -> N
 def test_a_partial_file_left_by_a_dead_scheduler_is_removed_at_start(tmp_path: Path) -> None:
     root = tmp_path / "inputs"
     (root / "partial").mkdir(parents=True)
-    (root / "partial" / "abc.part").write_bytes(b"half")
+    dead, live = root / "partial" / "dead.part", root / "partial" / "live.part"
+    dead.write_bytes(b"half")
+    live.write_bytes(b"in flight")  # another replica's upload, written just now
+    old = time.time() - STALE_PARTIAL_SECONDS - 60
+    os.utime(dead, (old, old))
     InputFiles(root)
-    assert stored_files(root) == []
+    assert stored_files(root) == [live]
 
 
 def test_delete_job_removes_an_input_its_owner_no_longer_names(tmp_path: Path, db_url: str) -> None:
