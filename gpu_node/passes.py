@@ -128,14 +128,14 @@ def resize_image(image: Any, width: int, height: int, resize_mode: int) -> Any:
     from PIL import Image
 
     if resize_mode == 0 or image.size == (width, height):
-        return image.resize((width, height), Image.LANCZOS)
+        return image.resize((width, height), Image.Resampling.LANCZOS)
     ratio = width / height
     source = image.width / image.height
     if resize_mode == 1:  # cover, then crop the centre
         scale = width / image.width if ratio > source else height / image.height
         scaled = image.resize(
             (max(width, round(image.width * scale)), max(height, round(image.height * scale))),
-            Image.LANCZOS,
+            Image.Resampling.LANCZOS,
         )
         left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
         return scaled.crop((left, top, left + width, top + height))
@@ -146,7 +146,7 @@ def resize_image(image: Any, width: int, height: int, resize_mode: int) -> Any:
             min(width, max(1, round(image.width * scale))),
             min(height, max(1, round(image.height * scale))),
         ),
-        Image.LANCZOS,
+        Image.Resampling.LANCZOS,
     )
     canvas = Image.new(image.mode, (width, height))
     left, top = (width - fitted.width) // 2, (height - fitted.height) // 2
@@ -248,8 +248,8 @@ def prepare(spec: JobSpec, images: Mapping[str, Any]) -> Prepared:
     box = crop_region(overlay, spec.inpaint_full_res_padding, spec.width, spec.height)
     size = (spec.width, spec.height)
     return Prepared(
-        painted.crop(box).resize(size, Image.LANCZOS),
-        overlay.crop(box).resize(size, Image.LANCZOS),
+        painted.crop(box).resize(size, Image.Resampling.LANCZOS),
+        overlay.crop(box).resize(size, Image.Resampling.LANCZOS),
         init,
         overlay,
         box,
@@ -270,7 +270,7 @@ def finish(prepared: Prepared, image: Any) -> Any:
     if prepared.crop is not None:
         x1, y1, x2, y2 = prepared.crop
         generated = prepared.original.copy()
-        generated.paste(image.resize((x2 - x1, y2 - y1), Image.LANCZOS), (x1, y1))
+        generated.paste(image.resize((x2 - x1, y2 - y1), Image.Resampling.LANCZOS), (x1, y1))
     return Image.composite(generated.convert("RGB"), prepared.original, prepared.overlay)
 
 
@@ -287,7 +287,9 @@ def upscale(images: Any, spec: JobSpec) -> Any:
         )
     from PIL import Image
 
-    resample = Image.NEAREST if spec.hr_upscaler == "Nearest" else Image.LANCZOS
+    resample = (
+        Image.Resampling.NEAREST if spec.hr_upscaler == "Nearest" else Image.Resampling.LANCZOS
+    )
     return [image.resize((width, height), resample) for image in images]
 
 
@@ -375,7 +377,9 @@ def _control(
 
     units = specs[0].controlnets
     size = (step.width, step.height)
-    per_job = [[image.resize(size, Image.LANCZOS) for image in job.controls] for job in prepared]
+    per_job = [
+        [image.resize(size, Image.Resampling.LANCZOS) for image in job.controls] for job in prepared
+    ]
     if len(units) == 1:
         images: Any = _per_image(specs, [controls[0] for controls in per_job])
     elif len(specs) == 1:

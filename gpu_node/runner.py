@@ -147,9 +147,10 @@ class DeviceWorker:
         self._queue: queue.Queue[list[Task] | _Probe | None] = queue.Queue()
         self._tasks: dict[tuple[str, int], Task] = {}
         self._lock = threading.Lock()
-        # The last peak of each job shape (model, width, height, batch), so
-        # idle models can be evicted before a job that needs their room.
-        self._peaks: dict[tuple[str, int, int, int], int] = {}
+        # The last peak of each job shape (model, kind, sizes, images, LoRAs,
+        # ControlNets), so idle models can be evicted before a job that
+        # needs their room.
+        self._peaks: dict[tuple[object, ...], int] = {}
         # One thread, so updates leave in the order they were handed over.
         self._publisher = ThreadPoolExecutor(1, thread_name_prefix=f"publish-{device.index}")
         self._thread = threading.Thread(

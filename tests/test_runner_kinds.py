@@ -205,7 +205,7 @@ def test_plan_counts_the_steps_diffusers_runs() -> None:
 
 def test_img2img_is_deterministic_and_changes_its_input(catalog: Catalog, variants: Path) -> None:
     backend = KindsBackend(catalog, variants)
-    spec = {"init_image": INIT, "denoising_strength": 0.5, "seed": 3}
+    spec: dict[str, Any] = {"init_image": INIT, "denoising_strength": 0.5, "seed": 3}
     first = run(backend, [task(**spec)])
     [image] = succeeded(first)
     # int(4 * 0.5) steps run.
