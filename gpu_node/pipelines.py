@@ -29,6 +29,24 @@ never with a `custom_pipeline`. A model refused then, or one that fails to
 load (damaged weights, say), fails the job's attempt with a message naming
 the model; the worker runs on.
 
+Beside a model, a job may use ControlNets, LoRAs and a pipeline of
+another kind (img2img, inpainting); `gpu_node.adapters` builds those with
+diffusers' own mechanisms. ControlNets are held on the device like models
+(counted in the budget, evicted least recently used first, never while
+the job that needs them is loading); LoRAs live inside their model's
+modules and go with it; the pipelines of other kinds are built once per
+(model, kind, ControlNets) with `from_pipe` around the model's modules, so
+they cost no memory and no time after the first job. An inpainting job
+uses the node's inpainting model for the base (`NAME-inpainting` or
+`NAME-inpaint`) when it has one, else the generic inpainting pipeline on
+the base's own modules.
+
+With model or sequential offload, accelerate's hooks sit on the modules a
+model and its other pipelines share: the pipeline handed out is the one
+whose hooks were installed last, placed again when it is not (ControlNets
+are loaded in host memory and offloaded with it). On a CPU device every
+mode is full.
+
 Loading ends with `gc.freeze()`: the hundreds of thousands of objects that
 torch, diffusers and the weights leave live are moved out of the cycle
 collector's way, so that no collection during a job walks them. An eviction
@@ -38,123 +56,51 @@ unfreezes them first, so the old pipeline's cycles can be collected.
 from __future__ import annotations
 
 import gc
-import itertools
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from gpu_node.adapters import variant
 from gpu_node.catalog import Catalog, LocalModel, ModelRefused, verified_folder
+from gpu_node.residents import (
+    Held,
+    HeldControlNet,
+    Key,
+    ModelLoadFailed,
+    ModelUnavailable,
+    Resident,
+    default_budget,
+    device_bytes,
+    dtype_name,
+    estimated_bytes,
+    load_controlnet_held,
+    load_dtype,
+    place,
+    quiet_libraries,
+)
 from sdmesh.domain import ModelInfo
+from sdmesh.kinds import Kind, LoraWeight, ModelKind
 from sdmesh.samplers import find_sampler
 from sdmesh.spec import MemoryMode
 
 log = logging.getLogger(__name__)
 
-RESIDENT_SHARE = 0.8  # of a card's memory, for resident weights
-HOST_SHARE = 0.5  # of the host's memory, for weights resident on a CPU device
+# Re-exported: the agent, the runner and the tests know them from here.
+__all__ = [
+    "ModelLoadFailed",
+    "ModelUnavailable",
+    "PipelineCache",
+    "device_bytes",
+    "place",
+    "quiet_libraries",
+]
+
 MAX_CPU_MODELS = 4
-DTYPE_BYTES = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}
-
-
-class ModelUnavailable(Exception):
-    """The model is not on this node, or is refused: nothing was loaded."""
-
-
-class ModelLoadFailed(Exception):
-    """Loading the model raised: its files are damaged, most likely. Not a
-    ModelUnavailable, so the worker collects what the failed load left."""
-
-
-def quiet_libraries() -> None:
-    """No download or loading progress bars in the agent's log, and no
-    transformers notices about optional backends."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is downloaded at run time
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-
-def _load_dtype(device: str, weights_dtype: str) -> Any:
-    import torch
-
-    if device == "cpu":
-        return torch.float32  # half precision is slow or missing on CPUs
-    return torch.bfloat16 if weights_dtype == "bfloat16" else torch.float16
-
-
-def place(pipeline: Any, device: str, mode: MemoryMode) -> Any:
-    """Puts a freshly loaded pipeline on its device in the memory mode."""
-    if mode is MemoryMode.MODEL_OFFLOAD:
-        # Whole components move to the card when used: slower, far less VRAM.
-        pipeline.enable_model_cpu_offload(device=device)
-    elif mode is MemoryMode.SEQUENTIAL_OFFLOAD:
-        # Layer by layer: the least VRAM and the slowest.
-        pipeline.enable_sequential_cpu_offload(device=device)
-    else:
-        pipeline = pipeline.to(device)
-    return pipeline
-
-
-def default_budget(device: str) -> int:
-    """Bytes of weights a device keeps resident."""
-    if device.startswith("cuda"):
-        import torch
-
-        total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-        return int(total * RESIDENT_SHARE)
-    return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") * HOST_SHARE)
-
-
-def dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def estimated_bytes(model: LocalModel, dtype: Any) -> int:
-    """A model's weights once loaded in `dtype`, from its files' size."""
-    stored, loaded = DTYPE_BYTES.get(model.dtype), DTYPE_BYTES.get(dtype_name(dtype))
-    if stored is None or loaded is None:
-        return model.weight_bytes
-    return model.weight_bytes * loaded // stored
-
-
-def device_bytes(pipeline: Any) -> int:
-    """The bytes of a pipeline's weights and buffers."""
-    import torch
-
-    total = 0
-    for component in getattr(pipeline, "components", {}).values():
-        if isinstance(component, torch.nn.Module):
-            tensors = itertools.chain(component.parameters(), component.buffers())
-            total += sum(tensor.numel() * tensor.element_size() for tensor in tensors)
-    return total
-
-
-@dataclass(eq=False)
-class Resident:
-    """A pipeline on the device, and what applying a sampler to it needs."""
-
-    name: str
-    mode: MemoryMode
-    pipeline: Any
-    weight_bytes: int  # on the device; 0 when offloaded to host memory
-    dtype: str
-    scheduler_config: Any
-    own_scheduler: Any
-    classic: bool  # a noise-prediction model that A1111 samplers fit
-    sampler_name: str | None = None  # the one on the pipeline now
-
-    @property
-    def info(self) -> ModelInfo:
-        return ModelInfo(self.name, self.weight_bytes, self.dtype)
+INPAINT_SUFFIXES = ("-inpainting", "-inpaint")  # the inpainting model for a base model NAME
 
 
 class PipelineCache:
@@ -169,8 +115,10 @@ class PipelineCache:
         self.catalog = catalog
         self._budget_bytes = budget_bytes  # found on first use: reading a card's size starts CUDA
         self.max_models = max_models or (MAX_CPU_MODELS if device == "cpu" else None)
-        self._residents: OrderedDict[str, Resident] = OrderedDict()  # least recently used first
+        # Models and ControlNets, by (kind, name), least recently used first.
+        self._residents: OrderedDict[Key, Held] = OrderedDict()
         self._lock = threading.Lock()  # `resident()` is read from other threads
+        self.job_keys: frozenset[Key] = frozenset()  # what the last `get` handed out uses
 
     @property
     def budget_bytes(self) -> int:
@@ -179,18 +127,38 @@ class PipelineCache:
         return self._budget_bytes
 
     def resident(self) -> tuple[ModelInfo, ...]:
-        """The models whose weights are on the device, least recently used
-        first, each with the bytes and dtype it holds there. Offloaded
-        weights live in host memory: a model run offloaded on a card is not
-        listed. Read from other threads."""
+        """The models and ControlNets whose weights are on the device, least
+        recently used first, each with the bytes and dtype it holds there,
+        then the LoRAs loaded into them (each once). Offloaded weights live
+        in host memory: a model run offloaded on a card is not listed. Read
+        from other threads."""
         with self._lock:
-            residents = list(self._residents.values())
-        return tuple(r.info for r in residents if r.mode is MemoryMode.FULL)
+            held = [h for h in self._residents.values() if h.mode is MemoryMode.FULL]
+            loras = {
+                name: size
+                for h in held
+                if isinstance(h, Resident)
+                for name, size in h.loras.loaded.items()
+            }
+        infos = [h.info for h in held]
+        for name, size in loras.items():
+            model = self.catalog.get(name, ModelKind.LORA)
+            sha256, family = (model.sha256, model.family) if model else ("", "")
+            dtype = next(
+                h.dtype for h in held if isinstance(h, Resident) and name in h.loras.loaded
+            )
+            infos.append(ModelInfo(name, size, dtype, ModelKind.LORA, family, sha256))
+        return tuple(infos)
 
-    def resident_bytes(self, *, besides: str | None = None) -> int:
-        """The weights held on the device for every model but `besides`."""
+    def resident_bytes(self, *, besides: str | None = None, keep: Collection[Key] = ()) -> int:
+        """The weights held on the device (LoRAs included) for everything
+        but the model named `besides` and the entries `keep`."""
         with self._lock:
-            return sum(r.weight_bytes for r in self._residents.values() if r.name != besides)
+            return sum(
+                h.held_bytes
+                for h in self._residents.values()
+                if h.key not in keep and not (isinstance(h, Resident) and h.name == besides)
+            )
 
     def mode_on_device(self, requested: MemoryMode) -> MemoryMode:
         if self.device == "cpu" or requested is MemoryMode.AUTO:
@@ -198,55 +166,198 @@ class PipelineCache:
         return requested
 
     def get(
-        self, model_name: str, sampler_name: str, memory_mode: MemoryMode = MemoryMode.FULL
+        self,
+        model_name: str,
+        sampler_name: str,
+        memory_mode: MemoryMode = MemoryMode.FULL,
+        *,
+        task: Kind = Kind.TXT2IMG,
+        controlnets: Sequence[str] = (),
+        loras: Sequence[LoraWeight] = (),
     ) -> tuple[Any, float]:
-        """The pipeline for the model in that memory mode with the sampler
-        applied, and the seconds spent loading (0 when it was resident)."""
+        """The pipeline for `task` on the model in that memory mode, with
+        the ControlNets, the LoRAs active and the sampler applied, and the
+        seconds spent loading (0 when all was resident). Raises
+        ModelUnavailable, naming what is missing, before loading anything."""
+        import torch
+
         mode = self.mode_on_device(memory_mode)
-        resident = self._residents.get(model_name)
-        load_seconds = 0.0
-        if resident is None or resident.mode is not mode:
-            model = self.catalog.get(model_name)
-            if model is None or model.path is None:
-                raise ModelUnavailable(f"model {model_name!r} is not on this node")
-            started = time.monotonic()
-            resident = self._load_resident(model, mode)
-            load_seconds = time.monotonic() - started
-            log.info(
-                "loaded %s on %s (%s) in %.2fs; resident: %s",
-                model_name,
-                self.device,
-                mode.value,
-                load_seconds,
-                ", ".join(self._residents),
-            )
+        target = self._model_for(model_name, task)
+        wanted_controlnets = [self._known(name, ModelKind.CONTROLNET) for name in controlnets]
+        lora_files = {
+            lora.name: self._verified(self._known(lora.name, ModelKind.LORA)) for lora in loras
+        }
+        keys = {(str(target.kind), target.name), *((ModelKind.CONTROLNET, n) for n in controlnets)}
+        self.job_keys = frozenset((str(kind), name) for kind, name in keys)
+        resident, load_seconds = self._resident_model(target, mode)
+        held = []
+        for model in wanted_controlnets:
+            controlnet, seconds = self._controlnet(model, resident)
+            held.append(controlnet)
+            load_seconds += seconds
         with self._lock:
-            self._residents.move_to_end(model_name)
+            for key in self.job_keys:
+                if key in self._residents:
+                    self._residents.move_to_end(key)
+        lora_seconds = resident.loras.activate(
+            resident.pipeline, loras, lora_files, getattr(torch, resident.dtype)
+        )
+        if lora_seconds:
+            resident.placed = None  # loading LoRAs may have moved offload hooks
         if sampler_name != resident.sampler_name:
             self._apply_sampler(resident, sampler_name)
-        return resident.pipeline, load_seconds
+        pipeline, build_seconds = self._pipeline_for(resident, task, tuple(controlnets), held)
+        return pipeline, load_seconds + lora_seconds + build_seconds
 
-    def evict_least_used(self, *, keep: str | None = None) -> bool:
-        """Evicts the least recently used model but `keep`; False when
-        there is none."""
+    def end_job(self) -> None:
+        """Switches off the LoRAs of every resident model: the next job
+        runs on the weights alone."""
         with self._lock:
-            name = next((name for name in self._residents if name != keep), None)
-        if name is None:
+            residents = [h for h in self._residents.values() if isinstance(h, Resident)]
+        for resident in residents:
+            resident.loras.deactivate(resident.pipeline)
+
+    def hashes(self) -> Mapping[str, str]:
+        """ "lora:NAME" / "controlnet:NAME" -> the sha256 of its weights."""
+        return {
+            f"{model.kind}:{model.name}": model.sha256
+            for model in self.catalog.models.values()
+            if model.kind in (ModelKind.LORA, ModelKind.CONTROLNET) and model.sha256
+        }
+
+    def evict_least_used(self, *, keep: str | None = None, keep_keys: Collection[Key] = ()) -> bool:
+        """Evicts the least recently used model or ControlNet but the model
+        `keep` and the entries `keep_keys`; False when there is none."""
+        with self._lock:
+            key = next(
+                (
+                    key
+                    for key, held in self._residents.items()
+                    if key not in keep_keys
+                    and not (isinstance(held, Resident) and held.name == keep)
+                ),
+                None,
+            )
+        if key is None:
             return False
-        self._evict([name])
+        self._evict([key])
         return True
 
     def unload(self) -> None:
-        """Evicts every model."""
+        """Evicts every model and ControlNet."""
         self._evict(list(self._residents))
 
-    def _evict(self, names: list[str]) -> None:
-        if not names:
+    def _known(self, name: str, kind: ModelKind) -> LocalModel:
+        model = self.catalog.get(name, kind)
+        if model is None or model.path is None:
+            what = {ModelKind.LORA: "LoRA", ModelKind.CONTROLNET: "ControlNet"}.get(kind, "model")
+            raise ModelUnavailable(f"no {what} {name!r} on this node")
+        return model
+
+    @staticmethod
+    def _verified(model: LocalModel) -> Path:
+        try:
+            return verified_folder(model)
+        except ModelRefused as exc:
+            log.warning("refused to load: %s", exc)
+            raise ModelUnavailable(str(exc)) from exc
+
+    def _model_for(self, model_name: str, task: Kind) -> LocalModel:
+        """The model a job of `task` on `model_name` runs: for inpainting,
+        the node's inpainting model for that base when it has one."""
+        model = self.catalog.get(model_name)
+        if model is None or model.path is None:
+            raise ModelUnavailable(f"model {model_name!r} is not on this node")
+        if task is Kind.INPAINT and model.kind == ModelKind.BASE:
+            for suffix in INPAINT_SUFFIXES:
+                inpaint = self.catalog.get(model_name + suffix, ModelKind.INPAINT)
+                if inpaint is not None and inpaint.path is not None:
+                    return inpaint
+        if task is not Kind.INPAINT and model.kind == ModelKind.INPAINT:
+            raise ModelUnavailable(
+                f"model {model_name!r} is an inpainting model; it runs inpainting jobs only"
+            )
+        return model
+
+    def _resident_model(self, model: LocalModel, mode: MemoryMode) -> tuple[Resident, float]:
+        held = self._residents.get(model.key)
+        if isinstance(held, Resident) and held.mode is mode:
+            return held, 0.0
+        started = time.monotonic()
+        resident = self._load_resident(model, mode)
+        load_seconds = time.monotonic() - started
+        log.info(
+            "loaded %s on %s (%s) in %.2fs; resident: %s",
+            model.name,
+            self.device,
+            mode.value,
+            load_seconds,
+            ", ".join(name for _, name in self._residents),
+        )
+        return resident, load_seconds
+
+    def _controlnet(self, model: LocalModel, resident: Resident) -> tuple[HeldControlNet, float]:
+        """The ControlNet held in the resident model's mode and dtype,
+        loaded when it is not."""
+        import torch
+
+        held = self._residents.get(model.key)
+        if (
+            isinstance(held, HeldControlNet)
+            and held.mode is resident.mode
+            and held.dtype == resident.dtype
+        ):
+            return held, 0.0
+        if held is not None:
+            self._evict([model.key])
+        folder = self._verified(model)
+        if resident.mode is MemoryMode.FULL:
+            dtype = getattr(torch, resident.dtype)
+            self._make_room(model.key, estimated_bytes(model, dtype), keep=self.job_keys)
+        started = time.monotonic()
+        held = load_controlnet_held(model, folder, resident.mode, resident.dtype, self.device)
+        with self._lock:
+            self._residents[model.key] = held
+        seconds = time.monotonic() - started
+        log.info("loaded ControlNet %s on %s in %.2fs", model.name, self.device, seconds)
+        return held, seconds
+
+    def _pipeline_for(
+        self, resident: Resident, task: Kind, names: tuple[str, ...], held: list[HeldControlNet]
+    ) -> tuple[Any, float]:
+        """The resident pipeline itself, or the one of `task` with the
+        ControlNets built around its modules (cached), its sampler the
+        resident's, placed in the memory mode; and the seconds building it
+        took."""
+        seconds = 0.0
+        if resident.kind == ModelKind.BASE and task is Kind.TXT2IMG and not names:
+            pipeline = resident.pipeline
+        else:
+            pipeline = resident.variants.get((task, names))
+            if pipeline is None:
+                started = time.monotonic()
+                pipeline = variant(resident.pipeline, task, [h.model for h in held])
+                resident.variants[(task, names)] = pipeline
+                seconds = time.monotonic() - started
+            pipeline.scheduler = resident.pipeline.scheduler
+        if resident.mode is not MemoryMode.FULL and resident.placed is not pipeline:
+            place(pipeline, self.device, resident.mode)
+            resident.placed = pipeline
+        return pipeline, seconds
+
+    def _evict(self, keys: list[Key]) -> None:
+        if not keys:
             return
         with self._lock:
-            for name in names:
-                self._residents.pop(name, None)
-        log.info("evicted %s from %s", ", ".join(names), self.device)
+            for key in keys:
+                self._residents.pop(key, None)
+            gone = {name for kind, name in keys if kind == ModelKind.CONTROLNET}
+            for held in self._residents.values():
+                if isinstance(held, Resident) and gone:
+                    # A pipeline built with an evicted ControlNet holds its weights.
+                    for variant_key in [k for k in held.variants if gone & set(k[1])]:
+                        del held.variants[variant_key]
+        log.info("evicted %s from %s", ", ".join(name for _, name in keys), self.device)
         # The pipelines' objects were frozen at load; their cycles can only
         # be collected once thawed.
         gc.unfreeze()
@@ -257,37 +368,35 @@ class PipelineCache:
 
             torch.cuda.empty_cache()
 
-    def _make_room(self, model: LocalModel, weight_bytes: int) -> None:
+    def _make_room(self, key: Key, weight_bytes: int, *, keep: Collection[Key] = ()) -> None:
         """Evicts, least recently used first, until `weight_bytes` more fit
-        the budget beside what stays, and the model count allows one more.
-        Offloaded models go first, and an offloaded one is kept alone."""
+        the budget beside what stays, and the model count allows one more
+        (for a model; ControlNets are not counted). Offloaded entries go
+        first, and an offloaded one is kept alone; `keep` stays."""
         with self._lock:
-            residents = list(self._residents.values())
-        leaving = [
-            r.name for r in residents if r.name == model.name or r.mode is not MemoryMode.FULL
-        ]
-        staying = [r for r in residents if r.name not in leaving]
-        held = sum(r.weight_bytes for r in staying)
-        for resident in staying:
-            too_many = self.max_models is not None and len(staying) >= self.max_models
+            entries = list(self._residents.values())
+        leaving = [h.key for h in entries if h.key == key or h.mode is not MemoryMode.FULL]
+        staying = [h for h in entries if h.key not in leaving]
+        is_model = key[0] != ModelKind.CONTROLNET
+        for candidate in [h for h in staying if h.key not in keep]:
+            models = sum(1 for h in staying if isinstance(h, Resident))
+            too_many = is_model and self.max_models is not None and models >= self.max_models
+            held = sum(h.held_bytes for h in staying)
             if not too_many and held + weight_bytes <= self.budget_bytes:
                 break
-            leaving.append(resident.name)
-            staying = staying[1:]
-            held -= resident.weight_bytes
+            leaving.append(candidate.key)
+            staying.remove(candidate)
         self._evict(leaving)
 
     def _load_resident(self, model: LocalModel, mode: MemoryMode) -> Resident:
         import torch
 
-        try:  # before any eviction: a refused model costs the others nothing
-            folder = verified_folder(model)
-        except ModelRefused as exc:
-            log.warning("refused to load: %s", exc)
-            raise ModelUnavailable(str(exc)) from exc
-        dtype = _load_dtype(self.device, model.dtype)
+        folder = self._verified(model)  # before any eviction: a refused model costs nothing
+        dtype = load_dtype(self.device, model.dtype)
         if mode is MemoryMode.FULL:
-            self._make_room(model, estimated_bytes(model, dtype))
+            self._make_room(
+                model.key, estimated_bytes(model, dtype), keep=self.job_keys - {model.key}
+            )
         else:
             self.unload()
         while True:
@@ -295,7 +404,7 @@ class PipelineCache:
                 pipeline = self._load(folder, dtype, mode)
                 break
             except torch.OutOfMemoryError:
-                if not self.evict_least_used():
+                if not self.evict_least_used(keep_keys=self.job_keys):
                     raise
                 log.warning(
                     "loading %s ran out of memory; evicted the least used model", model.name
@@ -318,9 +427,11 @@ class PipelineCache:
             scheduler_config=scheduler.config,
             own_scheduler=type(scheduler),
             classic="EulerDiscreteScheduler" in compatible | {type(scheduler).__name__},
+            kind=model.kind,
+            placed=pipeline,
         )
         with self._lock:
-            self._residents[model.name] = resident
+            self._residents[resident.key] = resident
         gc.collect()  # the loader's own garbage is not kept frozen
         gc.freeze()
         return resident

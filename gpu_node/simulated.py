@@ -2,7 +2,13 @@
 
 `sdctl node --simulate-gpus 24GiB,12GiB [--simulate-speed 1.0,0.5]
 [--simulate-models sdxl=6.9GiB,flux=23GiB]` gives the agent cards that
-behave like real ones where the scheduler can see it:
+behave like real ones where the scheduler can see it. Synthetic
+ControlNets, LoRAs and inpainting models are named with their kind:
+`--simulate-models sdxl=6.9GiB,controlnet:canny-sdxl=2.5GiB,lora:detail=150MiB`.
+
+- a job of any kind runs; its ControlNets are held on the card like
+  models (`controlnet:NAME`), and a ControlNet or LoRA the node lacks fails
+  it as on a real card;
 
 - each card charges a job its true peak from `gpu_node.profiles` (never the
   scheduler's estimate), and holds it while the job runs;
@@ -33,7 +39,7 @@ import signal
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -49,6 +55,7 @@ from gpu_node.profiles import (
     true_peak,
 )
 from sdmesh.domain import DeviceInfo, DeviceStats, ModelInfo
+from sdmesh.kinds import Kind, LoraWeight, ModelKind
 from sdmesh.spec import MemoryMode
 
 log = logging.getLogger(__name__)
@@ -246,15 +253,18 @@ class SimulatedPipeline:
         self.inner = inner
         self.num_timesteps = 0
 
-    def __call__(self, **kwargs: Any) -> Any:
-        width, height = kwargs["width"], kwargs["height"]
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if args:  # the prompt, as diffusers takes it
+            kwargs["prompt"] = args[0]
+        width, height = _size(kwargs)
         prompts = kwargs.get("prompt") or ""
         # One prompt, or a batch of jobs' prompts, each image its own.
         batch = (kwargs.get("num_images_per_prompt") or 1) * (
             len(prompts) if isinstance(prompts, list) else 1
         )
         prompt = " ".join(prompts) if isinstance(prompts, list) else prompts
-        steps = kwargs["num_inference_steps"]
+        # Image-to-image runs steps * strength of them, as diffusers does.
+        steps = max(1, int(kwargs["num_inference_steps"] * kwargs.get("strength", 1.0)))
         self.num_timesteps = steps
         peak = true_peak(self.profile, width, height, batch, self.mode)
         callback: Callable[..., Any] | None = kwargs.get("callback_on_step_end")
@@ -311,36 +321,85 @@ class SimulatedPipeline:
         )
 
 
+def _size(kwargs: Mapping[str, Any]) -> tuple[int, int]:
+    """The picture's size: given, or that of the input image (a picture or
+    a list of them; latents are an eighth of it)."""
+    if kwargs.get("width") and kwargs.get("height"):
+        return int(kwargs["width"]), int(kwargs["height"])
+    image: Any = kwargs.get("image")
+    if isinstance(image, list | tuple) and image:
+        image = image[0]
+    if hasattr(image, "size") and isinstance(image.size, tuple):
+        return int(image.size[0]), int(image.size[1])
+    if hasattr(image, "shape"):
+        return int(image.shape[-1]) * 8, int(image.shape[-2]) * 8
+    raise ValueError("a simulated pipeline needs width and height, or an image")
+
+
+CONTROLNET_PREFIX = "controlnet:"  # a ControlNet's name among a card's residents
+
+
 class SimulatedBackend:
     def __init__(self, card: SimulatedCard, catalog: Catalog) -> None:
         self.card = card
         self.catalog = catalog
         self.cpu = PipelineCache("cpu", catalog)  # real models really run, on the CPU
 
-    def pipeline(self, model: str, sampler: str, mode: MemoryMode) -> tuple[Any, float]:
+    def pipeline(
+        self,
+        model: str,
+        sampler: str,
+        mode: MemoryMode,
+        *,
+        task: Kind = Kind.TXT2IMG,
+        controlnets: tuple[str, ...] = (),
+        loras: tuple[LoraWeight, ...] = (),
+    ) -> tuple[Any, float]:
         local = self.catalog.get(model)
         if local is None:
             raise ModelUnavailable(f"model {model!r} is not on this node")
+        held = [self._known(name, ModelKind.CONTROLNET, "ControlNet") for name in controlnets]
+        for lora in loras:
+            self._known(lora.name, ModelKind.LORA, "LoRA")
         profile = profile_for(model, local.weight_bytes)
         full = mode in (MemoryMode.FULL, MemoryMode.AUTO)
         if full:
             load_seconds = self.card.load(model, profile)
+            for controlnet in held:
+                name = CONTROLNET_PREFIX + controlnet.name
+                load_seconds += self.card.load(name, profile_for(name, controlnet.weight_bytes))
         else:  # offloaded weights live in host memory, not on the card
             self.card.evict()
             load_seconds = 0.0
         inner = None
         if not local.synthetic:
-            inner, cpu_load = self.cpu.get(model, sampler, MemoryMode.FULL)
+            extras: dict[str, Any] = {}
+            if task is not Kind.TXT2IMG or controlnets or loras:
+                extras = {"task": task, "controlnets": controlnets, "loras": loras}
+            inner, cpu_load = self.cpu.get(model, sampler, MemoryMode.FULL, **extras)
             load_seconds += cpu_load
         mode = MemoryMode.FULL if full else mode
         return SimulatedPipeline(self.card, profile, mode, inner), load_seconds
 
+    def _known(self, name: str, kind: ModelKind, what: str) -> Any:
+        found = self.catalog.get(name, kind)
+        if found is None:
+            raise ModelUnavailable(f"no {what} {name!r} on this node")
+        return found
+
+    def end_job(self) -> None:
+        self.cpu.end_job()
+
+    def hashes(self) -> Mapping[str, str]:
+        return self.cpu.hashes()
+
     def resident(self) -> tuple[ModelInfo, ...]:
         infos = []
         for name, weight_bytes in self.card.resident_models():
-            model = self.catalog.get(name)
+            kind = ModelKind.CONTROLNET if name.startswith(CONTROLNET_PREFIX) else None
+            model = self.catalog.get(name.removeprefix(CONTROLNET_PREFIX), kind)
             if model is not None:
-                infos.append(ModelInfo(name, weight_bytes, model.dtype))
+                infos.append(ModelInfo(model.name, weight_bytes, model.dtype, str(model.kind)))
         return tuple(infos)
 
     def begin_job(self) -> None:
