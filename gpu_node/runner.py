@@ -10,6 +10,12 @@ last one's PNGs are written. Everything goes out through `emit` as an
 `AttemptUpdate` (`sdmesh.domain`); the connection turns those into
 protobuf on the asyncio side.
 
+A job of any kind (img2img, inpainting, the hires fix's two passes, LoRAs,
+ControlNets, n_iter batches one after another) runs through the backend's
+diffusers pipelines; what each kind asks of them (its passes, their call
+arguments, its input images prepared) is `gpu_node.passes`, and one step
+count runs over all of a job's passes.
+
 Ordering: every update of the device leaves through the one publisher
 thread in the order it was handed over, so an attempt's start, steps,
 previews, images and end arrive in that order (the next attempt may start

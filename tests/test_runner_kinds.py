@@ -16,7 +16,7 @@ from PIL import Image
 from gpu_node.backends import TorchBackend
 from gpu_node.catalog import Catalog
 from gpu_node.passes import crop_region, plan, resize_image
-from gpu_node.runner import Task
+from gpu_node.runner import StepCounter, Task
 from gpu_node.tiny_variants import ensure_tiny_controlnet, ensure_tiny_inpaint, ensure_tiny_lora
 from sdmesh.domain import AttemptOutcome, AttemptUpdate, Ended, ImageReady, Progress
 from sdmesh.kinds import ControlNetUnit, Kind, LoraWeight
@@ -198,6 +198,17 @@ def test_plan_counts_the_steps_diffusers_runs() -> None:
         6,
         3,
     )
+
+
+def test_one_step_count_spans_every_pass() -> None:
+    counter = StepCounter([3, 2])  # planned: 3 steps, then 2
+    assert [counter.step(i, 3) for i in range(3)] == [(1, 5), (2, 5), (3, 5)]
+    counter.end_pass()
+    # The second pass says it runs 3 (a second-order sampler, say): the
+    # total follows it, and the count goes on from 3.
+    assert [counter.step(i, 3) for i in range(3)] == [(4, 6), (5, 6), (6, 6)]
+    counter.end_pass()
+    assert counter.done == 6
 
 
 # ---- through the worker ------------------------------------------------------
