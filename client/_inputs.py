@@ -27,22 +27,22 @@ from typing import Any, BinaryIO, Protocol, TypedDict
 
 from client._errors import InvalidArgumentError, SdmeshError
 from protos import common_pb2
-from sdmesh.kinds import MAX_INPUT_BYTES, ControlNetUnit, InputInfo, LoraWeight
+from sdmesh.kinds import (
+    INPUT_FORMATS,
+    MAX_INPUT_BYTES,
+    ControlNetUnit,
+    InputInfo,
+    LoraWeight,
+    image_format,
+)
 from sdmesh.spec import MemoryMode, SpecRequest
+from sdmesh.wire import INPUT_CHUNK_BYTES
 
 # Scheduler.UploadInput takes chunks of at most 1 MiB (protos/scheduler.proto).
-INPUT_CHUNK_BYTES = 1024 * 1024
 # What the scheduler's refusals of an upload call the image.
 UPLOAD_FIELD = "image"
 # The submit options that name an input image (ControlNet units carry theirs).
 IMAGE_OPTIONS = ("init_image", "mask")
-_MAGIC = (
-    (b"\x89PNG\r\n\x1a\n", "PNG"),
-    (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
-    (b"BM", "BMP"),
-)
 
 
 class PilImage(Protocol):
@@ -131,17 +131,6 @@ class LocalInput:
     format: str  # "PNG", "JPEG" or "WEBP"
 
 
-def image_format(data: bytes) -> str:
-    """The format the first bytes say ("" when none known): WEBP is a RIFF
-    container with WEBP at offset 8."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "WEBP"
-    for magic, name in _MAGIC:
-        if data.startswith(magic):
-            return name
-    return ""
-
-
 def _mib(size: int) -> str:
     return f"{size / 2**20:.1f} MiB"
 
@@ -203,7 +192,7 @@ def read_input(field: str, image: object) -> LocalInput:
             f"{_mib(MAX_INPUT_BYTES)}"
         )
     found = image_format(data)
-    if found not in ("PNG", "JPEG", "WEBP"):
+    if found not in INPUT_FORMATS:
         what = f"a {found}" if found else "not an image this side knows"
         raise InvalidArgumentError(f"{field}: {where} is {what}; allowed: PNG, JPEG or WebP")
     return LocalInput(data, hashlib.sha256(data).hexdigest(), found)

@@ -36,7 +36,16 @@ from PIL import Image, UnidentifiedImageError
 
 from scheduler.images import ImageStore
 from sdmesh.errors import InvalidArgument
-from sdmesh.kinds import INPUT_FORMATS, MAX_INPUT_BYTES, MAX_INPUT_PIXELS, SHA256, InputInfo
+from sdmesh.kinds import (
+    INPUT_FORMATS,
+    MAX_INPUT_BYTES,
+    MAX_INPUT_PIXELS,
+    SHA256,
+    SIGNATURE_BYTES,
+    InputInfo,
+    image_format,
+)
+from sdmesh.wire import INPUT_CHUNK_BYTES
 
 if TYPE_CHECKING:
     from scheduler.store import Database
@@ -45,22 +54,9 @@ FIELD = "image"
 # A chunk of an upload: a quarter of the largest message the scheduler
 # takes (sdmesh.wire.MAX_SERVER_RECEIVE_BYTES, 4 MiB), so a chunk and its
 # framing always fit one message.
-MAX_CHUNK_BYTES = 1024 * 1024
 ALLOWED = "PNG, JPEG or WebP"
-SIGNATURE_BYTES = 12
 # A partial file nobody wrote to for this long was left by a dead scheduler.
 STALE_PARTIAL_SECONDS = 3600.0
-
-
-def input_format(head: bytes) -> str | None:
-    """The format the first SIGNATURE_BYTES bytes announce, or None."""
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "PNG"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "JPEG"
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return "WEBP"
-    return None
 
 
 def inspect(path: Path, size_bytes: int, sha256: str) -> InputInfo:
@@ -115,9 +111,9 @@ class _Partial:
             raise InvalidArgument(
                 FIELD, f"chunk at offset {offset}, expected {self.size}: send the chunks in order"
             )
-        if len(data) > MAX_CHUNK_BYTES:
+        if len(data) > INPUT_CHUNK_BYTES:
             raise InvalidArgument(
-                FIELD, f"a chunk of {len(data)} bytes; each may be at most {MAX_CHUNK_BYTES}"
+                FIELD, f"a chunk of {len(data)} bytes; each may be at most {INPUT_CHUNK_BYTES}"
             )
         if self.size + len(data) > MAX_INPUT_BYTES:
             raise InvalidArgument(
@@ -130,7 +126,7 @@ class _Partial:
         self.size += len(data)
         if len(self.head) < SIGNATURE_BYTES:
             self.head += data[: SIGNATURE_BYTES - len(self.head)]
-            if len(self.head) >= SIGNATURE_BYTES and input_format(self.head) is None:
+            if len(self.head) >= SIGNATURE_BYTES and image_format(self.head) not in INPUT_FORMATS:
                 raise InvalidArgument(
                     FIELD, f"must be a {ALLOWED} image; it starts with {self.head[:8]!r}"
                 )
@@ -140,7 +136,7 @@ class _Partial:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        if input_format(self.head) is None:
+        if image_format(self.head) not in INPUT_FORMATS:
             raise InvalidArgument(
                 FIELD, f"must be a {ALLOWED} image; got {self.size} bytes that are none"
             )

@@ -114,6 +114,16 @@ MAX_INPUT_BYTES = 32 * 1024 * 1024
 MAX_INPUT_PIXELS = 4096 * 4096
 INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+# What an image file's first bytes say it is: the input formats, and two
+# common ones named only to say they are not allowed.
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+SIGNATURE_BYTES = 12  # enough for every magic above and WebP's
 # <lora:NAME> or <lora:NAME:WEIGHT>, as A1111 writes them in prompts.
 LORA_TAG = re.compile(r"<lora:([^:>]*)(?::([^:>]*))?(:[^>]*)?>")
 
@@ -127,6 +137,18 @@ def _between(name: str, value: float, low: float, high: float) -> None:
     _finite(name, value)
     if not low <= value <= high:
         raise InvalidArgument(name, f"must be between {low:g} and {high:g}, got {value:g}")
+
+
+def image_format(head: bytes) -> str:
+    """The format an image file's first SIGNATURE_BYTES bytes announce
+    ("WEBP" is a RIFF container with WEBP at offset 8), or "" when none
+    known. Only INPUT_FORMATS are allowed as inputs."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    for magic, name in _MAGIC:
+        if head.startswith(magic):
+            return name
+    return ""
 
 
 def parse_lora_tags(prompt: str) -> list[LoraWeight]:

@@ -57,6 +57,9 @@ CLIENT_FIRST_BACKOFF_SECONDS = 0.2
 CLIENT_MAX_BACKOFF_SECONDS = 2.0
 # PNGs travel in pieces well under gRPC's 4 MiB message limit, both ways.
 IMAGE_CHUNK_BYTES = 256 * 1024
+# An input image uploaded by a client goes in chunks of at most this (the
+# scheduler refuses larger ones): four fit one 4 MiB message limit.
+INPUT_CHUNK_BYTES = 1024 * 1024
 # The largest message each side takes (see the module's docstring).
 MAX_SERVER_RECEIVE_BYTES = 4 * 1024 * 1024
 MAX_CLIENT_RECEIVE_BYTES = 64 * 1024 * 1024

@@ -20,8 +20,6 @@ from PIL import Image as PILImage
 
 from client import AsyncClient, Client, InvalidArgumentError
 from client._inputs import (
-    INPUT_CHUNK_BYTES,
-    image_format,
     input_chunks,
     lora_weights,
     prepare,
@@ -30,8 +28,9 @@ from client._inputs import (
 from protos import common_pb2, scheduler_pb2
 from sdmesh.convert import spec_request_from_proto, spec_to_proto
 from sdmesh.errors import InvalidArgument
-from sdmesh.kinds import MAX_INPUT_BYTES, ControlNetUnit, InputInfo, LoraWeight
+from sdmesh.kinds import MAX_INPUT_BYTES, ControlNetUnit, InputInfo, LoraWeight, image_format
 from sdmesh.spec import resolve
+from sdmesh.wire import INPUT_CHUNK_BYTES
 from tests.scripted import running_scheduler
 from tests.test_client_retry import Context, FakeScheduler, nowhere, run, serving
 

@@ -26,7 +26,7 @@ from scheduler.cluster import Cluster
 from scheduler.estimator import EstimateBook
 from scheduler.events import EventHub
 from scheduler.images import ImageStore
-from scheduler.inputs import MAX_CHUNK_BYTES, STALE_PARTIAL_SECONDS, InputFiles
+from scheduler.inputs import STALE_PARTIAL_SECONDS, InputFiles
 from scheduler.retention import UNUSED_INPUT_SECONDS, Retention
 from scheduler.runtime import Runtime
 from scheduler.server import SchedulerServer
@@ -34,7 +34,7 @@ from scheduler.store import Database, Store
 from sdmesh.errors import InvalidArgument
 from sdmesh.kinds import MAX_INPUT_BYTES, InputInfo
 from sdmesh.spec import SpecRequest, resolve
-from sdmesh.wire import IMAGE_CHUNK_BYTES
+from sdmesh.wire import IMAGE_CHUNK_BYTES, INPUT_CHUNK_BYTES
 from tests.factories import png_chunk, png_header
 from tests.scripted import ScriptedAgent, running_scheduler
 
@@ -139,10 +139,10 @@ def bomb_png() -> bytes:
 def over_size() -> list[common_pb2.InputChunk]:
     """A PNG signature and then more than MAX_INPUT_BYTES, in full chunks."""
     head = picture("PNG")
-    block = head + bytes(MAX_CHUNK_BYTES - len(head))
-    count = MAX_INPUT_BYTES // MAX_CHUNK_BYTES + 1
+    block = head + bytes(INPUT_CHUNK_BYTES - len(head))
+    count = MAX_INPUT_BYTES // INPUT_CHUNK_BYTES + 1
     return [
-        common_pb2.InputChunk(offset=i * MAX_CHUNK_BYTES, data=block if i == 0 else bytes(block))
+        common_pb2.InputChunk(offset=i * INPUT_CHUNK_BYTES, data=block if i == 0 else bytes(block))
         for i in range(count)
     ]
 
@@ -156,7 +156,7 @@ REFUSED = {
     "text": pieces(b"hello, this is not a picture at all"),
     "empty": [],
     "offset out of order": [common_pb2.InputChunk(offset=5, data=GOOD)],
-    "chunk over 1 MiB": [common_pb2.InputChunk(offset=0, data=GOOD + bytes(MAX_CHUNK_BYTES))],
+    "chunk over 1 MiB": [common_pb2.InputChunk(offset=0, data=GOOD + bytes(INPUT_CHUNK_BYTES))],
 }
 
 
@@ -229,7 +229,7 @@ def test_the_node_running_the_job_fetches_its_input_in_pieces(tmp_path: Path, db
     other = picture("PNG", 8, 8)
 
     async def scenario(server: SchedulerServer, stub: Any, channel: Any) -> None:
-        info = await upload(stub, data, size=MAX_CHUNK_BYTES)
+        info = await upload(stub, data, size=INPUT_CHUNK_BYTES)
         unnamed = await upload(stub, other)
         agent = ScriptedAgent(server.port, "n1")
         await agent.connect()
