@@ -170,7 +170,10 @@ class SpecRequest:
     # Hires fix (txt2img): a second pass at a larger size.
     enable_hr: bool = option(False, flag="--hires", help="hires fix (implied by --hires-*)")
     hr_scale: float | None = option(
-        None, parse=float, flag="--hires-scale", help=f"hires fix: scale (default {DEFAULT_HR_SCALE:g})"
+        None,
+        parse=float,
+        flag="--hires-scale",
+        help=f"hires fix: scale (default {DEFAULT_HR_SCALE:g})",
     )
     hr_resize_x: int | None = option(
         None, parse=int, flag="--hires-width", help="hires fix: final width instead of a scale"
@@ -182,7 +185,10 @@ class SpecRequest:
         None, flag="--hires-upscaler", help=f'hires fix: upscaler (default "{DEFAULT_HR_UPSCALER}")'
     )
     hr_second_pass_steps: int | None = option(
-        None, parse=int, flag="--hires-steps", help="hires fix: steps of the second pass (default: steps)"
+        None,
+        parse=int,
+        flag="--hires-steps",
+        help="hires fix: steps of the second pass (default: steps)",
     )
     loras: tuple[LoraWeight, ...] = option(
         (),
