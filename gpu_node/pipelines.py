@@ -187,8 +187,9 @@ class PipelineCache:
         lora_files = {
             lora.name: self._verified(self._known(lora.name, ModelKind.LORA)) for lora in loras
         }
-        keys = {(str(target.kind), target.name), *((ModelKind.CONTROLNET, n) for n in controlnets)}
-        self.job_keys = frozenset((str(kind), name) for kind, name in keys)
+        # The model, then its ControlNets: their order as most recently used.
+        keys = [target.key, *((str(ModelKind.CONTROLNET), name) for name in controlnets)]
+        self.job_keys = frozenset(keys)
         resident, load_seconds = self._resident_model(target, mode)
         held = []
         for model in wanted_controlnets:
@@ -196,7 +197,7 @@ class PipelineCache:
             held.append(controlnet)
             load_seconds += seconds
         with self._lock:
-            for key in self.job_keys:
+            for key in keys:
                 if key in self._residents:
                     self._residents.move_to_end(key)
         lora_seconds = resident.loras.activate(

@@ -254,3 +254,30 @@ def test_simulated_cards_keep_several_models_and_evict_the_least_recently_used(
     assert card.resident == ("sdxl", int(6.9 * GIB))
     [stats] = probe.stats()
     assert stats.free_bytes == card.free_bytes()
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
+    catalog = Catalog(tmp_path_factory.mktemp("agent"), None, tiny_variants=True)
+    catalog.scan()
+    return catalog
+
+
+def test_controlnets_are_held_and_evicted_like_models_but_never_from_their_job(
+    variants: Catalog,
+) -> None:
+    from sdmesh.kinds import Kind
+
+    tiny, canny = variants.get("tiny"), variants.get("tiny-canny", "controlnet")
+    assert tiny is not None and canny is not None
+    # Room for tiny and half of the ControlNet: the job needs both, so the
+    # ControlNet's load evicts nothing it uses.
+    cache = PipelineCache("cpu", variants, budget_bytes=tiny.weight_bytes + canny.weight_bytes // 2)
+    cache.get("tiny", "Euler a", controlnets=("tiny-canny",))
+    held = {(m.kind, m.name): m.weight_bytes for m in cache.resident()}
+    assert list(held) == [("base", "tiny"), ("controlnet", "tiny-canny")]
+    assert cache.resident_bytes() == sum(held.values())
+    # An inpainting job loads tiny-inpaint: the least recently used go, the
+    # ControlNet too (tiny-inpaint and it do not fit together).
+    cache.get("tiny", "Euler a", task=Kind.INPAINT)
+    assert names(cache) == ["tiny-inpaint"]

@@ -126,3 +126,42 @@ def test_offload_keeps_weights_off_the_card_and_runs_slower(catalog: Catalog) ->
         PROFILES["sdxl"], 1024, 1024, 1, MemoryMode.MODEL_OFFLOAD
     )
     assert probe.cards[0].resident is None
+
+
+def test_a_simulated_card_takes_every_kind_and_holds_controlnets_like_models(
+    tiny_data_dir: Path,
+) -> None:
+    from PIL import Image
+
+    from gpu_node.pipelines import ModelUnavailable
+    from sdmesh.kinds import Kind, LoraWeight
+
+    catalog = Catalog(
+        tiny_data_dir,
+        None,
+        {"sdxl": int(6.9 * GIB), "controlnet:canny-sdxl": int(2.5 * GIB), "lora:detail": 2**27},
+    )
+    catalog.scan()
+    probe = SimulatedProbe([24 * GIB], time_scale=0.001)
+    backend = probe.backend(0, catalog)
+    pipeline, _ = backend.pipeline(
+        "sdxl",
+        "Euler a",
+        MemoryMode.FULL,
+        task=Kind.IMG2IMG,
+        controlnets=("canny-sdxl",),
+        loras=(LoraWeight("detail", 0.8),),
+    )
+    # An img2img call gives its size by the image and runs steps * strength.
+    image = Image.new("RGB", (1024, 768))
+    [out] = pipeline(prompt="x", image=image, strength=0.5, num_inference_steps=4).images
+    assert out.size == (1024, 768)
+    assert pipeline.num_timesteps == 2
+    held = {(m.kind, m.name): m.weight_bytes for m in backend.resident()}
+    assert held == {("base", "sdxl"): int(6.9 * GIB), ("controlnet", "canny-sdxl"): int(2.5 * GIB)}
+    backend.end_job()
+    assert backend.hashes() == {}  # synthetic weights have no file to hash
+    with pytest.raises(ModelUnavailable, match="no LoRA 'style' on this node"):
+        backend.pipeline("sdxl", "Euler a", MemoryMode.FULL, loras=(LoraWeight("style"),))
+    with pytest.raises(ModelUnavailable, match="no ControlNet 'depth' on this node"):
+        backend.pipeline("sdxl", "Euler a", MemoryMode.FULL, controlnets=("depth",))

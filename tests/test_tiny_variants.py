@@ -190,3 +190,12 @@ def test_lora_keys_cover_every_attention_projection(models_root: Path) -> None:
         assert module.startswith("unet.")
         assert {f"{module}.lora_A.weight", f"{module}.lora_B.weight"} <= keys
         assert tensors[f"{module}.lora_B.weight"].abs().max() > 0
+
+
+def test_the_lora_names_its_base_as_kohya_does(models_root: Path) -> None:
+    from gpu_node.catalog import lora_family
+    from gpu_node.safe_files import safetensors_header
+
+    header = safetensors_header(models_root / "loras" / "tiny-lora.safetensors")
+    assert header["__metadata__"]["ss_base_model_version"] == "tiny"
+    assert lora_family(header) == "tiny"
