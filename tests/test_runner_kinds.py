@@ -352,3 +352,29 @@ def test_a_missing_input_fails_the_attempt_as_input(catalog: Catalog, variants: 
     job = Task("j", 1, make_spec(steps=2, init_image="e" * 64), MemoryMode.AUTO)
     [ended] = of(run(backend, [job]), Ended)
     assert (ended.outcome, ended.error_kind) == (AttemptOutcome.FAILED, "input")
+
+
+# ---- the node's real backend -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "size", "steps"),
+    [
+        ({"init_image": INIT}, 64, [1, 2]),  # int(3 * 0.75) = 2
+        ({"init_image": INIT, "mask": MASK, "inpaint_full_res": True}, 64, [1, 2]),
+        ({"enable_hr": True, "hr_second_pass_steps": 2}, 128, [1, 2, 3, 4]),  # 3 + int(2 * 0.75)
+        ({"loras": (LoraWeight("tiny-lora", 0.5),)}, 64, [1, 2, 3]),
+        ({"init_image": INIT, "controlnets": (ControlNetUnit("tiny-canny", CONTROL),)}, 64, [1, 2]),
+    ],
+    ids=["img2img", "inpaint", "hires", "lora", "controlnet-img2img"],
+)
+def test_every_kind_runs_on_the_real_backend(
+    tiny_data_dir: Path, variants: Path, kind: dict[str, Any], size: int, steps: list[int]
+) -> None:
+    catalog = Catalog(tiny_data_dir, variants)
+    catalog.scan()
+    events = run(TorchBackend("cpu", catalog), [task(steps=3, **kind)])
+    [image] = succeeded(events)
+    assert (image.width, image.height) == (size, size)
+    assert [p.step for p in of(events, Progress)] == steps
+    assert {p.total_steps for p in of(events, Progress)} == {steps[-1]}
