@@ -256,3 +256,39 @@ def test_first_use_load_times(variants_catalog: Catalog) -> None:
         _, again = backend.pipeline("tiny", "Euler a", MemoryMode.FULL, **options)
         assert again == 0.0, label
         backend.end_job()
+
+
+def test_offloaded_the_pipeline_handed_out_is_the_one_placed_last(
+    variants_catalog: Catalog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offload hooks sit on the modules a model and its other kinds share:
+    each pipeline is placed again when another one was placed since. (A CPU
+    device runs every mode full; here it is made to keep the mode, and
+    placing is recorded instead of done.)"""
+    import gpu_node.pipelines
+    from gpu_node.pipelines import PipelineCache
+
+    placed: list[str] = []
+
+    def record(pipeline: Any, device: str, mode: MemoryMode) -> Any:
+        placed.append(f"{type(pipeline).__name__} {mode.value}")
+        return pipeline
+
+    monkeypatch.setattr(gpu_node.pipelines, "place", record)
+    monkeypatch.setattr(PipelineCache, "mode_on_device", lambda self, mode: mode)
+    cache = PipelineCache("cpu", variants_catalog)
+    offload = MemoryMode.MODEL_OFFLOAD
+    cache.get("tiny", "Euler a", offload)
+    cache.get("tiny", "Euler a", offload, task=Kind.IMG2IMG)
+    cache.get("tiny", "Euler a", offload, task=Kind.IMG2IMG)
+    cache.get("tiny", "Euler a", offload, controlnets=("tiny-canny",))
+    cache.get("tiny", "Euler a", offload)
+    mode = offload.value
+    assert placed == [
+        f"StableDiffusionPipeline {mode}",
+        f"StableDiffusionImg2ImgPipeline {mode}",
+        f"StableDiffusionControlNetPipeline {mode}",
+        f"StableDiffusionPipeline {mode}",
+    ]
+    # Offloaded weights live in host memory: nothing is listed as held.
+    assert cache.resident() == ()
