@@ -85,7 +85,12 @@ class Agent:
         self.config = config
         self.probe = probe
         self.lock = DataDirLock(config.data_dir)
-        self.catalog = Catalog(config.data_dir, config.models_dir, synthetic_models(config))
+        self.catalog = Catalog(
+            config.data_dir,
+            config.models_dir,
+            synthetic_models(config),
+            tiny_variants=config.tiny_variants,
+        )
         self.devices: list[DeviceInfo] = []
         self.identity: Identity | None = None
         self.credential: Credential | None = None  # None: not enrolled (or --no-auth)

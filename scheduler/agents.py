@@ -40,7 +40,7 @@ from sdmesh.convert import (
 )
 from sdmesh.domain import NodeInfo
 from sdmesh.errors import InvalidArgument, quote
-from sdmesh.kinds import SHA256
+from sdmesh.kinds import SHA256, ModelKind
 from sdmesh.spec import check_labels, printable
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,7 @@ HELLO_TIMEOUT_SECONDS = 30.0
 NODE_TOUCH_SECONDS = 60.0
 # How soon a node removed with `sdctl admin remove-node` loses its stream.
 REMOVAL_CHECK_SECONDS = 2.0
+MODEL_KINDS = tuple(kind.value for kind in ModelKind)
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
@@ -59,8 +60,8 @@ def check_hello(node: NodeInfo) -> None:
         raise InvalidArgument("hello.devices", "must list at least one device")
     if len({device.index for device in node.devices}) != len(node.devices):
         raise InvalidArgument("hello.devices", "device indexes must be unique")
-    if len({model.name for model in node.models}) != len(node.models):
-        raise InvalidArgument("hello.models", "model names must be unique")
+    if len({(model.kind, model.name) for model in node.models}) != len(node.models):
+        raise InvalidArgument("hello.models", "model names must be unique within a kind")
     # Bounded by the nodes and models columns, and printable: they are
     # stored and shown in listings.
     printable("hello.name", node.name, 128, least=1)
@@ -71,6 +72,14 @@ def check_hello(node: NodeInfo) -> None:
     for model in node.models:
         printable("hello.models.name", model.name, 128, least=1)
         printable("hello.models.dtype", model.dtype, 32)
+        if model.kind not in MODEL_KINDS:
+            raise InvalidArgument(
+                "hello.models.kind",
+                f"must be one of {', '.join(MODEL_KINDS)}, got {quote(model.kind)}",
+            )
+        printable("hello.models.family", model.family, 32)
+        if model.sha256 and not SHA256.fullmatch(model.sha256):
+            raise InvalidArgument("hello.models.sha256", "must be empty or 64 lowercase hex digits")
     check_labels(node.labels, "hello.labels")
 
 

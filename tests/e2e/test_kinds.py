@@ -94,7 +94,8 @@ def mask(size: tuple[int, int] = (SIZE, SIZE)) -> PILImage.Image:
 
 
 def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(PILImage.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+    with PILImage.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
 def run(handle: JobHandle) -> tuple[list[object], list[bytes], str]:
@@ -103,7 +104,10 @@ def run(handle: JobHandle) -> tuple[list[object], list[bytes], str]:
     job = handle.refresh()
     assert job.state == "SUCCEEDED", job.reason
     images = handle.images()
-    texts = [PILImage.open(io.BytesIO(image.data)).info["parameters"] for image in images]
+    texts = []
+    for image in images:
+        with PILImage.open(io.BytesIO(image.data)) as opened:
+            texts.append(opened.info["parameters"])
     return events, [image.data for image in images], texts[0]
 
 
@@ -180,7 +184,8 @@ def test_the_hires_fix_runs_two_passes_as_one_job(client: Client) -> None:
     )
     events, images, text = run(handle)
     [data] = images
-    assert PILImage.open(io.BytesIO(data)).size == (2 * SIZE, 2 * SIZE)
+    with PILImage.open(io.BytesIO(data)) as image:
+        assert image.size == (2 * SIZE, 2 * SIZE)
     check_previews_and_progress(events, STEPS + 2)  # pass 2 runs 4 * 0.5 steps
     for entry in (
         "Hires upscale: 2",
@@ -296,7 +301,8 @@ def test_sdctl_runs_img2img_and_controlnet_from_files(kinds: LocalCluster, tmp_p
     assert result["state"] == "SUCCEEDED"
     assert result["node"] == "agent-a"
     [path] = result["images"]
-    text = PILImage.open(path).info["parameters"]
+    with PILImage.open(path) as image:
+        text = image.info["parameters"]
     assert "Denoising strength: 0.6" in text and "ControlNet 0" in text and "Lora hashes" in text
 
 
