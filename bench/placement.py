@@ -56,7 +56,7 @@ from scheduler.attempt_state import ActiveAttempt, bound, count_by_owner
 from scheduler.cluster import Cluster
 from scheduler.dispatcher import queue_demands
 from scheduler.domain import Job
-from scheduler.estimator import EstimateBook
+from scheduler.estimator import EstimateBook, EstimateKey
 from scheduler.placement import Placed, plan, shape_of
 from scheduler.states import JobState
 from sdmesh.domain import DeviceInfo, DeviceStats, ModelInfo, NodeInfo
@@ -146,7 +146,7 @@ class Sdmesh:
             self.held[info.node_id] = {}
         self.queued: dict[str, Job] = {}
         self.sim_jobs: dict[str, SimJob] = {}
-        self.learned_shapes: set[tuple[str, int, int, MemoryMode]] = set()
+        self.learned_shapes: set[EstimateKey] = set()
         self.oom_after_learning = 0
 
     def _report(self, gpu: SimGpu) -> None:

@@ -373,9 +373,7 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         known = await self.db.run(self.db.store.nodes.models_seen_since, since)
         holders = self.cluster.holders()
         return scheduler_pb2.ListModelsResponse(
-            models=[
-                model_to_listing(m, sorted(holders.get((m.kind, m.name), []))) for m in known
-            ]
+            models=[model_to_listing(m, sorted(holders.get((m.kind, m.name), []))) for m in known]
         )
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gpu_node.catalog import Catalog, describe, safetensors_dtype, weight_files
+from gpu_node.catalog import Catalog, describe
+from gpu_node.safe_files import safetensors_dtype, weight_files
 
 # An SD1.5 model_index.json, as published: the safety checker's library is
 # a diffusers pipeline package.

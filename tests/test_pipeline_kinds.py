@@ -237,7 +237,7 @@ def test_first_use_load_times(variants_catalog: Catalog) -> None:
     checks that a second use of each costs nothing."""
     backend = TorchBackend("cpu", variants_catalog)
     lora = (LoraWeight("tiny-lora", 1.0),)
-    steps = [
+    steps: list[tuple[str, dict[str, Any]]] = [
         ("tiny", {}),
         ("img2img", {"task": Kind.IMG2IMG}),
         ("inpaint (tiny-inpaint)", {"task": Kind.INPAINT}),

@@ -24,6 +24,7 @@ from scheduler.placement import (
     rejection,
     unresolvable,
 )
+from scheduler.placement.resolvable import Unresolvable
 from scheduler.placement.scores import fit_score, utilization_score
 from sdmesh.spec import MemoryMode
 from tests.factories import make_demand, make_gpu
@@ -263,7 +264,7 @@ SEEN = [
 def test_a_job_no_gpu_could_ever_take_is_rejected() -> None:
     pinned_full = make_demand(needs=(need(FULL, 20),))
     problem = unresolvable(pinned_full, SEEN)
-    assert problem is not None
+    assert isinstance(problem, Unresolvable)
     assert (problem.needed_bytes, problem.mode, problem.biggest) == (20 * GIB, FULL, SEEN[1])
     assert problem.text == (
         "fits no GPU seen recently: needs at least 20.0 GiB (full; allowed modes: full), "

@@ -225,7 +225,7 @@ def test_the_work_counts_what_really_runs(
 
 def test_the_first_estimate_adds_extras_weights_and_the_larger_pass() -> None:
     book = EstimateBook()
-    weights = {(LORA, "a"): GIB // 4, (CONTROLNET, "x"): 2 * GIB}
+    weights: dict[tuple[str, str], int] = {(LORA, "a"): GIB // 4, (CONTROLNET, "x"): 2 * GIB}
     spec = spec_of(loras=(LoraWeight("a"),), controlnets=(ControlNetUnit("x", SHA),))
     found = demand_for("j", spec, 6 * GIB, book, extra_weights=weights)
     assert found.extras == (ExtraModel(LORA, "a", GIB // 4), ExtraModel(CONTROLNET, "x", 2 * GIB))

@@ -98,8 +98,9 @@ class FakeLoads:
     def __init__(self, catalog: Catalog, weights: int = 4096) -> None:
         from diffusers import EulerAncestralDiscreteScheduler
 
-        tiny = catalog.get("tiny").path
-        assert tiny is not None
+        local = catalog.get("tiny")
+        assert local is not None and local.path is not None
+        tiny = local.path
         self.scheduler = EulerAncestralDiscreteScheduler.from_pretrained(tiny / "scheduler")
         self.weights = weights
         self.loads: list[tuple[str, MemoryMode]] = []
@@ -196,8 +197,10 @@ def test_a_job_out_of_memory_beside_other_models_evicts_them_and_runs_again(
     class Crowded(TorchBackend):
         """Runs out of memory while another model is resident."""
 
-        def pipeline(self, model: str, sampler: str, mode: MemoryMode) -> tuple[Any, float]:
-            pipeline, seconds = super().pipeline(model, sampler, mode)
+        def pipeline(
+            self, model: str, sampler: str, mode: MemoryMode, **kinds: Any
+        ) -> tuple[Any, float]:
+            pipeline, seconds = super().pipeline(model, sampler, mode, **kinds)
 
             def call(**arguments: Any) -> Any:
                 if len(self.resident()) > 1:

@@ -19,17 +19,10 @@ import pytest
 
 import gpu_node.pipelines
 from gpu_node.backends import TorchBackend
-from gpu_node.catalog import (
-    Catalog,
-    LocalModel,
-    ModelRefused,
-    check_model_index,
-    describe,
-    safetensors_header,
-    verified_folder,
-)
+from gpu_node.catalog import Catalog, LocalModel, ModelRefused, describe, verified_folder
 from gpu_node.pipelines import ModelLoadFailed, ModelUnavailable, PipelineCache
 from gpu_node.runner import Task
+from gpu_node.safe_files import check_model_index, safetensors_header
 from sdmesh.domain import AttemptOutcome, Ended
 from sdmesh.spec import MemoryMode
 from tests.factories import make_spec

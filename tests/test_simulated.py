@@ -106,7 +106,9 @@ def test_the_real_tiny_pipeline_runs_on_a_simulated_card(catalog: Catalog) -> No
     spec = make_spec(steps=3)
     [fits] = ended(run(probe, catalog, [Task("j", 1, spec, MemoryMode.FULL)], index=0))
     assert fits.outcome is AttemptOutcome.SUCCEEDED
-    tiny = profile_for("tiny", catalog.get("tiny").weight_bytes)
+    local = catalog.get("tiny")
+    assert local is not None
+    tiny = profile_for("tiny", local.weight_bytes)
     assert fits.profile.peak_vram_bytes == true_peak(tiny, 64, 64, 1, MemoryMode.FULL)
     # A card with 1 MiB to spare: the real pipeline starts, and fails at its
     # first step with torch's own error, as a real card would.

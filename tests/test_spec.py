@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from sdmesh.errors import InvalidArgument, quote
-from sdmesh.samplers import SAMPLERS, find_sampler
 from sdmesh.infotext import infotext
+from sdmesh.samplers import SAMPLERS, find_sampler
 from sdmesh.spec import MAX_PROMPT_CHARS, MemoryMode, SpecRequest, check_labels, resolve
 from tests.factories import make_spec
 

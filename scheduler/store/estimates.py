@@ -31,9 +31,7 @@ class EstimateRegistry:
                     row.batch_size,
                     MemoryMode(row.memory_mode),
                     row.variant,
-                ): (
-                    LearnedPeak(row.peak_bytes, row.pixels)
-                )
+                ): (LearnedPeak(row.peak_bytes, row.pixels))
                 for row in conn.execute(sa.select(vram_estimates))
             }
 

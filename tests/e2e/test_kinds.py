@@ -17,6 +17,7 @@ import struct
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ from PIL import ImageDraw
 
 from client import (
     Client,
+    Event,
     InvalidArgumentError,
     JobHandle,
     PreviewEvent,
@@ -98,33 +100,33 @@ def pixels(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.int16)
 
 
-def run(handle: JobHandle) -> tuple[list[object], list[bytes], str]:
+def run(handle: JobHandle) -> tuple[list[Event], list[bytes], str]:
     """The job's events, its PNGs and their infotexts (checked alike)."""
     events = list(handle.events())
     job = handle.refresh()
     assert job.state == "SUCCEEDED", job.reason
     images = handle.images()
-    texts = []
+    texts: list[str] = []
     for image in images:
         with PILImage.open(io.BytesIO(image.data)) as opened:
             texts.append(opened.info["parameters"])
     return events, [image.data for image in images], texts[0]
 
 
-def check_previews_and_progress(events: list[object], total: int) -> None:
-    steps = [e.step for e in events if isinstance(e, ProgressEvent)]  # type: ignore[attr-defined]
-    totals = {e.total_steps for e in events if isinstance(e, ProgressEvent)}  # type: ignore[attr-defined]
+def check_previews_and_progress(events: list[Event], total: int) -> None:
+    steps = [e.step for e in events if isinstance(e, ProgressEvent)]
+    totals = {e.total_steps for e in events if isinstance(e, ProgressEvent)}
     assert steps == sorted(steps) and steps[-1] == total, steps
     assert totals == {total}, totals
     assert any(isinstance(e, PreviewEvent) for e in events)
-    states = [e.state for e in events if isinstance(e, StateEvent)]  # type: ignore[attr-defined]
+    states = [e.state for e in events if isinstance(e, StateEvent)]
     assert states[-1] == "SUCCEEDED"
 
 
 def test_img2img_is_deterministic_and_changes_its_input(client: Client, tmp_path: Path) -> None:
     source = tmp_path / "in.png"
     picture().save(source)
-    options: dict[str, object] = {
+    options: dict[str, Any] = {
         "width": SIZE,
         "height": SIZE,
         "steps": STEPS,
@@ -197,7 +199,7 @@ def test_the_hires_fix_runs_two_passes_as_one_job(client: Client) -> None:
 
 
 def test_a_lora_never_leaks_into_the_next_job_on_its_card(client: Client) -> None:
-    plain: dict[str, object] = {
+    plain: dict[str, Any] = {
         "width": SIZE,
         "height": SIZE,
         "steps": STEPS,
@@ -252,9 +254,9 @@ def test_a_job_nobody_can_run_or_with_bad_input_is_refused_and_nothing_queued(
     before = len(client.list_jobs(limit=1000))
     good = picture()
 
-    def refused(field: str, **options: object) -> None:
+    def refused(field: str, **options: Any) -> None:
         with pytest.raises(InvalidArgumentError) as caught:
-            client.submit("bad", width=SIZE, height=SIZE, steps=2, **options)  # type: ignore[arg-type]
+            client.submit("bad", width=SIZE, height=SIZE, steps=2, **options)
         assert field in str(caught.value), str(caught.value)
 
     refused("loras[0].name", loras=[("nobody-has-this", 1.0)])

@@ -12,6 +12,8 @@ Create Date: 2026-11-29
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -22,7 +24,7 @@ depends_on = None
 
 
 def _models(kinds: bool) -> None:
-    columns = [
+    columns: list[sa.Column[Any]] = [
         sa.Column("node_id", sa.String(64), sa.ForeignKey("nodes.id"), primary_key=True),
         *([sa.Column("kind", sa.String(16), primary_key=True)] if kinds else []),
         sa.Column("name", sa.String(128), primary_key=True),
