@@ -34,7 +34,7 @@ from gpu_node.enrollment import (
 )
 from gpu_node.hardware import configured_probe, select_devices, synthetic_models
 from gpu_node.identity import Identity, load_identity
-from gpu_node.inputs import InputCache, InputFailed, fetch_over, input_failure, load
+from gpu_node.inputs import InputCache, Waiting
 from gpu_node.journal import Journal
 from gpu_node.pipelines import quiet_libraries
 from gpu_node.probe import Probe, detect_probe, host_memory
@@ -96,10 +96,7 @@ class Agent:
         self.credential: Credential | None = None  # None: not enrolled (or --no-auth)
         self.tls = TlsFiles(config.ca_cert, config.tls_cert, config.tls_key, flags=AGENT_TLS_FLAGS)
         self.workers: dict[int, DeviceWorker] = {}
-        self.inputs = InputCache(config.data_dir / "inputs")
-        self._fetching: dict[tuple[str, int], Task] = {}  # waiting for their inputs
-        self._preparing: set[asyncio.Task[None]] = set()
-        self._channel: aio.Channel | None = None  # the stream's, for fetching inputs
+        self.waiting = Waiting(InputCache(config.data_dir / "inputs"), self._submit, self._failed)
         self.draining = False
         self.lease_seconds = DEFAULT_LEASE_SECONDS
         self.journal = Journal(keep_seconds=2 * DEFAULT_LEASE_SECONDS)
@@ -229,36 +226,14 @@ class Agent:
         if worker is None or not tasks:
             return
         if any(task.spec.inputs for task in tasks):
-            for task in tasks:
-                self._fetching[(task.job_id, task.attempt)] = task
-            fetching = asyncio.create_task(self._with_inputs(worker, tasks))
-            self._preparing.add(fetching)
-            fetching.add_done_callback(self._preparing.discard)
+            self.waiting.start(worker, tasks)  # then to the worker, once they are here
             return
         self._submit(worker, tasks)
 
-    async def _with_inputs(self, worker: DeviceWorker, tasks: list[Task]) -> None:
-        """Fetches (or finds in the cache) and decodes the tasks' input
-        images, then hands the tasks to the worker; a task whose inputs
-        cannot be had ends FAILED with error kind "input" and one line."""
-        ready = []
-        for task in tasks:
-            metadata = self.credential.metadata() if self.credential else None
-            try:
-                if self._channel is None:
-                    raise InputFailed("not connected to a scheduler to fetch inputs from")
-                fetch = fetch_over(self._channel, metadata, task.job_id, task.attempt)
-                task.inputs = await load(self.inputs, task.spec.inputs, fetch)
-                ready.append(task)
-            except Exception as exc:  # whatever it was, the attempt must end
-                reason = input_failure(exc)
-                log.warning("job %s attempt %d: %s", task.job_id, task.attempt, reason)
-                failed = Ended(AttemptOutcome.FAILED, reason, "input")
-                self._emit(AttemptUpdate(task.job_id, task.attempt, failed))
-            finally:
-                self._fetching.pop((task.job_id, task.attempt), None)
-        if ready:
-            self._submit(worker, ready)
+    def _failed(self, task: Task, reason: str) -> None:
+        self._emit(
+            AttemptUpdate(task.job_id, task.attempt, Ended(AttemptOutcome.FAILED, reason, "input"))
+        )
 
     def _submit(self, worker: DeviceWorker, tasks: list[Task]) -> None:
         lead = tasks[0]
@@ -276,12 +251,11 @@ class Agent:
 
     def _tasks(self) -> list[Task]:
         running = [task for worker in self.workers.values() for task in worker.tasks()]
-        return running + list(self._fetching.values())
+        return running + self.waiting.tasks()
 
     def _stop(self, stop: agent_pb2.StopAttempt) -> None:
-        fetching = self._fetching.get((stop.job_id, stop.attempt))
         found = [worker.find(stop.job_id, stop.attempt) for worker in self.workers.values()]
-        for task in (fetching, *found):
+        for task in (self.waiting.find(stop.job_id, stop.attempt), *found):
             if task is not None:
                 log.info("stopping job %s attempt %d: %s", stop.job_id, stop.attempt, stop.reason)
                 task.stop(AttemptOutcome.STOPPED, stop.reason)
@@ -291,7 +265,7 @@ class Agent:
         """Takes no new work, hands back what only waits, and lets what runs
         finish for `timeout` seconds before handing it back too."""
         self.draining = True
-        for task in self._fetching.values():  # waiting for inputs: not started
+        for task in self.waiting.tasks():  # waiting for inputs: not started
             task.stop(AttemptOutcome.RELEASED, "node is draining")
         for worker in self.workers.values():
             tasks = worker.tasks()
@@ -390,7 +364,7 @@ class Agent:
         helpers: list[asyncio.Task[None]] = []
         metadata = self.credential.metadata() if self.credential else None
         async with open_channel(address, agent_channel_options(), self.tls) as channel:
-            self._channel = channel
+            self.waiting.channel, self.waiting.metadata = channel, metadata
             call = agent_pb2_grpc.AgentGatewayStub(channel).Connect(requests(), metadata=metadata)
             try:
                 async for message in call:
@@ -434,7 +408,7 @@ class Agent:
                     log.warning("scheduler %s went silent; dialling again", address)
             finally:
                 self._outbox = None
-                self._channel = None
+                self.waiting.channel = None
                 outbox.put_nowait(None)
                 for helper in helpers:
                     helper.cancel()

@@ -201,3 +201,56 @@ async def load(cache: InputCache, shas: Collection[str], fetch: Fetch) -> dict[s
     """The inputs, fetched when needed and decoded in a thread."""
     paths = await cache.ensure(shas, fetch)
     return await asyncio.to_thread(decode, paths)
+
+
+class Waiting:
+    """The tasks of one agent waiting for their inputs: each batch is
+    fetched (or found in the cache) and decoded on the asyncio loop, then
+    handed on with `submit`; a task whose inputs cannot be had ends FAILED
+    with error kind "input" and one line, through `fail`. A stop or drain
+    finds them here (`tasks`, `find`); the worker reports their end."""
+
+    def __init__(
+        self,
+        cache: InputCache,
+        submit: Callable[[Any, list[Any]], None],
+        fail: Callable[[Any, str], None],
+    ) -> None:
+        self.cache = cache
+        self._submit = submit
+        self._fail = fail
+        self._tasks: dict[tuple[str, int], Any] = {}
+        self._running: set[asyncio.Task[None]] = set()
+        self.channel: Any = None  # the agent stream's, while connected
+        self.metadata: Any = None  # the node's credential, as on the stream
+
+    def start(self, worker: Any, tasks: list[Any]) -> None:
+        for task in tasks:
+            self._tasks[(task.job_id, task.attempt)] = task
+        running = asyncio.create_task(self._prepare(worker, tasks))
+        self._running.add(running)
+        running.add_done_callback(self._running.discard)
+
+    def tasks(self) -> list[Any]:
+        return list(self._tasks.values())
+
+    def find(self, job_id: str, attempt: int) -> Any:
+        return self._tasks.get((job_id, attempt))
+
+    async def _prepare(self, worker: Any, tasks: list[Any]) -> None:
+        ready = []
+        for task in tasks:
+            try:
+                if self.channel is None:
+                    raise InputFailed("not connected to a scheduler to fetch inputs from")
+                fetch = fetch_over(self.channel, self.metadata, task.job_id, task.attempt)
+                task.inputs = await load(self.cache, task.spec.inputs, fetch)
+                ready.append(task)
+            except Exception as exc:  # whatever it was, the attempt must end
+                reason = input_failure(exc)
+                log.warning("job %s attempt %d: %s", task.job_id, task.attempt, reason)
+                self._fail(task, reason)
+            finally:
+                self._tasks.pop((task.job_id, task.attempt), None)
+        if ready:
+            self._submit(worker, ready)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from gpu_node import agent as agent_module
+from gpu_node import inputs as inputs_module
 from gpu_node.agent import Agent
 from gpu_node.config import AgentConfig
 from gpu_node.inputs import Fetch, InputCache, InputFailed, decode, load
@@ -140,16 +140,16 @@ def test_the_agent_hands_over_tasks_with_their_inputs(
         requests.append((job_id, attempt))
         return liar.fetch if job_id == "lied" else scheduler.fetch
 
-    monkeypatch.setattr(agent_module, "fetch_over", fetch_over)
+    monkeypatch.setattr(inputs_module, "fetch_over", fetch_over)
 
     async def scenario() -> tuple[list[list[Task]], list[AttemptUpdate]]:
         agent = Agent(AgentConfig(scheduler="unused:1", data_dir=tmp_path / "agent"))
         submitted: list[list[Task]] = []
         emitted: list[AttemptUpdate] = []
         agent.workers = {0: IdleWorker()}  # type: ignore[dict-item]
-        agent._submit = lambda _worker, tasks: submitted.append(tasks)  # type: ignore[method-assign,assignment]
+        agent.waiting._submit = lambda _worker, tasks: submitted.append(tasks)
         agent._emit = emitted.append  # type: ignore[method-assign,assignment]
-        agent._channel = object()  # type: ignore[assignment]
+        agent.waiting.channel = object()
 
         def assign(job_id: str, attempt: int, **spec: Any) -> None:
             proto = spec_to_proto(make_spec(**spec))
@@ -159,10 +159,10 @@ def test_the_agent_hands_over_tasks_with_their_inputs(
         for attempt in (1, 2):  # the second attempt finds its inputs cached
             assign("painted", attempt, init_image=sha(red), mask=sha(blue))
             assert agent._tasks()  # waiting for its inputs, it can be stopped
-            await asyncio.gather(*agent._preparing)
+            await asyncio.gather(*agent.waiting._running)
         assign("lied", 1, init_image="0" * 64)
-        await asyncio.gather(*agent._preparing)
-        assert not agent._fetching
+        await asyncio.gather(*agent.waiting._running)
+        assert not agent.waiting.tasks()
         return submitted, emitted
 
     submitted, emitted = asyncio.run(scenario())
