@@ -44,3 +44,16 @@ def tiny_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir = tmp_path_factory.mktemp("agent")
     ensure_tiny(data_dir / "models")
     return data_dir
+
+
+@pytest.fixture(scope="session")
+def variants_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An agent data dir with tiny and its offline variants (an inpainting
+    model, the ControlNet tiny-canny, the LoRA tiny-lora) built once for
+    the session, as `sdctl node --tiny-variants` builds them; the models
+    are under `models/`."""
+    from gpu_node.catalog import Catalog
+
+    data_dir = tmp_path_factory.mktemp("agent-variants")
+    Catalog(data_dir, None, tiny_variants=True).scan()
+    return data_dir

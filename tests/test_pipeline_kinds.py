@@ -32,8 +32,8 @@ log = logging.getLogger(__name__)
 
 
 @pytest.fixture(scope="module")
-def variants_catalog(tmp_path_factory: pytest.TempPathFactory) -> Catalog:
-    catalog = Catalog(tmp_path_factory.mktemp("agent"), None, tiny_variants=True)
+def variants_catalog(variants_data_dir: Path) -> Catalog:
+    catalog = Catalog(variants_data_dir, None, tiny_variants=True)
     catalog.scan()
     return catalog
 

@@ -17,7 +17,6 @@ from gpu_node.backends import TorchBackend
 from gpu_node.catalog import Catalog
 from gpu_node.passes import crop_region, plan, resize_image
 from gpu_node.runner import StepCounter, Task
-from gpu_node.tiny_variants import ensure_tiny_controlnet, ensure_tiny_inpaint, ensure_tiny_lora
 from sdmesh.domain import AttemptOutcome, AttemptUpdate, Ended, ImageReady, Progress
 from sdmesh.kinds import ControlNetUnit, Kind, LoraWeight
 from sdmesh.spec import MemoryMode
@@ -100,12 +99,8 @@ class KindsBackend(TorchBackend):
 
 
 @pytest.fixture(scope="module")
-def variants(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("variants")
-    ensure_tiny_inpaint(root)
-    ensure_tiny_controlnet(root)
-    ensure_tiny_lora(root)
-    return root
+def variants(variants_data_dir: Path) -> Path:
+    return variants_data_dir / "models"
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ from typing import Any
 
 import pytest
 
-from gpu_node.tiny import ensure_tiny
 from gpu_node.tiny_variants import (
     ensure_tiny_controlnet,
     ensure_tiny_inpaint,
@@ -30,13 +29,8 @@ CONTROL_MIN_MAX_CHANGE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def models_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("models")
-    ensure_tiny(root)
-    ensure_tiny_inpaint(root)
-    ensure_tiny_controlnet(root)
-    ensure_tiny_lora(root)
-    return root
+def models_root(variants_data_dir: Path) -> Path:
+    return variants_data_dir / "models"
 
 
 def _hashes(path: Path) -> dict[str, str]:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from client import StateEvent
+from client import Job, StateEvent
 from harness.processes import LocalCluster
 from harness.waiting import until
 
@@ -61,7 +61,7 @@ class Ledger:
         thread.start()
         self._watchers.append(thread)
 
-    def job(self, job_id: str):  # type: ignore[no-untyped-def,unused-ignore]
+    def job(self, job_id: str) -> Job:
         return self.client.get_job(job_id)
 
     def wait_terminal(self, timeout: float = 120.0) -> None:

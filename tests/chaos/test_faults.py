@@ -5,12 +5,16 @@ observed conditions (a step reported, a job re-queued), not after sleeps."""
 
 from __future__ import annotations
 
+import io
 import signal
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+from PIL import Image
 
+from client import Job
 from harness.pgserver import ThrowawayPostgres
 from harness.pgserver import available as postgres_available
 from harness.processes import LocalCluster, Process
@@ -34,17 +38,21 @@ def images(cluster: LocalCluster) -> list[Path]:
     return [cluster.root / "images", cluster.root / "scheduler" / "images"]
 
 
-def one_job_on_two_agents(chaos: Chaos, **options: object) -> tuple[LocalCluster, Ledger, str]:
+def one_job_on_two_agents(
+    chaos: Chaos, job: dict[str, Any] | None = None, **options: object
+) -> tuple[LocalCluster, Ledger, str]:
+    """A scheduler, two agents and one job (`job`: its submit options)."""
     cluster, ledger = chaos(**options)
     cluster.start_scheduler()
     for name in ("agent-a", "agent-b"):
         cluster.start_agent(name, *AGENT_ARGS)
     cluster.wait_for_nodes(2)
-    return cluster, ledger, ledger.submit()
+    return cluster, ledger, ledger.submit(**(job or {}))
 
 
-def test_a_killed_agent_s_job_completes_on_another(chaos: Chaos) -> None:
-    cluster, ledger, job_id = one_job_on_two_agents(chaos)
+def kill_its_node_and_check_it_completes_on_another(
+    cluster: LocalCluster, ledger: Ledger, job_id: str
+) -> Job:
     victim = running_on(ledger, job_id)
     agent_named(cluster, victim).kill()
     ledger.check(images(cluster))
@@ -52,6 +60,12 @@ def test_a_killed_agent_s_job_completes_on_another(chaos: Chaos) -> None:
     assert job.state == "SUCCEEDED"
     assert job.node_name != victim
     assert job.attempts[0].outcome == "lost"
+    return job
+
+
+def test_a_killed_agent_s_job_completes_on_another(chaos: Chaos) -> None:
+    cluster, ledger, job_id = one_job_on_two_agents(chaos)
+    kill_its_node_and_check_it_completes_on_another(cluster, ledger, job_id)
 
 
 def test_with_everything_on_a_killed_agent_s_job_completes_on_another(chaos: Chaos) -> None:
@@ -239,23 +253,10 @@ def test_a_killed_agent_s_img2img_job_reruns_elsewhere_from_its_stored_input(
 ) -> None:
     """The input image was uploaded once, before the submit: the second
     node fetches it from the scheduler, and the job ends with one result."""
-    import io
-
-    from PIL import Image
-
-    cluster, ledger = chaos()
-    cluster.start_scheduler()
-    for name in ("agent-a", "agent-b"):
-        cluster.start_agent(name, *AGENT_ARGS)
-    cluster.wait_for_nodes(2)
     buffer = io.BytesIO()
     Image.linear_gradient("L").resize((64, 64)).convert("RGB").save(buffer, format="PNG")
-    job_id = ledger.submit("a harbour", init_image=buffer.getvalue(), denoising_strength=1.0)
-    victim = running_on(ledger, job_id)
-    agent_named(cluster, victim).kill()
-    ledger.check(images(cluster))
-    job = ledger.job(job_id)
-    assert job.state == "SUCCEEDED"
-    assert job.node_name != victim
-    assert job.attempts[0].outcome == "lost"
+    img2img = {"init_image": buffer.getvalue(), "denoising_strength": 1.0}
+    cluster, ledger, job_id = one_job_on_two_agents(chaos, job=img2img)
+    job = kill_its_node_and_check_it_completes_on_another(cluster, ledger, job_id)
+    assert job.spec.kind == "img2img"
     assert len(job.images) == 1
