@@ -587,8 +587,11 @@ RAW_METHODS = {
     ),
     "WatchJob": "stream",
     "GetImage": "stream",
+    "UploadInput": "upload",
+    "FetchInput": "fetch",
     "Connect": "bidi",
 }
+AGENT_METHODS = ("Enroll", "Connect", "FetchInput")
 raw_payloads = st.one_of(
     st.binary(max_size=64),
     # field 1 with invalid UTF-8 (a string in most requests, a spec's prompt in a submit)
@@ -1252,7 +1255,7 @@ class Fuzzer:
         payload = data.draw(raw_payloads)
         caller = self.caller(data)
         kind = RAW_METHODS[method]
-        service = "AgentGateway" if method in ("Enroll", "Connect") else "Scheduler"
+        service = "AgentGateway" if method in AGENT_METHODS else "Scheduler"
         path = f"/sdmesh.v1.{service}/{method}"
         what = f"{short(payload)} as {caller.name}"
         self.requests += 1
@@ -1264,6 +1267,16 @@ class Fuzzer:
             elif kind == "stream":
                 for _ in self.channel.unary_stream(path, None, None)(
                     payload, metadata=caller.metadata, timeout=WATCH_TIMEOUT
+                ):
+                    pass
+            elif kind == "upload":
+                self.channel.stream_unary(path, None, None)(
+                    iter([payload]), metadata=caller.metadata, timeout=UNARY_TIMEOUT
+                )
+            elif kind == "fetch":
+                metadata = self.node_metadata(self.pick(data, [*self.nodes][:6]))
+                for _ in self.channel.unary_stream(path, None, None)(
+                    payload, metadata=metadata, timeout=UNARY_TIMEOUT
                 ):
                     pass
             else:
