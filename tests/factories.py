@@ -122,3 +122,18 @@ def make_png(width: int = 64, height: int = 64, *, shade: int = 0) -> bytes:
         + png_chunk(b"IDAT", zlib.compress(rows))
         + png_chunk(b"IEND", b"")
     )
+
+
+def seeded_call(pipeline: Any, *, size: int, steps: int, seed: int, **kwargs: Any) -> Any:
+    """A diffusers pipeline called as the tests call it directly: one
+    prompt, a square size, a CPU generator with `seed`; its images."""
+    import torch
+
+    return pipeline(
+        "a red cube",
+        num_inference_steps=steps,
+        height=size,
+        width=size,
+        generator=torch.Generator("cpu").manual_seed(seed),
+        **kwargs,
+    ).images

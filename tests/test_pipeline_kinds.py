@@ -17,6 +17,7 @@ from gpu_node.catalog import Catalog
 from gpu_node.pipelines import ModelUnavailable
 from sdmesh.kinds import Kind, LoraWeight
 from sdmesh.spec import MemoryMode
+from tests.factories import seeded_call
 
 SIZE = 64
 STEPS = 2
@@ -56,17 +57,7 @@ def pictures() -> tuple[Any, Any]:
 
 
 def run(pipeline: Any, **kwargs: Any) -> Any:
-    import torch
-
-    return pipeline(
-        "a red cube",
-        num_inference_steps=STEPS,
-        height=SIZE,
-        width=SIZE,
-        generator=torch.Generator("cpu").manual_seed(SEED),
-        output_type="np",
-        **kwargs,
-    ).images
+    return seeded_call(pipeline, size=SIZE, steps=STEPS, seed=SEED, output_type="np", **kwargs)
 
 
 def txt2img(backend: TorchBackend, loras: tuple[LoraWeight, ...] = ()) -> Any:

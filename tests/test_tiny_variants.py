@@ -14,6 +14,7 @@ from gpu_node.tiny_variants import (
     ensure_tiny_inpaint,
     ensure_tiny_lora,
 )
+from tests.factories import seeded_call
 
 SIZE = 64
 STEPS = 2
@@ -43,16 +44,7 @@ def _hashes(path: Path) -> dict[str, str]:
 
 
 def _run(pipeline: Any, **kwargs: Any) -> Any:
-    import torch
-
-    return pipeline(
-        "a red cube",
-        num_inference_steps=STEPS,
-        height=SIZE,
-        width=SIZE,
-        generator=torch.Generator("cpu").manual_seed(SEED),
-        **kwargs,
-    ).images
+    return seeded_call(pipeline, size=SIZE, steps=STEPS, seed=SEED, **kwargs)
 
 
 def _pictures() -> tuple[Any, Any]:
