@@ -29,7 +29,10 @@ INPAINT_NAME = "tiny-inpaint"
 CONTROLNET_NAME = "tiny-canny"
 LORA_NAME = "tiny-lora"
 # kohya's metadata key for the base a LoRA was trained on; the catalog reads it.
-LORA_METADATA = {"format": "pt", "ss_base_model_version": "tiny"}
+# One key only: safetensors writes the metadata in a hash map's order, which
+# changes from call to call, and the file must be the same bytes every build
+# (its sha256 is in every infotext that names it).
+LORA_METADATA = {"ss_base_model_version": "tiny"}
 
 LORA_RANK = 4
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
