@@ -83,6 +83,16 @@ class Admission(UsesRuntime):
         with the same request id (and False). `limit_key` names whose
         submit rate this counts against (default: the owner's)."""
         self._check_rate(limit_key or f"user:{owner}")
+        if not _named_inputs(request):
+            return await self._admit(request, owner)
+        # From the check that its inputs are the owner's uploads to the
+        # commit that records them with the job, no input file is removed
+        # (`InputFiles.keeping`): a job deleted meanwhile that named the same
+        # image may drop the owner's upload row, but not the file.
+        async with self.inputs.keeping():
+            return await self._admit(request, owner)
+
+    async def _admit(self, request: SpecRequest, owner: str) -> tuple[Job, bool]:
         known = await self.known_weights()
         names = {kind: [n for k, n in known if k == kind] for kind in ModelKind}
         spec = resolve(
@@ -185,8 +195,7 @@ class Admission(UsesRuntime):
     async def _inputs(self, request: SpecRequest, owner: str) -> dict[str, InputInfo]:
         """The input images the request names that its owner uploaded, by
         sha256; a name that is no sha256 is left for `resolve` to refuse."""
-        named = [request.init_image, request.mask, *(u.image for u in request.controlnets)]
-        shas = sorted({sha for sha in named if sha and SHA256.fullmatch(sha)})
+        shas = _named_inputs(request)
         if not shas:
             return {}
         return await self.db.run(self.db.store.inputs.sizes, owner, shas)
@@ -215,3 +224,10 @@ class Admission(UsesRuntime):
                 for d in info.devices
             ]
         return seen
+
+
+def _named_inputs(request: SpecRequest) -> list[str]:
+    """The sha256 of the input images a request names (a name that is no
+    sha256 is left for `resolve` to refuse)."""
+    named = [request.init_image, request.mask, *(u.image for u in request.controlnets)]
+    return sorted({sha for sha in named if sha and SHA256.fullmatch(sha)})

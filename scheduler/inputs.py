@@ -29,6 +29,7 @@ import os
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Collection
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -147,6 +148,36 @@ class _Partial:
         self.path.unlink(missing_ok=True)
 
 
+class _SharedOrAlone:
+    """A lock that uploads and submits hold shared and the removal of
+    files alone: the scheduler's one leader does both, so a lock in its
+    process orders them. A removal waiting keeps new holders out."""
+
+    def __init__(self) -> None:
+        self._alone = asyncio.Lock()
+        self._holders = 0
+        self._none = asyncio.Event()
+        self._none.set()
+
+    @contextlib.asynccontextmanager
+    async def shared(self) -> AsyncIterator[None]:
+        async with self._alone:  # not while a removal runs
+            self._holders += 1
+            self._none.clear()
+        try:
+            yield
+        finally:
+            self._holders -= 1
+            if not self._holders:
+                self._none.set()
+
+    @contextlib.asynccontextmanager
+    async def alone(self) -> AsyncIterator[None]:
+        async with self._alone:
+            await self._none.wait()
+            yield
+
+
 class InputFiles:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -158,7 +189,7 @@ class InputFiles:
                 if path.stat().st_mtime < stale:
                     path.unlink()
         self._reader = ImageStore(root)  # reads a file one IMAGE_CHUNK_BYTES piece at a time
-        self._lock = asyncio.Lock()
+        self._files = _SharedOrAlone()
 
     @staticmethod
     def relative(sha256: str) -> str:
@@ -181,12 +212,27 @@ class InputFiles:
             async for offset, data in chunks:
                 await loop.run_in_executor(None, partial.add, offset, data)
             info = await loop.run_in_executor(None, partial.finish)
-            async with self._lock:
+        except BaseException:
+            await loop.run_in_executor(None, partial.discard)
+            raise
+        # Recording the row and placing the file finish together even when
+        # the call is cancelled between them: a row never names no file.
+        await asyncio.shield(self._keep(db, owner, info, partial))
+        return info
+
+    async def _keep(self, db: Database, owner: str, info: InputInfo, partial: _Partial) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            async with self._files.shared():
                 await db.run(db.store.inputs.record, owner, info)
                 await loop.run_in_executor(None, self._place, partial.path, info.sha256)
-            return info
         finally:
             await loop.run_in_executor(None, partial.discard)  # a no-op once placed
+
+    def keeping(self) -> AbstractAsyncContextManager[None]:
+        """Held by a submit naming inputs, from its check to its commit:
+        no file is removed meanwhile (several may hold it at once)."""
+        return self._files.shared()
 
     def _place(self, partial: Path, sha256: str) -> None:
         final = self.path(sha256)
@@ -200,7 +246,7 @@ class InputFiles:
         if not shas:
             return 0
         loop = asyncio.get_running_loop()
-        async with self._lock:
+        async with self._files.alone():
             kept = await db.run(db.store.inputs.stored, shas)
             gone = [sha for sha in shas if sha not in kept]
             return await loop.run_in_executor(None, self._remove, gone)

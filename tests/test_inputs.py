@@ -411,3 +411,56 @@ def test_retention_of_finished_jobs_removes_their_inputs(tmp_path: Path, db_url:
         assert await db.run(store.inputs.sizes, "alice", [info.sha256]) == {}
 
     run_store(tmp_path, db_url, scenario)
+
+
+def test_a_job_submitted_while_its_input_s_row_goes_keeps_the_file(
+    tmp_path: Path, db_url: str
+) -> None:
+    """A submit checked alice's upload; meanwhile her last other job naming
+    it was deleted, which dropped her upload row. The new job still names
+    the input, so its file stays, and no file goes while a submit naming
+    inputs is between its check and its commit."""
+
+    async def scenario(runtime: Runtime, clock: Clock) -> None:
+        db, files, store = runtime.db, runtime.inputs, runtime.db.store
+        info = await upload_file(files, db, "alice", picture("PNG"))
+        known = {info.sha256: info}
+        await db.run(store.submit, "old", "alice", img2img(info, known), 3)
+        async with files.keeping():  # a submit between its check and its commit
+            await db.run(store.cancel, "old", "test")
+            removed = await db.run(store.removal.delete_finished, ["old"])
+            removal = asyncio.create_task(files.forget(db, removed.inputs))
+            await asyncio.sleep(0.05)
+            assert not removal.done()  # waits for the submit
+            await db.run(store.submit, "new", "alice", img2img(info, known), 3)
+        assert await removal == 0
+        assert files.path(info.sha256).is_file()
+        assert await db.run(store.inputs.sizes, "alice", [info.sha256]) == {}  # row gone
+        await delete_job(runtime, "new")
+        assert not files.path(info.sha256).exists()  # its last job went
+
+    run_store(tmp_path, db_url, scenario)
+
+
+def test_an_upload_that_stops_sending_is_refused_and_frees_its_slot(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import scheduler.service
+
+    monkeypatch.setattr(scheduler.service, "UPLOAD_IDLE_SECONDS", 0.2)
+
+    async def scenario(server: SchedulerServer, stub: Any, _channel: Any) -> None:
+        data = picture("PNG")
+
+        async def stalls() -> AsyncIterator[Any]:
+            yield common_pb2.InputChunk(offset=0, data=data[:100])
+            await asyncio.sleep(5)
+
+        with pytest.raises(aio.AioRpcError) as caught:
+            await stub.UploadInput(stalls(), metadata=(("x-sdmesh-user", "alice"),))
+        assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "image: no chunk came for 0.2s" in (caught.value.details() or "")
+        assert stored_files(inputs_root(server)) == []
+        assert (await upload(stub, data)).format == "PNG"  # the slot is free again
+
+    run_scheduler(tmp_path, db_url, scenario)

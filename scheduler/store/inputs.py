@@ -84,14 +84,17 @@ class InputRegistry:
         return sorted(row.sha256 for row in rows)
 
     def stored(self, shas: Collection[str]) -> set[str]:
-        """Those of `shas` that some row still names: their files stay."""
+        """Those of `shas` that some upload row or some job still names:
+        their files stay. (A job whose owner's upload row went while it was
+        submitted still names its input.)"""
         found: set[str] = set()
         with self.engine.connect() as conn:
             for part in _chunks(shas):
-                rows = conn.execute(
-                    sa.select(inputs.c.sha256).distinct().where(inputs.c.sha256.in_(part))
-                )
-                found.update(row.sha256 for row in rows)
+                for table in (inputs, job_inputs):
+                    rows = conn.execute(
+                        sa.select(table.c.sha256).distinct().where(table.c.sha256.in_(part))
+                    )
+                    found.update(row.sha256 for row in rows)
         return found
 
     def unused_before(self, cutoff: float, limit: int = 500) -> list[str]:
