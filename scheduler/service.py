@@ -72,6 +72,11 @@ WATCH_RETRY_SECONDS = 5.0
 MAX_UPLOADS_PER_USER = 4
 MAX_UPLOADS = 32
 UPLOAD_RETRY_SECONDS = 1.0
+# An upload holds one of those slots: it must keep sending (a chunk at least
+# every UPLOAD_IDLE_SECONDS) and end within UPLOAD_SECONDS, time for 32 MiB
+# at half a megabit a second, or a slow sender would hold a slot for good.
+UPLOAD_IDLE_SECONDS = 30.0
+UPLOAD_SECONDS = 600.0
 
 
 def _job_id(value: str, field: str = "job_id") -> str:
@@ -166,8 +171,13 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         a job (`scheduler.inputs` checks and stores it)."""
         who = current_principal()
         with self._uploads.slot(who.user):
-            chunks = ((chunk.offset, chunk.data) async for chunk in request_iterator)
-            info = await self.inputs.upload(self.db, who.user, chunks)
+            try:
+                async with asyncio.timeout(UPLOAD_SECONDS):
+                    info = await self.inputs.upload(self.db, who.user, _timely(request_iterator))
+            except TimeoutError:
+                raise InvalidArgument(
+                    "image", f"an upload must end within {UPLOAD_SECONDS:g}s"
+                ) from None
         log.debug(
             "input %s (%s, %d bytes) uploaded by %s",
             info.sha256,
@@ -375,6 +385,23 @@ class SchedulerService(UsesRuntime, scheduler_pb2_grpc.SchedulerServicer):
         return scheduler_pb2.ListModelsResponse(
             models=[model_to_listing(m, sorted(holders.get((m.kind, m.name), []))) for m in known]
         )
+
+
+async def _timely(
+    chunks: AsyncIterator[common_pb2.InputChunk],
+) -> AsyncIterator[tuple[int, bytes]]:
+    """An upload's (offset, data), each within UPLOAD_IDLE_SECONDS of the last."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(iterator), UPLOAD_IDLE_SECONDS)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise InvalidArgument(
+                "image", f"no chunk came for {UPLOAD_IDLE_SECONDS:g}s; an upload must keep sending"
+            ) from None
+        yield chunk.offset, chunk.data
 
 
 class _Slots:
