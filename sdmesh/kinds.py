@@ -323,7 +323,7 @@ def resolve_kind(
                 f"the hires size {final[0]}x{final[1]} must be between {MIN_SIZE} and {MAX_SIZE} a side",
             )
     if init_image or enable_hr:
-        second = hr_steps or steps
+        second = (hr_steps or steps) if enable_hr else steps
         if int(second * strength) < 1:
             raise InvalidArgument(
                 "denoising_strength",

@@ -9,6 +9,7 @@ import pytest
 
 from sdmesh.errors import InvalidArgument, quote
 from sdmesh.infotext import infotext
+from sdmesh.kinds import InputInfo
 from sdmesh.samplers import SAMPLERS, find_sampler
 from sdmesh.spec import MAX_PROMPT_CHARS, MemoryMode, SpecRequest, check_labels, resolve
 from tests.factories import make_spec
@@ -185,3 +186,15 @@ def test_infotext_is_a1111s_format() -> None:
 def test_spec_survives_storage() -> None:
     spec = make_spec(labels={"a": "b"}, memory_mode=MemoryMode.FULL)
     assert type(spec).from_dict(spec.to_dict()) == spec
+
+
+def test_second_pass_steps_do_not_count_without_the_hires_fix() -> None:
+    """img2img runs int(steps * strength) steps whatever hr_second_pass_steps
+    says: one step at 0.5 runs none, and is refused."""
+    sha = "ab" * 32
+    inputs = {sha: InputInfo(sha, 100, 64, 64, "PNG")}
+    request = SpecRequest(
+        "p", steps=1, init_image=sha, denoising_strength=0.5, hr_second_pass_steps=100
+    )
+    with pytest.raises(InvalidArgument, match="denoising_strength"):
+        resolve(request, known_models=[], random_seed=lambda: 1, inputs=inputs)
