@@ -191,6 +191,17 @@ def test_each_kind_has_its_own_variant_key(overrides: dict[str, Any], variant: s
     assert shape.key(MemoryMode.FULL) == ("sdxl", 512 * 512, 1, MemoryMode.FULL, variant)
 
 
+def test_a_variant_of_many_long_names_fits_its_column_and_stays_distinct() -> None:
+    def many(last: str) -> str:
+        loras = (*(LoraWeight(f"{'l' * 120}{i:02d}") for i in range(15)), LoraWeight(last))
+        return variant_of(spec_of(loras=loras))
+
+    first, second = many("a" * 128), many("b" * 128)
+    assert len(first) == len(second) == 256
+    assert first != second
+    assert first == many("a" * 128)  # the same job, the same key
+
+
 def test_peaks_learned_for_one_kind_do_not_change_another() -> None:
     book = EstimateBook()
     img2img, plain = shape_of(spec_of(init_image=SHA)), shape_of(spec_of())

@@ -5,6 +5,7 @@ run the same decisions."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping
 
 from scheduler.estimator import MODES, EstimateBook, Shape
@@ -23,6 +24,11 @@ def allowed_modes(requested: MemoryMode) -> tuple[MemoryMode, ...]:
     return MODES if requested is MemoryMode.AUTO else (requested,)
 
 
+# The stored key's column holds 512 characters; 16 LoRA and 4 ControlNet
+# names of 128 could make thousands.
+MAX_VARIANT_CHARS = 256
+
+
 def variant_of(spec: JobSpec) -> str:
     """What a job runs beyond plain txt2img, as the learned peaks are keyed:
     "" for plain txt2img (the key older peaks were learned under), else the
@@ -39,7 +45,11 @@ def variant_of(spec: JobSpec) -> str:
         parts.append("cn:" + ",".join(sorted(unit.model for unit in spec.controlnets)))
     if spec.kind is Kind.TXT2IMG and not parts:
         return ""
-    return "+".join((spec.kind.value, *parts))
+    variant = "+".join((spec.kind.value, *parts))
+    if len(variant) > MAX_VARIANT_CHARS:  # many long names: keep the key in its column
+        digest = hashlib.sha256(variant.encode()).hexdigest()[:16]
+        variant = f"{variant[: MAX_VARIANT_CHARS - 17]}#{digest}"
+    return variant
 
 
 def shape_of(spec: JobSpec) -> Shape:
