@@ -20,6 +20,7 @@ variants), all with diffusers' own mechanisms.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from collections import OrderedDict
@@ -74,6 +75,10 @@ class LoraSlots:
         wanted = [lora.name for lora in loras]
         started = time.monotonic()
         loaded_any = False
+        # Counted on from here: diffusers switches an adapter on as it
+        # injects it, so even a load that fails half-way is switched off
+        # by `deactivate` after the job.
+        self.active = True
         for name in wanted:
             if name in self.loaded:
                 self.loaded.move_to_end(name)
@@ -82,23 +87,27 @@ class LoraSlots:
             from safetensors.torch import load_file
 
             state = load_file(str(files[name]))
-            pipeline.load_lora_weights(state, adapter_name=adapter_name(name))
+            try:
+                pipeline.load_lora_weights(state, adapter_name=adapter_name(name))
+            except Exception:
+                # Whatever it injected goes, so the name can be loaded again.
+                with contextlib.suppress(Exception):
+                    pipeline.delete_adapters([adapter_name(name)])
+                raise
             self.loaded[name] = loaded_bytes(state, dtype)
             loaded_any = True
             log.info("loaded LoRA %s", name)
         seconds = time.monotonic() - started if loaded_any else 0.0
-        if not self.active:
-            pipeline.enable_lora()
+        pipeline.enable_lora()
         pipeline.set_adapters(
             [adapter_name(name) for name in wanted],
             adapter_weights=[float(lora.weight) for lora in loras],
         )
-        self.active = True
         return seconds
 
     def deactivate(self, pipeline: Any) -> None:
         """Switches every LoRA layer off (the weights stay loaded)."""
-        if self.active and self.loaded:
+        if self.active and getattr(pipeline.unet, "_hf_peft_config_loaded", False):
             pipeline.disable_lora()
         self.active = False
 

@@ -216,7 +216,13 @@ class PipelineCache:
         with self._lock:
             residents = [h for h in self._residents.values() if isinstance(h, Resident)]
         for resident in residents:
-            resident.loras.deactivate(resident.pipeline)
+            try:
+                resident.loras.deactivate(resident.pipeline)
+            except Exception:
+                # Its LoRA state is unknown: the model goes, and is loaded
+                # clean for the next job that needs it.
+                log.exception("switching off the LoRAs of %s failed; evicting it", resident.name)
+                self._evict([resident.key])
 
     def hashes(self) -> Mapping[str, str]:
         """ "lora:NAME" / "controlnet:NAME" -> the sha256 of its weights."""
