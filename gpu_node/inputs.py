@@ -238,6 +238,8 @@ class Waiting:
         return self._tasks.get((job_id, attempt))
 
     async def _prepare(self, worker: Any, tasks: list[Any]) -> None:
+        """Each task stays findable here (by a stop, a drain) until the
+        worker has it."""
         ready = []
         for task in tasks:
             try:
@@ -247,10 +249,13 @@ class Waiting:
                 task.inputs = await load(self.cache, task.spec.inputs, fetch)
                 ready.append(task)
             except Exception as exc:  # whatever it was, the attempt must end
+                self._tasks.pop((task.job_id, task.attempt), None)
                 reason = input_failure(exc)
                 log.warning("job %s attempt %d: %s", task.job_id, task.attempt, reason)
                 self._fail(task, reason)
-            finally:
+        try:
+            if ready:
+                self._submit(worker, ready)
+        finally:
+            for task in ready:
                 self._tasks.pop((task.job_id, task.attempt), None)
-        if ready:
-            self._submit(worker, ready)

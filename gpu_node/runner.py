@@ -362,7 +362,7 @@ class DeviceWorker:
             spec.enable_hr,
             *spec.output_size,
             images,
-            spec.loras,
+            tuple(sorted(lora.name for lora in spec.loras)),  # weights change no memory
             tuple(unit.model for unit in spec.controlnets),
         )
         self.backend.make_room(spec.model, self._peaks.get(shape, 0))
