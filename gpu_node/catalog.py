@@ -51,9 +51,6 @@ from sdmesh.domain import ModelInfo
 from sdmesh.kinds import ModelKind
 from sdmesh.spec import TINY_MODEL
 
-# Re-exported: the checks were the catalog's before they had a module.
-from gpu_node.safe_files import safetensors_dtype  # noqa: F401  # isort: skip
-
 log = logging.getLogger(__name__)
 
 LORAS_FOLDER = "loras"
