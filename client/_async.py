@@ -27,9 +27,6 @@ from client._errors import (
     JobFailedError,
     SdmeshError,
     from_rpc_error,
-    is_tls_failure,
-    nobody_there,
-    rpc_detail,
     unreachable,
 )
 from client._inputs import ImageInput, Uploads, prepare, read_input, spec_request
@@ -46,6 +43,7 @@ from client._models import (
 )
 from protos import common_pb2, scheduler_pb2, scheduler_pb2_grpc
 from sdmesh.convert import from_message, input_info_from_proto, spec_request_to_proto
+from sdmesh.dialing import is_tls_failure, nobody_there, transport_detail
 from sdmesh.domain import ImageInfo
 from sdmesh.kinds import InputInfo
 from sdmesh.wire import (
@@ -103,7 +101,7 @@ class _Retries:
         now = time.monotonic()
         if self._since is None:
             self._since = now
-        self._failures[address] = rpc_detail(error)
+        self._failures[address] = transport_detail(error)
         self._anybody_there = self._anybody_there or not nobody_there(error)
         client._move_on(address, leader_hint(error))
         if is_tls_failure(error):
@@ -313,6 +311,8 @@ class AsyncClient:
         self, *, states: Iterable[str] = (), owner: str = "", limit: int = 50
     ) -> list[Job]:
         """Newest first, following pages up to `limit` jobs."""
+        if limit < 1:
+            raise InvalidArgumentError(f"limit: must be at least 1, got {limit}")
         wanted = []
         for state in states:
             if state.upper() not in JOB_STATES:

@@ -26,7 +26,10 @@ def resolve_addresses(address: str | Sequence[str] | None = None) -> list[str]:
     list of strings, or SDMESH_SCHEDULER, else localhost:50051."""
     if address is None or isinstance(address, str):
         address = resolve_address(address)
-    return parse_addresses(address) or [DEFAULT_ADDRESS]
+    try:
+        return parse_addresses(address) or [DEFAULT_ADDRESS]
+    except ValueError as exc:
+        raise InvalidArgumentError(f"--scheduler: {exc}") from None
 
 
 def resolve_user(user: str | None = None) -> str:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 import grpc
 
+from sdmesh.dialing import (
+    DOES_NOT_RESOLVE,
+    hint,
+    is_tls_failure,
+    tls_reason,
+    transport_detail,
+)
 from sdmesh.wire import retry_after
 
 if TYPE_CHECKING:
@@ -98,32 +104,10 @@ _BY_CODE: dict[grpc.StatusCode, type[SdmeshError]] = {
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
 }
-# What gRPC says when the connection closed while it was being set up: on a
-# TLS channel, most often a scheduler that wants a client certificate it
-# can trust; on a plain one, a scheduler that speaks only TLS.
-CLOSED_WHILE_CONNECTING = "closed while connecting"
 # gRPC's own RESOURCE_EXHAUSTED for a message over the size limit: no retry
 # helps that.
 _TOO_LARGE = "larger than max"
-_TLS_FAILURE = re.compile(
-    r"(tls|ssl) handshake failed|hostname verification|certificate_verify_failed", re.I
-)
-
-
-def rpc_detail(error: grpc.RpcError) -> str:
-    """What went wrong, in a few words: the server's details, or the gist of
-    what the transport said."""
-    code: grpc.StatusCode = error.code()
-    details: str = error.details() or code.name
-    if "Connection refused" in details:
-        return "connection refused"
-    if is_tls_failure(error):
-        return f"TLS handshake failed: {_tls_reason(details)}"
-    if "Socket closed" in details or "Connection reset" in details:
-        return CLOSED_WHILE_CONNECTING if "failed to connect" in details else "connection lost"
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return "did not answer in time"
-    return details
+CLIENT_CERT_FLAGS = "--client-cert and --client-key"
 
 
 def from_rpc_error(error: grpc.RpcError, address: str) -> SdmeshError:
@@ -133,13 +117,13 @@ def from_rpc_error(error: grpc.RpcError, address: str) -> SdmeshError:
     if kind is UnavailableError:
         if is_tls_failure(error):
             return tls_error(address, details)
-        return UnavailableError(f"scheduler {address} unreachable: {rpc_detail(error)}")
+        return UnavailableError(f"scheduler {address} unreachable: {transport_detail(error)}")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return UnavailableError(f"scheduler {address} did not answer in time")
     if kind is AuthenticationError:
-        return AuthenticationError(
-            f"not authenticated: {details}; pass --api-key or set SDMESH_API_KEY"
-        )
+        # The scheduler's message may say what to do already; once is enough.
+        advice = "" if "SDMESH_API_KEY" in details else "; pass --api-key or set SDMESH_API_KEY"
+        return AuthenticationError(f"not authenticated: {details}{advice}")
     if kind is PermissionDeniedError:
         return PermissionDeniedError(f"not allowed: {details}")
     if kind is ResourceExhaustedError:
@@ -149,31 +133,9 @@ def from_rpc_error(error: grpc.RpcError, address: str) -> SdmeshError:
     return kind(details)
 
 
-def is_tls_failure(error: grpc.RpcError) -> bool:
-    """Whether this side refused the other in the TLS handshake: an
-    untrusted or expired certificate, one for another host name, or a
-    server without TLS. (A server that refuses this side's certificate only
-    closes the connection: see CLOSED_WHILE_CONNECTING.)"""
-    return error.code() is grpc.StatusCode.UNAVAILABLE and bool(
-        _TLS_FAILURE.search(error.details() or "")
-    )
-
-
-def _tls_reason(details: str) -> str:
-    if "WRONG_VERSION_NUMBER" in details:
-        return "the scheduler does not speak TLS here"
-    if "Hostname Verification" in details:
-        return "its certificate is not for this host name or address"
-    if "expired" in details:
-        return "its certificate has expired"
-    if "CERTIFICATE_VERIFY_FAILED" in details:
-        return "its certificate is not signed by the CA in --ca-cert"
-    return details.rsplit("OPENSSL_internal:", 1)[-1].removesuffix(": OK")
-
-
 def tls_error(address: str, details: str) -> TlsError:
     return TlsError(
-        f"TLS handshake with {address} failed ({_tls_reason(details)}): "
+        f"TLS handshake with {address} failed ({tls_reason(details)}): "
         "check --ca-cert (and --client-cert for mutual TLS)"
     )
 
@@ -192,21 +154,12 @@ def unreachable(
         message = f"schedulers {', '.join(failures)} unreachable: {each}"
     if waited is not None:
         message += f" (retried for {round(waited, 1):g}s)"
-    if tls is not None and all(d == CLOSED_WHILE_CONNECTING for d in failures.values()):
-        message += (
-            "; a scheduler with mutual TLS closes connections without a client certificate "
-            "it trusts: check --client-cert and --client-key"
-            if tls
-            else "; a scheduler with TLS closes plain-text connections: pass --ca-cert"
-        )
+    details = set(failures.values())
+    if len(details) == 1 and (tls is not None or DOES_NOT_RESOLVE in details):
+        [detail] = details
+        if advice := hint(detail, tls=bool(tls), cert_flags=CLIENT_CERT_FLAGS):
+            message += f"; {advice}"
     return UnavailableError(message)
-
-
-def nobody_there(error: grpc.RpcError) -> bool:
-    """Nothing listens at the address (or its name does not resolve), as
-    opposed to a server that answered, dropped the call or is a standby."""
-    details = error.details() or ""
-    return "failed to connect" in details or "DNS resolution failed" in details
 
 
 class EndedEarly(grpc.RpcError):

@@ -48,6 +48,7 @@ from sdmesh.convert import (
     update_to_protos,
 )
 from sdmesh.datadir import DataDirLock
+from sdmesh.dialing import FirstContact
 from sdmesh.domain import AttemptOutcome, AttemptUpdate, DeviceInfo, DeviceStats, Ended, NodeInfo
 from sdmesh.spec import batch_key
 from sdmesh.tls import TlsFiles
@@ -113,12 +114,12 @@ class Agent:
     def prepare(self) -> None:
         """Claims the data dir, finds devices and models, starts workers."""
         self.lock.acquire()
+        self.tls.credentials()  # a wrong TLS file stops the agent now, naming its flag
         self._loop = asyncio.get_running_loop()
         probe = self.probe = self.probe or detect_probe()
         devices = self.devices = select_devices(probe.devices(), self.config.gpus)
         self.identity = load_identity(self.config.data_dir, self.config.name, devices)
         self.credential = load_credential(self.config.data_dir, self.identity.node_id)
-        self.tls.credentials()  # a wrong TLS file stops the agent now, naming its flag
         quiet_libraries()  # imports torch and diffusers now, not in the first job
         models = self.catalog.scan()
         for device in devices:
@@ -302,36 +303,44 @@ class Agent:
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Connects, and reconnects, until `stopping` is set and the work is
-        handed over."""
+        handed over. Raises GaveUp if it never gets through because of a
+        mistake waiting cannot mend (see `sdmesh.dialing.FirstContact`)."""
         addresses = self.config.addresses
-        await self._enroll(stopping)
+        contact = FirstContact(addresses, self.config.reconnect_timeout, tls=self.tls.enabled)
+        await self._enroll(stopping, contact)
         position = 0
         backoff = redial_backoff()
         while not stopping.is_set():
             address = addresses[position % len(addresses)]
             try:
                 if await self._session(address, stopping):
+                    contact.reached()
                     backoff.reset()  # it was up: start over
             except aio.AioRpcError as exc:
                 if exc.code() in REFUSED:
                     raise SystemExit(f"the scheduler refused this agent: {exc.details()}") from None
-                log.warning(
-                    "scheduler %s: %s: %s", address, exc.code().name, exc.details() or "no details"
-                )
                 if exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    log.warning("%s", contact.failed(address, exc))
                     # Down, or a standby: the leader it names if we know
                     # that address, else the next replica.
                     leader = leader_hint(exc)
                     position = addresses.index(leader) if leader in addresses else position + 1
                     if is_standby(exc):
                         backoff.reset()  # a live replica: the leader is near
+                else:
+                    log.warning(
+                        "scheduler %s: %s: %s",
+                        address,
+                        exc.code().name,
+                        exc.details() or "no details",
+                    )
             if stopping.is_set():
                 break
             delay = backoff.next()
             log.info("reconnecting in %.1fs; the work here goes on", delay)
             await wait_event(stopping, delay)
 
-    async def _enroll(self, stopping: asyncio.Event) -> None:
+    async def _enroll(self, stopping: asyncio.Event, contact: FirstContact) -> None:
         """With a join token and no credential yet: trade the one for the
         other, once, and keep the credential in the data dir."""
         token = join_token(self.config.join_token)
@@ -345,6 +354,7 @@ class Agent:
             self.identity.name,
             self.tls,
             stopping,
+            contact,
         )
         if credential is not None:
             save_credential(self.config.data_dir, credential)

@@ -11,6 +11,9 @@ from sdmesh.flags import option, pairs_option, parse_duration, parse_indexes
 from sdmesh.wire import parse_addresses
 
 SHUTDOWN_TIMEOUT_SECONDS = 30.0
+# An agent that has never got through gives up on a mistake waiting cannot
+# mend (a TLS mismatch, a name that does not resolve) after this long.
+RECONNECT_TIMEOUT_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -19,9 +22,10 @@ class AgentConfig:
     # Not a flag of `sdctl node` (it has no help to declare one): it is
     # sdctl's global --scheduler.
     scheduler: str = field()
-    data_dir: Path = option(help="default ~/.local/share/sdmesh/node", parse=Path)
+    data_dir: Path = option(help="default ~/.local/share/sdmesh/node", parse=Path, metavar="DIR")
     models_dir: Path | None = option(
         None,
+        metavar="DIR",
         help="folder of diffusers model folders, with loras/NAME.safetensors and controlnet/NAME/",
         parse=Path,
     )
@@ -35,7 +39,10 @@ class AgentConfig:
         flag="--label", help="a node label jobs can select with --selector; repeatable"
     )
     gpus: tuple[int, ...] | None = option(
-        None, parse=parse_indexes, help="device indexes to use, e.g. 0,1 (default: all)"
+        None,
+        parse=parse_indexes,
+        metavar="INDEXES",
+        help="device indexes to use, e.g. 0,1 (default: all)",
     )
     # SIGTERM lets running jobs finish for this long, then hands them back.
     shutdown_timeout: float = option(
@@ -44,6 +51,9 @@ class AgentConfig:
         help="on SIGTERM, running jobs get this long to finish before they are handed back "
         "(default 30s); a second SIGTERM hands them back at once",
     )
+    # Not a flag declared here: sdctl's global --reconnect-timeout, which
+    # `sdctl node` shows with this meaning.
+    reconnect_timeout: float = field(default=RECONNECT_TIMEOUT_SECONDS)
     # ---- security: enrollment and TLS (see README, "Security") ----
     join_token: str = option(
         "",
@@ -98,8 +108,15 @@ class AgentConfig:
 
     def check(self) -> None:
         """Raises ValueError for settings that contradict each other."""
-        if not self.addresses:
+        try:
+            addresses = self.addresses
+        except ValueError as exc:
+            raise ValueError(f"--scheduler: {exc}") from None
+        if not addresses:
             raise ValueError("--scheduler: no scheduler address given")
+        if self.models_dir is not None and not self.models_dir.is_dir():
+            # Said now, not after torch has loaded.
+            raise ValueError(f"--models-dir {self.models_dir} is not a folder")
         if (self.tls_cert or self.tls_key) and not self.ca_cert:
             raise ValueError("--tls-cert and --tls-key (mutual TLS) need --ca-cert")
         if not self.simulated:

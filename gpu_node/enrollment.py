@@ -22,6 +22,7 @@ import grpc
 from grpc import aio
 
 from protos import agent_pb2, agent_pb2_grpc
+from sdmesh.dialing import FirstContact
 from sdmesh.tls import TlsFiles
 from sdmesh.waiting import wait_event
 from sdmesh.wire import (
@@ -102,10 +103,12 @@ async def enroll(
     name: str,
     tls: TlsFiles | None,
     stopping: asyncio.Event,
+    contact: FirstContact,
 ) -> Credential | None:
     """Presents the join token to the first scheduler that answers, trying
     the addresses in turn with backoff until one does; None if the agent
-    is stopped first."""
+    is stopped first. `contact` says what each failure means, and gives up
+    on one that waiting cannot mend."""
     request = agent_pb2.EnrollRequest(join_token=token, node_id=node_id, name=name)
     backoff = Backoff(AGENT_FIRST_BACKOFF_SECONDS, AGENT_MAX_BACKOFF_SECONDS)
     while not stopping.is_set():
@@ -123,8 +126,12 @@ async def enroll(
                         raise EnrollmentFailed(
                             f"the scheduler refused to enroll this node: {exc.details()}"
                         ) from None
-                    log.warning("enrolling: scheduler %s: %s", address, exc.details())
+                    if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                        log.warning("enrolling: %s", contact.failed(address, exc))
+                    else:
+                        log.warning("enrolling: scheduler %s: %s", address, exc.details())
                     continue
+            contact.reached()
             log.info("enrolled with the scheduler at %s as node %s", address, node_id)
             return Credential(node_id, answer.credential, dict(answer.labels))
         await wait_event(stopping, backoff.next())

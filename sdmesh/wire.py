@@ -17,7 +17,9 @@ RESOURCE_EXHAUSTED, instead of on the wire.
 
 from __future__ import annotations
 
+import errno
 import random
+import socket
 from collections.abc import Iterable, Sequence
 from importlib import metadata
 from typing import Any
@@ -77,9 +79,58 @@ def package_version() -> str:
         return "dev"
 
 
+# gRPC's own target forms (unix:/path/to/socket, dns:///host:port, ...),
+# passed on as they are.
+_GRPC_TARGETS = ("unix:", "unix-abstract:", "dns:", "ipv4:", "ipv6:")
+
+
+def check_address(address: str) -> str:
+    """One scheduler address: HOST:PORT, [IPv6]:PORT, or one of gRPC's own
+    target forms. Raises ValueError saying what to write instead, for the
+    likely mistakes: no port (gRPC would quietly dial 443), a URL scheme, a
+    port that is not a number."""
+    if address.startswith(_GRPC_TARGETS):
+        return address
+    scheme, sep, rest = address.partition("://")
+    if sep:
+        raise ValueError(
+            f"{address!r} is a URL; give HOST:PORT without {scheme}://, e.g. {rest.rstrip('/')}"
+        )
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or host.endswith(":") or (":" in host and not host.startswith("[")):
+        example = f"[{address}]:50051" if ":" in address else f"{address}:50051"
+        raise ValueError(f"{address!r} has no port; give HOST:PORT, e.g. {example}")
+    if not port:
+        raise ValueError(f"{address!r} has no port; give HOST:PORT, e.g. {host}:50051")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r}: the port must be a number from 1 to 65535")
+    return address
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether something already listens on `host`:`port`, as a server
+    about to bind there would find (port 0 is never taken)."""
+    if port == 0:
+        return False
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False  # binding will say what is wrong with the host
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return True
+    return False
+
+
 def parse_addresses(address: str | Sequence[str]) -> list[str]:
     """The replicas of one scheduler, in order, from "host1:50051,host2:50051"
-    or a list of such strings. Blanks and repeats are dropped."""
+    or a list of such strings. Blanks and repeats are dropped; an address
+    that cannot be right raises ValueError (see `check_address`)."""
     parts = (
         address.split(",")
         if isinstance(address, str)
@@ -88,7 +139,7 @@ def parse_addresses(address: str | Sequence[str]) -> list[str]:
     found: list[str] = []
     for part in (part.strip() for part in parts):
         if part and part not in found:
-            found.append(part)
+            found.append(check_address(part))
     return found
 
 
@@ -134,6 +185,9 @@ def server_options() -> Options:
     # with GOAWAY "too_many_pings".
     margin_ms = int(KEEPALIVE_SECONDS * 1000) - 1000
     return [
+        # gRPC sets SO_REUSEPORT by default, which lets a second scheduler
+        # bind a port the first is serving and take half its connections.
+        ("grpc.so_reuseport", 0),
         *_keepalive(),
         ("grpc.http2.min_recv_ping_interval_without_data_ms", margin_ms),
         ("grpc.http2.max_ping_strikes", 0),
