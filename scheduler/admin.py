@@ -1,32 +1,36 @@
-"""`sdctl admin`: keys, join tokens, node removal, the audit trail and
-certificates. These work directly on the scheduler's database (`--db`, or
-the SQLite file in `--data-dir`), on the scheduler's host, as `kubeadm
-token create` works on the control-plane host: so the first admin key
-exists before any client could present one. A running scheduler sees each
-change within a few seconds (`scheduler.auth.CACHE_SECONDS`,
+"""`sdctl admin`'s commands on the scheduler's database: keys, join tokens,
+node removal and the audit trail. These work directly on the database
+(`--db`, or the SQLite file in `--data-dir`), on the scheduler's host, as
+`kubeadm token create` works on the control-plane host: so the first admin
+key exists before any client could present one. A running scheduler sees
+each change within a few seconds (`scheduler.auth.CACHE_SECONDS`,
 `scheduler.agents.REMOVAL_CHECK_SECONDS`).
 
 Secrets are printed once, on stdout alone, so that `KEY=$(sdctl admin
-create-key ...)` works; everything else goes to stderr.
+create-key ...)` works, or inside the one JSON object of `-o json`;
+everything else goes to stderr. JSON times are ISO 8601, as in job JSON.
 """
 
 from __future__ import annotations
 
 import getpass
-import json
 import socket
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 from scheduler.principal import check_user_name
-from scheduler.store import Store
+from scheduler.store import DatabaseUnreachable, Store
+from scheduler.store.credentials import KeyRecord
 from sdmesh.errors import InvalidArgument, quote
+from sdmesh.output import iso_time, write_json
 
 DEFAULT_JOIN_TOKEN_SECONDS = 3600.0
+# The exit codes sdctl uses (see client.cli.main).
+EXIT_NOT_FOUND = 1
+EXIT_INVALID = 2
+EXIT_UNREACHABLE = 3
 
 
 def _actor() -> str:
@@ -53,16 +57,24 @@ def _table(headers: list[str], rows: list[list[str]]) -> None:
         )
 
 
-def _json(items: list[Any]) -> None:
-    print(json.dumps([asdict(item) for item in items], indent=2))
-
-
-def _key_state(record: Any, now: float) -> str:
+def _key_state(record: KeyRecord, now: float) -> str:
     if record.revoked_at is not None:
         return "revoked"
     if record.expires_at is not None and now >= record.expires_at:
         return "expired"
     return "active"
+
+
+def _key_json(record: KeyRecord, now: float) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "user": record.user,
+        "admin": record.admin,
+        "state": _key_state(record, now),
+        "created_at": iso_time(record.created_at),
+        "expires_at": iso_time(record.expires_at),
+        "revoked_at": iso_time(record.revoked_at),
+    }
 
 
 def create_key(store: Store, args: Any) -> int:
@@ -71,6 +83,9 @@ def create_key(store: Store, args: Any) -> int:
     record, token = store.credentials.create_key(
         user, admin=args.admin, expires_at=expires, actor=_actor()
     )
+    if args.output == "json":
+        write_json({**_key_json(record, store.clock()), "key": token.text})
+        return 0
     print(token.text)
     print(
         f"API key {record.id} for {user}{' (admin)' if record.admin else ''}, "
@@ -82,26 +97,10 @@ def create_key(store: Store, args: Any) -> int:
 
 def list_keys(store: Store, args: Any) -> int:
     keys = store.credentials.keys(include_revoked=args.all)
-    if args.output == "json":
-        print(
-            json.dumps(
-                [
-                    {
-                        "id": k.id,
-                        "user": k.user,
-                        "admin": k.admin,
-                        "created_at": k.created_at,
-                        "expires_at": k.expires_at,
-                        "revoked_at": k.revoked_at,
-                        "state": _key_state(k, store.clock()),
-                    }
-                    for k in keys
-                ],
-                indent=2,
-            )
-        )
-        return 0
     now = store.clock()
+    if args.output == "json":
+        write_json([_key_json(k, now) for k in keys])
+        return 0
     _table(
         ["ID", "USER", "ADMIN", "STATE", "CREATED", "EXPIRES"],
         [
@@ -121,8 +120,11 @@ def list_keys(store: Store, args: Any) -> int:
 
 def revoke_key(store: Store, args: Any) -> int:
     if not store.credentials.revoke_key(args.key_id, actor=_actor()):
-        print(f"error: no active API key {quote(args.key_id)}", file=sys.stderr)
-        return 1
+        print(
+            f"error: no active API key {quote(args.key_id)}: `sdctl admin list-keys` shows them",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_FOUND
     print(f"API key {args.key_id} revoked; schedulers refuse it within seconds", file=sys.stderr)
     return 0
 
@@ -138,6 +140,18 @@ def join_token(store: Store, args: Any) -> int:
     record, token = store.credentials.create_join_token(
         expires_at=expires, reusable=args.reusable, labels=labels, actor=_actor()
     )
+    if args.output == "json":
+        write_json(
+            {
+                "id": record.id,
+                "reusable": record.reusable,
+                "labels": record.labels,
+                "created_at": iso_time(record.created_at),
+                "expires_at": iso_time(expires),
+                "token": token.text,
+            }
+        )
+        return 0
     print(token.text)
     kind = "reusable until it expires" if record.reusable else "single-use"
     print(
@@ -149,11 +163,16 @@ def join_token(store: Store, args: Any) -> int:
 
 
 def remove_node(store: Store, args: Any) -> int:
-    if not store.credentials.revoke_node(args.node, actor=_actor()):
-        print(f"error: no enrolled node with id {quote(args.node)}", file=sys.stderr)
-        return 1
+    node_id = store.credentials.enrolled_node(args.node)
+    if node_id is None or not store.credentials.revoke_node(node_id, actor=_actor()):
+        print(
+            f"error: no enrolled node with the id or name {quote(args.node)}: "
+            "`sdctl nodes` lists them",
+            file=sys.stderr,
+        )
+        return EXIT_NOT_FOUND
     print(
-        f"node {args.node} removed: its stream closes within seconds and its jobs go back "
+        f"node {node_id} removed: its stream closes within seconds and its jobs go back "
         "to the queue; it needs a new join token to come back",
         file=sys.stderr,
     )
@@ -164,7 +183,19 @@ def audit(store: Store, args: Any) -> int:
     since = None if args.since is None else store.clock() - args.since
     entries = store.credentials.audit_entries(limit=args.limit, since=since)
     if args.output == "json":
-        _json(entries)
+        write_json(
+            [
+                {
+                    "id": e.id,
+                    "at": iso_time(e.at),
+                    "actor": e.actor,
+                    "action": e.action,
+                    "target": e.target,
+                    "detail": e.detail,
+                }
+                for e in entries
+            ]
+        )
         return 0
     _table(
         ["TIME", "ACTOR", "ACTION", "TARGET", "DETAIL"],
@@ -173,31 +204,7 @@ def audit(store: Store, args: Any) -> int:
     return 0
 
 
-def certs(args: Any) -> int:
-    from sdmesh.tls import make_cluster_certs
-
-    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
-    nodes = [n.strip() for n in args.nodes.split(",") if n.strip()]
-    clients = [c.strip() for c in args.clients.split(",") if c.strip()]
-    try:
-        written = make_cluster_certs(
-            Path(args.out), hosts, days=args.days, nodes=nodes, clients=clients
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for name, path in sorted(written.items()):
-        print(f"{name:<16} {path}")
-    print(
-        f"made a CA and certificates for the scheduler ({', '.join(hosts)}), nodes and "
-        f"clients in "
-        f"{args.out}; keep ca-key.pem offline",
-        file=sys.stderr,
-    )
-    return 0
-
-
-STORE_COMMANDS: dict[str, Callable[[Store, Any], int]] = {
+COMMANDS: dict[str, Callable[[Store, Any], int]] = {
     "create-key": create_key,
     "list-keys": list_keys,
     "revoke-key": revoke_key,
@@ -208,14 +215,22 @@ STORE_COMMANDS: dict[str, Callable[[Store, Any], int]] = {
 
 
 def run_admin(args: Any, database_url: str) -> int:
-    if args.admin_command == "certs":
-        return certs(args)
-    store = Store(database_url)
+    """Runs `args.admin_command` on the database; returns sdctl's exit code,
+    having said what went wrong in one line."""
+    store = None
     try:
+        store = Store(database_url)
         store.migrate()
-        return STORE_COMMANDS[args.admin_command](store, args)
+        return COMMANDS[args.admin_command](store, args)
     except InvalidArgument as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INVALID
+    except ValueError as exc:  # a database URL that cannot be used
+        print(f"error: --db: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except DatabaseUnreachable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     finally:
-        store.close()
+        if store is not None:
+            store.close()

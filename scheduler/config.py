@@ -4,6 +4,7 @@ flags without loading the scheduler."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from ipaddress import ip_address
 from pathlib import Path
@@ -53,6 +54,48 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+# The SQLite file in the data dir, when --db is not given.
+DATABASE_FILE = "sdmesh.db"
+# The replica's id, kept in its data dir (see scheduler.leadership).
+REPLICA_ID_FILE = "replica-id"
+# PostgreSQL goes through psycopg 3, the driver the scheduler extra ships;
+# these spellings of its URL all mean it.
+_POSTGRES_SCHEMES = ("postgresql+psycopg", "postgresql", "postgres")
+
+
+def _hide_password(rest: str) -> str:
+    """USER:SECRET@HOST... as USER:***@HOST..., for messages."""
+    return re.sub(r"^([^/@:]*):[^/@]*@", r"\1:***@", rest)
+
+
+def parse_database_url(text: str) -> str:
+    """--db's value: `sqlite:///PATH`, or PostgreSQL as `postgresql://`,
+    `postgres://` (as Heroku and many hosts write it) or
+    `postgresql+psycopg://`, all read as psycopg 3. Raises ValueError saying
+    what is allowed, never repeating a password."""
+    text = text.strip()
+    scheme, sep, rest = text.partition("://")
+    scheme = scheme.lower()
+    if not sep or not rest:
+        raise ValueError(
+            "expected a database URL like postgresql://USER@HOST/DATABASE or "
+            f"sqlite:///PATH, got {_hide_password(text)!r}"
+        )
+    if scheme in _POSTGRES_SCHEMES:
+        return f"postgresql+psycopg://{rest}"
+    if scheme == "sqlite":
+        return f"sqlite://{rest}"
+    if scheme.startswith(("postgresql+", "postgres+")):
+        raise ValueError(
+            f"{scheme}:// names a driver sdmesh does not ship; it talks to PostgreSQL through "
+            f"psycopg 3: write postgresql://{_hide_password(rest)}"
+        )
+    raise ValueError(
+        f"{scheme}:// is not a database sdmesh supports: use PostgreSQL "
+        "(postgresql://USER@HOST/DATABASE), or leave --db out for SQLite in the data dir"
+    )
+
+
 def _at_least(low: int, value: int) -> int:
     if value < low:
         raise ValueError(f"must be at least {low}, got {value}")
@@ -61,14 +104,17 @@ def _at_least(low: int, value: int) -> int:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    data_dir: Path = option(help="default ~/.local/share/sdmesh/scheduler", parse=Path)
+    data_dir: Path = option(
+        help="default ~/.local/share/sdmesh/scheduler", parse=Path, metavar="DIR"
+    )
     host: str = option("127.0.0.1", help="listen address; 0.0.0.0 for other machines")
     port: int = option(50051, help="listen port (0: any free port)", parse=int)
     db_url: str = option(
         "",
         flag="--db",
         metavar="URL",
-        help="postgresql+psycopg://... (default SQLite in the data dir)",
+        parse=parse_database_url,
+        help="PostgreSQL, as postgresql://USER@HOST/DATABASE (default: SQLite in the data dir)",
     )
     heartbeat_seconds: float = option(
         2.0, flag="--heartbeat", parse=parse_duration, help="agent stats interval (default 2s)"
@@ -127,6 +173,7 @@ class SchedulerConfig:
     images_dir: Path | None = option(
         None,
         parse=Path,
+        metavar="DIR",
         help="where images are stored; replicas on one database must share it "
         "(default: images/ in the data dir)",
     )
@@ -179,7 +226,9 @@ class SchedulerConfig:
 
     @property
     def database_url(self) -> str:
-        return self.db_url or f"sqlite:///{self.data_dir / 'sdmesh.db'}"
+        if self.db_url:
+            return parse_database_url(self.db_url)
+        return f"sqlite:///{self.data_dir / DATABASE_FILE}"
 
     @property
     def liveness(self) -> LivenessConfig:

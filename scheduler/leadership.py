@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from scheduler.config import REPLICA_ID_FILE
 from scheduler.store import Database
 from scheduler.store.leader import LeaderLease
 from sdmesh.waiting import wait_event
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 
 
 def load_replica_id(data_dir: Path) -> str:
-    path = data_dir / "replica-id"
+    path = data_dir / REPLICA_ID_FILE
     if path.exists():
         text = path.read_text().strip()
         if text:

@@ -35,14 +35,18 @@ from scheduler.liveness import Supervisor
 from scheduler.retention import Retention
 from scheduler.runtime import Runtime
 from scheduler.service import SchedulerService
-from scheduler.store import Database, Store
+from scheduler.store import Database, DatabaseUnreachable, Store
 from sdmesh.datadir import DataDirLock
 from sdmesh.tls import server_credentials
-from sdmesh.wire import AGENT_MAX_BACKOFF_SECONDS, server_options
+from sdmesh.wire import AGENT_MAX_BACKOFF_SECONDS, port_taken, server_options
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SchedulerConfig", "SchedulerServer", "serve"]
+__all__ = ["DatabaseUnreachable", "PortInUse", "SchedulerConfig", "SchedulerServer", "serve"]
+
+
+class PortInUse(OSError):
+    """Something already listens where this replica would."""
 
 
 def check_exposure(config: SchedulerConfig) -> None:
@@ -138,6 +142,11 @@ class SchedulerServer:
     async def start(self) -> int:
         config = self.config
         address = f"{config.host}:{config.port}"
+        if port_taken(config.host, config.port):
+            raise PortInUse(
+                f"--port {config.port}: {address} is already in use (another scheduler, an "
+                "`sdctl up`, or another program): stop it, or pass another --port"
+            )
         if config.tls_cert is not None and config.tls_key is not None:
             credentials = server_credentials(config.tls_cert, config.tls_key, config.client_ca)
             self.port = self.server.add_secure_port(address, credentials)

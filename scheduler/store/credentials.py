@@ -16,8 +16,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from scheduler.store.schema import api_keys, audit, join_tokens, node_credentials
+from scheduler.store.schema import api_keys, audit, join_tokens, node_credentials, nodes
 from scheduler.tokens import API_KEY, JOIN_TOKEN, NODE_CREDENTIAL, Token, new_token, secret_matches
+from sdmesh.errors import InvalidArgument, quote
+from sdmesh.output import iso_time
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ class CredentialRegistry:
                 )
             )
             detail = f"user {user}{' (admin)' if admin else ''}" + (
-                "" if expires_at is None else f", expires {expires_at:.0f}"
+                "" if expires_at is None else f", expires {iso_time(expires_at)}"
             )
             self._audit(conn, actor, "create-key", token.id, detail)
         return record, token
@@ -182,7 +184,11 @@ class CredentialRegistry:
             )
             kind = "reusable" if reusable else "single-use"
             self._audit(
-                conn, actor, "create-join-token", token.id, f"{kind}, expires {expires_at:.0f}"
+                conn,
+                actor,
+                "create-join-token",
+                token.id,
+                f"{kind}, expires {iso_time(expires_at)}",
             )
         return record, token
 
@@ -264,6 +270,33 @@ class CredentialRegistry:
             row.revoked_at,
             row.secret_hash,
         )
+
+    def enrolled_node(self, node: str) -> str | None:
+        """The id of the enrolled, unrevoked node with this id or, failing
+        that, this name (as the scheduler last saw it), as `sdctl drain`
+        takes either; None when there is none. A name several nodes share
+        is refused: the id tells them apart."""
+        enrolled = sa.select(node_credentials.c.node_id).where(
+            node_credentials.c.revoked_at.is_(None)
+        )
+        with self.engine.connect() as conn:
+            if conn.execute(enrolled.where(node_credentials.c.node_id == node)).first():
+                return node
+            named = sorted(
+                row.node_id
+                for row in conn.execute(
+                    enrolled.where(
+                        node_credentials.c.node_id.in_(
+                            sa.select(nodes.c.id).where(nodes.c.name == node)
+                        )
+                    )
+                )
+            )
+        if len(named) > 1:
+            raise InvalidArgument(
+                "NODE", f"{quote(node)} names several nodes ({', '.join(named)}); give the id"
+            )
+        return named[0] if named else None
 
     def revoke_node(self, node_id: str, *, actor: str) -> bool:
         with self.engine.begin() as conn:
