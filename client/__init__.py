@@ -15,6 +15,15 @@ resumes after the last event it gave. Both send an API key (`api_key=` or
 SDMESH_API_KEY) and dial over TLS given a CA (`ca_cert=` or SDMESH_CA_CERT).
 """
 
+import os
+
+# gRPC's core writes its own INFO lines to stderr (each failed TLS handshake,
+# for one), ahead of the one-line error the SDK raises; only its errors
+# unless asked (GRPC_VERBOSITY=INFO). It reads this once, when grpc is first
+# imported: so here, before anything imports it. Every sdctl process,
+# servers included, starts by importing this package.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from client._async import AsyncClient, AsyncJobHandle, SubmitOptions
 from client._errors import (
     AuthenticationError,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from client import Client
-from client.cli.servers import spawn_tied
+from client.cli.tied import spawn_tied
 from harness.waiting import until
 from scheduler.config import is_loopback
 

@@ -10,7 +10,12 @@ from typing import IO
 
 
 class DataDirInUse(Exception):
-    pass
+    """Another live process holds the data dir; `holder` is its pid, as it
+    wrote it."""
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 class DataDirLock:
@@ -33,7 +38,8 @@ class DataDirLock:
             handle.close()
             raise DataDirInUse(
                 f"data dir {self.path.parent} is in use by another {self.role} (pid {holder}); "
-                f"give each {self.role} its own --data-dir"
+                f"give each {self.role} its own --data-dir",
+                holder,
             ) from None
         handle.truncate(0)
         handle.write(str(os.getpid()))

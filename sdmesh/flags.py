@@ -25,10 +25,14 @@ def option(
     metavar: str | None = None,
     repeat: bool = False,
     choices: Sequence[str] | None = None,
+    group: str = "",
 ) -> Any:
     """A field with its flag: `--name-with-dashes` unless `flag` is given.
     `parse` turns the flag's text (or, with `repeat`, the list of every use
-    of it) into the field's value; `choices` lists the texts allowed."""
+    of it) into the field's value; `choices` lists the texts allowed;
+    `metavar` is what the help shows for the value (by default from
+    `parse`: N for an int, DURATION for a duration, ...); `group` is the
+    heading the flag is listed under in the help."""
     metadata = {
         "help": help,
         "parse": parse,
@@ -36,16 +40,19 @@ def option(
         "metavar": metavar,
         "repeat": repeat,
         "choices": choices,
+        "group": group,
     }
     if isinstance(default, dict):  # each instance gets its own copy
         return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
 
 
-def pairs_option(*, help: str, flag: str = "") -> Any:
+def pairs_option(*, help: str, flag: str = "", group: str = "") -> Any:
     """A KEY=VALUE flag, repeatable, collected into a dict (labels, node
     selectors)."""
-    return option({}, flag=flag, metavar="KEY=VALUE", parse=parse_pairs, repeat=True, help=help)
+    return option(
+        {}, flag=flag, metavar="KEY=VALUE", parse=parse_pairs, repeat=True, help=help, group=group
+    )
 
 
 def flag_of(config_field: Field[Any]) -> str:
@@ -64,6 +71,17 @@ def parse_duration(text: str) -> float:
     if seconds < 0:
         raise ValueError(f"expected a duration that is not negative, got {text!r}")
     return seconds
+
+
+def parse_positive(text: str) -> int:
+    """A whole number of at least 1: a count, a limit."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse_pairs(pairs: Sequence[str]) -> dict[str, str]:

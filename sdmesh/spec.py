@@ -101,94 +101,185 @@ class SpecRequest:
     its `sdctl submit` flag (see `sdmesh.flags`); the prompt is positional."""
 
     prompt: str = option(help="what to generate")
-    negative_prompt: str = option("", flag="--negative", help="negative prompt")
-    model: str | None = option(None, help=f"model name (default {TINY_MODEL})")
+    negative_prompt: str = option(
+        "", flag="--negative", help="negative prompt", group="the picture", metavar="TEXT"
+    )
+    model: str | None = option(
+        None, help=f"model name (default {TINY_MODEL})", group="the picture", metavar="NAME"
+    )
     width: int | None = option(
-        None, parse=int, help=f"pixels, a multiple of 8 (default {DEFAULT_WIDTH})"
+        None,
+        parse=int,
+        help=f"pixels, a multiple of 8 (default {DEFAULT_WIDTH})",
+        group="the picture",
+        metavar="PX",
     )
     height: int | None = option(
-        None, parse=int, help=f"pixels, a multiple of 8 (default {DEFAULT_HEIGHT})"
+        None,
+        parse=int,
+        help=f"pixels, a multiple of 8 (default {DEFAULT_HEIGHT})",
+        group="the picture",
+        metavar="PX",
     )
-    steps: int | None = option(None, parse=int, help=f"denoising steps (default {DEFAULT_STEPS})")
+    steps: int | None = option(
+        None,
+        parse=int,
+        help=f"denoising steps (default {DEFAULT_STEPS})",
+        group="the picture",
+        metavar="N",
+    )
     cfg_scale: float | None = option(
-        None, parse=float, help=f"guidance scale (default {DEFAULT_CFG_SCALE:g})"
+        None,
+        parse=float,
+        help=f"guidance scale (default {DEFAULT_CFG_SCALE:g})",
+        group="the picture",
+        metavar="SCALE",
     )
-    seed: int | None = option(None, parse=int, help="-1 for random (default)")
+    seed: int | None = option(
+        None, parse=int, help="-1 for random (default)", group="the picture", metavar="SEED"
+    )
     sampler_name: str | None = option(
-        None, flag="--sampler", help=f'A1111 sampler name (default "{DEFAULT_SAMPLER}")'
+        None,
+        flag="--sampler",
+        help=f'A1111 sampler name (default "{DEFAULT_SAMPLER}")',
+        group="the picture",
+        metavar="NAME",
     )
     batch_size: int | None = option(
-        None, parse=int, help=f"images per job (default {DEFAULT_BATCH_SIZE})"
+        None,
+        parse=int,
+        help=f"images per job (default {DEFAULT_BATCH_SIZE})",
+        group="the picture",
+        metavar="N",
     )
     priority: int = option(
-        0, parse=int, help=f"{MIN_PRIORITY}..{MAX_PRIORITY}, higher first (default 0)"
+        0,
+        parse=int,
+        help=f"{MIN_PRIORITY}..{MAX_PRIORITY}, higher first (default 0)",
+        group="scheduling",
+        metavar="N",
     )
     memory_mode: MemoryMode = option(
         MemoryMode.AUTO,
         parse=MemoryMode,
         choices=[mode.value for mode in MemoryMode],
         help="where the weights live while it runs (default auto)",
+        group="scheduling",
     )
-    request_id: str = option("", help="makes a retried submit return the same job")
+    request_id: str = option(
+        "", help="makes a retried submit return the same job", group="scheduling", metavar="ID"
+    )
     labels: Mapping[str, str] = pairs_option(
-        flag="--label", help="a label recorded on the job; repeatable"
+        flag="--label", help="a label recorded on the job; repeatable", group="scheduling"
     )
-    selector: Mapping[str, str] = pairs_option(help="run only on nodes with this label; repeatable")
+    selector: Mapping[str, str] = pairs_option(
+        help="run only on nodes with this label; repeatable", group="scheduling"
+    )
     # img2img and inpainting (sdmesh.kinds). On the wire the images are the
     # sha256 of an upload; the SDK and sdctl take files and upload them.
-    init_image: str = option("", metavar="PATH", help="img2img: the picture to start from")
+    init_image: str = option(
+        "",
+        metavar="PATH",
+        help="img2img: the picture to start from",
+        group="img2img and inpainting",
+    )
     denoising_strength: float | None = option(
         None,
         parse=float,
         help=f"0..1, how much to change the init image (default {DEFAULT_DENOISING_STRENGTH:g}; "
         "0.7 for the hires fix)",
+        group="img2img and inpainting",
+        metavar="STRENGTH",
     )
     resize_mode: int | None = option(
-        None, parse=int, help="0 just resize (default), 1 crop and resize, 2 resize and fill"
+        None,
+        parse=int,
+        help="0 just resize (default), 1 crop and resize, 2 resize and fill",
+        group="img2img and inpainting",
+        metavar="MODE",
     )
-    mask: str = option("", metavar="PATH", help="inpainting: white is repainted, black kept")
+    mask: str = option(
+        "",
+        metavar="PATH",
+        help="inpainting: white is repainted, black kept",
+        group="img2img and inpainting",
+    )
     mask_blur: int | None = option(
-        None, parse=int, help=f"pixels of blur on the mask's edge (default {DEFAULT_MASK_BLUR})"
+        None,
+        parse=int,
+        help=f"pixels of blur on the mask's edge (default {DEFAULT_MASK_BLUR})",
+        group="img2img and inpainting",
+        metavar="PX",
     )
     inpainting_fill: int | None = option(
         None,
         parse=int,
         help="masked content: 0 fill, 1 original (default), 2 latent noise, 3 latent nothing",
+        group="img2img and inpainting",
+        metavar="FILL",
     )
     inpaint_full_res: bool = option(
-        False, flag="--only-masked", help="inpaint a crop around the mask at full resolution"
+        False,
+        flag="--only-masked",
+        help="inpaint a crop around the mask at full resolution",
+        group="img2img and inpainting",
     )
     inpaint_full_res_padding: int | None = option(
         None,
         parse=int,
         flag="--only-masked-padding",
         help=f"pixels around the mask's crop (default {DEFAULT_INPAINT_PADDING})",
+        group="img2img and inpainting",
+        metavar="PX",
     )
     inpainting_mask_invert: bool = option(
-        False, flag="--invert-mask", help="repaint what is black in the mask instead"
+        False,
+        flag="--invert-mask",
+        help="repaint what is black in the mask instead",
+        group="img2img and inpainting",
     )
     # Hires fix (txt2img): a second pass at a larger size.
-    enable_hr: bool = option(False, flag="--hires", help="hires fix (implied by --hires-*)")
+    enable_hr: bool = option(
+        False, flag="--hires", help="hires fix (implied by --hires-*)", group="hires fix"
+    )
     hr_scale: float | None = option(
         None,
         parse=float,
         flag="--hires-scale",
         help=f"hires fix: scale (default {DEFAULT_HR_SCALE:g})",
+        group="hires fix",
+        metavar="SCALE",
     )
     hr_resize_x: int | None = option(
-        None, parse=int, flag="--hires-width", help="hires fix: final width instead of a scale"
+        None,
+        parse=int,
+        flag="--hires-width",
+        help="hires fix: final width instead of a scale",
+        group="hires fix",
+        metavar="PX",
     )
     hr_resize_y: int | None = option(
-        None, parse=int, flag="--hires-height", help="hires fix: final height instead of a scale"
+        None,
+        parse=int,
+        flag="--hires-height",
+        help="hires fix: final height instead of a scale",
+        group="hires fix",
+        metavar="PX",
     )
     hr_upscaler: str | None = option(
-        None, flag="--hires-upscaler", help=f'hires fix: upscaler (default "{DEFAULT_HR_UPSCALER}")'
+        None,
+        flag="--hires-upscaler",
+        help=f'hires fix: upscaler (default "{DEFAULT_HR_UPSCALER}")',
+        group="hires fix",
+        metavar="NAME",
     )
     hr_second_pass_steps: int | None = option(
         None,
         parse=int,
         flag="--hires-steps",
         help="hires fix: steps of the second pass (default: steps)",
+        group="hires fix",
+        metavar="N",
     )
     loras: tuple[LoraWeight, ...] = option(
         (),
@@ -197,6 +288,7 @@ class SpecRequest:
         parse=parse_lora_flag,
         repeat=True,
         help="a LoRA and its weight (default 1); repeatable; or <lora:NAME:WEIGHT> in the prompt",
+        group="LoRA and ControlNet",
     )
     controlnets: tuple[ControlNetUnit, ...] = option(
         (),
@@ -205,8 +297,15 @@ class SpecRequest:
         parse=parse_controlnet_flag,
         repeat=True,
         help="a ControlNet unit: its model, a ready control image and a weight; repeatable",
+        group="LoRA and ControlNet",
     )
-    n_iter: int | None = option(None, parse=int, help="batches run one after another (default 1)")
+    n_iter: int | None = option(
+        None,
+        parse=int,
+        help="batches run one after another (default 1)",
+        group="the picture",
+        metavar="N",
+    )
 
 
 @dataclass(frozen=True)

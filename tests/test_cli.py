@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -120,9 +122,13 @@ def test_server_flags_come_from_the_config_and_keep_its_defaults() -> None:
     from scheduler.config import SchedulerConfig
 
     parser = build_parser()
-    args = parser.parse_args(["scheduler", "--lease", "3s", "--heartbeat", "0.5", "--db", "x"])
+    args = parser.parse_args(
+        ["scheduler", "--lease", "3s", "--heartbeat", "0.5", "--db", "postgres://u@db/x"]
+    )
     config = config_from(SchedulerConfig, args, defaults={"data_dir": Path("/d")})
-    assert (config.lease_seconds, config.heartbeat_seconds, config.db_url) == (3.0, 0.5, "x")
+    assert (config.lease_seconds, config.heartbeat_seconds, config.db_url) == (
+        3.0, 0.5, "postgresql+psycopg://u@db/x",
+    )  # fmt: skip
     assert config.max_attempts == SchedulerConfig.max_attempts  # not given: the declared default
     # Every declared setting is a flag of its command.
     for command, cls in (("scheduler", SchedulerConfig), ("node", AgentConfig)):
@@ -254,3 +260,51 @@ def test_sdctl_job_says_the_kind_and_its_settings() -> None:
         ("Kind", "txt2img + hires fix"),
         ("Hires fix", "to 96x96 with Latent, 8 steps, denoising 0.7"),
     ]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_json_is_one_line_for_a_pipe_and_indented_for_a_person() -> None:
+    from sdmesh.output import write_json
+
+    value = {"job_id": "j1", "state": "QUEUED", "images": []}
+    piped, terminal = io.StringIO(), _Terminal()
+    write_json(value, piped)
+    write_json(value, terminal)
+    assert piped.getvalue() == '{"job_id": "j1", "state": "QUEUED", "images": []}\n'
+    assert terminal.getvalue() == json.dumps(value, indent=2) + "\n"
+    assert json.loads(piped.getvalue()) == json.loads(terminal.getvalue()) == value
+
+
+def test_ctrl_c_while_following_leaves_whole_commands_to_copy(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from client.cli.commands import submit
+
+    job_id = "3f9c2a7b5e3d4c6a"
+
+    class Handle:
+        id = job_id
+
+        def events(self) -> Iterator[object]:
+            raise KeyboardInterrupt
+            yield
+
+    class Interrupted:
+        on_retry = None
+
+        def submit(self, prompt: str, **options: object) -> Handle:
+            return Handle()
+
+    args = build_parser().parse_args(["submit", "a fox"])
+    assert submit(args, Interrupted()) == 130  # type: ignore[arg-type]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        f"stopped watching; job {job_id} goes on",
+        f"  follow it:  sdctl watch {job_id}",
+        f"  cancel it:  sdctl cancel {job_id}",
+    ]
+    assert all(len(line) <= 80 for line in lines)

@@ -127,10 +127,10 @@ def test_health_without_a_leader_exits_3(capsys: pytest.CaptureFixture[str]) -> 
     assert code == UnavailableError.exit_code == 3
     out, err = capsys.readouterr()
     lines = out.splitlines()
-    assert lines[0].split() == ["ADDRESS", "ROLE", "EPOCH", "REPLICA", "LEADER"]
+    assert lines[0].split() == ["ADDRESS", "ROLE", "EPOCH", "REPLICA", "LEADER", "ERROR"]
     assert [line.split() for line in lines[2:]] == [
         [standby, "standby", "7", "b", "-"],
-        [dead, "unreachable", "-", "-", "-"],
+        [dead, "unreachable", "-", "-", "-", "connection", "refused"],  # and why
     ]
     assert err == f"error: no leader among {standby}, {dead}\n"
 
@@ -206,8 +206,8 @@ def test_health_rows_render_every_case(capsys: pytest.CaptureFixture[str]) -> No
     table = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert table == [
         ["a:1", "leader", "4", "replica-a", "a:1"],
-        ["b:2", "error", "-", "-", "-"],
-        ["c:3", "unreachable", "-", "-", "-"],
+        ["b:2", "error", "-", "-", "-", "method", "not", "implemented"],
+        ["c:3", "unreachable", "-", "-", "-", "timeout"],
     ]
     assert [render.health_json(row)["role"] for row in rows] == ["leader", "error", "unreachable"]
     assert render.health_json(rows[1])["reachable"] is True

@@ -185,10 +185,13 @@ def submit(args: argparse.Namespace, client: Client) -> int:
     try:
         followed = follower.follow(handle.events())
     except KeyboardInterrupt:
+        # Each command on a line of its own, never wrapped: to copy and paste.
         follower.console.print(
-            f"stopped watching; job {handle.id} continues. "
-            f"Follow it with `sdctl watch {handle.id}`, stop it with `sdctl cancel {handle.id}`",
+            f"stopped watching; job {handle.id} goes on\n"
+            f"  follow it:  sdctl watch {handle.id}\n"
+            f"  cancel it:  sdctl cancel {handle.id}",
             markup=False,
+            soft_wrap=True,
         )
         return 130
     job = handle.refresh()

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import Field, fields
+from pathlib import Path
 from typing import Any, TypeVar
 
 from client._errors import InvalidArgumentError
-from sdmesh.flags import flag_of
+from sdmesh.flags import flag_of, parse_duration
 
 T = TypeVar("T")
 
@@ -40,6 +41,11 @@ def text_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return parsed
 
 
+# What the help shows for a value, by the parser of its text, where the
+# field does not say.
+_METAVARS: dict[Any, str] = {int: "N", float: "NUMBER", parse_duration: "DURATION", Path: "PATH"}
+
+
 def add_options(
     parser: argparse.ArgumentParser,
     cls: type[Any],
@@ -47,14 +53,20 @@ def add_options(
     only: Collection[str] | None = None,
     skip: Collection[str] = (),
 ) -> None:
-    """One flag per declared field of `cls`."""
+    """One flag per declared field of `cls`, under the heading of its group
+    (fields without one go with the command's own options)."""
+    groups: dict[str, Any] = {}
     for f in _declared(cls, only, skip):
         meta = f.metadata
+        group = meta.get("group") or ""
+        if group and group not in groups:
+            groups[group] = parser.add_argument_group(group)
+        target = groups[group] if group else parser
         kwargs: dict[str, Any] = {
             "dest": f.name,
             "default": argparse.SUPPRESS,
             "help": meta["help"],
-            "metavar": meta["metavar"],
+            "metavar": meta["metavar"] or _METAVARS.get(meta["parse"]),
         }
         if isinstance(f.default, bool):  # a switch: given means True
             kwargs["action"] = "store_true"
@@ -65,7 +77,7 @@ def add_options(
             kwargs["choices"] = meta["choices"]
         else:
             kwargs["type"] = text_type(meta["parse"])
-        parser.add_argument(flag_of(f), **kwargs)
+        target.add_argument(flag_of(f), **kwargs)
 
 
 def options_from(

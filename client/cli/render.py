@@ -7,7 +7,6 @@ terminal, and JSON escapes every control character itself."""
 
 from __future__ import annotations
 
-import json
 import re
 import sys
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from client._models import (
 )
 from sdmesh.domain import ImageInfo
 from sdmesh.kinds import INPAINTING_FILLS, RESIZE_MODES
+from sdmesh.output import json_text, write_json
 from sdmesh.spec import JobSpec
 
 GIB = 2**30
@@ -53,12 +53,13 @@ def safe_text(text: str) -> str:
 
 
 def print_json(value: Any) -> None:
-    # ensure_ascii escapes every control and non-ASCII character as \uXXXX.
-    sys.stdout.write(json.dumps(value, indent=2, sort_keys=False, ensure_ascii=True) + "\n")
+    """Indented on a terminal, one line when piped (`sdmesh.output`)."""
+    write_json(value)
 
 
 def print_json_line(value: Any) -> None:
-    sys.stdout.write(json.dumps(value, separators=(",", ":"), ensure_ascii=True) + "\n")
+    """One line, always: a stream of events reads a line at a time."""
+    sys.stdout.write(json_text(value, indent=False) + "\n")
     sys.stdout.flush()
 
 
@@ -473,7 +474,7 @@ def health_json(row: HealthRow) -> dict[str, Any]:
 
 def health_table(rows: list[HealthRow]) -> None:
     print_table(
-        ["ADDRESS", "ROLE", "EPOCH", "REPLICA", "LEADER"],
+        ["ADDRESS", "ROLE", "EPOCH", "REPLICA", "LEADER", "ERROR"],
         [
             [
                 row.address,
@@ -481,9 +482,18 @@ def health_table(rows: list[HealthRow]) -> None:
                 str(row.health.epoch),
                 row.health.replica_id or "-",
                 row.health.leader_address or "-",
+                "",
             ]
             if row.health
-            else [row.address, row.role, "-", "-", "-"]
+            else [row.address, row.role, "-", "-", "-", _why(row)]
             for row in rows
         ],
     )
+
+
+def _why(row: HealthRow) -> str:
+    """The error without the address the row already names."""
+    for prefix in (f"scheduler {row.address} unreachable: ", f"scheduler {row.address}: "):
+        if row.error.startswith(prefix):
+            return row.error.removeprefix(prefix)
+    return row.error or "-"

@@ -2,130 +2,91 @@
 and the one place sdctl starts the servers. Their flags come from the
 servers' config dataclasses (light modules); the servers themselves are
 imported only when they run, so the user-facing commands start fast and
-never load torch.
+never load torch. Before a server starts, the packages of its extra are
+checked (`client.cli.install`), and whatever stops it from starting is one
+line on stderr.
 
-Servers started by `sdctl up` (and by the test harness) end with their
-parent, even one killed with SIGKILL: each child inherits the read end of
-a pipe whose write end only the parent holds, and stops when it reads EOF.
+Servers started by `sdctl up` end with it (`client.cli.tied`). `sdctl
+admin` lives in `client.cli.admin`.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from client._config import resolve_address
-from client._errors import InvalidArgumentError, SdmeshError
+from client._config import DEFAULT_ADDRESS, resolve_address
+from client._errors import (
+    AuthenticationError,
+    InvalidArgumentError,
+    SdmeshError,
+    UnavailableError,
+)
+from client.cli import admin
+from client.cli.install import default_data_dir, missing_module, require
 from client.cli.options import add_options, config_from, text_type
+from client.cli.tied import spawn_tied, stop_with_parent
 from gpu_node.config import AgentConfig
-from scheduler.config import SchedulerConfig, is_loopback
-from sdmesh.datadir import DataDirInUse
-from sdmesh.flags import parse_duration, parse_pairs
+from scheduler.config import REPLICA_ID_FILE, SchedulerConfig, is_loopback
+from sdmesh.datadir import DataDirInUse, DataDirLock
+from sdmesh.dialing import GaveUp
+from sdmesh.flags import parse_duration
+from sdmesh.wire import port_taken
 
 log = logging.getLogger("sdctl")
-
-PARENT_FD_ENV = "SDMESH_PARENT_FD"
 
 
 def add_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
     add_options(command("scheduler", "run the scheduler"), SchedulerConfig)
-    add_options(command("node", "run a GPU node agent"), AgentConfig)
+    node = command("node", "run a GPU node agent")
+    node.add_argument(
+        "--scheduler",
+        metavar="HOST:PORT[,HOST:PORT...]",
+        default=argparse.SUPPRESS,
+        help="the scheduler replicas to dial, in turn "
+        f"(default: $SDMESH_SCHEDULER or {DEFAULT_ADDRESS})",
+    )
+    node.add_argument(
+        "--reconnect-timeout",
+        type=text_type(parse_duration),
+        default=argparse.SUPPRESS,
+        metavar="DURATION",
+        help="a node that has never got through gives up after this long when the scheduler's "
+        "name does not resolve or its TLS handshake fails "
+        f"(default {AgentConfig.reconnect_timeout:g}s); otherwise it keeps dialing",
+    )
+    add_options(node, AgentConfig)
     up = command("up", "run a scheduler and one local agent, on this machine only, without keys")
-    add_options(up, SchedulerConfig, only=("host", "port"))
-    up.add_argument("--data-dir", help="default ~/.local/share/sdmesh/up")
+    up.add_argument(
+        "--host",
+        default=SchedulerConfig.host,
+        metavar="HOST",
+        help="listen address: 127.0.0.1 (default), ::1 or localhost; this cluster has no "
+        "keys, so only this machine may reach it",
+    )
+    up.add_argument(
+        "--port",
+        type=text_type(_port),
+        default=SchedulerConfig.port,
+        metavar="PORT",
+        help=f"listen port (default {SchedulerConfig.port})",
+    )
+    up.add_argument("--data-dir", metavar="DIR", help="default ~/.local/share/sdmesh/up")
     add_options(up, AgentConfig, only=("models_dir", "tiny_variants"))
-    _admin_commands(command("admin", "keys, join tokens, nodes, audit, certificates"))
+    admin.add_command(command("admin", "keys, join tokens, nodes, audit, certificates"))
 
 
-def _admin_commands(admin: argparse.ArgumentParser) -> None:
-    """`sdctl admin ...`, run on the scheduler's host: it works on the
-    scheduler's database directly (see scheduler/admin.py)."""
-    admin.add_argument("--db", metavar="URL", help="the scheduler's database (as its --db)")
-    admin.add_argument(
-        "--data-dir",
-        help="the scheduler's data dir, for its SQLite database "
-        "(default ~/.local/share/sdmesh/scheduler)",
-    )
-    subs = admin.add_subparsers(dest="admin_command", required=True, metavar="ACTION")
-    duration = text_type(parse_duration)
-
-    def sub(name: str, help: str, *, prints: bool = False) -> argparse.ArgumentParser:
-        parser = subs.add_parser(name, help=help, description=help)
-        if prints:
-            parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
-        return parser
-
-    key = sub("create-key", "make an API key for a user; prints it once")
-    key.add_argument("--user", required=True, help="who the key speaks for")
-    key.add_argument("--admin", action="store_true", help="may see and act on every job and node")
-    key.add_argument(
-        "--expires", type=duration, metavar="DURATION", help="e.g. 90d (default never)"
-    )
-    listing = sub("list-keys", "list API keys (never their secrets)", prints=True)
-    listing.add_argument("--all", action="store_true", help="include revoked keys")
-    sub("revoke-key", "revoke an API key").add_argument("key_id", metavar="KEY_ID")
-    token = sub("join-token", "make a token a new node presents once to enroll")
-    token.add_argument("--expires", type=duration, metavar="DURATION", help="default 1h")
-    token.add_argument(
-        "--reusable", action="store_true", help="enroll any number of nodes until it expires"
-    )
-    token.add_argument(
-        "--label",
-        action="append",
-        type=text_type(lambda text: parse_pairs([text])),
-        metavar="KEY=VALUE",
-        help="a label fixed on every node it enrolls; repeatable",
-    )
-    sub("remove-node", "revoke a node: its stream closes, its jobs are re-queued").add_argument(
-        "node", metavar="NODE_ID"
-    )
-    log_ = sub(
-        "audit",
-        "who made and revoked keys, enrolled and removed nodes, drained, and acted on others' jobs",
-        prints=True,
-    )
-    log_.add_argument("--limit", type=int, default=100)
-    log_.add_argument("--since", type=duration, metavar="DURATION", help="e.g. 24h")
-    certs = sub("certs", "make a CA and certificates for the scheduler, nodes and clients")
-    certs.add_argument("--out", required=True, metavar="DIR")
-    certs.add_argument(
-        "--hosts", required=True, help="the scheduler's names and addresses: a,b,..."
-    )
-    certs.add_argument(
-        "--nodes", default="node", help="node certificates to make: n1,n2,... (default node)"
-    )
-    certs.add_argument(
-        "--clients",
-        default="client",
-        help="client certificates, for mutual TLS: c1,c2,... (default client)",
-    )
-    certs.add_argument("--days", type=int, default=365, help="validity (default 365)")
-
-
-def run_admin(args: argparse.Namespace) -> int:
-    from scheduler.admin import run_admin as run
-
-    if getattr(args, "label", None):
-        args.label = {k: v for pair in args.label for k, v in pair.items()}
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir("scheduler")
-    url = args.db or SchedulerConfig(data_dir=data_dir).database_url
-    return run(args, url)
-
-
-def default_data_dir(kind: str) -> Path:
-    root = os.environ.get("SDMESH_HOME") or os.path.join(
-        os.environ.get("XDG_DATA_HOME") or os.path.expanduser("~/.local/share"), "sdmesh"
-    )
-    return Path(root) / kind
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError(f"must be from 1 to 65535, got {port}")
+    return port
 
 
 def configure_logging(verbose: bool) -> None:
@@ -139,64 +100,19 @@ def configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-# ---- ending with the parent ------------------------------------------------
-
-
-def spawn_tied(command: Sequence[str], **popen: Any) -> subprocess.Popen[bytes]:
-    """Starts `command` (an sdctl server) so that it stops when this process
-    ends, however it ends."""
-    read_end, _ = _parent_pipe()
-    env = dict(popen.pop("env", None) or os.environ)
-    env[PARENT_FD_ENV] = str(read_end)
-    return subprocess.Popen(command, env=env, pass_fds=(read_end,), **popen)
-
-
-_pipe: tuple[int, int] | None = None
-
-
-def _parent_pipe() -> tuple[int, int]:
-    """One pipe for every child: its write end stays open, unwritten, for as
-    long as this process lives."""
-    global _pipe
-    if _pipe is None:
-        read_end, write_end = os.pipe()
-        os.set_inheritable(write_end, False)
-        _pipe = (read_end, write_end)
-    return _pipe
-
-
-def _stop_with_parent() -> None:
-    """In a server started by `spawn_tied`: when the parent is gone, stop as
-    a second SIGTERM stops (at once, handing running work back), since
-    nobody is left to wait for."""
-    fd_text = os.environ.pop(PARENT_FD_ENV, "")
-    if not fd_text.isdigit():
-        return
-    fd = int(fd_text)
-
-    def watch() -> None:
-        try:
-            while os.read(fd, 1):
-                pass
-        except OSError:
-            pass
-        log.warning("the process that started this one is gone; stopping")
-        for _ in range(2):
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.5)
-
-    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
-
-
 # ---- the servers -------------------------------------------------------------
 
 
 def run_scheduler(args: argparse.Namespace) -> int:
+    require("scheduler", "sdctl scheduler")
     configure_logging(args.verbose)
-    _stop_with_parent()
+    stop_with_parent()
     import asyncio
 
-    from scheduler.server import serve
+    try:
+        from scheduler.server import DatabaseUnreachable, PortInUse, serve
+    except ModuleNotFoundError as exc:
+        raise missing_module("sdctl scheduler", "scheduler", exc) from None
 
     config = config_from(
         SchedulerConfig, args, defaults={"data_dir": default_data_dir("scheduler")}
@@ -205,26 +121,38 @@ def run_scheduler(args: argparse.Namespace) -> int:
         asyncio.run(serve(config))
     except DataDirInUse as exc:
         raise SdmeshError(str(exc)) from None
+    except DatabaseUnreachable as exc:
+        raise UnavailableError(str(exc)) from None
+    except PortInUse as exc:
+        raise InvalidArgumentError(str(exc)) from None
     except ValueError as exc:  # settings that contradict each other, or a bad TLS file
         raise InvalidArgumentError(str(exc)) from None
-    except (OSError, RuntimeError) as exc:
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise SdmeshError(f"scheduler failed to start: {where}{exc.strerror or exc}") from None
+    except RuntimeError as exc:
         raise SdmeshError(f"scheduler failed to start: {exc}") from None
     return 0
 
 
 def run_node(args: argparse.Namespace) -> int:
+    require("node", "sdctl node")
     configure_logging(args.verbose)
-    _stop_with_parent()
+    stop_with_parent()
     import asyncio
     import gc
 
-    from gpu_node.agent import run_agent
+    try:
+        from gpu_node.agent import run_agent
+    except ModuleNotFoundError as exc:
+        raise missing_module("sdctl node", "node", exc) from None
 
     config = config_from(
         AgentConfig,
         args,
         defaults={"data_dir": default_data_dir("node")},
-        scheduler=resolve_address(args.scheduler),
+        scheduler=resolve_address(getattr(args, "scheduler", None)),
+        reconnect_timeout=args.reconnect_timeout,
     )
     try:
         asyncio.run(run_agent(config))
@@ -234,15 +162,29 @@ def run_node(args: argparse.Namespace) -> int:
         gc.freeze()
     except ValueError as exc:
         raise InvalidArgumentError(str(exc)) from None
+    except GaveUp as exc:
+        raise UnavailableError(str(exc)) from None
     except (DataDirInUse, FileNotFoundError) as exc:
         raise SdmeshError(str(exc)) from None
+    except SystemExit as exc:
+        # The scheduler refused this node (not enrolled, a revoked
+        # credential, a damaged credential file): its reason, as an error.
+        if isinstance(exc.code, str):
+            raise NodeRefused(exc.code) from None
+        raise
     return 0
 
 
+class NodeRefused(SdmeshError):
+    exit_code = AuthenticationError.exit_code
+
+
 def _wait_until_ready(
-    address: str, children: list[subprocess.Popen[bytes]], timeout: float
+    address: str, replica_file: Path, children: list[subprocess.Popen[bytes]], timeout: float
 ) -> bool:
-    """Polls the scheduler until one node is connected, or a child exits."""
+    """Polls the scheduler until one node is connected, or a child exits.
+    Only our own scheduler counts: the one whose replica id is in its data
+    dir, not another that answers at the same address."""
     from client._sync import Client
 
     deadline = time.monotonic() + timeout
@@ -251,12 +193,36 @@ def _wait_until_ready(
             if any(child.poll() is not None for child in children):
                 return False
             try:
-                if any(node.connected for node in client.list_nodes()):
+                ours = replica_file.read_text().strip() if replica_file.exists() else None
+                if (
+                    ours
+                    and client.health(address).replica_id == ours
+                    and any(node.connected for node in client.list_nodes())
+                ):
                     return True
             except SdmeshError:
                 pass
             time.sleep(0.25)
     return False
+
+
+def _check_free(host: str, port: int, address: str) -> None:
+    """Refuses, in one line, a port something already listens on, saying
+    whether that is an sdmesh scheduler (most likely another `sdctl up`)."""
+    if not port_taken(host, port):
+        return
+    from client._sync import Client
+
+    try:
+        with Client(address, timeout=2.0, reconnect_timeout=0) as client:
+            client.health(address)
+        what = "an sdmesh scheduler (another `sdctl up`, or `sdctl scheduler`) already listens"
+    except SdmeshError:
+        what = "another program already listens"
+    raise InvalidArgumentError(
+        f"--port {port}: {what} on {address}: stop it, or pass another --port "
+        "(and --data-dir, for a second cluster)"
+    )
 
 
 def _running_jobs(address: str) -> int:
@@ -312,9 +278,9 @@ def run_up(args: argparse.Namespace) -> int:
     """The embedded cluster: a scheduler with SQLite and one local agent, as
     two child processes in the foreground. Ctrl-C stops the agent first, so
     it hands its work back, then the scheduler."""
-    data_dir = Path(args.data_dir or default_data_dir("up"))
-    host = getattr(args, "host", SchedulerConfig.host)
-    port = getattr(args, "port", SchedulerConfig.port)
+    require("scheduler,node", "sdctl up")
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else default_data_dir("up")
+    host, port = args.host, args.port
     if not is_loopback(host):
         # The embedded cluster has no keys and no TLS: it is for this
         # machine only. A cluster others reach is `sdctl scheduler` with
@@ -325,6 +291,24 @@ def run_up(args: argparse.Namespace) -> int:
             "`sdctl node` as the README's Security section shows"
         )
     address = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+    lock = DataDirLock(data_dir, role="up")
+    try:
+        lock.acquire()
+    except DataDirInUse as exc:
+        raise SdmeshError(
+            f"another `sdctl up` (pid {exc.holder}) runs with the data dir {data_dir}: stop it "
+            "(Ctrl-C where it runs), or give this one its own --data-dir and --port"
+        ) from None
+    try:
+        _check_free(host, port, address)
+        return _run_cluster(args, data_dir, host, port, address)
+    finally:
+        lock.release()
+
+
+def _run_cluster(
+    args: argparse.Namespace, data_dir: Path, host: str, port: int, address: str
+) -> int:
     command = [sys.executable, "-m", "client.cli"] + (["-v"] if args.verbose else [])
     stops = _Stops()
     scheduler = spawn_tied(
@@ -349,7 +333,8 @@ def run_up(args: argparse.Namespace) -> int:
     node = spawn_tied(node_command, start_new_session=True)
     children = [node, scheduler]
     try:
-        if _wait_until_ready(address, children, timeout=300):
+        replica_file = data_dir / "scheduler" / REPLICA_ID_FILE
+        if _wait_until_ready(address, replica_file, children, timeout=300):
             print(
                 f"sdmesh is up: scheduler at {address}, data in {data_dir}\n"
                 "  no API keys: this cluster listens on this machine only\n"
@@ -380,5 +365,5 @@ SERVERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "scheduler": run_scheduler,
     "node": run_node,
     "up": run_up,
-    "admin": run_admin,
+    "admin": admin.run,
 }
