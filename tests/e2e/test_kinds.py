@@ -229,9 +229,12 @@ def test_a_controlnet_job_goes_only_to_the_node_that_has_it(client: Client) -> N
         )
         for i in range(3)
     ]
-    for handle in handles:
+    for number, handle in enumerate(handles):
         events, _, text = run(handle)
-        check_previews_and_progress(events, STEPS)
+        if number == 0:
+            # Progress and previews reach a watcher that is there while the
+            # job runs; the later jobs may end while the first is watched.
+            check_previews_and_progress(events, STEPS)
         assert handle.refresh().node_name == "agent-a"
         assert 'ControlNet 0: "Module: none, Model: tiny-canny [' in text
         assert "Weight: 0.8" in text
