@@ -27,9 +27,30 @@ class _LoopThread:
             target=self.loop.run_forever, name="sdmesh-client", daemon=True
         )
         self._thread.start()
+        # The pumps of iterators still open: closing the client stops them,
+        # whether or not their iterators were closed (one left behind by an
+        # exception is closed only when it is collected, after the loop).
+        self._pumps: set[asyncio.Task[None]] = set()
 
     def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        """Runs `coroutine` on the loop and returns what it returns, or
+        raises what it raised, here: a SystemExit or KeyboardInterrupt
+        raised on the loop (from an on_retry callback) would otherwise end
+        the loop's thread, and every later call would wait for ever."""
+
+        async def guarded() -> tuple[bool, Any]:
+            try:
+                return True, await coroutine
+            except asyncio.CancelledError:
+                raise
+            except BaseException as exc:
+                return False, exc
+
+        succeeded, value = asyncio.run_coroutine_threadsafe(guarded(), self.loop).result()
+        if not succeeded:
+            raise value
+        result: T = value
+        return result
 
     def iterate(self, iterator: AsyncIterator[T]) -> Iterator[T]:
         """Yields what the async iterator yields. A task on the loop pumps it
@@ -41,18 +62,22 @@ class _LoopThread:
             try:
                 async for item in iterator:
                     items.put((True, item))
-            except BaseException as exc:  # ends the sync side, cancellation too
+            except asyncio.CancelledError as exc:  # ends the sync side too
                 items.put((False, exc))
                 raise
+            except BaseException as exc:
+                # Raised on the caller's side, not here: a SystemExit from an
+                # on_retry callback (rich's, on a broken pipe) would end the
+                # loop's thread and leave every later call waiting for ever.
+                items.put((False, exc))
+                return
             items.put((False, None))
 
         async def start() -> asyncio.Task[None]:
-            return asyncio.ensure_future(pump())
-
-        async def stop(task: asyncio.Task[None]) -> None:
-            task.cancel()
-            with suppress(BaseException):
-                await task
+            task = asyncio.ensure_future(pump())
+            self._pumps.add(task)
+            task.add_done_callback(self._pumps.discard)
+            return task
 
         task = self.run(start())
         try:
@@ -65,12 +90,25 @@ class _LoopThread:
                 else:
                     raise value
         finally:
-            self.run(stop(task))
+            if not self.loop.is_closed():
+                self.run(_stop(task))
 
     def close(self) -> None:
+        async def stop_pumps() -> None:  # on the loop, where the set changes
+            await _stop(*self._pumps)
+
+        self.run(stop_pumps())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
+
+
+async def _stop(*tasks: asyncio.Task[None]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with suppress(BaseException):
+            await task
 
 
 class Client:

@@ -233,3 +233,22 @@ def test_the_follower_says_when_it_lost_the_scheduler_and_when_it_is_back() -> N
         "j1 reconnected to the scheduler",
         "j1 SUCCEEDED",
     ]
+
+
+@pytest.mark.timeout(60)  # without the fix, the second call waits for ever
+def test_an_on_retry_that_exits_reaches_the_caller_and_the_client_still_closes() -> None:
+    """rich raises SystemExit from a print to a closed pipe; from an
+    on_retry callback that runs on the client's loop. It must reach the
+    caller, and leave the loop able to close, not end the loop's thread
+    with every later call waiting for ever."""
+    from client import Client
+
+    def exits(address: str, error: Exception) -> None:
+        raise SystemExit(1)
+
+    with replicas(FakeScheduler("b", standby=True)) as (standby,):
+        client = Client(standby, reconnect_timeout=5, on_retry=exits)
+        for call in (client.list_jobs, lambda: list(client.watch("j1"))):
+            with pytest.raises(SystemExit):
+                call()
+        client.close()
