@@ -225,9 +225,6 @@ def run_admin(args: Any, database_url: str) -> int:
     except InvalidArgument as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID
-    except ValueError as exc:  # a database URL that cannot be used
-        print(f"error: --db: {exc}", file=sys.stderr)
-        return EXIT_INVALID
     except DatabaseUnreachable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

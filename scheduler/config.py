@@ -226,9 +226,9 @@ class SchedulerConfig:
 
     @property
     def database_url(self) -> str:
-        if self.db_url:
-            return parse_database_url(self.db_url)
-        return f"sqlite:///{self.data_dir / DATABASE_FILE}"
+        """--db as given (`scheduler.store` reads it with
+        `parse_database_url`), or SQLite in the data dir."""
+        return self.db_url or f"sqlite:///{self.data_dir / DATABASE_FILE}"
 
     @property
     def liveness(self) -> LivenessConfig:

@@ -20,7 +20,7 @@ from pathlib import Path
 from client._errors import InvalidArgumentError
 from client.cli.install import default_data_dir, missing_module, require
 from client.cli.options import text_type
-from scheduler.config import DATABASE_FILE, parse_database_url
+from scheduler.config import DATABASE_FILE, SchedulerConfig, parse_database_url
 from sdmesh.flags import parse_duration, parse_pairs, parse_positive
 
 # Actions that create what they need in a fresh data dir.
@@ -160,7 +160,7 @@ def database_url(args: argparse.Namespace) -> str:
             f"--data-dir {data_dir}: no scheduler database there ({DATABASE_FILE}); "
             "give the scheduler's --data-dir, or --db for PostgreSQL"
         )
-    return f"sqlite:///{database}"
+    return SchedulerConfig(data_dir=data_dir).database_url
 
 
 def certs(args: argparse.Namespace) -> int:

@@ -27,19 +27,13 @@ from client._errors import SdmeshError
 from client.cli import servers
 from client.cli.options import add_options, text_type
 from client.cli.parser import Parser, innermost, refuse_unknown
-from client.cli.render import safe_text
+from client.cli.render import os_error_text, safe_text
 from sdmesh.flags import parse_duration, parse_positive
 from sdmesh.spec import SpecRequest
 
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 OUTPUTS = ("table", "json")
-
-
-GLOBAL_FLAGS = (
-    "--scheduler, --api-key, --ca-cert, --client-cert, --client-key, --user, "
-    "--reconnect-timeout and -v"
-)
 
 
 def _global_flags(parser: argparse.ArgumentParser, *, after_command: bool) -> None:
@@ -149,7 +143,14 @@ def build_parser() -> Parser:
     parser = Parser(
         prog="sdctl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    declared = len(parser._actions)
     _global_flags(parser, after_command=False)
+    # Named in each user command's help as they are declared.
+    global_flags = [action.option_strings[0] for action in parser._actions[declared:]]
+    epilog = (
+        f"Global flags ({', '.join(global_flags[:-1])} and {global_flags[-1]}) go before or "
+        "after the command: see `sdctl --help`."
+    )
     _output_flag(parser, after_command=False)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -160,8 +161,7 @@ def build_parser() -> Parser:
             name,
             help=help,
             usage=f"sdctl {name}{' ' + args if args else ''} [flags]",
-            epilog=f"Global flags ({GLOBAL_FLAGS}) go before or after the command: "
-            "see `sdctl --help`.",
+            epilog=epilog,
             **extra,  # type: ignore[arg-type]
         )
         _global_flags(sub, after_command=True)
@@ -308,8 +308,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         return 0
     except OSError as exc:
         # A file sdctl was asked to read or write: which, and why.
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {safe_text(where + (exc.strerror or str(exc)))}", file=sys.stderr)
+        print(f"error: {safe_text(os_error_text(exc))}", file=sys.stderr)
         return EXIT_FAILED
     except Exception as exc:
         # A fault of sdctl's own: one line, and the traceback with -v.

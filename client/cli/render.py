@@ -52,6 +52,12 @@ def safe_text(text: str) -> str:
     return _UNSAFE.sub(_escaped, text)
 
 
+def os_error_text(error: OSError) -> str:
+    """An OS error as a person reads it: the file, then why."""
+    where = f"{error.filename}: " if error.filename else ""
+    return where + (error.strerror or str(error))
+
+
 def print_json(value: Any) -> None:
     """Indented on a terminal, one line when piped (`sdmesh.output`)."""
     write_json(value)

@@ -31,6 +31,7 @@ from client._errors import (
 from client.cli import admin
 from client.cli.install import default_data_dir, missing_module, require
 from client.cli.options import add_options, config_from, text_type
+from client.cli.render import os_error_text
 from client.cli.tied import spawn_tied, stop_with_parent
 from gpu_node.config import AgentConfig
 from scheduler.config import REPLICA_ID_FILE, SchedulerConfig, is_loopback
@@ -128,8 +129,7 @@ def run_scheduler(args: argparse.Namespace) -> int:
     except ValueError as exc:  # settings that contradict each other, or a bad TLS file
         raise InvalidArgumentError(str(exc)) from None
     except OSError as exc:
-        where = f"{exc.filename}: " if exc.filename else ""
-        raise SdmeshError(f"scheduler failed to start: {where}{exc.strerror or exc}") from None
+        raise SdmeshError(f"scheduler failed to start: {os_error_text(exc)}") from None
     except RuntimeError as exc:
         raise SdmeshError(f"scheduler failed to start: {exc}") from None
     return 0
@@ -170,13 +170,9 @@ def run_node(args: argparse.Namespace) -> int:
         # The scheduler refused this node (not enrolled, a revoked
         # credential, a damaged credential file): its reason, as an error.
         if isinstance(exc.code, str):
-            raise NodeRefused(exc.code) from None
+            raise AuthenticationError(exc.code) from None
         raise
     return 0
-
-
-class NodeRefused(SdmeshError):
-    exit_code = AuthenticationError.exit_code
 
 
 def _wait_until_ready(

@@ -129,8 +129,9 @@ def describe_failure(url: sa.URL, error: Exception) -> str:
         return f"PostgreSQL host {host!r} does not resolve: check the host name in --db"
     if "timeout expired" in detail:
         return f"{where} did not answer in time: check the host and port in --db"
-    first = next((line.strip() for line in detail.splitlines() if line.strip()), detail)
-    return f"cannot use the database {url.render_as_string(hide_password=True)}: {first}"
+    return (
+        f"cannot use the database {url.render_as_string(hide_password=True)}: {_first_line(detail)}"
+    )
 
 
 def _describe_sqlite(path: Path, detail: str) -> str:
@@ -142,5 +143,9 @@ def _describe_sqlite(path: Path, detail: str) -> str:
             return f"cannot open the SQLite database {path}: {folder} is not writable by this user"
     if "readonly database" in detail:
         return f"cannot write the SQLite database {path}: it is read-only for this user"
-    first = next((line.strip() for line in detail.splitlines() if line.strip()), detail)
-    return f"cannot use the SQLite database {path}: {first}"
+    return f"cannot use the SQLite database {path}: {_first_line(detail)}"
+
+
+def _first_line(detail: str) -> str:
+    """A driver's message is often several lines; the first says what."""
+    return next((line.strip() for line in detail.splitlines() if line.strip()), detail)
